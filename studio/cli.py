@@ -1,0 +1,232 @@
+"""The ``studio`` command.
+
+Verbs so far: ``generate``, ``world render``, ``world pretrain``, ``eval prompts``, ``eval judge``,
+``eval train-judge``. Errors in what the user gave print one line (``error: ...``) and exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from studio.families import EMBEDDED_MODEL
+
+app = typer.Typer(help="Personalization studio for diffusion models.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+world_app = typer.Typer(help="The synthetic world: render scenes, pretrain the embedded model.", no_args_is_help=True)
+eval_app = typer.Typer(help="Scores read by the world judge.", no_args_is_help=True)
+app.add_typer(world_app, name="world")
+app.add_typer(eval_app, name="eval")
+
+ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="A local diffusers pipeline folder.")]
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _setup_warnings() -> None:
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from diffusers.utils import logging as dlogging
+    from transformers.utils import logging as tlogging
+
+    dlogging.set_verbosity_error()
+    tlogging.set_verbosity_error()
+
+
+def _save(image, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")  # keep the extension: it tells Pillow the format
+    image.save(tmp)
+    tmp.replace(out)
+
+
+@app.command()
+def generate(
+    prompts: Annotated[list[str], typer.Argument(help="One or more prompts, e.g. 'a red circle on the left'.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write; several images become a grid.")] = Path("out.png"),
+    model: ModelOpt = EMBEDDED_MODEL,
+    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 25,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 5.0,
+    seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed + i.")] = 0,
+    num: Annotated[int, typer.Option("--num", "-n", help="Images per prompt.")] = 1,
+    scale: Annotated[int, typer.Option(help="Nearest-neighbour upscale of the written PNG.")] = 1,
+) -> None:
+    """Generate images from prompts and write them to one PNG.
+
+    Example: studio generate "a red circle on the left" "a large blue square at the top right, striped" -o grid.png
+    """
+    _setup_warnings()
+    from studio.sampling import check_prompt, image_grid
+    from studio.sampling import generate as run_generate
+
+    if steps < 1:
+        _fail(f"--steps must be a positive integer, got {steps}")
+    if num < 1:
+        _fail(f"--num must be a positive integer, got {num}")
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        _fail(f"--out {out}: give a .png, .jpg or .webp path")
+    try:
+        for p in prompts:
+            check_prompt(p)
+    except ValueError as e:
+        _fail(str(e))
+    if not (model / "model_index.json").is_file():
+        _fail(f"model folder not found or not a diffusers folder: {model}")
+    import torch
+
+    from studio.families import load_pipeline
+
+    t0 = time.time()
+    pipe = load_pipeline(model)
+    batch = [p for p in prompts for _ in range(num)]
+    with torch.no_grad():
+        images = run_generate(pipe, batch, seed=seed, steps=steps, guidance=guidance)
+    image = images[0] if len(images) == 1 else image_grid(images, cols=num if len(prompts) > 1 else None)
+    if scale != 1:
+        image = image_grid([image], scale=scale)
+    _save(image, out)
+    typer.echo(f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)}, {time.time() - t0:.1f} s)")
+
+
+@world_app.command("render")
+def world_render(
+    prompt: Annotated[str | None, typer.Argument(help="A caption to draw; leave out for random scenes.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("world.png"),
+    count: Annotated[int, typer.Option("--count", "-n", help="How many scenes (a grid when more than one).")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed; the same seed gives the same pixels.")] = 0,
+    held_out: Annotated[bool, typer.Option(help="Random scenes may use held-out shapes and styles.")] = False,
+    scale: Annotated[int, typer.Option(help="Nearest-neighbour upscale of the written PNG.")] = 1,
+    captions: Annotated[bool, typer.Option(help="Print each scene's caption.")] = False,
+) -> None:
+    """Render scenes of the synthetic world (exact pictures, no model involved)."""
+    from studio.sampling import image_grid
+    from studio.world.concepts import BASE_SHAPES, BASE_STYLES, SHAPES, STYLES
+    from studio.world.grammar import caption_scene, format_prompt, parse_prompt, scene_from_prompt
+    from studio.world.render import render, sample_scene
+
+    if count < 1:
+        _fail(f"--count must be a positive integer, got {count}")
+    rng = random.Random(seed)
+    images = []
+    for i in range(count):
+        try:
+            if prompt is not None:
+                parsed = parse_prompt(prompt)
+                if parsed.unknown:
+                    _fail(f"unknown word(s) in {prompt!r}: {', '.join(parsed.unknown)}")
+                scene = scene_from_prompt(parsed, rng)
+            else:
+                shapes, styles = (SHAPES, STYLES) if held_out else (BASE_SHAPES, BASE_STYLES)
+                scene = sample_scene(rng, shapes=shapes, styles=styles)
+        except ValueError as e:
+            _fail(str(e))
+        if captions:
+            typer.echo(format_prompt(caption_scene(scene, random.Random(0)) if prompt is None else parse_prompt(prompt)))
+        images.append(render(scene, seed=seed + i))
+    _save(image_grid(images, scale=scale) if count > 1 or scale != 1 else images[0], out)
+    typer.echo(f"wrote {out}")
+
+
+@world_app.command("pretrain")
+def world_pretrain(
+    out: Annotated[Path, typer.Option(help="Where to save the diffusers folder.")] = EMBEDDED_MODEL,
+    work_dir: Annotated[Path, typer.Option(help="Checkpoints and caches; a rerun resumes from here.")] = Path("runs/pretrain"),
+    seed: int = 0,
+    n_scenes: Annotated[int, typer.Option(help="Rendered training scenes.")] = 50_000,
+    vae_steps: int = 2500,
+    unet_steps: int = 5000,
+    unet_batch: int = 32,
+    unet_lr: float = 5e-4,
+    checkpoint_every: int = 250,
+    monitor_every: Annotated[int, typer.Option(help="Log held-out prompt fidelity every N steps (0: never).")] = 1000,
+    fresh: Annotated[bool, typer.Option(help="Delete the work dir first instead of resuming.")] = False,
+) -> None:
+    """Pretrain the embedded tiny SDXL on the synthetic world (resumable; ~1.5 h on 2 CPU cores)."""
+    _setup_warnings()
+    import shutil
+
+    from studio.world.pretrain import PretrainConfig, pretrain
+
+    for name, value in (("--n-scenes", n_scenes), ("--vae-steps", vae_steps), ("--unet-steps", unet_steps),
+                        ("--unet-batch", unet_batch), ("--checkpoint-every", checkpoint_every)):
+        if value < 1:
+            _fail(f"{name} must be a positive integer, got {value}")
+    if fresh:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    cfg = PretrainConfig(out=str(out), work_dir=str(work_dir), seed=seed, n_scenes=n_scenes, vae_steps=vae_steps,
+                         unet_steps=unet_steps, unet_batch=unet_batch, unet_lr=unet_lr,
+                         checkpoint_every=checkpoint_every, monitor_every=monitor_every)
+    typer.echo(f"saved {pretrain(cfg)}")
+
+
+@eval_app.command("prompts")
+def eval_prompts(
+    model: ModelOpt = EMBEDDED_MODEL,
+    n: Annotated[int, typer.Option("--n", help="Prompts per object count.")] = 200,
+    seed: int = 0,
+    steps: int = 25,
+    guidance: float = 5.0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the scores as JSON.")] = None,
+) -> None:
+    """Prompt fidelity on held-out grammar prompts (never used in pretraining), read by the judge."""
+    _setup_warnings()
+    if n < 1 or steps < 1:
+        _fail(f"--n and --steps must be positive integers, got {n} and {steps}")
+    if not (model / "model_index.json").is_file():
+        _fail(f"model folder not found or not a diffusers folder: {model}")
+    from studio.eval.fidelity import evaluate_prompts
+    from studio.families import load_pipeline
+
+    t0 = time.time()
+    scores = evaluate_prompts(load_pipeline(model), n_prompts=n, seed=seed, steps=steps, guidance=guidance)
+    typer.echo("| prompts | n | prompt fidelity |\n|---|---|---|")
+    for k, v in scores.items():
+        typer.echo(f"| {k.split('_')[1]}-object | {n} | {v:.3f} |")
+    typer.echo(f"({time.time() - t0:.0f} s)")
+    if json_out:
+        json_out.write_text(json.dumps({"model": str(model), "n": n, "seed": seed, "steps": steps,
+                                        "guidance": guidance, **scores}, indent=2))
+
+
+@eval_app.command("judge")
+def eval_judge(
+    n: Annotated[int, typer.Option(help="Freshly rendered scenes to read.")] = 2000,
+    seed: int = 10_000,
+) -> None:
+    """Per-attribute accuracy of the shipped judge on freshly rendered scenes."""
+    from studio.eval.judge import evaluate_judge, load_judge
+
+    for k, v in evaluate_judge(load_judge(), n=n, seed=seed).items():
+        typer.echo(f"{k:10s} {v:.4f}")
+
+
+@eval_app.command("train-judge")
+def eval_train_judge(
+    out: Annotated[Path, typer.Option(help="Weights to write (safetensors).")] = Path("assets/judge/judge.safetensors"),
+    steps: int = 4000,
+    batch: int = 64,
+    seed: int = 0,
+) -> None:
+    """Train the world judge on rendered scenes of every concept (~20 min on 2 CPU cores)."""
+    from studio.eval.judge import train_judge
+
+    scores = train_judge(out, steps=steps, batch=batch, seed=seed)
+    typer.echo(json.dumps(scores, indent=2))
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app(sys.argv[1:])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,1 @@
+"""Metrics read by the world judge: prompt fidelity and identity similarity."""

@@ -1,0 +1,97 @@
+"""Scores read by the world judge: prompt fidelity (the CLIP-T analogue) and identity similarity
+(the CLIP-I / DINO analogue).
+
+Prompt fidelity of an image is the fraction of the attributes its prompt names that the judge
+sees: each prompt object is matched to a distinct detected object (the assignment that satisfies
+the most attributes); an object with no match scores zero on all its attributes; a named
+background counts as one more attribute.
+
+>>> from studio.world.grammar import parse_prompt
+>>> from studio.world.render import Scene, WorldObject, render
+>>> from studio.eval.judge import load_judge
+>>> img = render(Scene((WorldObject("circle", "red", "large", "left", "flat"),), "white"))
+>>> reading = load_judge().read([img])[0]
+>>> prompt_fidelity(reading, parse_prompt("a red circle on the left"))
+1.0
+>>> prompt_fidelity(reading, parse_prompt("a blue circle on the right"))
+0.3333333333333333
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import numpy as np
+import torch
+from PIL import Image
+
+from studio.eval.judge import DEFAULT_JUDGE, Judge, SceneReading, load_judge
+from studio.world.grammar import ScenePrompt, parse_prompt, sample_captioned_scene
+
+__all__ = ["DEFAULT_JUDGE", "prompt_fidelity", "identity_similarity", "held_out_prompts", "evaluate_prompts"]
+
+
+def prompt_fidelity(reading: SceneReading, prompt: ScenePrompt) -> float:
+    """Fraction of ``prompt``'s attributes that ``reading`` shows (1.0 for a prompt naming none)."""
+    total = prompt.n_attributes()
+    if total == 0:
+        return 1.0
+    wanted = [o.attributes() for o in prompt.objects]
+    seen = [o.attributes() for o in reading.objects]
+
+    def hits(want: dict[str, str], got: dict[str, str]) -> int:
+        return sum(got[k] == v for k, v in want.items())
+
+    best = 0
+    k = min(len(wanted), len(seen))
+    # Up to 3 prompt objects against up to 9 cells: at most 504 assignments.
+    for chosen in itertools.permutations(range(len(seen)), k):
+        for subset in itertools.combinations(range(len(wanted)), k):
+            best = max(best, sum(hits(wanted[w], seen[s]) for w, s in zip(subset, chosen)))
+    if prompt.background is not None:
+        best += reading.background == prompt.background
+    return best / total
+
+
+def identity_similarity(judge: Judge, images: list[Image.Image], references: list[Image.Image]) -> float:
+    """Mean cosine similarity between the judge's identity embeddings of images and references."""
+    a = judge.identity_embedding(images)
+    b = judge.identity_embedding(references)
+    return float((a @ b.T).mean())
+
+
+def held_out_prompts(n: int, n_objects: int, seed: int = 0) -> list[str]:
+    """``n`` random captions with ``n_objects`` objects from the split pretraining never used."""
+    rng = random.Random(seed * 31 + n_objects)
+    return [sample_captioned_scene(rng, n_objects=n_objects, held_out=True)[1] for _ in range(n)]
+
+
+def evaluate_prompts(
+    pipe,
+    n_prompts: int = 200,
+    seed: int = 0,
+    steps: int = 25,
+    guidance: float = 5.0,
+    judge: Judge | None = None,
+    progress: bool = True,
+    object_counts: tuple[int, ...] = (1, 2),
+) -> dict[str, float]:
+    """Generate one image per held-out prompt and return mean fidelity per object count."""
+    from tqdm.auto import tqdm
+
+    from studio.sampling import generate
+
+    judge = judge or load_judge()
+    scores: dict[str, float] = {}
+    for k in object_counts:
+        prompts = held_out_prompts(n_prompts, k, seed)
+        values = []
+        for start in tqdm(range(0, n_prompts, 25), desc=f"{k}-object prompts", disable=not progress):
+            chunk = prompts[start : start + 25]
+            with torch.no_grad():
+                images = generate(pipe, chunk, seed=seed + start, steps=steps, guidance=guidance)
+            for reading, text in zip(judge.read(images), chunk):
+                values.append(prompt_fidelity(reading, parse_prompt(text)))
+        scores[f"fidelity_{k}"] = float(np.mean(values))
+    return scores

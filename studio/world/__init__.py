@@ -1,0 +1,1 @@
+"""The synthetic world: concepts, renderer, caption grammar, tokenizer and the embedded model's recipe."""

@@ -1,0 +1,90 @@
+"""The embedded model's architecture: a tiny SDXL (same block layout, far fewer channels).
+
+Every part is a stock diffusers/transformers class built from a config, so the saved folder is
+a standard ``StableDiffusionXLPipeline`` folder. Latents are 16x16x4 for a 64x64 image (the VAE
+downsamples by 4, not 8: at 64 px an 8x8 latent cannot hold the surface styles).
+"""
+
+from __future__ import annotations
+
+from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+TEXT_HIDDEN = 64  # each text encoder's width; the UNet's cross-attention reads both: 128
+TIME_EMBED = 16  # SDXL's addition_time_embed_dim (256 in the real model)
+PREDICTION_TYPE = "v_prediction"
+
+# SDXL's noise schedule (scaled_linear 0.00085..0.012 over 1000 steps).
+SCHEDULE = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type=PREDICTION_TYPE,
+    steps_offset=1,
+    timestep_spacing="leading",
+)
+
+
+def build_unet() -> UNet2DConditionModel:
+    """SDXL's UNet layout: DownBlock2D + two CrossAttn down blocks, mirrored up, text_time conditioning."""
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 96, 128),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 1, 1),
+        attention_head_dim=(1, 3, 4),  # diffusers' name for the number of heads, as in SDXL's config
+        cross_attention_dim=2 * TEXT_HIDDEN,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TIME_EMBED,
+        projection_class_embeddings_input_dim=TEXT_HIDDEN + 6 * TIME_EMBED,
+        norm_num_groups=32,
+    )
+
+
+def build_vae() -> AutoencoderKL:
+    """A three-level KL autoencoder: 64x64x3 <-> 16x16x4."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        force_upcast=False,
+        mid_block_add_attention=False,  # fully convolutional, so it can train on crops
+    )
+
+
+def build_text_encoders(tokenizer: CLIPTokenizer) -> tuple[CLIPTextModel, CLIPTextModelWithProjection]:
+    """SDXL's pair: a plain CLIP text model and one with a projection (the pooled embedding)."""
+
+    def config(layers: int) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=TEXT_HIDDEN,
+            intermediate_size=4 * TEXT_HIDDEN,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length,
+            projection_dim=TEXT_HIDDEN,
+            hidden_act="gelu",
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+
+    return CLIPTextModel(config(3)), CLIPTextModelWithProjection(config(3))
+
+
+def build_schedulers() -> tuple[DDPMScheduler, EulerDiscreteScheduler]:
+    """The training scheduler (adds noise) and the sampling one saved with the model (SDXL's default)."""
+    return DDPMScheduler(**SCHEDULE), EulerDiscreteScheduler(**SCHEDULE)

@@ -1,0 +1,261 @@
+"""The embedded model's recipe: pretrain a tiny SDXL on the synthetic world, from scratch.
+
+Stages, each resumable (``studio world pretrain`` picks up where a killed run stopped):
+
+1. ``tokenizer``: the CLIP BPE tokenizer learned from the caption grammar.
+2. ``render``: ``n_scenes`` random scenes of the base concepts (never the held-out ones).
+3. ``vae``: the KL autoencoder, trained on random 32x32 crops (it is fully convolutional).
+4. ``latents``: every scene encoded once; the latent scale is set to 1/std.
+5. ``unet``: UNet and both text encoders jointly, v-prediction with min-SNR weighting, captions
+   redrawn from each scene at every visit (random attribute subsets), 10% empty conditioning
+   as zeros (what ``force_zeros_for_empty_prompt`` feeds at sampling time), EMA weights.
+6. ``save``: the EMA weights as a stock ``StableDiffusionXLPipeline`` folder, written atomically.
+
+Captions in the evaluation split (:func:`studio.world.grammar.is_held_out`) are never trained on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from studio.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from studio.families import EMBEDDED_MODEL, encode_prompt_sdxl, sdxl_time_ids
+from studio.world.concepts import IMAGE_SIZE
+from studio.world.grammar import caption_scene, format_prompt, is_held_out
+from studio.world.model import build_schedulers, build_text_encoders, build_unet, build_vae
+from studio.world.render import Scene, render_array, sample_scene
+from studio.world.tokenizer import build_tokenizer
+
+
+@dataclass
+class PretrainConfig:
+    """Every knob of the recipe; saved as ``recipe.json`` next to the weights."""
+
+    out: str = str(EMBEDDED_MODEL)
+    work_dir: str = "runs/pretrain"
+    seed: int = 0
+    n_scenes: int = 50_000
+    vae_steps: int = 2500
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    unet_steps: int = 5000
+    unet_batch: int = 32
+    unet_lr: float = 5e-4
+    warmup: int = 200
+    cond_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    ema_decay: float = 0.999
+    checkpoint_every: int = 250
+    monitor_every: int = 1000
+
+
+def _lr(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def _scenes(cfg: PretrainConfig) -> list[Scene]:
+    rng = random.Random(cfg.seed)
+    return [sample_scene(rng) for _ in range(cfg.n_scenes)]
+
+
+def _render_all(cfg: PretrainConfig, work: Path, scenes: list[Scene]) -> torch.Tensor:
+    path = work / "images.safetensors"
+    if path.is_file():
+        return load_file(str(path))["images"]
+    arr = np.stack([render_array(s, seed=cfg.seed * 1_000_003 + i) for i, s in enumerate(tqdm(scenes, desc="render"))])
+    images = torch.from_numpy(arr)
+    save_file({"images": images}, str(path.with_suffix(".tmp")))
+    path.with_suffix(".tmp").replace(path)
+    return images
+
+
+def _to_pixels(u8: torch.Tensor) -> torch.Tensor:
+    return u8.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def _train_vae(cfg: PretrainConfig, work: Path, images: torch.Tensor):
+    vae = build_vae()
+    final = work / "vae-final.safetensors"
+    if final.is_file():
+        vae.load_state_dict(load_file(str(final)))
+        return vae
+    run = work / "vae"
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    start = 0
+    if (ckpt := latest_checkpoint(run)) is not None:
+        start = load_checkpoint(ckpt, {"vae": vae}, {"opt": opt})["step"]
+    bar = tqdm(range(start, cfg.vae_steps), desc="vae", initial=start, total=cfg.vae_steps)
+    for step in bar:
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+        idx = torch.randint(len(images), (cfg.vae_batch,), generator=g)
+        ox, oy = (int(v) for v in torch.randint(0, IMAGE_SIZE - 32 + 1, (2,), generator=g))
+        x = _to_pixels(images[idx][:, oy : oy + 32, ox : ox + 32])
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, cfg.vae_steps, cfg.vae_lr, cfg.warmup)
+        posterior = vae.encode(x).latent_dist
+        rec = vae.decode(posterior.sample(generator=g)).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + cfg.vae_kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % cfg.checkpoint_every == 0:
+            save_checkpoint(run, step + 1, {"vae": vae}, {"opt": opt})
+    save_file(vae.state_dict(), str(final.with_suffix(".tmp")))
+    final.with_suffix(".tmp").replace(final)
+    return vae
+
+
+@torch.no_grad()
+def _encode_all(work: Path, vae, images: torch.Tensor) -> torch.Tensor:
+    path = work / "latents.safetensors"
+    if path.is_file():
+        return load_file(str(path))["latents"]
+    vae.eval()
+    chunks = [vae.encode(_to_pixels(images[i : i + 256])).latent_dist.mode() for i in tqdm(
+        range(0, len(images), 256), desc="encode")]
+    latents = torch.cat(chunks).contiguous()
+    save_file({"latents": latents}, str(path.with_suffix(".tmp")))
+    path.with_suffix(".tmp").replace(path)
+    return latents
+
+
+def _caption(scene: Scene, rng: random.Random) -> str | None:
+    """A training caption for ``scene``: any caption outside the evaluation split."""
+    for _ in range(20):
+        text = format_prompt(caption_scene(scene, rng), style_first=rng.random() < 0.3)
+        if not is_held_out(text):
+            return text
+    return None
+
+
+def _assemble(vae, te1, te2, tok, unet):
+    from diffusers import StableDiffusionXLPipeline
+
+    _, sampler = build_schedulers()
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok,
+                                     tokenizer_2=tok, unet=unet, scheduler=sampler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _monitor(pipe, step: int, n: int = 32) -> str:
+    """Prompt fidelity of the current weights on a few held-out prompts (needs the judge)."""
+    from studio.eval.fidelity import DEFAULT_JUDGE, evaluate_prompts
+
+    if not DEFAULT_JUDGE.is_file():
+        return "no judge"
+    scores = evaluate_prompts(pipe, n_prompts=n, seed=123, progress=False)
+    return f"step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in scores.items() if k.startswith("fidelity"))
+
+
+def pretrain(cfg: PretrainConfig) -> Path:
+    """Run (or resume) the whole recipe; returns the saved model folder."""
+    from diffusers.training_utils import EMAModel, compute_snr
+
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    work = Path(cfg.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    log = (work / "log.txt").open("a")
+    tok = build_tokenizer(work / "tokenizer")
+    scenes = _scenes(cfg)
+    images = _render_all(cfg, work, scenes)
+    vae = _train_vae(cfg, work, images)
+    latents = _encode_all(work, vae, images)
+    scale = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scale)
+    del images
+
+    unet = build_unet()
+    te1, te2 = build_text_encoders(tok)
+    params = [p for m in (unet, te1, te2) for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, betas=(0.9, 0.99), weight_decay=0.01)
+    ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
+    noise_sched, _ = build_schedulers()
+    run = work / "unet"
+    start = 0
+    if (ckpt := latest_checkpoint(run)) is not None:
+        state = load_checkpoint(ckpt, {"unet": unet, "te1": te1, "te2": te2}, {"opt": opt})
+        shadow = load_file(str(ckpt / "ema.safetensors"))
+        ema.shadow_params = [shadow[str(i)] for i in range(len(params))]
+        ema.optimization_step = state["ema_step"]
+        start = state["step"]
+    time_ids = sdxl_time_ids(IMAGE_SIZE, IMAGE_SIZE, cfg.unet_batch)
+    bar = tqdm(range(start, cfg.unet_steps), desc="unet", initial=start, total=cfg.unet_steps)
+    for step in bar:
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        rng = random.Random(cfg.seed * 1_000_003 + step)
+        captions, idx = [], []
+        while len(captions) < cfg.unet_batch:
+            i = rng.randrange(len(scenes))
+            if (text := _caption(scenes[i], rng)) is not None:
+                captions.append(text)
+                idx.append(i)
+        x0 = latents[torch.tensor(idx)] * scale
+        embeds, pooled = encode_prompt_sdxl([tok, tok], [te1, te2], captions)
+        keep = (torch.rand(cfg.unet_batch, generator=g) >= cfg.cond_dropout).float()
+        embeds, pooled = embeds * keep[:, None, None], pooled * keep[:, None]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.unet_batch,), generator=g)
+        noisy = noise_sched.add_noise(x0, noise, t)
+        target = noise_sched.get_velocity(x0, noise, t)
+        pred = unet(noisy, t, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        snr = compute_snr(noise_sched, t)
+        weight = torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1)  # min-SNR-gamma for v-prediction
+        loss = (weight * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, cfg.unet_steps, cfg.unet_lr, cfg.warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.step(params)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        done = step + 1
+        if done % cfg.checkpoint_every == 0 or done == cfg.unet_steps:
+            ckpt = save_checkpoint(run, done, {"unet": unet, "te1": te1, "te2": te2,
+                                               "ema": {str(i): p for i, p in enumerate(ema.shadow_params)}},
+                                   {"opt": opt}, {"ema_step": ema.optimization_step})
+        if cfg.monitor_every and done % cfg.monitor_every == 0:
+            ema.store(params)
+            ema.copy_to(params)
+            line = _monitor(_assemble(vae, te1, te2, tok, unet), done)
+            ema.restore(params)
+            log.write(f"{line} loss={loss.item():.4f} elapsed={time.time() - t0:.0f}s\n")
+            log.flush()
+            tqdm.write(line)
+
+    ema.copy_to(params)
+    out = Path(cfg.out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    _assemble(vae, te1, te2, tok, unet).save_pretrained(tmp)
+    recipe = {"config": dataclasses.asdict(cfg), "seconds_this_run": round(time.time() - t0),
+              "torch_threads": torch.get_num_threads()}
+    (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2))
+    card = out / "README.md"
+    if card.is_file():  # keep the model card across a re-run
+        shutil.copy(card, tmp / "README.md")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out

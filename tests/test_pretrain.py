@@ -1,0 +1,27 @@
+"""The pretraining recipe at toy size: it runs end to end and resumes to the same result."""
+
+import torch
+from diffusers import StableDiffusionXLPipeline
+from safetensors.torch import load_file
+
+from studio.world.pretrain import PretrainConfig, pretrain
+
+
+def _cfg(tmp, name, unet_steps):
+    return PretrainConfig(out=str(tmp / name / "model"), work_dir=str(tmp / name / "work"), n_scenes=48,
+                          vae_steps=3, vae_batch=4, unet_steps=unet_steps, unet_batch=4, warmup=10,
+                          checkpoint_every=2, monitor_every=0)
+
+
+def test_pretrain_resumes_to_the_same_weights(tmp_path):
+    straight = pretrain(_cfg(tmp_path, "a", 4))
+    pretrain(_cfg(tmp_path, "b", 2))  # a run that stopped after step 2 ...
+    resumed = pretrain(_cfg(tmp_path, "b", 4))  # ... continued with the same work dir
+    a = load_file(str(straight / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(resumed / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(resumed), local_files_only=True)
+    image = pipe("a red circle", num_inference_steps=2, output_type="pil").images[0]
+    assert image.size == (64, 64)

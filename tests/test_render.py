@@ -1,0 +1,77 @@
+import random
+
+import numpy as np
+import pytest
+
+from studio.world.concepts import (
+    BASE_SHAPES,
+    BASE_STYLES,
+    COLOURS,
+    HELD_OUT_SHAPES,
+    HELD_OUT_STYLES,
+    POSITIONS,
+    SHAPES,
+    STYLES,
+)
+from studio.world.render import Scene, WorldObject, render_array, sample_scene
+
+
+def test_concept_lists_meet_the_world_spec():
+    assert len(BASE_SHAPES) >= 6 and len(HELD_OUT_SHAPES) >= 6
+    assert len(BASE_STYLES) >= 4 and len(HELD_OUT_STYLES) >= 4
+    assert not set(BASE_SHAPES) & set(HELD_OUT_SHAPES)
+    assert not set(BASE_STYLES) & set(HELD_OUT_STYLES)
+    assert len(COLOURS) >= 8
+    assert {"left", "right", "top", "bottom", "center", "top left", "top right", "bottom left", "bottom right"} <= set(POSITIONS)
+
+
+def test_render_is_deterministic_per_seed():
+    rng = random.Random(3)
+    for _ in range(20):
+        scene = sample_scene(rng, shapes=SHAPES, styles=STYLES)
+        a, b = render_array(scene, seed=7), render_array(scene, seed=7)
+        assert a.shape == (64, 64, 3) and a.dtype == np.uint8
+        assert np.array_equal(a, b)
+
+
+def test_different_seeds_jitter_the_scene():
+    scene = Scene((WorldObject("star", "red", "large", "center", "mosaic"),), "white")
+    assert not np.array_equal(render_array(scene, 0), render_array(scene, 1))
+
+
+def test_object_lands_in_its_cell_with_its_colour():
+    scene = Scene((WorldObject("square", "blue", "large", "top right", "flat"),), "white")
+    arr = render_array(scene, 0).astype(int)
+    blue = (np.abs(arr - np.array(COLOURS["blue"])).sum(-1) < 30)
+    ys, xs = np.nonzero(blue)
+    assert blue.sum() > 100
+    assert xs.mean() > 64 * 2 / 3 - 3 and ys.mean() < 64 / 3 + 3
+
+
+def test_scenes_have_one_to_three_objects_at_distinct_cells():
+    rng = random.Random(0)
+    counts = set()
+    for _ in range(200):
+        s = sample_scene(rng)
+        counts.add(len(s.objects))
+        assert len({o.position for o in s.objects}) == len(s.objects)
+        assert all(o.colour != s.background for o in s.objects)
+        assert all(o.shape in BASE_SHAPES and o.style in BASE_STYLES for o in s.objects)
+    assert counts == {1, 2, 3}
+
+
+@pytest.mark.parametrize("field,value", [("shape", "blob"), ("colour", "teal"), ("size", "huge"),
+                                         ("position", "middle left"), ("style", "furry")])
+def test_bad_attribute_names_the_field_and_accepted_values(field, value):
+    kwargs = dict(shape="circle", colour="red", size="small", position="left", style="flat")
+    kwargs[field] = value
+    with pytest.raises(ValueError, match=f"unknown {field} '{value}'; accepted: "):
+        WorldObject(**kwargs)
+
+
+def test_scene_rejects_shared_cells_and_invisible_objects():
+    o = WorldObject("circle", "red", "small", "left", "flat")
+    with pytest.raises(ValueError, match="share a position"):
+        Scene((o, WorldObject("square", "blue", "small", "left", "flat")))
+    with pytest.raises(ValueError, match="equals the background"):
+        Scene((o,), background="red")

@@ -1,0 +1,1 @@
+"""The Gradio app (``studio.ui``), installed with the ``[ui]`` extra; arrives with its issue."""
