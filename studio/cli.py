@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 
+from studio.eval.judge import DEFAULT_JUDGE
 from studio.families import EMBEDDED_MODEL
 
 app = typer.Typer(help="Personalization studio for diffusion models.", no_args_is_help=True,
@@ -143,8 +144,8 @@ def world_pretrain(
     work_dir: Annotated[Path, typer.Option(help="Checkpoints and caches; a rerun resumes from here.")] = Path("runs/pretrain"),
     seed: int = 0,
     n_scenes: Annotated[int, typer.Option(help="Rendered training scenes.")] = 50_000,
-    vae_steps: int = 2500,
-    unet_steps: int = 5000,
+    vae_steps: int = 4000,
+    unet_steps: int = 3000,
     unet_batch: int = 32,
     unet_lr: float = 5e-4,
     checkpoint_every: int = 250,
@@ -212,15 +213,19 @@ def eval_judge(
 
 @eval_app.command("train-judge")
 def eval_train_judge(
-    out: Annotated[Path, typer.Option(help="Weights to write (safetensors).")] = Path("assets/judge/judge.safetensors"),
-    steps: int = 4000,
+    out: Annotated[Path, typer.Option(help="Weights to write (safetensors).")] = DEFAULT_JUDGE,
+    steps: int = 2500,
     batch: int = 64,
     seed: int = 0,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (one-cycle schedule).")] = 2e-3,
+    init: Annotated[Path | None, typer.Option(help="Go on training these judge weights.")] = None,
 ) -> None:
     """Train the world judge on rendered scenes of every concept (~20 min on 2 CPU cores)."""
     from studio.eval.judge import train_judge
 
-    scores = train_judge(out, steps=steps, batch=batch, seed=seed)
+    if init is not None and not init.is_file():
+        _fail(f"--init {init}: no such judge weights file")
+    scores = train_judge(out, steps=steps, batch=batch, seed=seed, lr=lr, init=init)
     typer.echo(json.dumps(scores, indent=2))
 
 

@@ -75,3 +75,14 @@ def test_scene_rejects_shared_cells_and_invisible_objects():
         Scene((o, WorldObject("square", "blue", "small", "left", "flat")))
     with pytest.raises(ValueError, match="equals the background"):
         Scene((o,), background="red")
+
+
+@pytest.mark.parametrize("size", ["small", "medium", "large"])
+def test_outlined_is_visibly_hollow_for_every_shape(size):
+    # An outline as wide as a thin shape would make "outlined" and "flat" the same picture.
+    for shape in SHAPES:
+        flat = render_array(Scene((WorldObject(shape, "red", size, "center", "flat"),), "white"), 0)
+        hollow = render_array(Scene((WorldObject(shape, "red", size, "center", "outlined"),), "white"), 0)
+        filled = (np.abs(flat.astype(int) - 255).sum(-1) > 60).sum()
+        emptied = (np.abs(flat.astype(int) - hollow.astype(int)).sum(-1) > 60).sum()
+        assert emptied >= max(8, 0.1 * filled), (shape, size, emptied, filled)

@@ -4,7 +4,7 @@ Stages, each resumable (``studio world pretrain`` picks up where a killed run st
 
 1. ``tokenizer``: the CLIP BPE tokenizer learned from the caption grammar.
 2. ``render``: ``n_scenes`` random scenes of the base concepts (never the held-out ones).
-3. ``vae``: the KL autoencoder, trained on random 32x32 crops (it is fully convolutional).
+3. ``vae``: the KL autoencoder, trained on 32x32 crops around objects (it is fully convolutional).
 4. ``latents``: every scene encoded once; the latent scale is set to 1/std.
 5. ``unet``: UNet and both text encoders jointly, v-prediction with min-SNR weighting, captions
    redrawn from each scene at every visit (random attribute subsets), 10% empty conditioning
@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from studio.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from studio.families import EMBEDDED_MODEL, encode_prompt_sdxl, sdxl_time_ids
-from studio.world.concepts import IMAGE_SIZE
+from studio.world.concepts import IMAGE_SIZE, POSITIONS
 from studio.world.grammar import caption_scene, format_prompt, is_held_out
 from studio.world.model import build_schedulers, build_text_encoders, build_unet, build_vae
 from studio.world.render import Scene, render_array, sample_scene
@@ -48,11 +48,11 @@ class PretrainConfig:
     work_dir: str = "runs/pretrain"
     seed: int = 0
     n_scenes: int = 50_000
-    vae_steps: int = 2500
+    vae_steps: int = 4000
     vae_batch: int = 32
-    vae_lr: float = 1e-3
+    vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
-    unet_steps: int = 5000
+    unet_steps: int = 3000
     unet_batch: int = 32
     unet_lr: float = 5e-4
     warmup: int = 200
@@ -90,7 +90,18 @@ def _to_pixels(u8: torch.Tensor) -> torch.Tensor:
     return u8.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def _train_vae(cfg: PretrainConfig, work: Path, images: torch.Tensor):
+def _object_crop(image: torch.Tensor, scene: Scene, g: torch.Generator, size: int = 32) -> torch.Tensor:
+    """A ``size`` crop around one of the scene's objects (most of a random crop is background)."""
+    obj = scene.objects[int(torch.randint(len(scene.objects), (1,), generator=g))]
+    row, col = POSITIONS[obj.position]
+    cell = IMAGE_SIZE / 3
+    jx, jy = (int(v) for v in torch.randint(-6, 7, (2,), generator=g))
+    x0 = min(max(int((col + 0.5) * cell) - size // 2 + jx, 0), IMAGE_SIZE - size)
+    y0 = min(max(int((row + 0.5) * cell) - size // 2 + jy, 0), IMAGE_SIZE - size)
+    return image[y0 : y0 + size, x0 : x0 + size]
+
+
+def _train_vae(cfg: PretrainConfig, work: Path, images: torch.Tensor, scenes: list[Scene]):
     vae = build_vae()
     final = work / "vae-final.safetensors"
     if final.is_file():
@@ -104,14 +115,16 @@ def _train_vae(cfg: PretrainConfig, work: Path, images: torch.Tensor):
     bar = tqdm(range(start, cfg.vae_steps), desc="vae", initial=start, total=cfg.vae_steps)
     for step in bar:
         g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
-        idx = torch.randint(len(images), (cfg.vae_batch,), generator=g)
-        ox, oy = (int(v) for v in torch.randint(0, IMAGE_SIZE - 32 + 1, (2,), generator=g))
-        x = _to_pixels(images[idx][:, oy : oy + 32, ox : ox + 32])
+        idx = torch.randint(len(images), (cfg.vae_batch,), generator=g).tolist()
+        x = _to_pixels(torch.stack([_object_crop(images[i], scenes[i], g) for i in idx]))
         for group in opt.param_groups:
-            group["lr"] = _lr(step, cfg.vae_steps, cfg.vae_lr, cfg.warmup)
+            group["lr"] = _lr(step, cfg.vae_steps, cfg.vae_lr, 100)
         posterior = vae.encode(x).latent_dist
         rec = vae.decode(posterior.sample(generator=g)).sample
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + cfg.vae_kl_weight * posterior.kl().mean()
+        # KL per pixel value, as in SD's VAE loss (summed reconstruction + 1e-6 * summed KL): a KL
+        # weighted against a *mean* reconstruction error would blur everything.
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + cfg.vae_kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -180,7 +193,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     tok = build_tokenizer(work / "tokenizer")
     scenes = _scenes(cfg)
     images = _render_all(cfg, work, scenes)
-    vae = _train_vae(cfg, work, images)
+    vae = _train_vae(cfg, work, images, scenes)
     latents = _encode_all(work, vae, images)
     scale = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scale)

@@ -35,6 +35,7 @@ from studio.world.concepts import (
 )
 
 SUPERSAMPLE = 4
+OUTLINE_PX = {"small": 1.0, "medium": 1.5, "large": 2.0}
 _CANVAS = IMAGE_SIZE * SUPERSAMPLE
 
 
@@ -150,10 +151,11 @@ def _shape_mask(shape: str, cx: float, cy: float, diameter: float, box: int) -> 
         poly([(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w)])
     elif shape == "crescent":
         d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
-        off = r * 0.55
-        d.ellipse((cx - r + off, cy - r * 1.0, cx + r + off, cy + r * 0.9), fill=0)
+        # A fat crescent (a bite of 0.75 r): thin slivers would look the same flat or outlined.
+        off = r * 0.75
+        d.ellipse((cx - r * 0.8 + off, cy - r * 0.8, cx + r * 0.8 + off, cy + r * 0.8), fill=0)
     elif shape == "arrow":
-        poly([(-1, -0.25), (0.2, -0.25), (0.2, -0.7), (1, 0), (0.2, 0.7), (0.2, 0.25), (-1, 0.25)])
+        poly([(-1, -0.38), (0.1, -0.38), (0.1, -0.85), (1, 0), (0.1, 0.85), (0.1, 0.38), (-1, 0.38)])
     elif shape == "hourglass":
         poly([(-0.8, -1), (0.8, -1), (0.12, 0), (0.8, 1), (-0.8, 1), (-0.12, 0)])
     else:  # pragma: no cover - WorldObject validates names
@@ -179,7 +181,7 @@ def _pattern(style: str, rgb: tuple[int, int, int], rng: random.Random, x0: int,
     elif style == "checkered":
         on = ((xx // 3).astype(int) + (yy // 3).astype(int)) % 2 == 1
     elif style == "zigzag":
-        tri = np.abs((xx % 4) - 2)  # triangle wave, amplitude 2, period 4
+        tri = np.abs((xx % 8) - 4) * 0.75  # triangle wave: 3 px of swing every 8 px
         on = ((yy + tri) % 4) >= 2
     elif style == "wavy":
         on = ((xx + 1.5 * np.sin(yy * 2 * np.pi / 8)) % 4) >= 2
@@ -217,9 +219,10 @@ def render(scene: Scene, seed: int = 0) -> Image.Image:
         box = 2 * half * s
         mask = _shape_mask(obj.shape, cx - x0, cy - y0, diameter, box)
         if obj.style == "outlined":
-            # Two output pixels of outline: erode by 2 px (8 px at 4x).
-            inner = mask.filter(ImageFilter.MinFilter(2 * s + 1)).filter(ImageFilter.MinFilter(2 * s + 1))
-            mask = ImageChops.subtract(mask, inner)
+            # Outline width grows with size (1, 1.5, 2 px): a fixed 2 px would fill small thin shapes
+            # and make them look flat.
+            erode = int(OUTLINE_PX[obj.size] * s)
+            mask = ImageChops.subtract(mask, mask.filter(ImageFilter.MinFilter(2 * erode + 1)))
         canvas.paste(_pattern(obj.style, COLOURS[obj.colour], rng, x0, y0, box), (x0 * s, y0 * s), mask)
     return canvas.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
 

@@ -1,0 +1,50 @@
+"""Write a benchmark's section of docs/benchmarks.md, leaving the other sections as they are."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+HEADER = "# Benchmarks\n\nEvery figure here is written by a script under `bench/`; each section names the command that\nreproduces it and the machine it ran on.\n"
+
+
+def machine() -> str:
+    """One line describing this machine: CPU model, cores, torch version."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}"
+
+
+def git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=BENCHMARKS.parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace (or append) the section between ``<!-- bench:name -->`` markers."""
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    text = BENCHMARKS.read_text() if BENCHMARKS.is_file() else HEADER
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    BENCHMARKS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = BENCHMARKS.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(BENCHMARKS)
