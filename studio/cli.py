@@ -41,7 +41,9 @@ def _setup_warnings() -> None:
     from transformers.utils import logging as tlogging
 
     dlogging.set_verbosity_error()
+    dlogging.disable_progress_bar()
     tlogging.set_verbosity_error()
+    tlogging.disable_progress_bar()
 
 
 def _save(image, out: Path) -> None:
@@ -152,7 +154,7 @@ def world_pretrain(
     monitor_every: Annotated[int, typer.Option(help="Log held-out prompt fidelity every N steps (0: never).")] = 1000,
     fresh: Annotated[bool, typer.Option(help="Delete the work dir first instead of resuming.")] = False,
 ) -> None:
-    """Pretrain the embedded tiny SDXL on the synthetic world (resumable; ~1.5 h on 2 CPU cores)."""
+    """Pretrain the embedded tiny SDXL on the synthetic world (resumable; under 2 h on 2 CPU cores)."""
     _setup_warnings()
     import shutil
 

@@ -23,7 +23,7 @@ def test_generate_writes_an_image_and_warns_once_on_unknown_words(tmp_path):
     out = tmp_path / "out.png"
     r = run("generate", "a sks circle on the left", "a sks square", "-o", str(out), "--steps", "4")
     assert r.returncode == 0, r.stderr
-    assert Image.open(out).size == (128, 64)  # two images side by side
+    assert Image.open(out).size == (64, 128)  # one row per prompt
     assert r.stderr.count("warning: unknown word") == 1
     assert "sks" in r.stderr
 
