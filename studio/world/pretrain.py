@@ -52,6 +52,7 @@ class PretrainConfig:
     vae_batch: int = 32
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
+    vae_warmup: int = 100
     unet_steps: int = 3000
     unet_batch: int = 32
     unet_lr: float = 5e-4
@@ -118,7 +119,7 @@ def _train_vae(cfg: PretrainConfig, work: Path, images: torch.Tensor, scenes: li
         idx = torch.randint(len(images), (cfg.vae_batch,), generator=g).tolist()
         x = _to_pixels(torch.stack([_object_crop(images[i], scenes[i], g) for i in idx]))
         for group in opt.param_groups:
-            group["lr"] = _lr(step, cfg.vae_steps, cfg.vae_lr, 100)
+            group["lr"] = _lr(step, cfg.vae_steps, cfg.vae_lr, cfg.vae_warmup)
         posterior = vae.encode(x).latent_dist
         rec = vae.decode(posterior.sample(generator=g)).sample
         # KL per pixel value, as in SD's VAE loss (summed reconstruction + 1e-6 * summed KL): a KL
