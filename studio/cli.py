@@ -1,6 +1,6 @@
 """The ``studio`` command.
 
-Verbs so far: ``generate``, ``world render``, ``world pretrain``, ``eval prompts``, ``eval judge``,
+Verbs so far: ``generate``, ``export``, ``world render``, ``world pretrain``, ``eval prompts``, ``eval judge``,
 ``eval train-judge``. Errors in what the user gave print one line (``error: ...``) and exit 2.
 """
 
@@ -101,6 +101,28 @@ def generate(
     typer.echo(f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)}, {time.time() - t0:.1f} s)")
 
 
+@app.command("export")
+def export(
+    adapter: Annotated[Path, typer.Argument(help="An adapter: .safetensors (diffusers/peft or kohya keys) or a PEFT folder.")],
+    format: Annotated[str, typer.Option("--format", "-f", help="Key layout to write: kohya (ComfyUI, A1111) or diffusers (pipe.load_lora_weights).")] = "kohya",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output .safetensors (default: next to the input, suffixed with the format).")] = None,
+) -> None:
+    """Convert an adapter file between key layouts; the conversion round-trips exactly."""
+    from studio.adapters import LAYOUTS, load_adapter, save_adapter
+
+    if format not in LAYOUTS:
+        _fail(f"--format {format!r} is not a layout; choose one of {', '.join(LAYOUTS)}")
+    out = out or adapter.with_name(f"{adapter.stem}.{format}.safetensors")
+    if out.resolve() == adapter.resolve():
+        _fail(f"--out {out} is the input file; give another path")
+    try:
+        loaded = load_adapter(adapter)
+        save_adapter(loaded, out, layout=format)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    typer.echo(f"wrote {out} ({format} layout, {len(loaded.modules)} modules)")
+
+
 @world_app.command("render")
 def world_render(
     prompt: Annotated[str | None, typer.Argument(help="A caption to draw; leave out for random scenes.")] = None,
@@ -147,7 +169,7 @@ def world_pretrain(
     seed: int = 0,
     n_scenes: Annotated[int, typer.Option(help="Rendered training scenes.")] = 50_000,
     vae_steps: int = 4000,
-    unet_steps: int = 3000,
+    unet_steps: int = 4000,
     unet_batch: int = 32,
     unet_lr: float = 5e-4,
     checkpoint_every: int = 250,

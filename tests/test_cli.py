@@ -12,7 +12,7 @@ def run(*args, **kw):
 
 
 @pytest.mark.parametrize("verb", [[], ["generate"], ["world"], ["world", "render"], ["world", "pretrain"],
-                                  ["eval"], ["eval", "prompts"], ["eval", "judge"], ["eval", "train-judge"]])
+                                  ["export"], ["eval"], ["eval", "prompts"], ["eval", "judge"], ["eval", "train-judge"]])
 def test_help_on_every_verb(verb):
     r = run(*verb, "--help")
     assert r.returncode == 0, r.stderr
@@ -49,3 +49,39 @@ def test_world_render_grid(tmp_path):
     r = run("world", "render", "a large blue square at the top right, striped", "-n", "4", "-o", str(out))
     assert r.returncode == 0, r.stderr
     assert Image.open(out).size == (256, 64)
+
+
+def test_export_converts_and_round_trips(tmp_path):
+    import torch
+
+    from studio.adapters import Adapter, LoraWeights, load_adapter, save_adapter
+
+    g = torch.Generator().manual_seed(0)
+    name = "unet.up_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k"
+    src = save_adapter(Adapter({name: LoraWeights(torch.randn(4, 128, generator=g), torch.randn(96, 4, generator=g), 3.0)}),
+                       tmp_path / "a.safetensors")
+    r = run("export", str(src), "--format", "kohya")
+    assert r.returncode == 0, r.stderr
+    kohya = tmp_path / "a.kohya.safetensors"
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(kohya))) == {f"lora_unet_output_blocks_1_1_transformer_blocks_0_attn2_to_k.{k}"
+                                          for k in ("lora_down.weight", "lora_up.weight", "alpha")}
+    r = run("export", str(kohya), "--format", "diffusers", "-o", str(tmp_path / "back.safetensors"))
+    assert r.returncode == 0, r.stderr
+    a, b = load_adapter(src).modules[name], load_adapter(tmp_path / "back.safetensors").modules[name]
+    assert torch.equal(a.down, b.down) and torch.equal(a.up, b.up) and a.alpha == b.alpha == 3.0
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: __import__("torch").save({}, p / "a.pt"), "pickle"),
+    (lambda p: (p / "a.safetensors").write_bytes(b"junk"), "not a readable safetensors file"),
+])
+def test_export_refuses_bad_files_and_writes_nothing(tmp_path, make, message):
+    make(tmp_path)
+    src = next(tmp_path.iterdir())
+    r = run("export", str(src), "-o", str(tmp_path / "out.safetensors"))
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
+    assert not (tmp_path / "out.safetensors").exists()

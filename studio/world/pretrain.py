@@ -5,8 +5,10 @@ Stages, each resumable (``studio world pretrain`` picks up where a killed run st
 1. ``tokenizer``: the CLIP BPE tokenizer learned from the caption grammar.
 2. ``render``: ``n_scenes`` random scenes of the base concepts (never the held-out ones).
 3. ``vae``: the KL autoencoder, trained on 32x32 crops around objects (it is fully convolutional).
-4. ``latents``: every scene encoded once; the latent scale is set to 1/std.
-5. ``unet``: UNet and both text encoders jointly, v-prediction with min-SNR weighting, captions
+4. ``latents``: every scene encoded once; the latent space is standardized per channel, folded
+   into the VAE's 1x1 convolutions (:func:`studio.world.model.standardize_latents`).
+5. ``unet``: UNet and both text encoders jointly, v-prediction on a zero-terminal-SNR schedule with
+   min-SNR weighting, captions
    redrawn from each scene at every visit (random attribute subsets), 10% empty conditioning
    as zeros (what ``force_zeros_for_empty_prompt`` feeds at sampling time), EMA weights.
 6. ``save``: the EMA weights as a stock ``StableDiffusionXLPipeline`` folder, written atomically.
@@ -35,7 +37,7 @@ from studio.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoin
 from studio.families import EMBEDDED_MODEL, encode_prompt_sdxl, sdxl_time_ids
 from studio.world.concepts import IMAGE_SIZE, POSITIONS
 from studio.world.grammar import caption_scene, format_prompt, is_held_out
-from studio.world.model import build_schedulers, build_text_encoders, build_unet, build_vae
+from studio.world.model import build_schedulers, build_text_encoders, build_unet, build_vae, standardize_latents
 from studio.world.render import Scene, render_array, sample_scene
 from studio.world.tokenizer import build_tokenizer
 
@@ -53,7 +55,7 @@ class PretrainConfig:
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
     vae_warmup: int = 100
-    unet_steps: int = 3000
+    unet_steps: int = 4000
     unet_batch: int = 32
     unet_lr: float = 5e-4
     warmup: int = 200
@@ -196,8 +198,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
     images = _render_all(cfg, work, scenes)
     vae = _train_vae(cfg, work, images, scenes)
     latents = _encode_all(work, vae, images)
-    scale = float(1.0 / latents.std())
-    vae.register_to_config(scaling_factor=scale)
+    mean, std = latents.mean(dim=(0, 2, 3)), latents.std(dim=(0, 2, 3))
+    standardize_latents(vae, mean, std)
+    latents = (latents - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    vae.register_to_config(scaling_factor=1.0)
     del images
 
     unet = build_unet()
@@ -225,7 +229,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
             if (text := _caption(scenes[i], rng)) is not None:
                 captions.append(text)
                 idx.append(i)
-        x0 = latents[torch.tensor(idx)] * scale
+        x0 = latents[torch.tensor(idx)]
         embeds, pooled = encode_prompt_sdxl([tok, tok], [te1, te2], captions)
         keep = (torch.rand(cfg.unet_batch, generator=g) >= cfg.cond_dropout).float()
         embeds, pooled = embeds * keep[:, None, None], pooled * keep[:, None]
@@ -235,7 +239,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
         target = noise_sched.get_velocity(x0, noise, t)
         pred = unet(noisy, t, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
         snr = compute_snr(noise_sched, t)
-        weight = torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1)  # min-SNR-gamma for v-prediction
+        # min-SNR-gamma on the x0 error, counted from SNR + 1 as the v-loss is: weight 1 at the
+        # noisiest steps (zero SNR at t=999 must still be learned; plain min(SNR, gamma) gives it 0),
+        # capped at gamma / (SNR + 1) on the nearly clean ones.
+        weight = torch.clamp(snr + 1, max=cfg.min_snr_gamma) / (snr + 1)
         loss = (weight * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()
         for group in opt.param_groups:
             group["lr"] = _lr(step, cfg.unet_steps, cfg.unet_lr, cfg.warmup)

@@ -1,0 +1,142 @@
+"""The one in-memory adapter form every trainer writes and every loader reads.
+
+An :class:`Adapter` maps *canonical module names* to low-rank weights. A canonical name is the
+pipeline component followed by the module's path inside it, as diffusers and transformers name
+it: ``unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q``,
+``text_encoder.text_model.encoder.layers.0.self_attn.q_proj``, ``text_encoder_2.…``. Whatever
+layout a file uses on disk (diffusers/peft, kohya), it is read into this form and written from it.
+
+The update a module gets is ``delta_W = (alpha / rank) * up @ down`` (LoRA, Hu et al. 2021, eq. 3
+with the scale of the reference implementation)::
+
+    >>> import torch
+    >>> lora = LoraWeights(down=torch.ones(2, 3), up=torch.ones(4, 2), alpha=1.0)
+    >>> lora.delta().tolist()[0]
+    [1.0, 1.0, 1.0]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+KINDS = ("lora",)  # every kind we write must be expressible as a plain LoRA on disk
+
+
+def as_float32(value: float) -> float:
+    """``value`` rounded to float32, the precision an ``.alpha`` tensor keeps on disk."""
+    return float(np.float32(value))
+
+
+@dataclass
+class LoraWeights:
+    """One target module's low-rank pair.
+
+    ``down``: ``(rank, in_features)`` for a linear layer, ``(rank, in_channels, kh, kw)`` for a conv;
+    ``up``: ``(out_features, rank)`` or ``(out_channels, rank, 1, 1)``.
+    """
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+    kind: str = "lora"
+
+    def __post_init__(self) -> None:
+        if self.down.shape[0] != self.up.shape[1]:
+            raise ValueError(f"LoRA down has rank {self.down.shape[0]} but up has rank {self.up.shape[1]}")
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown adapter kind {self.kind!r}; known: {', '.join(KINDS)}")
+        self.alpha = as_float32(self.alpha)
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self) -> torch.Tensor:
+        """The dense weight update, shaped like the target module's weight."""
+        down, up = self.down.float(), self.up.float()
+        if down.ndim == 2:
+            return self.scale * up @ down
+        # conv: up is 1x1, so the update is a conv kernel of down's spatial size
+        return self.scale * torch.einsum("or,rikl->oikl", up.flatten(1), down)
+
+
+@dataclass
+class AdapterMeta:
+    """What an adapter file says about itself (stored as JSON under the ``studio`` header key)."""
+
+    family: str = "sdxl"
+    base_model: str = ""
+    base_hash: str = ""
+    trainer: str = ""
+    token: str = ""
+    class_noun: str = ""
+    rank: int = 0
+    steps: int = 0
+    dataset: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdapterMeta:
+        known = {f.name for f in dataclasses.fields(cls)}
+        extra = dict(data.get("extra", {}))
+        extra.update({k: v for k, v in data.items() if k not in known})
+        return cls(**{k: v for k, v in data.items() if k in known and k != "extra"}, extra=extra)
+
+
+@dataclass
+class Adapter:
+    """Low-rank weights per canonical module name, plus metadata."""
+
+    modules: dict[str, LoraWeights]
+    meta: AdapterMeta = field(default_factory=AdapterMeta)
+
+    def __post_init__(self) -> None:
+        for name in self.modules:
+            if name.split(".", 1)[0] not in COMPONENTS:
+                raise ValueError(f"adapter module {name!r} names no pipeline component; expected one of {COMPONENTS}")
+        if not self.meta.rank and self.modules:
+            self.meta.rank = max(w.rank for w in self.modules.values())
+
+    def component(self, name: str) -> dict[str, LoraWeights]:
+        """The modules of one pipeline component, keyed by their path inside it."""
+        prefix = name + "."
+        return {k[len(prefix):]: v for k, v in self.modules.items() if k.startswith(prefix)}
+
+    @property
+    def components(self) -> list[str]:
+        return [c for c in COMPONENTS if any(k.startswith(c + ".") for k in self.modules)]
+
+
+# transformers 5 dropped the ``text_model`` level from ``CLIPTextModel`` (not from the model with a
+# projection); adapter files, diffusers and kohya alike, keep naming it, so canonical names do too.
+_CLIP_INNER = ("embeddings.", "encoder.", "final_layer_norm")
+
+
+def canonical_name(component: str, model: torch.nn.Module, path: str) -> str:
+    """The canonical name of the module at ``path`` inside ``model`` (the pipeline's ``component``)."""
+    if component != "unet" and not hasattr(model, "text_model") and path.startswith(_CLIP_INNER):
+        path = "text_model." + path
+    return f"{component}.{path}"
+
+
+def resolve_module(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    """The module a canonical path (without its component) names in ``model``, whatever its version."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        if path.startswith("text_model.") and not hasattr(model, "text_model"):
+            return model.get_submodule(path[len("text_model."):])
+        raise ValueError(f"{type(model).__name__} has no module {path!r}") from None
