@@ -63,10 +63,12 @@ def generate(
     seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed + i.")] = 0,
     num: Annotated[int, typer.Option("--num", "-n", help="Images per prompt.")] = 1,
     scale: Annotated[int, typer.Option(help="Nearest-neighbour upscale of the written PNG.")] = 1,
+    adapter: Annotated[list[str] | None, typer.Option("--adapter", "-a", help="FILE[:WEIGHT] (repeatable): an adapter .safetensors or PEFT folder, weight 1.0 by default.")] = None,
 ) -> None:
     """Generate images from prompts and write them to one PNG.
 
     Example: studio generate "a red circle on the left" "a large blue square at the top right, striped" -o grid.png
+    With adapters: studio generate "a sks shape on the left" --adapter star.safetensors:0.8 -o star.png
     """
     _setup_warnings()
     from studio.sampling import check_prompt, image_grid
@@ -85,12 +87,20 @@ def generate(
         _fail(str(e))
     if not (model / "model_index.json").is_file():
         _fail(f"model folder not found or not a diffusers folder: {model}")
+    specs = [_adapter_spec(a) for a in adapter or []]
     import torch
 
     from studio.families import load_pipeline
 
     t0 = time.time()
     pipe = load_pipeline(model)
+    if specs:
+        from studio.plugin import attach
+
+        try:
+            attach(pipe, [p for p, _ in specs], weights=[w for _, w in specs])
+        except (ValueError, FileNotFoundError) as e:
+            _fail(str(e))
     batch = [p for p in prompts for _ in range(num)]
     with torch.no_grad():
         images = run_generate(pipe, batch, seed=seed, steps=steps, guidance=guidance)
@@ -99,6 +109,17 @@ def generate(
         image = image_grid([image], scale=scale)
     _save(image, out)
     typer.echo(f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)}, {time.time() - t0:.1f} s)")
+
+
+def _adapter_spec(text: str) -> tuple[Path, float]:
+    """``FILE[:WEIGHT]``; a colon followed by something that is not a number stays part of the path."""
+    path, sep, weight = text.rpartition(":")
+    if sep:
+        try:
+            return Path(path), float(weight)
+        except ValueError:
+            pass
+    return Path(text), 1.0
 
 
 @app.command("export")

@@ -4,12 +4,13 @@ import json
 
 import pytest
 import torch
+from conftest import random_adapter  # noqa: E402  (tests/ is on sys.path under pytest)
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from studio.adapters import Adapter, AdapterMeta, LoraWeights, load_adapter, save_adapter, to_state_dict
+from studio.adapters import Adapter, LoraWeights, load_adapter, save_adapter, to_state_dict
 from studio.adapters.form import canonical_name, resolve_module
 from studio.adapters.keys import (
     SD15_LAYOUT,
@@ -118,23 +119,6 @@ def test_kohya_sd15_uses_diffusers_unet_names_and_reads_both():
     assert canonical_from_kohya("lora_unet_input_blocks_2_1_transformer_blocks_0_attn1_to_q", SD15_LAYOUT) == canonical
     with pytest.raises(ValueError, match="lora_unet_"):
         canonical_from_kohya("unet_down_blocks_0", SD15_LAYOUT)
-
-
-def random_adapter(pipe, rank: int = 4, seed: int = 0) -> Adapter:
-    """LoRA on every attention projection of the UNet and both text encoders, varied ranks/alphas."""
-    g = torch.Generator().manual_seed(seed)
-    modules = {}
-    for component in ("unet", "text_encoder", "text_encoder_2"):
-        model = getattr(pipe, component)
-        for name, m in model.named_modules():
-            if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in {"to_q", "to_k", "to_v", "0", "q_proj", "v_proj"}:
-                r = rank if len(modules) % 5 else rank // 2
-                alpha = float(r) if len(modules) % 3 else 0.7 * r
-                modules[canonical_name(component, model, name)] = LoraWeights(
-                    torch.randn(r, m.in_features, generator=g) * 0.1, torch.randn(m.out_features, r, generator=g) * 0.1, alpha)
-    meta = AdapterMeta(family="sdxl", base_model="tiny-sdxl-world", trainer="test", token="sks", class_noun="shape",
-                       steps=10, dataset={"images": 4})
-    return Adapter(modules, meta)
 
 
 def _same(a: Adapter, b: Adapter):

@@ -85,3 +85,25 @@ def test_export_refuses_bad_files_and_writes_nothing(tmp_path, make, message):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_generate_with_adapters(tmp_path):
+    import numpy as np
+    import torch
+
+    from studio.adapters import Adapter, LoraWeights, save_adapter
+
+    g = torch.Generator().manual_seed(0)
+    q = "unet.mid_block.attentions.0.proj_out"  # writes straight into the residual stream
+    path = save_adapter(Adapter({q: LoraWeights(torch.randn(4, 128, generator=g), torch.randn(128, 4, generator=g), 4.0)}),
+                        tmp_path / "a.safetensors")
+    outs = {}
+    for name, extra in (("base", []), ("zero", ["--adapter", f"{path}:0"]), ("on", ["-a", f"{path}:1.5"])):
+        outs[name] = tmp_path / f"{name}.png"
+        r = run("generate", "a red circle", "--steps", "3", "-o", str(outs[name]), *extra)
+        assert r.returncode == 0, r.stderr
+    pixels = {k: np.asarray(Image.open(v)).astype(int) for k, v in outs.items()}
+    assert np.array_equal(pixels["base"], pixels["zero"])
+    assert np.abs(pixels["base"] - pixels["on"]).max() > 10
+    r = run("generate", "a red circle", "-o", str(tmp_path / "x.png"), "--adapter", f"{path}:9")
+    assert r.returncode == 2 and "out of range" in r.stderr and not (tmp_path / "x.png").exists()

@@ -39,8 +39,10 @@ def _refuse_pickle(path: Path) -> None:
                          " convert the adapter to .safetensors")
     if path.is_file():
         with path.open("rb") as f:
-            head = f.read(2)
-        if head[:1] == b"\x80" or head == b"PK":  # pickle protocol marker, or a torch zip archive
+            head = f.read(9)
+        # safetensors: an 8-byte header length, then the JSON header's "{"
+        is_safetensors = len(head) == 9 and head[8:9] == b"{"
+        if not is_safetensors and (head[:1] == b"\x80" or head[:2] == b"PK"):  # pickle protocol / torch zip
             raise ValueError(f"{path}: this is a pickle/torch archive, not safetensors; refused")
 
 

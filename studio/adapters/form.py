@@ -58,6 +58,11 @@ class LoraWeights:
         return int(self.down.shape[0])
 
     @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the target module's weight (what :meth:`delta` returns)."""
+        return (int(self.up.shape[0]), *map(int, self.down.shape[1:]))
+
+    @property
     def scale(self) -> float:
         return self.alpha / self.rank
 

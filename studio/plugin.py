@@ -1,0 +1,225 @@
+"""Attach studio adapters to a stock diffusers pipeline, change their weights, fuse, detach.
+
+Every targeted ``nn.Linear``/``nn.Conv2d`` is swapped for a :class:`LoraStack` that keeps the
+original module and adds ``sum_i weight_i * (alpha_i / rank_i) * up_i(down_i(x))``; detaching puts
+the original modules back, so the pipeline is exactly what it was. Composers (later) hook into the
+same stack to gate each adapter per token or region.
+
+    >>> from studio.families import load_pipeline
+    >>> from studio.plugin import attach, detach
+    >>> pipe = load_pipeline()
+    >>> handle = attach(pipe, [])  # adapter files or Adapter objects, optionally with weights
+    >>> detach(pipe)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from studio.adapters import Adapter, load_adapter
+from studio.adapters.form import resolve_module
+
+WEIGHT_RANGE = (-2.0, 2.0)
+
+
+def base_model_hash(unet: nn.Module) -> str:
+    """A cheap fingerprint of a UNet's weights: names, shapes and the first 256 values of each tensor."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(unet.state_dict().items()):
+        h.update(f"{name}{tuple(tensor.shape)}".encode())
+        h.update(tensor.detach().flatten()[:256].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def pipeline_family(pipe) -> str:
+    return "sdxl" if hasattr(pipe, "text_encoder_2") else "sd15"
+
+
+class LoraStack(nn.Module):
+    """A base layer plus any number of low-rank updates, each with its own weight."""
+
+    def __init__(self, base: nn.Linear | nn.Conv2d):
+        super().__init__()
+        self.base = base
+        self.downs = nn.ModuleList()
+        self.ups = nn.ModuleList()
+        self.names: list[str] = []
+        self.scales: list[float] = []  # alpha / rank
+        self.weights: list[float] = []
+        self.fused_from: torch.Tensor | None = None  # the base weight before fusing, kept for an exact unfuse
+
+    def add(self, name: str, down: torch.Tensor, up: torch.Tensor, scale: float, weight: float) -> None:
+        ref = self.base.weight
+        if isinstance(self.base, nn.Conv2d):
+            d = nn.Conv2d(self.base.in_channels, down.shape[0], self.base.kernel_size, self.base.stride,
+                          self.base.padding, self.base.dilation, bias=False)
+            u = nn.Conv2d(down.shape[0], self.base.out_channels, 1, bias=False)
+            up = up.reshape(up.shape[0], up.shape[1], 1, 1)
+        else:
+            d = nn.Linear(down.shape[1], down.shape[0], bias=False)
+            u = nn.Linear(down.shape[0], up.shape[0], bias=False)
+        if d.weight.shape != down.shape or u.weight.shape != up.shape:
+            raise ValueError(f"adapter {name!r} does not fit this layer: down {tuple(down.shape)}, up {tuple(up.shape)},"
+                             f" layer weight {tuple(ref.shape)}")
+        with torch.no_grad():
+            d.weight.copy_(down)
+            u.weight.copy_(up)
+        self.downs.append(d.to(ref.device, ref.dtype).requires_grad_(False))
+        self.ups.append(u.to(ref.device, ref.dtype).requires_grad_(False))
+        self.names.append(name)
+        self.scales.append(scale)
+        self.weights.append(weight)
+
+    def delta(self) -> torch.Tensor:
+        total = torch.zeros_like(self.base.weight, dtype=torch.float32)
+        for d, u, s, w in zip(self.downs, self.ups, self.scales, self.weights):
+            down, up = d.weight.float(), u.weight.float().flatten(1)
+            total += w * s * (up @ down if down.ndim == 2 else torch.einsum("or,rikl->oikl", up, down))
+        return total
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.fused_from is not None:
+            return out
+        for d, u, s, w in zip(self.downs, self.ups, self.scales, self.weights):
+            if w:
+                out = out + (w * s) * u(d(x))
+        return out
+
+
+@dataclass
+class Attached:
+    """What :func:`attach` did, for :func:`set_weights`, :func:`fuse` and :func:`detach`."""
+
+    names: list[str]
+    stacks: dict[str, LoraStack]  # canonical module name -> the stack installed there
+
+
+def _check_weight(weight: float, what: str) -> float:
+    lo, hi = WEIGHT_RANGE
+    if not lo <= weight <= hi:
+        raise ValueError(f"weight {weight} for {what} is out of range; accepted: {lo} to {hi}")
+    return float(weight)
+
+
+def _check_base(pipe, adapter: Adapter, what: str) -> None:
+    family = pipeline_family(pipe)
+    if adapter.meta.family and adapter.meta.family != family:
+        raise ValueError(f"{what} was trained for a {adapter.meta.family} model, but this pipeline is {family}")
+    if adapter.meta.base_hash and adapter.meta.base_hash != (ours := base_model_hash(pipe.unet)):
+        raise ValueError(f"{what} was trained on base model {adapter.meta.base_model or '?'} ({adapter.meta.base_hash}),"
+                         f" but this pipeline's UNet is {ours}")
+
+
+def attach(pipe, adapters: list, weights: list[float] | None = None, names: list[str] | None = None) -> Attached:
+    """Attach adapters (paths or :class:`Adapter` objects) to ``pipe``'s UNet and text encoders.
+
+    ``weights`` default to 1.0 each. Attaching again adds to what is attached.
+    """
+    weights = [1.0] * len(adapters) if weights is None else list(weights)
+    if len(weights) != len(adapters):
+        raise ValueError(f"{len(adapters)} adapters but {len(weights)} weights")
+    handle: Attached = getattr(pipe, "_studio_attached", None) or Attached([], {})
+    loaded = []
+    for i, item in enumerate(adapters):
+        what = str(item) if isinstance(item, (str, Path)) else f"adapter {i}"
+        adapter = load_adapter(item) if isinstance(item, (str, Path)) else item
+        _check_base(pipe, adapter, what)
+        name = (names[i] if names else None) or (Path(item).stem if isinstance(item, (str, Path)) else f"adapter{len(handle.names)}")
+        if name in handle.names:
+            raise ValueError(f"an adapter named {name!r} is already attached")
+        loaded.append((name, adapter, _check_weight(weights[i], what)))
+    # check every target before changing anything, so a bad adapter leaves the pipeline as it was
+    targets: dict[str, nn.Module] = {}
+    for name, adapter, _ in loaded:
+        for canonical, lora in adapter.modules.items():
+            component, _, path = canonical.partition(".")
+            model = getattr(pipe, component, None)
+            if model is None:
+                raise ValueError(f"adapter {name!r} targets {component}, which this pipeline does not have")
+            module = handle.stacks[canonical].base if canonical in handle.stacks else resolve_module(model, path)
+            if not isinstance(module, (nn.Linear, nn.Conv2d)):
+                raise ValueError(f"adapter {name!r} targets {canonical}, a {type(module).__name__}; only Linear and Conv2d layers take LoRA")
+            if lora.shape != tuple(module.weight.shape):
+                raise ValueError(f"adapter {name!r} does not fit {canonical}: its update is {lora.shape},"
+                                 f" the layer's weight {tuple(module.weight.shape)} (another base model?)")
+            targets[canonical] = module
+    if handle.stacks:
+        unfuse(pipe)
+    for name, adapter, weight in loaded:
+        for canonical, lora in adapter.modules.items():
+            model = getattr(pipe, canonical.partition(".")[0])
+            stack = handle.stacks.get(canonical)
+            if stack is None:
+                module = targets[canonical]
+                stack = LoraStack(module)
+                parent_path, _, leaf = _actual_path(model, module).rpartition(".")
+                setattr(model.get_submodule(parent_path) if parent_path else model, leaf, stack)
+                handle.stacks[canonical] = stack
+            stack.add(name, lora.down, lora.up, lora.scale, weight)
+        handle.names.append(name)
+    pipe._studio_attached = handle
+    return handle
+
+
+def _actual_path(model: nn.Module, target: nn.Module) -> str:
+    for path, module in model.named_modules():
+        if module is target:
+            return path
+    raise ValueError("module not found in its model")
+
+
+def set_weights(pipe, weights: dict[str, float]) -> None:
+    """Change attached adapters' weights by name (unfuses first if fused)."""
+    handle = _handle(pipe)
+    unknown = set(weights) - set(handle.names)
+    if unknown:
+        raise ValueError(f"no attached adapter named {', '.join(sorted(unknown))}; attached: {', '.join(handle.names)}")
+    unfuse(pipe)
+    for stack in handle.stacks.values():
+        stack.weights = [_check_weight(weights[n], n) if n in weights else w for n, w in zip(stack.names, stack.weights)]
+
+
+def fuse(pipe) -> None:
+    """Add every attached update into its base weight (faster sampling; weights fixed until unfused)."""
+    for stack in _handle(pipe).stacks.values():
+        if stack.fused_from is None:
+            w = stack.base.weight
+            stack.fused_from = w.detach().clone()
+            with torch.no_grad():
+                w += stack.delta().to(w.dtype)
+
+
+def unfuse(pipe) -> None:
+    """Restore the base weights exactly (they were kept when fusing)."""
+    for stack in _handle(pipe).stacks.values():
+        if stack.fused_from is not None:
+            with torch.no_grad():
+                stack.base.weight.copy_(stack.fused_from)
+            stack.fused_from = None
+
+
+def detach(pipe) -> None:
+    """Remove every attached adapter; the pipeline's modules are the originals again."""
+    handle = getattr(pipe, "_studio_attached", None)
+    if handle is None:
+        return
+    unfuse(pipe)
+    for canonical, stack in handle.stacks.items():
+        component = canonical.partition(".")[0]
+        model = getattr(pipe, component)
+        parent_path, _, leaf = _actual_path(model, stack).rpartition(".")
+        setattr(model.get_submodule(parent_path) if parent_path else model, leaf, stack.base)
+    pipe._studio_attached = None
+
+
+def _handle(pipe) -> Attached:
+    handle = getattr(pipe, "_studio_attached", None)
+    if handle is None:
+        raise ValueError("no adapters are attached to this pipeline")
+    return handle

@@ -1,0 +1,110 @@
+"""studio.plugin on a stock StableDiffusionXLPipeline: same images as diffusers' own LoRA loader,
+clean detach, exact unfuse, weights, and refusals."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_adapter
+from diffusers import StableDiffusionXLPipeline
+
+from studio.adapters import save_adapter
+from studio.families import EMBEDDED_MODEL
+from studio.plugin import LoraStack, attach, base_model_hash, detach, fuse, set_weights, unfuse
+
+PROMPT = "a red circle on the left on a white background"
+
+
+def fresh():
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(EMBEDDED_MODEL), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample(pipe, steps: int = 4) -> np.ndarray:
+    return pipe(PROMPT, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="np").images
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return fresh()
+
+
+@pytest.fixture(scope="module")
+def files(pipe, tmp_path_factory):
+    d = tmp_path_factory.mktemp("adapters")
+    return [save_adapter(random_adapter(pipe, seed=s, scale=0.3), d / f"a{s}.safetensors") for s in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def base_images(pipe):
+    return sample(pipe)
+
+
+def test_same_images_as_stock_load_lora_weights(pipe, files, base_images):
+    stock = fresh()
+    stock.load_lora_weights(str(files[0]), adapter_name="a0")
+    stock.load_lora_weights(str(files[1]), adapter_name="a1")
+    stock.set_adapters(["a0", "a1"], adapter_weights=[0.8, -0.5])
+    theirs = sample(stock)
+    attach(pipe, files, weights=[0.8, -0.5])
+    try:
+        ours = sample(pipe)
+    finally:
+        detach(pipe)
+    assert np.abs(ours - base_images).max() > 0.05  # the adapters do change the image
+    np.testing.assert_allclose(ours, theirs, atol=2e-4)
+
+
+def test_detach_restores_the_pipeline_exactly(pipe, files, base_images):
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    attach(pipe, files[:1])
+    assert sum(isinstance(m, LoraStack) for m in pipe.unet.modules()) > 10
+    detach(pipe)
+    assert not any(isinstance(m, LoraStack) for c in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2) for m in c.modules())
+    after = pipe.unet.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    np.testing.assert_array_equal(sample(pipe), base_images)
+
+
+def test_fuse_matches_unfused_and_unfuse_is_exact(pipe, files):
+    attach(pipe, files, weights=[1.0, 0.5])
+    try:
+        unfused = sample(pipe)
+        q = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q
+        original = q.base.weight.detach().clone()
+        fuse(pipe)
+        assert not torch.equal(q.base.weight, original)
+        # (W + dW) x rounds differently from W x + dW x; four sampler steps amplify that to ~1e-3
+        np.testing.assert_allclose(sample(pipe), unfused, atol=5e-3)
+        unfuse(pipe)
+        assert torch.equal(q.base.weight, original)
+    finally:
+        detach(pipe)
+
+
+def test_weight_zero_is_the_base_model_and_weights_can_change(pipe, files, base_images):
+    attach(pipe, files, weights=[0.0, 0.0])
+    try:
+        np.testing.assert_allclose(sample(pipe), base_images, atol=1e-6)
+        set_weights(pipe, {"a1": 1.0})
+        assert np.abs(sample(pipe) - base_images).max() > 0.05
+        with pytest.raises(ValueError, match="no attached adapter named nope"):
+            set_weights(pipe, {"nope": 1.0})
+    finally:
+        detach(pipe)
+
+
+def test_refusals_leave_the_pipeline_untouched(pipe, files, tmp_path):
+    from studio.adapters import load_adapter
+
+    with pytest.raises(ValueError, match=r"out of range; accepted: -2.0 to 2.0"):
+        attach(pipe, files, weights=[1.0, 7.0])
+    other = load_adapter(files[0])
+    other.meta.family = "sd15"
+    with pytest.raises(ValueError, match="trained for a sd15 model, but this pipeline is sdxl"):
+        attach(pipe, [files[1], other])
+    other.meta.family, other.meta.base_hash, other.meta.base_model = "sdxl", "0123456789abcdef", "some-other-sdxl"
+    with pytest.raises(ValueError, match=rf"some-other-sdxl \(0123456789abcdef\).*{base_model_hash(pipe.unet)}"):
+        attach(pipe, [other])
+    assert getattr(pipe, "_studio_attached", None) is None
+    assert not any(isinstance(m, LoraStack) for m in pipe.unet.modules())
