@@ -1,6 +1,6 @@
 """The ``studio`` command.
 
-Verbs so far: ``generate``, ``export``, ``world render``, ``world pretrain``, ``eval prompts``, ``eval judge``,
+Verbs so far: ``generate``, ``export``, ``train dreambooth``, ``world render``, ``world pretrain``, ``eval prompts``, ``eval judge``,
 ``eval train-judge``. Errors in what the user gave print one line (``error: ...``) and exit 2.
 """
 
@@ -23,6 +23,8 @@ app = typer.Typer(help="Personalization studio for diffusion models.", no_args_i
                   pretty_exceptions_enable=False, add_completion=False)
 world_app = typer.Typer(help="The synthetic world: render scenes, pretrain the embedded model.", no_args_is_help=True)
 eval_app = typer.Typer(help="Scores read by the world judge.", no_args_is_help=True)
+train_app = typer.Typer(help="Train adapters (also: accelerate launch -m studio.trainers.<name> with the same flags).", no_args_is_help=True)
+app.add_typer(train_app, name="train")
 app.add_typer(world_app, name="world")
 app.add_typer(eval_app, name="eval")
 
@@ -109,6 +111,24 @@ def generate(
         image = image_grid([image], scale=scale)
     _save(image, out)
     typer.echo(f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)}, {time.time() - t0:.1f} s)")
+
+
+def _dreambooth(**kwargs):
+    from studio.trainers.dreambooth import command as dreambooth_command
+
+    _setup_warnings()
+    return dreambooth_command(**kwargs)
+
+
+def _register_trainers() -> None:
+    from studio.trainers.dreambooth import command as dreambooth_command
+
+    _dreambooth.__signature__ = dreambooth_command.__signature__  # type: ignore[attr-defined]
+    _dreambooth.__doc__ = dreambooth_command.__doc__
+    train_app.command("dreambooth")(_dreambooth)
+
+
+_register_trainers()
 
 
 def _adapter_spec(text: str) -> tuple[Path, float]:

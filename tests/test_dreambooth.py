@@ -1,0 +1,180 @@
+"""The shared training loop and the DreamBooth-LoRA trainer, on the embedded model (tiny runs)."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from studio.trainers.config import build_config
+from studio.trainers.data import load_images
+from studio.trainers.dreambooth import DreamBoothConfig
+
+from studio.adapters import load_adapter
+from studio.world.grammar import parse_prompt, scene_from_prompt
+from studio.world.render import render_array
+
+TRAIN = [sys.executable, "-m", "studio.trainers.dreambooth"]
+
+
+def star_folder(path, n: int = 4):
+    path.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        scene = scene_from_prompt(parse_prompt("a large blue star in the center on a white background"), random.Random(i))
+        Image.fromarray(render_array(scene, seed=i)).save(path / f"star{i}.png")
+    return path
+
+
+def tiny_args(data, out, steps=6, **extra):
+    args = ["--data", str(data), "--output", str(out), "--steps", str(steps), "--batch-size", "2", "--rank", "4",
+            "--num-class-images", "4", "--class-data", str(out.parent / "class"), "--checkpoint-every", "2"]
+    for k, v in extra.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
+def test_config_file_and_flags_share_keys(tmp_path):
+    file = tmp_path / "c.toml"
+    file.write_text('rank = 16\nlr = 5e-4\nvalidation_prompts = ["a sks shape"]\n')
+    from studio.trainers.config import read_config_file
+
+    cfg = build_config(DreamBoothConfig, read_config_file(file), {"lr": 1e-3})
+    assert (cfg.rank, cfg.lr, cfg.validation_prompts) == (16, 1e-3, ["a sks shape"])
+    with pytest.raises(ValueError, match="unknown config key.*rnak.*accepted:"):
+        build_config(DreamBoothConfig, {"rnak": 4}, {})
+
+
+def test_images_of_any_mode_are_read_and_bad_files_skipped(tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    Image.new("RGBA", (90, 60), (255, 0, 0, 0)).save(d / "a_transparent.png")  # fully transparent -> white
+    Image.new("L", (40, 80), 0).save(d / "b_grey.png")
+    rot = Image.new("RGB", (100, 50), (0, 0, 255))
+    rot.paste((255, 255, 0), (0, 0, 50, 50))  # left half yellow
+    exif = rot.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    rot.save(d / "c_rotated.jpg", exif=exif.tobytes())
+    (d / "d_corrupt.png").write_bytes(b"\x89PNG not really")
+    (d / "e_notes.txt").write_text("hello")
+    with pytest.warns(UserWarning, match="skipping d_corrupt.png"):
+        images, used = load_images(d, 32)
+    assert [p.name for p in used] == ["a_transparent.png", "b_grey.png", "c_rotated.jpg"]
+    assert all(im.size == (32, 32) and im.mode == "RGB" for im in images)
+    assert np.asarray(images[0]).min() == 255
+    top = np.asarray(images[2])[2, 16].astype(int)  # displayed upright, the yellow half is on top
+    assert top[0] > 200 and top[1] > 200 and top[2] < 80
+
+
+def test_empty_or_unreadable_data_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data folder not found"):
+        load_images(tmp_path / "nope", 32)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="is empty"):
+        load_images(tmp_path / "empty", 32)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "x.png").write_text("nope")
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="no readable images"):
+        load_images(tmp_path / "junk", 32)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "{empty}"], "is empty"),
+    (["--data", "{stars}", "--rank", "0"], "--rank 0 is out of range; accepted: 1 to 256"),
+    (["--data", "{stars}", "--steps", "-1"], "--steps must be a positive integer"),
+])
+def test_bad_training_input_gives_one_line_error_and_writes_no_adapter(tmp_path, args, message):
+    (tmp_path / "empty").mkdir()
+    star_folder(tmp_path / "stars", 2)
+    args = [a.format(empty=tmp_path / "empty", stars=tmp_path / "stars") for a in args]
+    r = subprocess.run([*TRAIN, *args, "--output", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("[transformers]")]
+    assert lines[-1].startswith("error:") and message in lines[-1], r.stderr
+    assert not (tmp_path / "run" / "adapter.safetensors").exists()
+
+
+def _final(path):
+    return load_adapter(path)
+
+
+def test_kill_and_resume_gives_the_uninterrupted_result(tmp_path):
+    data = star_folder(tmp_path / "stars")
+    straight = tmp_path / "straight"
+    r = subprocess.run([*TRAIN, *tiny_args(data, straight, steps=8)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    # the same run, SIGKILLed once its step-4 checkpoint exists, then resumed
+    killed = tmp_path / "killed"
+    p = subprocess.Popen([*TRAIN, *tiny_args(data, killed, steps=8)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint-4" / "state.json").is_file() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    if p.poll() is None:
+        os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (killed / "adapter.safetensors").exists(), "the run finished before it could be killed"
+    r = subprocess.run([*TRAIN, *tiny_args(data, killed, steps=8), "--resume", "latest"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    a, b = _final(straight / "adapter.safetensors"), _final(killed / "adapter.safetensors")
+    assert a.meta.steps == b.meta.steps == 8
+    assert set(a.modules) == set(b.modules) and len(a.modules) > 10
+    for k in a.modules:
+        torch.testing.assert_close(a.modules[k].down, b.modules[k].down, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.modules[k].up, b.modules[k].up, rtol=1e-5, atol=1e-6)
+    assert any(w.up.abs().max() > 0 for w in a.modules.values())  # it did train
+    config = json.loads((straight / "config.json").read_text())
+    assert config["trainer"] == "dreambooth" and config["rank"] == 4 and config["steps"] == 8
+
+
+def test_dreambooth_adapter_metadata_and_use(tmp_path):
+    from studio.trainers.dreambooth import DreamBooth
+    from studio.trainers.loop import train
+
+    from studio.families import EMBEDDED_MODEL, load_pipeline
+    from studio.plugin import attach, detach
+    from studio.sampling import generate
+
+    data = star_folder(tmp_path / "stars")
+    cfg = build_config(DreamBoothConfig, {}, {
+        "data": str(data), "output": str(tmp_path / "run"), "steps": 4, "batch_size": 2, "rank": 4,
+        "num_class_images": 4, "class_data": str(tmp_path / "class"), "validation_every": 4,
+        "validation_prompts": ["a sks shape"], "lr": 5e-3})
+    out = train(DreamBooth(), cfg)
+    adapter = load_adapter(out)
+    assert adapter.meta.trainer == "dreambooth" and adapter.meta.token == "sks" and adapter.meta.class_noun == "shape"
+    assert adapter.meta.dataset["images"] == 4 and adapter.meta.steps == 4 and adapter.meta.rank == 4
+    assert all(k.startswith("unet.") and k.rsplit(".", 1)[-1] in {"to_q", "to_k", "to_v", "0"} for k in adapter.modules)
+    assert len(list((tmp_path / "class").glob("class-*.png"))) == 4
+    assert (tmp_path / "run" / "validation" / "step-000004.png").is_file()
+    pipe = load_pipeline(EMBEDDED_MODEL)
+    before = np.asarray(generate(pipe, ["a sks shape"], steps=4)[0]).astype(int)
+    attach(pipe, [out])  # passes the base-model check: same family and hash
+    after = np.asarray(generate(pipe, ["a sks shape"], steps=4)[0]).astype(int)
+    detach(pipe)
+    assert np.abs(after - before).max() > 0
+
+
+def test_two_processes_train_what_one_process_with_twice_the_batch_trains(tmp_path):
+    """``accelerate launch --cpu --num_processes 2`` with batch 2 == one process with batch 4."""
+    data = star_folder(tmp_path / "stars")
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["--steps", "3", "--rank", "4", "--num-class-images", "4", "--class-data", str(tmp_path / "class"),
+              "--checkpoint-every", "0", "--data", str(data)]
+    r = subprocess.run([*TRAIN, *common, "--batch-size", "4", "--output", str(one)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "studio.trainers.dreambooth"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([*launch, *common, "--batch-size", "2", "--output", str(two)], capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load_adapter(one / "adapter.safetensors"), load_adapter(two / "adapter.safetensors")
+    assert set(a.modules) == set(b.modules)
+    for k in a.modules:
+        torch.testing.assert_close(a.modules[k].up, b.modules[k].up, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(a.modules[k].down, b.modules[k].down, rtol=1e-3, atol=1e-5)

@@ -1,0 +1,333 @@
+"""The one training loop every trainer runs, on accelerate.
+
+A trainer adds only what is its own (see :class:`Trainer`): which modules get LoRA, what a batch
+is and what the loss is. The loop owns everything else: LoRA injection (peft), mixed precision,
+gradient checkpointing and accumulation, 8-bit Adam where bitsandbytes works, checkpoints of the
+full state every N steps (safetensors + JSON, atomic), ``--resume latest`` that ends exactly where
+an uninterrupted run ends, validation images, TensorBoard, a progress bar, and the final adapter.
+
+Determinism: the examples, noise and timesteps of step ``s`` are drawn for the global batch from
+generators seeded by ``(seed, s, micro-batch)``, never from a stream that a resume would have to
+replay, and each process takes its slice. So a run killed at any point and resumed gives the same
+adapter as one that never stopped, and N processes with batch B train what one process with batch
+N*B trains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from studio.adapters import Adapter, AdapterMeta, LoraWeights, save_adapter
+from studio.adapters.form import canonical_name
+from studio.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from studio.families import EMBEDDED_MODEL
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class TrainConfig:
+    """Knobs every trainer shares (each trainer's config adds its own)."""
+
+    model: str = field(default=str(EMBEDDED_MODEL), metadata=_help("Base model: a local diffusers folder."))
+    data: str = field(default="", metadata=_help("Folder of training images (any size, RGB/RGBA/greyscale, EXIF-rotated)."))
+    output: str = field(default="runs/train", metadata=_help("Run folder: checkpoints, validation images, config, the adapter."))
+    resolution: int = field(default=0, metadata=_help("Training size in pixels; 0: the model's native size."))
+    steps: int = field(default=400, metadata=_help("Optimizer steps."))
+    batch_size: int = field(default=4, metadata=_help("Examples per step and process (before accumulation)."))
+    grad_accum: int = field(default=1, metadata=_help("Gradient accumulation: micro-batches per optimizer step."))
+    lr: float = field(default=1e-3, metadata=_help("Learning rate (AdamW)."))
+    warmup: int = field(default=0, metadata=_help("Linear learning-rate warm-up steps (then constant)."))
+    rank: int = field(default=8, metadata=_help("LoRA rank (1-256)."))
+    alpha: float = field(default=0.0, metadata=_help("LoRA alpha; 0: equal to the rank (scale 1)."))
+    seed: int = field(default=0, metadata=_help("Seed for LoRA init, examples, noise and timesteps."))
+    mixed_precision: str = field(default="auto", metadata=_help("no, fp16, bf16, or auto (bf16/fp16 on a GPU, no on a CPU)."))
+    gradient_checkpointing: bool = field(default=False, metadata=_help("Recompute activations to save memory."))
+    use_8bit_adam: bool = field(default=False, metadata=_help("bitsandbytes' 8-bit AdamW (CUDA only; else plain AdamW with a warning)."))
+    checkpoint_every: int = field(default=100, metadata=_help("Write the full training state every N steps (0: never)."))
+    keep_checkpoints: int = field(default=2, metadata=_help("Checkpoints kept in the run folder."))
+    validation_every: int = field(default=0, metadata=_help("Save validation images every N steps (0: never)."))
+    validation_prompts: list[str] = field(default_factory=list, metadata=_help("Prompts for validation images (repeatable)."))
+    tensorboard: bool = field(default=False, metadata=_help("Log losses to TensorBoard in the run folder."))
+    resume: str = field(default="", metadata=_help("'latest' or a checkpoint folder to continue from."))
+
+    def check(self) -> None:
+        if not 1 <= self.rank <= 256:
+            raise ValueError(f"--rank {self.rank} is out of range; accepted: 1 to 256")
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.alpha < 0:
+            raise ValueError(f"--alpha must be 0 (= rank) or positive, got {self.alpha}")
+        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
+            raise ValueError(f"--mixed-precision {self.mixed_precision!r}; accepted: auto, no, fp16, bf16")
+        if not Path(self.model, "model_index.json").is_file():
+            raise FileNotFoundError(f"model folder not found or not a diffusers folder: {self.model}")
+
+
+@dataclass
+class Context:
+    """What the loop hands a trainer."""
+
+    cfg: Any
+    pipe: Any
+    accelerator: Any
+    run_dir: Path
+    noise_scheduler: Any
+    resolution: int
+    store: dict[str, Any] = field(default_factory=dict)  # the trainer's caches
+
+
+class Trainer(Protocol):
+    name: str
+
+    def prepare(self, ctx: Context) -> None:
+        """Load data, fill caches (runs before LoRA is injected, so the base model is clean)."""
+
+    def targets(self, ctx: Context) -> dict[str, list[str]]:
+        """Module paths to put LoRA on, per pipeline component."""
+
+    def loss(self, ctx: Context, step: int, micro: int, g: torch.Generator, rng: random.Random) -> torch.Tensor:
+        """The loss of one micro-batch."""
+
+    def metadata(self, ctx: Context) -> dict[str, Any]:
+        """Trainer-specific adapter metadata (token, class noun, dataset summary…)."""
+
+
+def _mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def _optimizer(params, cfg: TrainConfig):
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+
+            if torch.cuda.is_available():
+                return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=1e-4)
+        except ImportError:
+            pass
+        import warnings
+
+        warnings.warn("--use-8bit-adam needs bitsandbytes and a CUDA GPU; using plain AdamW", stacklevel=2)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
+
+
+def inject_lora(ctx: Context, targets: dict[str, list[str]], rank: int, alpha: float) -> list[torch.nn.Parameter]:
+    """peft LoRA on the target modules (B starts at zero: the first step is the base model)."""
+    from peft import LoraConfig
+
+    params = []
+    for component, paths in targets.items():
+        if not paths:
+            continue
+        model = getattr(ctx.pipe, component)
+        model.requires_grad_(False)
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=paths, init_lora_weights=True))
+        params += [p for n, p in model.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def extract_adapter(pipe, components: list[str], meta: AdapterMeta) -> Adapter:
+    """The trained peft LoRA layers, as the studio's adapter form."""
+    modules = {}
+    for component in components:
+        model = getattr(pipe, component)
+        for path, module in model.named_modules():
+            if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+                down = module.lora_A["default"].weight.detach().float().cpu().clone()
+                up = module.lora_B["default"].weight.detach().float().cpu().clone()
+                alpha = module.scaling["default"] * down.shape[0]
+                modules[canonical_name(component, model, path)] = LoraWeights(down, up, alpha)
+    return Adapter(modules, meta)
+
+
+def lora_state(pipe, components: list[str]) -> dict[str, torch.Tensor]:
+    return {f"{c}.{n}": p for c in components for n, p in getattr(pipe, c).named_parameters() if "lora_" in n}
+
+
+def shard(ctx: Context, n_global: int) -> slice:
+    """This process's share of a global batch of ``n_global`` examples."""
+    acc = ctx.accelerator
+    per = n_global // acc.num_processes
+    return slice(acc.process_index * per, (acc.process_index + 1) * per)
+
+
+def denoise_loss(ctx: Context, latents: torch.Tensor, cond: dict[str, torch.Tensor], g: torch.Generator,
+                 reduction: str = "mean") -> torch.Tensor:
+    """The standard diffusion loss on this process's share of the global batch ``latents``.
+
+    Noise and timesteps are drawn for the whole global batch from ``g`` (seeded by the step), then
+    sliced: N processes with batch B compute exactly what one process with batch N*B computes.
+    ``cond`` is already this process's share.
+    """
+    sched = ctx.noise_scheduler
+    noise = torch.randn(latents.shape, generator=g)
+    t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=g)
+    part = shard(ctx, latents.shape[0])
+    device = ctx.accelerator.device
+    latents, noise, t = latents[part].to(device), noise[part].to(device, latents.dtype), t[part].to(device)
+    noisy = sched.add_noise(latents, noise, t)
+    if sched.config.prediction_type == "v_prediction":
+        target = sched.get_velocity(latents, noise, t)
+    elif sched.config.prediction_type == "epsilon":
+        target = noise
+    else:
+        raise ValueError(f"prediction type {sched.config.prediction_type!r} is not supported (epsilon, v_prediction)")
+    unet = ctx.store["unet"]
+    pred = unet(noisy, t, cond["embeds"], added_cond_kwargs=cond.get("added")).sample
+    loss = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return loss if reduction == "none" else loss.mean()
+
+
+def _lr_factor(step: int, warmup: int) -> float:
+    return min(1.0, (step + 1) / warmup) if warmup else 1.0
+
+
+def train(trainer: Trainer, cfg: TrainConfig) -> Path:
+    """Run (or resume) ``trainer`` with ``cfg``; returns the written adapter file."""
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+
+    from studio.families import load_pipeline
+
+    cfg.check()
+    run_dir = Path(cfg.output)
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision),
+                              log_with="tensorboard" if cfg.tensorboard else None, project_dir=str(run_dir))
+    resume_from = None
+    if cfg.resume:
+        resume_from = latest_checkpoint(run_dir) if cfg.resume == "latest" else Path(cfg.resume)
+        if cfg.resume != "latest" and not (resume_from / "state.json").is_file():
+            raise FileNotFoundError(f"--resume {cfg.resume}: not a checkpoint folder (no state.json)")
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps({"trainer": trainer.name, **dataclasses.asdict(cfg)}, indent=2))
+    pipe = load_pipeline(cfg.model)
+    pipe.to(accelerator.device)
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    resolution = cfg.resolution or pipe.unet.config.sample_size * vae_scale
+    ctx = Context(cfg, pipe, accelerator, run_dir, DDPMScheduler.from_config(pipe.scheduler.config), resolution)
+    trainer.prepare(ctx)
+
+    from studio.plugin import base_model_hash
+
+    base_hash = base_model_hash(pipe.unet)  # before LoRA layers change the state dict's names
+    torch.manual_seed(cfg.seed)  # LoRA init
+    targets = trainer.targets(ctx)
+    components = [c for c, paths in targets.items() if paths]
+    params = inject_lora(ctx, targets, cfg.rank, cfg.alpha or cfg.rank)
+    if cfg.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    opt = _optimizer(params, cfg)
+    unet, opt = accelerator.prepare(pipe.unet, opt)
+    for c in components:  # trained text encoders need their gradients synchronised too
+        if c != "unet":
+            ctx.store[c] = accelerator.prepare(getattr(pipe, c))
+    ctx.store["unet"] = unet
+    start = 0
+    if resume_from is not None:
+        state = lora_state(pipe, components)
+        holder = {"lora": _Holder(state)}
+        start = load_checkpoint(resume_from, holder, {"opt": opt})["step"]
+    if cfg.tensorboard:
+        accelerator.init_trackers("studio")
+    bar = tqdm(range(start, cfg.steps), desc=trainer.name, initial=start, total=cfg.steps,
+               disable=not accelerator.is_main_process)
+    t0, loss_value = time.time(), float("nan")
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * _lr_factor(step, cfg.warmup)
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            key = (cfg.seed * 1_000_003 + step) * 1009 + micro  # the same on every process (see denoise_loss)
+            g, rng = torch.Generator().manual_seed(key), random.Random(key)
+            sync = micro == cfg.grad_accum - 1
+            with (accelerator.no_sync(unet) if not sync and accelerator.num_processes > 1 else contextlib.nullcontext()):
+                with accelerator.autocast():
+                    loss = trainer.loss(ctx, step, micro, g, rng) / cfg.grad_accum
+                accelerator.backward(loss)
+            total += loss.item()
+        accelerator.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_value = total
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+        done = step + 1
+        if cfg.tensorboard:
+            accelerator.log({"loss": loss_value, "lr": opt.param_groups[0]["lr"]}, step=done)
+        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps and accelerator.is_main_process:
+            save_checkpoint(run_dir, done, {"lora": lora_state(pipe, components)}, {"opt": opt},
+                            keep=cfg.keep_checkpoints)
+        if cfg.validation_every and done % cfg.validation_every == 0 and accelerator.is_main_process:
+            validate(ctx, done)
+        accelerator.wait_for_everyone()
+    meta = AdapterMeta(family="sdxl" if hasattr(pipe, "text_encoder_2") else "sd15", base_model=Path(cfg.model).name,
+                       trainer=trainer.name, rank=cfg.rank, steps=cfg.steps, **trainer.metadata(ctx))
+    meta.base_hash = base_hash
+    out = run_dir / "adapter.safetensors"
+    if accelerator.is_main_process:
+        pipe.unet.eval()
+        adapter = extract_adapter(pipe, components, meta)
+        adapter.meta.extra["seconds"] = round(time.time() - t0, 1)
+        save_adapter(adapter, out)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out
+
+
+class _Holder(torch.nn.Module):
+    """Lets :func:`load_checkpoint` write a flat dict of parameters in place."""
+
+    def __init__(self, params: dict[str, torch.Tensor]):
+        super().__init__()
+        self._params = params
+
+    def load_state_dict(self, state, strict: bool = True):  # type: ignore[override]
+        missing = set(self._params) - set(state)
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} LoRA tensors (was it written by another config?)")
+        with torch.no_grad():
+            for k, p in self._params.items():
+                p.copy_(state[k])
+
+
+@torch.no_grad()
+def validate(ctx: Context, step: int) -> Path | None:
+    """Validation images for the configured prompts, as one grid in ``validation/step-N.png``."""
+    from studio.sampling import generate, image_grid
+
+    prompts = ctx.cfg.validation_prompts
+    if not prompts:
+        return None
+    unet = ctx.pipe.unet
+    was_training = unet.training
+    unet.eval()
+    images = generate(ctx.pipe, prompts, seed=ctx.cfg.seed, steps=25)
+    unet.train(was_training)
+    out = ctx.run_dir / "validation" / f"step-{step:06d}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.stem + ".tmp.png")
+    image_grid(images, cols=min(len(images), 8), scale=max(1, 256 // images[0].width)).save(tmp)
+    tmp.replace(out)
+    return out
