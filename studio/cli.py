@@ -210,12 +210,15 @@ def world_pretrain(
     seed: int = 0,
     n_scenes: Annotated[int, typer.Option(help="Rendered training scenes.")] = 50_000,
     vae_steps: int = 4000,
-    unet_steps: int = 4000,
+    unet_steps: int = 3000,
     unet_batch: int = 32,
     unet_lr: float = 5e-4,
     checkpoint_every: int = 250,
     monitor_every: Annotated[int, typer.Option(help="Log held-out prompt fidelity every N steps (0: never).")] = 1000,
     fresh: Annotated[bool, typer.Option(help="Delete the work dir first instead of resuming.")] = False,
+    zero_terminal_snr: Annotated[bool, typer.Option(help="Variant: zero-terminal-SNR betas with trailing timesteps.")] = False,
+    standardize_latents: Annotated[bool, typer.Option(help="Variant: per-channel latent standardization inside the VAE.")] = False,
+    weight_from_snr_plus_one: Annotated[bool, typer.Option(help="Variant: min-SNR weight counted from SNR + 1.")] = False,
 ) -> None:
     """Pretrain the embedded tiny SDXL on the synthetic world (resumable; under 2 h on 2 CPU cores)."""
     _setup_warnings()
@@ -231,7 +234,9 @@ def world_pretrain(
         shutil.rmtree(work_dir, ignore_errors=True)
     cfg = PretrainConfig(out=str(out), work_dir=str(work_dir), seed=seed, n_scenes=n_scenes, vae_steps=vae_steps,
                          unet_steps=unet_steps, unet_batch=unet_batch, unet_lr=unet_lr,
-                         checkpoint_every=checkpoint_every, monitor_every=monitor_every)
+                         checkpoint_every=checkpoint_every, monitor_every=monitor_every,
+                         zero_terminal_snr=zero_terminal_snr, standardize_latents=standardize_latents,
+                         weight_from_snr_plus_one=weight_from_snr_plus_one)
     typer.echo(f"saved {pretrain(cfg)}")
 
 

@@ -160,14 +160,19 @@ def test_dreambooth_adapter_metadata_and_use(tmp_path):
 
 
 def test_two_processes_train_what_one_process_with_twice_the_batch_trains(tmp_path):
-    """``accelerate launch --cpu --num_processes 2`` with batch 2 == one process with batch 4."""
+    """Two CPU processes with batch 2 train what one process with batch 4 trains.
+
+    ``accelerate launch --cpu --num_processes 2`` starts a single process unless MPI is set up
+    (accelerate's simple launcher); ``--multi_gpu`` starts two through torch.distributed.run, and on a
+    machine without CUDA the loop's ``Accelerator(cpu=True)`` joins them in a gloo group.
+    """
     data = star_folder(tmp_path / "stars")
     one, two = tmp_path / "one", tmp_path / "two"
     common = ["--steps", "3", "--rank", "4", "--num-class-images", "4", "--class-data", str(tmp_path / "class"),
               "--checkpoint-every", "0", "--data", str(data)]
     r = subprocess.run([*TRAIN, *common, "--batch-size", "4", "--output", str(one)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "studio.trainers.dreambooth"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([*launch, *common, "--batch-size", "2", "--output", str(two)], capture_output=True, text=True,
@@ -175,6 +180,9 @@ def test_two_processes_train_what_one_process_with_twice_the_batch_trains(tmp_pa
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = load_adapter(one / "adapter.safetensors"), load_adapter(two / "adapter.safetensors")
     assert set(a.modules) == set(b.modules)
+    # gradients are summed in another order; Adam magnifies that on near-zero gradients (seen: 2.5e-6),
+    # while training with another batch moves weights by ~1e-3
     for k in a.modules:
-        torch.testing.assert_close(a.modules[k].up, b.modules[k].up, rtol=1e-3, atol=1e-5)
-        torch.testing.assert_close(a.modules[k].down, b.modules[k].down, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(a.modules[k].up, b.modules[k].up, rtol=1e-3, atol=2e-5)
+        torch.testing.assert_close(a.modules[k].down, b.modules[k].down, rtol=1e-3, atol=2e-5)
+    assert any(w.up.abs().max() > 1e-4 for w in a.modules.values())

@@ -213,7 +213,9 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
 
     cfg.check()
     run_dir = Path(cfg.output)
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision),
+    # cpu=True on a machine without CUDA: that is what makes accelerate form a gloo process group
+    # (MULTI_CPU) when a launcher starts several processes
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_mixed_precision(cfg.mixed_precision),
                               log_with="tensorboard" if cfg.tensorboard else None, project_dir=str(run_dir))
     resume_from = None
     if cfg.resume:
@@ -241,10 +243,9 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
         pipe.unet.enable_gradient_checkpointing()
     opt = _optimizer(params, cfg)
     unet, opt = accelerator.prepare(pipe.unet, opt)
-    for c in components:  # trained text encoders need their gradients synchronised too
-        if c != "unet":
-            ctx.store[c] = accelerator.prepare(getattr(pipe, c))
     ctx.store["unet"] = unet
+    # LoRA on the text encoders is trained outside DDP's wrapper: average its gradients by hand
+    te_grads = [p for c in components if c != "unet" for n, p in getattr(pipe, c).named_parameters() if "lora_" in n]
     start = 0
     if resume_from is not None:
         state = lora_state(pipe, components)
@@ -268,6 +269,10 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
                     loss = trainer.loss(ctx, step, micro, g, rng) / cfg.grad_accum
                 accelerator.backward(loss)
             total += loss.item()
+        if accelerator.num_processes > 1:
+            for p in te_grads:
+                if p.grad is not None:
+                    p.grad.copy_(accelerator.reduce(p.grad, reduction="mean"))
         accelerator.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

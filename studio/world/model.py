@@ -18,20 +18,22 @@ PREDICTION_TYPE = "v_prediction"
 # compression, which a tiny VAE learns in minutes and which keeps 2-px stripes and outlines.
 LATENT_CHANNELS = 16
 
-# SDXL's betas (scaled_linear 0.00085..0.012 over 1000 steps), rescaled to zero terminal SNR with
-# "trailing" timesteps (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are
-# Flawed"). With SDXL's own schedule the last training step keeps 7% of the image, and on a 16x16
-# latent that is enough for the model to read the background colour from it; sampling starts from
-# pure noise, so the colour came out wrong (never white). v-prediction is required by this fix.
+# SDXL's noise schedule (scaled_linear 0.00085..0.012 over 1000 steps), what the shipped model uses.
 SCHEDULE = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,
     beta_end=0.012,
     beta_schedule="scaled_linear",
     prediction_type=PREDICTION_TYPE,
-    rescale_betas_zero_snr=True,
-    timestep_spacing="trailing",
+    steps_offset=1,
+    timestep_spacing="leading",
 )
+# The same betas rescaled to zero terminal SNR with trailing timesteps (Lin et al. 2023, "Common
+# Diffusion Noise Schedules and Sample Steps are Flawed"). With SDXL's schedule the last training
+# step keeps 7% of the image, and on a 16x16 latent the model reads the background colour from it;
+# sampling starts from pure noise, so backgrounds come out wrong. This variant fixes backgrounds
+# (see the model card for what it did to objects). v-prediction is required by it.
+ZERO_SNR_SCHEDULE = {**SCHEDULE, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "steps_offset": 0}
 
 
 @torch.no_grad()
@@ -111,6 +113,7 @@ def build_text_encoders(tokenizer: CLIPTokenizer) -> tuple[CLIPTextModel, CLIPTe
     return CLIPTextModel(config(3)), CLIPTextModelWithProjection(config(3))
 
 
-def build_schedulers() -> tuple[DDPMScheduler, EulerDiscreteScheduler]:
+def build_schedulers(zero_terminal_snr: bool = False) -> tuple[DDPMScheduler, EulerDiscreteScheduler]:
     """The training scheduler (adds noise) and the sampling one saved with the model (SDXL's default)."""
-    return DDPMScheduler(**SCHEDULE), EulerDiscreteScheduler(**SCHEDULE)
+    schedule = ZERO_SNR_SCHEDULE if zero_terminal_snr else SCHEDULE
+    return DDPMScheduler(**schedule), EulerDiscreteScheduler(**schedule)

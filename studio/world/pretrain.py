@@ -5,10 +5,9 @@ Stages, each resumable (``studio world pretrain`` picks up where a killed run st
 1. ``tokenizer``: the CLIP BPE tokenizer learned from the caption grammar.
 2. ``render``: ``n_scenes`` random scenes of the base concepts (never the held-out ones).
 3. ``vae``: the KL autoencoder, trained on 32x32 crops around objects (it is fully convolutional).
-4. ``latents``: every scene encoded once; the latent space is standardized per channel, folded
-   into the VAE's 1x1 convolutions (:func:`studio.world.model.standardize_latents`).
-5. ``unet``: UNet and both text encoders jointly, v-prediction on a zero-terminal-SNR schedule with
-   min-SNR weighting, captions
+4. ``latents``: every scene encoded once; the latent scale is set to 1/std (or, with
+   ``standardize_latents``, each channel is standardized inside the VAE's 1x1 convolutions).
+5. ``unet``: UNet and both text encoders jointly, v-prediction with min-SNR weighting, captions
    redrawn from each scene at every visit (random attribute subsets), 10% empty conditioning
    as zeros (what ``force_zeros_for_empty_prompt`` feeds at sampling time), EMA weights.
 6. ``save``: the EMA weights as a stock ``StableDiffusionXLPipeline`` folder, written atomically.
@@ -55,7 +54,7 @@ class PretrainConfig:
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
     vae_warmup: int = 100
-    unet_steps: int = 4000
+    unet_steps: int = 3000
     unet_batch: int = 32
     unet_lr: float = 5e-4
     warmup: int = 200
@@ -64,6 +63,10 @@ class PretrainConfig:
     ema_decay: float = 0.999
     checkpoint_every: int = 250
     monitor_every: int = 1000
+    # Variants tried against the shipped recipe (all off reproduces it; see the model card):
+    zero_terminal_snr: bool = False  # zero-terminal-SNR betas, trailing timesteps
+    standardize_latents: bool = False  # per-channel latent standardization folded into the VAE
+    weight_from_snr_plus_one: bool = False  # min-SNR weight counted from SNR + 1 (never 0 at high noise)
 
 
 def _lr(step: int, total: int, base: float, warmup: int) -> float:
@@ -163,10 +166,10 @@ def _caption(scene: Scene, rng: random.Random) -> str | None:
     return None
 
 
-def _assemble(vae, te1, te2, tok, unet):
+def _assemble(vae, te1, te2, tok, unet, zero_terminal_snr: bool = False):
     from diffusers import StableDiffusionXLPipeline
 
-    _, sampler = build_schedulers()
+    _, sampler = build_schedulers(zero_terminal_snr)
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok,
                                      tokenizer_2=tok, unet=unet, scheduler=sampler)
     pipe.set_progress_bar_config(disable=True)
@@ -198,10 +201,15 @@ def pretrain(cfg: PretrainConfig) -> Path:
     images = _render_all(cfg, work, scenes)
     vae = _train_vae(cfg, work, images, scenes)
     latents = _encode_all(work, vae, images)
-    mean, std = latents.mean(dim=(0, 2, 3)), latents.std(dim=(0, 2, 3))
-    standardize_latents(vae, mean, std)
-    latents = (latents - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
-    vae.register_to_config(scaling_factor=1.0)
+    if cfg.standardize_latents:
+        mean, std = latents.mean(dim=(0, 2, 3)), latents.std(dim=(0, 2, 3))
+        standardize_latents(vae, mean, std)
+        latents = (latents - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+        vae.register_to_config(scaling_factor=1.0)
+    else:
+        scale = float(1.0 / latents.std())
+        latents = latents * scale
+        vae.register_to_config(scaling_factor=scale)
     del images
 
     unet = build_unet()
@@ -209,7 +217,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     params = [p for m in (unet, te1, te2) for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, betas=(0.9, 0.99), weight_decay=0.01)
     ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
-    noise_sched, _ = build_schedulers()
+    noise_sched, _ = build_schedulers(cfg.zero_terminal_snr)
     run = work / "unet"
     start = 0
     if (ckpt := latest_checkpoint(run)) is not None:
@@ -239,10 +247,12 @@ def pretrain(cfg: PretrainConfig) -> Path:
         target = noise_sched.get_velocity(x0, noise, t)
         pred = unet(noisy, t, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
         snr = compute_snr(noise_sched, t)
-        # min-SNR-gamma on the x0 error, counted from SNR + 1 as the v-loss is: weight 1 at the
-        # noisiest steps (zero SNR at t=999 must still be learned; plain min(SNR, gamma) gives it 0),
-        # capped at gamma / (SNR + 1) on the nearly clean ones.
-        weight = torch.clamp(snr + 1, max=cfg.min_snr_gamma) / (snr + 1)
+        if cfg.weight_from_snr_plus_one:
+            # min-SNR-gamma on the x0 error counted from SNR + 1: weight 1 at the noisiest steps
+            # (zero SNR at t=999 must still be learned; plain min(SNR, gamma) gives it 0)
+            weight = torch.clamp(snr + 1, max=cfg.min_snr_gamma) / (snr + 1)
+        else:
+            weight = torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1)  # min-SNR-gamma for v-prediction
         loss = (weight * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()
         for group in opt.param_groups:
             group["lr"] = _lr(step, cfg.unet_steps, cfg.unet_lr, cfg.warmup)
@@ -260,7 +270,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         if cfg.monitor_every and done % cfg.monitor_every == 0:
             ema.store(params)
             ema.copy_to(params)
-            line = _monitor(_assemble(vae, te1, te2, tok, unet), done)
+            line = _monitor(_assemble(vae, te1, te2, tok, unet, cfg.zero_terminal_snr), done)
             ema.restore(params)
             log.write(f"{line} loss={loss.item():.4f} elapsed={time.time() - t0:.0f}s\n")
             log.flush()
@@ -270,7 +280,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     out = Path(cfg.out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    _assemble(vae, te1, te2, tok, unet).save_pretrained(tmp)
+    _assemble(vae, te1, te2, tok, unet, cfg.zero_terminal_snr).save_pretrained(tmp)
     recipe = {"config": dataclasses.asdict(cfg), "seconds_this_run": round(time.time() - t0),
               "torch_threads": torch.get_num_threads()}
     (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2))
