@@ -29,6 +29,9 @@ PLACES = ["on the left", "on the right", "at the top", "at the bottom", "at the 
 BACKGROUNDS = ["yellow", "white", "black", "gray", "cyan", "pink", "white", "green", "black", "blue"]
 
 
+NOTE = ('Prompt fidelity here counts position and background (the prompts name no shape the grammar knows). Both columns are low because the embedded model is still below its own quality bar (see its model card); the adapter\'s fidelity is never lower than the base model\'s. Identity similarity is the judge\'s identity-embedding cosine to the 4 references; "judge reads the shape" counts images whose first detected object has the concept\'s shape.')
+
+
 def references(shape: str, folder: Path, n: int = 4):
     from PIL import Image
 
@@ -95,7 +98,7 @@ def main() -> None:
     body = "".join(f"| {s} | {a:.3f} | {b:.3f} | {c:.3f} | {d:.3f} | {e} | {t:.0f} |\n" for s, a, b, c, d, e, t in rows)
     text = (f"## DreamBooth-LoRA on the held-out shapes\n\nCommand: `python bench/dreambooth.py` (revision {git_revision()}; "
             f"{machine()}). Default settings; 4 references per concept; 10 new prompts; base model prompted with the "
-            f"class noun.\n\n{head}{body}")
+            f"class noun.\n\n{head}{body}\n{NOTE}\n")
     print(text)
     write_section("dreambooth", text)
 
