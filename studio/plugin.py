@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from studio.adapters import Adapter, load_adapter
-from studio.adapters.form import resolve_module
+from studio.adapters.form import module_path
 
 WEIGHT_RANGE = (-2.0, 2.0)
 
@@ -43,9 +43,10 @@ def pipeline_family(pipe) -> str:
 class LoraStack(nn.Module):
     """A base layer plus any number of low-rank updates, each with its own weight."""
 
-    def __init__(self, base: nn.Linear | nn.Conv2d):
+    def __init__(self, base: nn.Linear | nn.Conv2d, path: str):
         super().__init__()
         self.base = base
+        self.path = path  # where it sits in its model, for detaching
         self.downs = nn.ModuleList()
         self.ups = nn.ModuleList()
         self.names: list[str] = []
@@ -142,7 +143,7 @@ def attach(pipe, adapters: list, weights: list[float] | None = None, names: list
             model = getattr(pipe, component, None)
             if model is None:
                 raise ValueError(f"adapter {name!r} targets {component}, which this pipeline does not have")
-            module = handle.stacks[canonical].base if canonical in handle.stacks else resolve_module(model, path)
+            module = handle.stacks[canonical].base if canonical in handle.stacks else model.get_submodule(module_path(model, path))
             if not isinstance(module, (nn.Linear, nn.Conv2d)):
                 raise ValueError(f"adapter {name!r} targets {canonical}, a {type(module).__name__}; only Linear and Conv2d layers take LoRA")
             if lora.shape != tuple(module.weight.shape):
@@ -156,10 +157,8 @@ def attach(pipe, adapters: list, weights: list[float] | None = None, names: list
             model = getattr(pipe, canonical.partition(".")[0])
             stack = handle.stacks.get(canonical)
             if stack is None:
-                module = targets[canonical]
-                stack = LoraStack(module)
-                parent_path, _, leaf = _actual_path(model, module).rpartition(".")
-                setattr(model.get_submodule(parent_path) if parent_path else model, leaf, stack)
+                stack = LoraStack(targets[canonical], module_path(model, canonical.partition(".")[2]))
+                _put(model, stack.path, stack)
                 handle.stacks[canonical] = stack
             stack.add(name, lora.down, lora.up, lora.scale, weight)
         handle.names.append(name)
@@ -167,11 +166,9 @@ def attach(pipe, adapters: list, weights: list[float] | None = None, names: list
     return handle
 
 
-def _actual_path(model: nn.Module, target: nn.Module) -> str:
-    for path, module in model.named_modules():
-        if module is target:
-            return path
-    raise ValueError("module not found in its model")
+def _put(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
 def set_weights(pipe, weights: dict[str, float]) -> None:
@@ -211,10 +208,7 @@ def detach(pipe) -> None:
         return
     unfuse(pipe)
     for canonical, stack in handle.stacks.items():
-        component = canonical.partition(".")[0]
-        model = getattr(pipe, component)
-        parent_path, _, leaf = _actual_path(model, stack).rpartition(".")
-        setattr(model.get_submodule(parent_path) if parent_path else model, leaf, stack.base)
+        _put(getattr(pipe, canonical.partition(".")[0]), stack.path, stack.base)
     pipe._studio_attached = None
 
 

@@ -137,11 +137,17 @@ def canonical_name(component: str, model: torch.nn.Module, path: str) -> str:
     return f"{component}.{path}"
 
 
-def resolve_module(model: torch.nn.Module, path: str) -> torch.nn.Module:
-    """The module a canonical path (without its component) names in ``model``, whatever its version."""
+def module_path(model: torch.nn.Module, path: str) -> str:
+    """The path inside ``model`` of the module a canonical path (without its component) names."""
     try:
-        return model.get_submodule(path)
+        model.get_submodule(path)
+        return path
     except AttributeError:
         if path.startswith("text_model.") and not hasattr(model, "text_model"):
-            return model.get_submodule(path[len("text_model."):])
+            return module_path(model, path[len("text_model."):])
         raise ValueError(f"{type(model).__name__} has no module {path!r}") from None
+
+
+def resolve_module(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    """The module a canonical path (without its component) names in ``model``, whatever its version."""
+    return model.get_submodule(module_path(model, path))

@@ -87,25 +87,30 @@ def _resnet(rest: str, table: dict[str, str]) -> str:
     raise KeyError(rest)
 
 
+def _swap_prefix(path: str, table: dict[str, str]) -> str | None:
+    for old, new in table.items():
+        if path == old or path.startswith(old + "."):
+            return new + path[len(old):]
+    return None
+
+
 def unet_to_ldm(path: str, layout: UNetLayout) -> str:
     """``down_blocks.1.attentions.0.proj_in`` -> ``input_blocks.4.1.proj_in`` (SDXL numbering)."""
     L = layout.layers_per_block
-    for top, ldm in _TOP_TO_LDM.items():
-        if path == top or path.startswith(top + "."):
-            return ldm + path[len(top):]
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", path):
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        n = 1 + i * (L + 1) + j
-        return f"input_blocks.{n}.1.{rest}" if kind == "attentions" else f"input_blocks.{n}.0.{_resnet(rest, _RESNET_TO_LDM)}"
+    if (top := _swap_prefix(path, _TOP_TO_LDM)) is not None:
+        return top
+    if m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", path):
+        side, i, kind, j, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
+        # input_blocks.0 is conv_in, so down blocks count from 1; each has L layers + a downsampler,
+        # each up block L + 1 layers (its upsampler shares the last one)
+        n = (1 if side == "down" else 0) + i * (L + 1) + j
+        head = "input_blocks" if side == "down" else "output_blocks"
+        return f"{head}.{n}.1.{rest}" if kind == "attentions" else f"{head}.{n}.0.{_resnet(rest, _RESNET_TO_LDM)}"
     if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv(.*)", path):
         return f"input_blocks.{(int(m[1]) + 1) * (L + 1)}.0.op{m[2]}"
     if m := re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", path):
         kind, j, rest = m[1], int(m[2]), m[3]
         return f"middle_block.1.{rest}" if kind == "attentions" else f"middle_block.{2 * j}.{_resnet(rest, _RESNET_TO_LDM)}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", path):
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        n = i * (L + 1) + j
-        return f"output_blocks.{n}.1.{rest}" if kind == "attentions" else f"output_blocks.{n}.0.{_resnet(rest, _RESNET_TO_LDM)}"
     if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv(.*)", path):
         i = int(m[1])
         slot = 2 if layout.up_has_attention[i] else 1
@@ -116,9 +121,8 @@ def unet_to_ldm(path: str, layout: UNetLayout) -> str:
 def unet_from_ldm(path: str, layout: UNetLayout) -> str:
     """Inverse of :func:`unet_to_ldm`."""
     L = layout.layers_per_block
-    for ldm, top in _TOP_FROM_LDM.items():
-        if path == ldm or path.startswith(ldm + "."):
-            return top + path[len(ldm):]
+    if (top := _swap_prefix(path, _TOP_FROM_LDM)) is not None:
+        return top
     if m := re.fullmatch(r"input_blocks\.(\d+)\.(\d)\.(.+)", path):
         n, slot, rest = int(m[1]), int(m[2]), m[3]
         i, j = divmod(n - 1, L + 1)
