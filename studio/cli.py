@@ -1,6 +1,6 @@
 """The ``studio`` command.
 
-Verbs so far: ``generate``, ``export``, ``train dreambooth``, ``world render``, ``world pretrain``, ``eval prompts``, ``eval judge``,
+Verbs so far: ``generate``, ``export``, ``train dreambooth``, ``train blora``, ``compose``, ``world render``, ``world pretrain``, ``eval prompts``, ``eval judge``,
 ``eval train-judge``. Errors in what the user gave print one line (``error: ...``) and exit 2.
 """
 
@@ -29,6 +29,12 @@ app.add_typer(world_app, name="world")
 app.add_typer(eval_app, name="eval")
 
 ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="A local diffusers pipeline folder.")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="PNG to write; several images become a grid.")]
+StepsOpt = Annotated[int, typer.Option(help="Sampling steps.")]
+GuidanceOpt = Annotated[float, typer.Option(help="Classifier-free guidance scale.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the first image; image i uses seed + i.")]
+NumOpt = Annotated[int, typer.Option("--num", "-n", help="Images per prompt.")]
+ScaleOpt = Annotated[int, typer.Option(help="Nearest-neighbour upscale of the written PNG.")]
 
 
 def _fail(message: str) -> None:
@@ -58,13 +64,13 @@ def _save(image, out: Path) -> None:
 @app.command()
 def generate(
     prompts: Annotated[list[str], typer.Argument(help="One or more prompts, e.g. 'a red circle on the left'.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write; several images become a grid.")] = Path("out.png"),
+    out: OutOpt = Path("out.png"),
     model: ModelOpt = EMBEDDED_MODEL,
-    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 25,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 5.0,
-    seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed + i.")] = 0,
-    num: Annotated[int, typer.Option("--num", "-n", help="Images per prompt.")] = 1,
-    scale: Annotated[int, typer.Option(help="Nearest-neighbour upscale of the written PNG.")] = 1,
+    steps: StepsOpt = 25,
+    guidance: GuidanceOpt = 5.0,
+    seed: SeedOpt = 0,
+    num: NumOpt = 1,
+    scale: ScaleOpt = 1,
     adapter: Annotated[list[str] | None, typer.Option("--adapter", "-a", help="FILE[:WEIGHT] (repeatable): an adapter .safetensors or PEFT folder, weight 1.0 by default.")] = None,
 ) -> None:
     """Generate images from prompts and write them to one PNG.
@@ -73,6 +79,60 @@ def generate(
     With adapters: studio generate "a sks shape on the left" --adapter star.safetensors:0.8 -o star.png
     """
     _setup_warnings()
+    _generate(prompts, out, model, steps, guidance, seed, num, scale, [_adapter_spec(a) for a in adapter or []])
+
+
+@app.command()
+def compose(
+    prompts: Annotated[list[str], typer.Argument(help="Prompts, e.g. 'a sks' (the B-LoRA token).")],
+    content: Annotated[
+        Path, typer.Option(help="Content adapter, e.g. runs/dog/content.safetensors (studio train blora).")
+    ],
+    style: Annotated[Path, typer.Option(help="Style adapter, e.g. runs/painting/style.safetensors.")],
+    content_weight: Annotated[float, typer.Option(help="Weight of the content adapter.")] = 1.0,
+    style_weight: Annotated[float, typer.Option(help="Weight of the style adapter.")] = 1.0,
+    out: OutOpt = Path("out.png"),
+    model: ModelOpt = EMBEDDED_MODEL,
+    steps: StepsOpt = 25,
+    guidance: GuidanceOpt = 5.0,
+    seed: SeedOpt = 0,
+    num: NumOpt = 1,
+    scale: ScaleOpt = 1,
+) -> None:
+    """The content of one image with the style of another: a B-LoRA content part plus a style part.
+
+    Example: studio compose "a sks" --content runs/star/content.safetensors --style runs/zigzag/style.safetensors -o out.png
+    """
+    _setup_warnings()
+    from studio.plugin import check_same_base
+
+    _generate(
+        prompts,
+        out,
+        model,
+        steps,
+        guidance,
+        seed,
+        num,
+        scale,
+        [(content, content_weight), (style, style_weight)],
+        check=lambda: check_same_base({"content adapter": content, "style adapter": style}),
+    )
+
+
+def _generate(
+    prompts: list[str],
+    out: Path,
+    model: Path,
+    steps: int,
+    guidance: float,
+    seed: int,
+    num: int,
+    scale: int,
+    specs: list[tuple[Path, float]],
+    check=None,
+) -> None:
+    """``generate``'s work, shared by ``compose``: check every input, attach adapters, sample, write."""
     from studio.sampling import check_prompt, image_grid
     from studio.sampling import generate as run_generate
 
@@ -89,7 +149,11 @@ def generate(
         _fail(str(e))
     if not (model / "model_index.json").is_file():
         _fail(f"model folder not found or not a diffusers folder: {model}")
-    specs = [_adapter_spec(a) for a in adapter or []]
+    if check is not None:
+        try:
+            check()
+        except (ValueError, FileNotFoundError) as e:
+            _fail(str(e))
     import torch
 
     from studio.families import load_pipeline
@@ -113,19 +177,27 @@ def generate(
     typer.echo(f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)}, {time.time() - t0:.1f} s)")
 
 
-def _dreambooth(**kwargs):
-    from studio.trainers.dreambooth import command as dreambooth_command
-
-    _setup_warnings()
-    return dreambooth_command(**kwargs)
+TRAINERS = {
+    "dreambooth": "studio.trainers.dreambooth",
+    "blora": "studio.trainers.blora",
+    "content-style": "studio.trainers.content_style",
+}
 
 
 def _register_trainers() -> None:
-    from studio.trainers.dreambooth import command as dreambooth_command
+    """``studio train NAME``: each trainer module's command (the same flags as ``python -m MODULE``)."""
+    import importlib
 
-    _dreambooth.__signature__ = dreambooth_command.__signature__  # type: ignore[attr-defined]
-    _dreambooth.__doc__ = dreambooth_command.__doc__
-    train_app.command("dreambooth")(_dreambooth)
+    for name, module in TRAINERS.items():
+        command = importlib.import_module(module).command
+
+        def verb(_command=command, **kwargs):
+            _setup_warnings()
+            return _command(**kwargs)
+
+        verb.__signature__ = command.__signature__  # type: ignore[attr-defined]
+        verb.__doc__ = command.__doc__
+        train_app.command(name)(verb)
 
 
 _register_trainers()
@@ -210,15 +282,14 @@ def world_pretrain(
     seed: int = 0,
     n_scenes: Annotated[int, typer.Option(help="Rendered training scenes.")] = 50_000,
     vae_steps: int = 4000,
-    unet_steps: int = 3000,
+    unet_steps: int = 5000,
     unet_batch: int = 32,
     unet_lr: float = 5e-4,
     checkpoint_every: int = 250,
     monitor_every: Annotated[int, typer.Option(help="Log held-out prompt fidelity every N steps (0: never).")] = 1000,
     fresh: Annotated[bool, typer.Option(help="Delete the work dir first instead of resuming.")] = False,
-    zero_terminal_snr: Annotated[bool, typer.Option(help="Variant: zero-terminal-SNR betas with trailing timesteps.")] = False,
+    zero_snr_from: Annotated[int, typer.Option(help="UNet step from which zero-terminal-SNR betas train (0: from the start, -1: never).")] = 3000,
     standardize_latents: Annotated[bool, typer.Option(help="Variant: per-channel latent standardization inside the VAE.")] = False,
-    weight_from_snr_plus_one: Annotated[bool, typer.Option(help="Variant: min-SNR weight counted from SNR + 1.")] = False,
 ) -> None:
     """Pretrain the embedded tiny SDXL on the synthetic world (resumable; under 2 h on 2 CPU cores)."""
     _setup_warnings()
@@ -235,8 +306,7 @@ def world_pretrain(
     cfg = PretrainConfig(out=str(out), work_dir=str(work_dir), seed=seed, n_scenes=n_scenes, vae_steps=vae_steps,
                          unet_steps=unet_steps, unet_batch=unet_batch, unet_lr=unet_lr,
                          checkpoint_every=checkpoint_every, monitor_every=monitor_every,
-                         zero_terminal_snr=zero_terminal_snr, standardize_latents=standardize_latents,
-                         weight_from_snr_plus_one=weight_from_snr_plus_one)
+                         zero_snr_from=zero_snr_from, standardize_latents=standardize_latents)
     typer.echo(f"saved {pretrain(cfg)}")
 
 

@@ -117,6 +117,29 @@ def _check_base(pipe, adapter: Adapter, what: str) -> None:
                          f" but this pipeline's UNet is {ours}")
 
 
+def check_same_base(named: dict[str, str | Path]) -> None:
+    """Refuse adapters trained on different base models, naming each adapter and its base model.
+
+    ``named`` maps a role ("content adapter") to a file; adapters without a recorded base hash pass.
+    """
+    from studio.adapters import load_adapter
+
+    seen = []
+    for role, path in named.items():
+        meta = load_adapter(path).meta
+        for other_role, other_path, other in seen:
+            if meta.base_hash and other.base_hash and meta.base_hash != other.base_hash:
+                raise ValueError(
+                    f"{other_role} {other_path} was trained on base model {other.base_model or '?'} ({other.base_hash}) but "
+                    f"{role} {path} on {meta.base_model or '?'} ({meta.base_hash}); use adapters trained on the same base model"
+                )
+            if meta.family and other.family and meta.family != other.family:
+                raise ValueError(
+                    f"{other_role} {other_path} is for a {other.family} model but {role} {path} for a {meta.family} model"
+                )
+        seen.append((role, path, meta))
+
+
 def attach(pipe, adapters: list, weights: list[float] | None = None, names: list[str] | None = None) -> Attached:
     """Attach adapters (paths or :class:`Adapter` objects) to ``pipe``'s UNet and text encoders.
 

@@ -26,17 +26,55 @@ TRAIN = [sys.executable, "-m", "studio.trainers.dreambooth"]
 def star_folder(path, n: int = 4):
     path.mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        scene = scene_from_prompt(parse_prompt("a large blue star in the center on a white background"), random.Random(i))
+        scene = scene_from_prompt(
+            parse_prompt("a large blue star in the center on a white background"), random.Random(i)
+        )
         Image.fromarray(render_array(scene, seed=i)).save(path / f"star{i}.png")
     return path
 
 
 def tiny_args(data, out, steps=6, **extra):
-    args = ["--data", str(data), "--output", str(out), "--steps", str(steps), "--batch-size", "2", "--rank", "4",
-            "--num-class-images", "4", "--class-data", str(out.parent / "class"), "--checkpoint-every", "2"]
+    args = [
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "2",
+        "--rank",
+        "4",
+        "--num-class-images",
+        "4",
+        "--class-data",
+        str(out.parent / "class"),
+        "--checkpoint-every",
+        "2",
+    ]
     for k, v in extra.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     return args
+
+
+def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """Scalars from the TensorBoard event files under ``folder`` (TFRecord framing, Event protos)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    files = sorted(folder.rglob("events.out.tfevents.*"))
+    assert files, f"no event file under {folder}"
+    for f in files:
+        data, i = f.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            event = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
+            i += 12 + n + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
 
 
 def test_config_file_and_flags_share_keys(tmp_path):
@@ -61,14 +99,37 @@ def test_images_of_any_mode_are_read_and_bad_files_skipped(tmp_path):
     exif[0x0112] = 6  # "rotate 90 CW to display"
     rot.save(d / "c_rotated.jpg", exif=exif.tobytes())
     (d / "d_corrupt.png").write_bytes(b"\x89PNG not really")
-    (d / "e_notes.txt").write_text("hello")
+    (d / "b_grey.txt").write_text("a sks shape, grey\n")  # a kohya-style caption sidecar, not an image
     with pytest.warns(UserWarning, match="skipping d_corrupt.png"):
         images, used = load_images(d, 32)
     assert [p.name for p in used] == ["a_transparent.png", "b_grey.png", "c_rotated.jpg"]
-    assert all(im.size == (32, 32) and im.mode == "RGB" for im in images)
-    assert np.asarray(images[0]).min() == 255
-    top = np.asarray(images[2])[2, 16].astype(int)  # displayed upright, the yellow half is on top
+    assert all(im.size == (32, 32) and im.image.mode == "RGB" for im in images)
+    assert np.asarray(images[0].image).min() == 255
+    top = np.asarray(images[2].image)[2, 16].astype(int)  # displayed upright, the yellow half is on top
     assert top[0] > 200 and top[1] > 200 and top[2] < 80
+    # centre-cropped squares keep what SDXL's micro-conditioning needs: original (h, w) and crop (top, left)
+    assert images[1].original_size == (80, 40) and images[1].crop_top_left == (16, 0)
+    assert images[2].original_size == (100, 50) and images[2].crop_top_left == (16, 0)
+    assert [im.caption for im in images] == [None, "a sks shape, grey", None]
+
+
+def test_aspect_buckets():
+    from studio.trainers.data import buckets, fit_bucket, nearest_bucket
+
+    assert buckets(64, 16) == [(48, 80), (64, 64), (80, 48)]
+    sdxl = buckets(1024, 64)
+    assert (1024, 1024) in sdxl and all(w % 64 == 0 and h % 64 == 0 and w * h <= 1024**2 for w, h in sdxl)
+    assert all(max(w / h, h / w) <= 2 for w, h in sdxl) and len(sdxl) >= 7
+    assert nearest_bucket(90, 60, buckets(64, 16)) == (80, 48)
+    assert nearest_bucket(40, 80, buckets(64, 16)) == (48, 80)
+    assert nearest_bucket(61, 60, buckets(64, 16)) == (64, 64)
+    wide = Image.new("RGB", (200, 100), (255, 255, 255))
+    wide.paste((255, 0, 0), (0, 0, 40, 100))  # a red band on the far left survives a bucket, not a square crop
+    im = fit_bucket(wide, (80, 48))
+    assert im.size == (80, 48) and im.original_size == (100, 200) and im.crop_top_left == (0, 8)
+    assert np.asarray(im.image)[24, 1, 0] > 200 and np.asarray(im.image)[24, 1, 1] < 60
+    with pytest.raises(ValueError, match="resolution 8 is smaller than the model's size step 16"):
+        buckets(8, 16)
 
 
 def test_empty_or_unreadable_data_is_a_clear_error(tmp_path):
@@ -83,11 +144,14 @@ def test_empty_or_unreadable_data_is_a_clear_error(tmp_path):
         load_images(tmp_path / "junk", 32)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--data", "{empty}"], "is empty"),
-    (["--data", "{stars}", "--rank", "0"], "--rank 0 is out of range; accepted: 1 to 256"),
-    (["--data", "{stars}", "--steps", "-1"], "--steps must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--data", "{empty}"], "is empty"),
+        (["--data", "{stars}", "--rank", "0"], "--rank 0 is out of range; accepted: 1 to 256"),
+        (["--data", "{stars}", "--steps", "-1"], "--steps must be a positive integer"),
+    ],
+)
 def test_bad_training_input_gives_one_line_error_and_writes_no_adapter(tmp_path, args, message):
     (tmp_path / "empty").mkdir()
     star_folder(tmp_path / "stars", 2)
@@ -110,7 +174,9 @@ def test_kill_and_resume_gives_the_uninterrupted_result(tmp_path):
     assert r.returncode == 0, r.stderr
     # the same run, SIGKILLed once its step-4 checkpoint exists, then resumed
     killed = tmp_path / "killed"
-    p = subprocess.Popen([*TRAIN, *tiny_args(data, killed, steps=8)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [*TRAIN, *tiny_args(data, killed, steps=8)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while not (killed / "checkpoint-4" / "state.json").is_file() and time.time() < deadline and p.poll() is None:
         time.sleep(0.05)
@@ -118,7 +184,9 @@ def test_kill_and_resume_gives_the_uninterrupted_result(tmp_path):
         os.kill(p.pid, signal.SIGKILL)
     p.wait()
     assert not (killed / "adapter.safetensors").exists(), "the run finished before it could be killed"
-    r = subprocess.run([*TRAIN, *tiny_args(data, killed, steps=8), "--resume", "latest"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [*TRAIN, *tiny_args(data, killed, steps=8), "--resume", "latest"], capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stderr
     a, b = _final(straight / "adapter.safetensors"), _final(killed / "adapter.safetensors")
     assert a.meta.steps == b.meta.steps == 8
@@ -140,14 +208,36 @@ def test_dreambooth_adapter_metadata_and_use(tmp_path):
     from studio.sampling import generate
 
     data = star_folder(tmp_path / "stars")
-    cfg = build_config(DreamBoothConfig, {}, {
-        "data": str(data), "output": str(tmp_path / "run"), "steps": 4, "batch_size": 2, "rank": 4,
-        "num_class_images": 4, "class_data": str(tmp_path / "class"), "validation_every": 4,
-        "validation_prompts": ["a sks shape"], "lr": 5e-3})
+    for name, size in (("wide.png", (96, 60)), ("tall.png", (60, 96))):  # two more aspect ratios: three buckets
+        canvas = Image.new("RGB", size, (255, 255, 255))
+        canvas.paste(Image.open(data / "star0.png"), ((size[0] - 64) // 2, (size[1] - 64) // 2))
+        canvas.save(data / name)
+    (data / "wide.txt").write_text("a sks shape on a white background")  # its own prompt, kohya-style
+    cfg = build_config(
+        DreamBoothConfig,
+        {},
+        {
+            "data": str(data),
+            "output": str(tmp_path / "run"),
+            "steps": 4,
+            "batch_size": 2,
+            "rank": 4,
+            "num_class_images": 4,
+            "class_data": str(tmp_path / "class"),
+            "validation_every": 4,
+            "validation_prompts": ["a sks shape"],
+            "lr": 5e-3,
+            "tensorboard": True,
+        },
+    )
     out = train(DreamBooth(), cfg)
     adapter = load_adapter(out)
     assert adapter.meta.trainer == "dreambooth" and adapter.meta.token == "sks" and adapter.meta.class_noun == "shape"
-    assert adapter.meta.dataset["images"] == 4 and adapter.meta.steps == 4 and adapter.meta.rank == 4
+    assert adapter.meta.dataset["images"] == 6 and adapter.meta.steps == 4 and adapter.meta.rank == 4
+    assert adapter.meta.dataset["buckets"] == {"48x80": 1, "64x64": 4, "80x48": 1}
+    assert adapter.meta.dataset["captioned"] == 1
+    scalars = tensorboard_scalars(tmp_path / "run")
+    assert [s for s, _ in scalars["loss"]] == [1, 2, 3, 4] and all(np.isfinite(v) and v > 0 for _, v in scalars["loss"])
     assert all(k.startswith("unet.") and k.rsplit(".", 1)[-1] in {"to_q", "to_k", "to_v", "0"} for k in adapter.modules)
     assert len(list((tmp_path / "class").glob("class-*.png"))) == 4
     assert (tmp_path / "run" / "validation" / "step-000004.png").is_file()
@@ -168,15 +258,48 @@ def test_two_processes_train_what_one_process_with_twice_the_batch_trains(tmp_pa
     """
     data = star_folder(tmp_path / "stars")
     one, two = tmp_path / "one", tmp_path / "two"
-    common = ["--steps", "3", "--rank", "4", "--num-class-images", "4", "--class-data", str(tmp_path / "class"),
-              "--checkpoint-every", "0", "--data", str(data)]
-    r = subprocess.run([*TRAIN, *common, "--batch-size", "4", "--output", str(one)], capture_output=True, text=True, timeout=600)
+    common = [
+        "--steps",
+        "3",
+        "--rank",
+        "4",
+        "--num-class-images",
+        "4",
+        "--class-data",
+        str(tmp_path / "class"),
+        "--checkpoint-every",
+        "0",
+        "--data",
+        str(data),
+    ]
+    r = subprocess.run(
+        [*TRAIN, *common, "--batch-size", "4", "--output", str(one)], capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stderr
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "studio.trainers.dreambooth"]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "studio.trainers.dreambooth",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([*launch, *common, "--batch-size", "2", "--output", str(two)], capture_output=True, text=True,
-                       timeout=600, env=env)
+    r = subprocess.run(
+        [*launch, *common, "--batch-size", "2", "--output", str(two)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = load_adapter(one / "adapter.safetensors"), load_adapter(two / "adapter.safetensors")
     assert set(a.modules) == set(b.modules)

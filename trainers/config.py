@@ -79,3 +79,12 @@ def command_from_config(cls, run, doc: str):
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__doc__ = doc
     return command
+
+
+def run_command(command, argv: list[str] | None = None) -> None:
+    """Run one trainer's command as a program (``python -m studio.trainers.NAME``, ``accelerate launch -m``)."""
+    import sys
+
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(command)
+    app(argv if argv is not None else sys.argv[1:])

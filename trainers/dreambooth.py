@@ -14,17 +14,17 @@ Headless, same arguments either way::
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from studio.trainers.config import build_config, command_from_config, read_config_file
-from studio.trainers.data import load_images, to_tensor
-from studio.trainers.loop import Context, TrainConfig, _help, denoise_loss, train
+from studio.trainers.config import build_config, command_from_config, read_config_file, run_command
+from studio.trainers.data import group_by_size, load_images, to_tensor
+from studio.trainers.loop import Context, TrainConfig, _help, denoise_losses, shard, train
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -38,7 +38,12 @@ class DreamBoothConfig(TrainConfig):
     prior_preservation: bool = field(default=True, metadata=_help("Also train on base-model images of the class."))
     prior_weight: float = field(default=1.0, metadata=_help("Weight of the class (prior) loss."))
     num_class_images: int = field(default=32, metadata=_help("Class images to generate and cache."))
-    class_data: str = field(default="", metadata=_help("Folder for cached class images; default runs/class-images/<model>/<prompt>."))
+    class_data: str = field(
+        default="", metadata=_help("Folder for cached class images; default runs/class-images/<model>/<prompt>.")
+    )
+    captions: bool = field(
+        default=True, metadata=_help("Use a sidecar NAME.txt beside an image as its prompt (kohya's convention).")
+    )
     train_text_encoder: bool = field(default=False, metadata=_help("Also put LoRA on the text encoders."))
 
     def check(self) -> None:
@@ -55,10 +60,13 @@ def _encode(pipe, prompts: list[str]) -> dict[str, Any]:
 
     device = pipe.unet.device
     if hasattr(pipe, "text_encoder_2"):
-        embeds, pooled = encode_prompt_sdxl([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2], prompts)
+        embeds, pooled = encode_prompt_sdxl(
+            [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2], prompts
+        )
         return {"embeds": embeds, "pooled": pooled}
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids.to(device)
+    ids = pipe.tokenizer(
+        prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
     return {"embeds": pipe.text_encoder(ids)[0], "pooled": None}
 
 
@@ -68,18 +76,32 @@ class DreamBooth:
     def prepare(self, ctx: Context) -> None:
         cfg: DreamBoothConfig = ctx.cfg
         pipe = ctx.pipe
-        images, files = load_images(cfg.data, ctx.resolution)
-        ctx.store["instance"] = self._latents(pipe, images)
-        ctx.store["n_images"] = len(images)
-        ctx.store["files"] = [f.name for f in files]
+        images, files = load_images(cfg.data, ctx.resolution, ctx.size_multiple if cfg.aspect_buckets else 0)
         prompt = self.instance_prompt(cfg)
+        captions = [(im.caption if cfg.captions and im.caption else prompt) for im in images]
+        # one group per bucket: latents, SDXL micro-conditioning (original size, crop, target size), prompts
+        groups = group_by_size(images)
+        ctx.store["instance"] = [
+            (
+                self._latents(pipe, [images[i] for i in idx]),
+                torch.tensor(
+                    [[*images[i].original_size, *images[i].crop_top_left, h, w] for i in idx], dtype=torch.float32
+                ),
+                [captions[i] for i in idx],
+            )
+            for (w, h), idx in groups.items()
+        ]
+        ctx.store["buckets"] = {f"{w}x{h}": len(idx) for (w, h), idx in groups.items()}
+        ctx.store["n_images"] = len(images)
+        ctx.store["n_captions"] = sum(c != prompt for c in captions)
+        ctx.store["files"] = [f.name for f in files]
         ctx.store["prompts"] = {"instance": prompt, "class": f"a {cfg.class_noun}"}
         if cfg.prior_preservation:
             class_images = self._class_images(ctx)
             ctx.store["class"] = self._latents(pipe, class_images)
         if not cfg.train_text_encoder:
             with torch.no_grad():
-                ctx.store["cond"] = {k: _encode(pipe, [p]) for k, p in ctx.store["prompts"].items()}
+                ctx.store["cond"] = {p: _encode(pipe, [p]) for p in {*captions, *ctx.store["prompts"].values()}}
 
     @staticmethod
     def instance_prompt(cfg: DreamBoothConfig) -> str:
@@ -102,14 +124,22 @@ class DreamBooth:
 
         cfg: DreamBoothConfig = ctx.cfg
         prompt = ctx.store["prompts"]["class"]
-        folder = Path(cfg.class_data) if cfg.class_data else (
-            Path("runs/class-images") / Path(cfg.model).name / hashlib.sha1(f"{prompt}|{ctx.resolution}".encode()).hexdigest()[:10])
+        folder = (
+            Path(cfg.class_data)
+            if cfg.class_data
+            else (
+                Path("runs/class-images")
+                / Path(cfg.model).name
+                / hashlib.sha1(f"{prompt}|{ctx.resolution}".encode()).hexdigest()[:10]
+            )
+        )
         folder.mkdir(parents=True, exist_ok=True)
         have = sorted(folder.glob("class-*.png"))
         if len(have) < cfg.num_class_images and ctx.accelerator.is_main_process:
             missing = range(len(have), cfg.num_class_images)
-            images = generate(ctx.pipe, [prompt] * len(missing), seed=10_000 + len(have),
-                              height=ctx.resolution, width=ctx.resolution)
+            images = generate(
+                ctx.pipe, [prompt] * len(missing), seed=10_000 + len(have), height=ctx.resolution, width=ctx.resolution
+            )
             for i, im in zip(missing, images):
                 tmp = folder / f".class-{i:05d}.tmp.png"
                 im.save(tmp)
@@ -122,7 +152,11 @@ class DreamBooth:
         pipe, cfg = ctx.pipe, ctx.cfg
 
         def pick(model, leaves):
-            return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and any(n.endswith("." + t) for t in leaves)]
+            return [
+                n
+                for n, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear) and any(n.endswith("." + t) for t in leaves)
+            ]
 
         out = {"unet": pick(pipe.unet, UNET_TARGETS)}
         if cfg.train_text_encoder:
@@ -131,50 +165,71 @@ class DreamBooth:
                     out[c] = pick(getattr(pipe, c), TEXT_TARGETS)
         return out
 
-    def _cond(self, ctx: Context, which: str, n: int) -> dict[str, Any]:
+    def _cond(self, ctx: Context, prompts: list[str], time_ids: torch.Tensor | None = None) -> dict[str, Any]:
+        """Conditioning for this process's examples, one prompt each (cached embeddings unless the
+        text encoders train); ``time_ids`` default to an uncropped square at the training resolution."""
         from studio.families import sdxl_time_ids
 
+        unique = list(dict.fromkeys(prompts))
         if "cond" in ctx.store:
-            c = ctx.store["cond"][which]
+            encoded = {p: ctx.store["cond"][p] for p in unique}
         else:
-            c = _encode(ctx.pipe, [ctx.store["prompts"][which]])
-        embeds = c["embeds"].expand(n, -1, -1)
+            both = _encode(ctx.pipe, unique)
+            encoded = {p: {k: (v[i : i + 1] if v is not None else None) for k, v in both.items()} for i, p in enumerate(unique)}
+        embeds = torch.cat([encoded[p]["embeds"] for p in prompts])
         added = None
-        if c["pooled"] is not None:
-            added = {"text_embeds": c["pooled"].expand(n, -1),
-                     "time_ids": sdxl_time_ids(ctx.resolution, ctx.resolution, n).to(embeds.device)}
+        if encoded[unique[0]]["pooled"] is not None:
+            ids = time_ids if time_ids is not None else sdxl_time_ids(ctx.resolution, ctx.resolution, len(prompts))
+            added = {"text_embeds": torch.cat([encoded[p]["pooled"] for p in prompts]), "time_ids": ids.to(embeds.device)}
         return {"embeds": embeds, "added": added}
 
     def loss(self, ctx: Context, step: int, micro: int, g: torch.Generator, rng: random.Random) -> torch.Tensor:
         cfg: DreamBoothConfig = ctx.cfg
         n = cfg.batch_size * ctx.accelerator.num_processes  # the global batch; denoise_loss takes our share
-        inst = ctx.store["instance"]
+        groups = ctx.store["instance"]
+        chosen = 0
+        if len(groups) > 1:  # a batch comes from one bucket, chosen with probability proportional to its images
+            pick = rng.randrange(sum(len(g[0]) for g in groups))
+            chosen = next(i for i, end in enumerate(itertools.accumulate(len(g[0]) for g in groups)) if pick < end)
+        inst, ids, texts = groups[chosen]
         idx = torch.tensor([rng.randrange(len(inst)) for _ in range(n)])
-        loss = denoise_loss(ctx, inst[idx], self._cond(ctx, "instance", cfg.batch_size), g)
+        mine = idx[shard(ctx, n)]
+        parts = [(inst[idx], self._cond(ctx, [texts[i] for i in mine], ids[mine]))]
         if cfg.prior_preservation:
             cls = ctx.store["class"]
             idx = torch.tensor([rng.randrange(len(cls)) for _ in range(n)])
-            loss = loss + cfg.prior_weight * denoise_loss(ctx, cls[idx], self._cond(ctx, "class", cfg.batch_size), g)
-        return loss
+            parts.append((cls[idx], self._cond(ctx, [ctx.store["prompts"]["class"]] * cfg.batch_size)))
+        # one UNet pass for both when the sizes agree (the class images are square; a bucket may not be)
+        losses = denoise_losses(ctx, parts, g)
+        return losses[0] + cfg.prior_weight * losses[1] if cfg.prior_preservation else losses[0]
 
     def metadata(self, ctx: Context) -> dict[str, Any]:
         cfg: DreamBoothConfig = ctx.cfg
-        return {"token": cfg.token, "class_noun": cfg.class_noun,
-                "dataset": {"images": ctx.store["n_images"], "files": ctx.store["files"],
-                            "instance_prompt": ctx.store["prompts"]["instance"],
-                            "prior_preservation": cfg.prior_preservation}}
+        return {
+            "token": cfg.token,
+            "class_noun": cfg.class_noun,
+            "dataset": {
+                "images": ctx.store["n_images"],
+                "files": ctx.store["files"],
+                "buckets": ctx.store["buckets"],
+                "instance_prompt": ctx.store["prompts"]["instance"],
+                "captioned": ctx.store["n_captions"],
+                "prior_preservation": cfg.prior_preservation,
+            },
+        }
 
 
-def run(config_file, overrides: dict[str, Any]) -> Path:
+def run_trainer(trainer, config_class, config_file, overrides: dict[str, Any]) -> Path:
+    """Build ``config_class`` from a file and flags and train; bad input exits 2 with one line."""
     import typer
 
     try:
         values = read_config_file(config_file) if config_file else {}
-        cfg = build_config(DreamBoothConfig, values, overrides)
+        cfg = build_config(config_class, values, overrides)
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
-            out = train(DreamBooth(), cfg)
+            out = train(trainer, cfg)
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -182,15 +237,15 @@ def run(config_file, overrides: dict[str, Any]) -> Path:
     return out
 
 
+def run(config_file, overrides: dict[str, Any]) -> Path:
+    return run_trainer(DreamBooth(), DreamBoothConfig, config_file, overrides)
+
+
 command = command_from_config(DreamBoothConfig, run, "Train a DreamBooth LoRA on a few images of a subject.")
 
 
 def main(argv: list[str] | None = None) -> None:
-    import typer
-
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command()(command)
-    app(argv if argv is not None else sys.argv[1:])
+    run_command(command, argv)
 
 
 if __name__ == "__main__":

@@ -45,11 +45,23 @@ class TrainConfig:
     data: str = field(default="", metadata=_help("Folder of training images (any size, RGB/RGBA/greyscale, EXIF-rotated)."))
     output: str = field(default="runs/train", metadata=_help("Run folder: checkpoints, validation images, config, the adapter."))
     resolution: int = field(default=0, metadata=_help("Training size in pixels; 0: the model's native size."))
-    steps: int = field(default=400, metadata=_help("Optimizer steps."))
+    aspect_buckets: bool = field(
+        default=True,
+        metadata=_help(
+            "Keep each image's aspect ratio (buckets of about resolution² pixels); off: centre-crop squares."
+        ),
+    )
+    steps: int = field(default=200, metadata=_help("Optimizer steps."))
     batch_size: int = field(default=4, metadata=_help("Examples per step and process (before accumulation)."))
     grad_accum: int = field(default=1, metadata=_help("Gradient accumulation: micro-batches per optimizer step."))
-    lr: float = field(default=1e-3, metadata=_help("Learning rate (AdamW)."))
+    lr: float = field(default=1e-4, metadata=_help("Learning rate (AdamW)."))
     warmup: int = field(default=0, metadata=_help("Linear learning-rate warm-up steps (then constant)."))
+    adapter: str = field(
+        default="lora", metadata=_help("lora, or singlora (one matrix per layer; exported as a plain LoRA).")
+    )
+    singlora_ramp: int = field(
+        default=0, metadata=_help("SingLoRA's ramp u(t) = min(t/T, 1): T in steps; 0: a tenth of --steps.")
+    )
     rank: int = field(default=8, metadata=_help("LoRA rank (1-256)."))
     alpha: float = field(default=0.0, metadata=_help("LoRA alpha; 0: equal to the rank (scale 1)."))
     seed: int = field(default=0, metadata=_help("Seed for LoRA init, examples, noise and timesteps."))
@@ -73,8 +85,19 @@ class TrainConfig:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if self.alpha < 0:
             raise ValueError(f"--alpha must be 0 (= rank) or positive, got {self.alpha}")
+        if self.adapter not in ("lora", "singlora"):
+            raise ValueError(f"--adapter {self.adapter!r}; accepted: lora, singlora")
+        if self.singlora_ramp < 0:
+            raise ValueError(f"--singlora-ramp must be 0 (a tenth of the steps) or positive, got {self.singlora_ramp}")
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
             raise ValueError(f"--mixed-precision {self.mixed_precision!r}; accepted: auto, no, fp16, bf16")
+        if self.tensorboard:
+            from accelerate.utils import is_tensorboard_available
+
+            if not is_tensorboard_available():
+                raise ValueError(
+                    "--tensorboard needs TensorBoard: pip install tensorboard (or the lighter tensorboardX)"
+                )
         if not Path(self.model, "model_index.json").is_file():
             raise FileNotFoundError(f"model folder not found or not a diffusers folder: {self.model}")
 
@@ -89,6 +112,7 @@ class Context:
     run_dir: Path
     noise_scheduler: Any
     resolution: int
+    size_multiple: int = 8  # image sides the model takes: VAE factor x UNet downsampling
     store: dict[str, Any] = field(default_factory=dict)  # the trainer's caches
 
 
@@ -132,29 +156,47 @@ def _optimizer(params, cfg: TrainConfig):
 
 
 def inject_lora(ctx: Context, targets: dict[str, list[str]], rank: int, alpha: float) -> list[torch.nn.Parameter]:
-    """peft LoRA on the target modules (B starts at zero: the first step is the base model)."""
+    """The adapter on the target modules: peft LoRA (B starts at zero: the first step is the base
+    model) or, with ``--adapter singlora``, one SingLoRA matrix per module (its ramp starts at 0)."""
     from peft import LoraConfig
+    from studio.trainers import singlora
 
     params = []
+    kind = getattr(ctx.cfg, "adapter", "lora")
+    if kind == "singlora":
+        ctx.store["clock"] = singlora.Clock(ctx.cfg.singlora_ramp or max(1, ctx.cfg.steps // 10))
     for component, paths in targets.items():
         if not paths:
             continue
         model = getattr(ctx.pipe, component)
         model.requires_grad_(False)
-        model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=paths, init_lora_weights=True))
+        if kind == "singlora":
+            for path in paths:
+                singlora.attach(model.get_submodule(path), rank, alpha, ctx.store["clock"])
+        else:
+            model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=paths, init_lora_weights=True))
         params += [p for n, p in model.named_parameters() if "lora_" in n]
     for p in params:
         p.requires_grad_(True)
     return params
 
 
-def extract_adapter(pipe, components: list[str], meta: AdapterMeta) -> Adapter:
-    """The trained peft LoRA layers, as the studio's adapter form."""
+def extract_adapter(pipe, components: list[str], meta: AdapterMeta, clock=None) -> Adapter:
+    """The trained adapter layers (peft LoRA, or SingLoRA at the clock's ramp value), as the
+    studio's adapter form."""
+    from studio.trainers import singlora
+
     modules = {}
     for component in components:
         model = getattr(pipe, component)
         for path, module in model.named_modules():
-            if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            if hasattr(module, singlora.PARAM):
+                d_out, d_in = module.weight.shape
+                A = getattr(module, singlora.PARAM)
+                modules[canonical_name(component, model, path)] = singlora.to_lora(
+                    A, d_out, d_in, alpha=module._singlora_alpha, u=clock.u
+                )
+            elif hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
                 down = module.lora_A["default"].weight.detach().float().cpu().clone()
                 up = module.lora_B["default"].weight.detach().float().cpu().clone()
                 alpha = module.scaling["default"] * down.shape[0]
@@ -181,23 +223,46 @@ def denoise_loss(ctx: Context, latents: torch.Tensor, cond: dict[str, torch.Tens
     sliced: N processes with batch B compute exactly what one process with batch N*B computes.
     ``cond`` is already this process's share.
     """
+    return denoise_losses(ctx, [(latents, cond)], g, reduction)[0]
+
+
+def denoise_losses(ctx: Context, parts: list[tuple[torch.Tensor, dict[str, Any]]], g: torch.Generator,
+                   reduction: str = "mean") -> list[torch.Tensor]:
+    """:func:`denoise_loss` of several global batches (e.g. instance and prior examples), drawn from
+    ``g`` in order; those with the same latent size go through the UNet as one batch."""
     sched = ctx.noise_scheduler
-    noise = torch.randn(latents.shape, generator=g)
-    t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=g)
-    part = shard(ctx, latents.shape[0])
-    device = ctx.accelerator.device
-    latents, noise, t = latents[part].to(device), noise[part].to(device, latents.dtype), t[part].to(device)
-    noisy = sched.add_noise(latents, noise, t)
-    if sched.config.prediction_type == "v_prediction":
-        target = sched.get_velocity(latents, noise, t)
-    elif sched.config.prediction_type == "epsilon":
-        target = noise
-    else:
+    if sched.config.prediction_type not in ("v_prediction", "epsilon"):
         raise ValueError(f"prediction type {sched.config.prediction_type!r} is not supported (epsilon, v_prediction)")
+    device = ctx.accelerator.device
+    prepared = []
+    for latents, cond in parts:
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=g)
+        part = shard(ctx, latents.shape[0])
+        x0, noise, t = latents[part].to(device), noise[part].to(device, latents.dtype), t[part].to(device)
+        target = sched.get_velocity(x0, noise, t) if sched.config.prediction_type == "v_prediction" else noise
+        prepared.append((sched.add_noise(x0, noise, t), t, cond, target))
     unet = ctx.store["unet"]
-    pred = unet(noisy, t, cond["embeds"], added_cond_kwargs=cond.get("added")).sample
-    loss = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return loss if reduction == "none" else loss.mean()
+    losses: list[torch.Tensor | None] = [None] * len(parts)
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for i, (noisy, *_rest) in enumerate(prepared):
+        by_size.setdefault(tuple(noisy.shape[1:]), []).append(i)
+    for members in by_size.values():
+        noisy = torch.cat([prepared[i][0] for i in members])
+        t = torch.cat([prepared[i][1] for i in members])
+        embeds = torch.cat([prepared[i][2]["embeds"] for i in members])
+        added = None
+        if prepared[members[0]][2].get("added") is not None:
+            added = {k: torch.cat([prepared[i][2]["added"][k] for i in members]) for k in prepared[members[0]][2]["added"]}
+        pred = unet(noisy, t, embeds, added_cond_kwargs=added).sample
+        start = 0
+        for i in members:
+            target = prepared[i][3]
+            piece = pred[start : start + len(target)]
+            start += len(target)
+            loss = torch.nn.functional.mse_loss(piece.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+            losses[i] = loss if reduction == "none" else loss.mean()
+    return losses  # type: ignore[return-value]
 
 
 def _lr_factor(step: int, warmup: int) -> float:
@@ -229,7 +294,12 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
     pipe.to(accelerator.device)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     resolution = cfg.resolution or pipe.unet.config.sample_size * vae_scale
-    ctx = Context(cfg, pipe, accelerator, run_dir, DDPMScheduler.from_config(pipe.scheduler.config), resolution)
+    multiple = vae_scale * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    if resolution % multiple:
+        raise ValueError(f"--resolution {resolution} is not a multiple of {multiple} (this model's size step)")
+    ctx = Context(
+        cfg, pipe, accelerator, run_dir, DDPMScheduler.from_config(pipe.scheduler.config), resolution, multiple
+    )
     trainer.prepare(ctx)
 
     from studio.plugin import base_model_hash
@@ -238,7 +308,8 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
     torch.manual_seed(cfg.seed)  # LoRA init
     targets = trainer.targets(ctx)
     components = [c for c, paths in targets.items() if paths]
-    params = inject_lora(ctx, targets, cfg.rank, cfg.alpha or cfg.rank)
+    inject = getattr(trainer, "inject", inject_lora)  # a trainer may bring its own adapter layers
+    params = inject(ctx, targets, cfg.rank, cfg.alpha or cfg.rank)
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     opt = _optimizer(params, cfg)
@@ -257,6 +328,8 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
                disable=not accelerator.is_main_process)
     t0, loss_value = time.time(), float("nan")
     for step in bar:
+        if "clock" in ctx.store:
+            ctx.store["clock"].step = step
         for group in opt.param_groups:
             group["lr"] = cfg.lr * _lr_factor(step, cfg.warmup)
         total = 0.0
@@ -285,6 +358,8 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
             save_checkpoint(run_dir, done, {"lora": lora_state(pipe, components)}, {"opt": opt},
                             keep=cfg.keep_checkpoints)
         if cfg.validation_every and done % cfg.validation_every == 0 and accelerator.is_main_process:
+            if "clock" in ctx.store:
+                ctx.store["clock"].step = done  # sample with the ramp as it stands after this step
             validate(ctx, done)
         accelerator.wait_for_everyone()
     meta = AdapterMeta(family="sdxl" if hasattr(pipe, "text_encoder_2") else "sd15", base_model=Path(cfg.model).name,
@@ -293,9 +368,18 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
     out = run_dir / "adapter.safetensors"
     if accelerator.is_main_process:
         pipe.unet.eval()
-        adapter = extract_adapter(pipe, components, meta)
+        clock = ctx.store.get("clock")
+        if clock is not None:
+            clock.step = cfg.steps  # the ramp's value after the last step
+            meta.extra.update(adapter="singlora", singlora_ramp=clock.ramp_steps)
+        if hasattr(trainer, "extract"):
+            adapter = trainer.extract(ctx, components, meta)
+        else:
+            adapter = extract_adapter(pipe, components, meta, clock)
         adapter.meta.extra["seconds"] = round(time.time() - t0, 1)
         save_adapter(adapter, out)
+        if hasattr(trainer, "finalize"):  # e.g. B-LoRA writes its content and style parts
+            trainer.finalize(ctx, adapter, out)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out

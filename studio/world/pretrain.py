@@ -7,7 +7,9 @@ Stages, each resumable (``studio world pretrain`` picks up where a killed run st
 3. ``vae``: the KL autoencoder, trained on 32x32 crops around objects (it is fully convolutional).
 4. ``latents``: every scene encoded once; the latent scale is set to 1/std (or, with
    ``standardize_latents``, each channel is standardized inside the VAE's 1x1 convolutions).
-5. ``unet``: UNet and both text encoders jointly, v-prediction with min-SNR weighting, captions
+5. ``unet``: UNet and both text encoders jointly, v-prediction with min-SNR weighting (SDXL's betas
+   until ``zero_snr_from``, then zero-terminal-SNR betas so that sampling from pure noise matches
+   training, e.g. for the background colour), captions
    redrawn from each scene at every visit (random attribute subsets), 10% empty conditioning
    as zeros (what ``force_zeros_for_empty_prompt`` feeds at sampling time), EMA weights.
 6. ``save``: the EMA weights as a stock ``StableDiffusionXLPipeline`` folder, written atomically.
@@ -54,7 +56,7 @@ class PretrainConfig:
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
     vae_warmup: int = 100
-    unet_steps: int = 3000
+    unet_steps: int = 5000
     unet_batch: int = 32
     unet_lr: float = 5e-4
     warmup: int = 200
@@ -63,10 +65,21 @@ class PretrainConfig:
     ema_decay: float = 0.999
     checkpoint_every: int = 250
     monitor_every: int = 1000
-    # Variants tried against the shipped recipe (all off reproduces it; see the model card):
-    zero_terminal_snr: bool = False  # zero-terminal-SNR betas, trailing timesteps
-    standardize_latents: bool = False  # per-channel latent standardization folded into the VAE
-    weight_from_snr_plus_one: bool = False  # min-SNR weight counted from SNR + 1 (never 0 at high noise)
+    # From this UNet step on: zero-terminal-SNR betas with trailing timesteps, and the min-SNR weight
+    # counted from SNR + 1 (so the pure-noise step is learned). Before it, SDXL's schedule. The
+    # learning rate follows a cosine to this step, then the cosine of the whole run from here on.
+    # 0: zero-SNR from the start; -1: never (the first shipped weights: 3000 steps, never).
+    zero_snr_from: int = 3000
+    standardize_latents: bool = False  # variant: per-channel latent standardization folded into the VAE
+
+    def zero_snr_at(self, step: int) -> bool:
+        return 0 <= self.zero_snr_from <= step
+
+    def lr_total(self, step: int) -> int:
+        """The length of the cosine the learning rate follows at ``step`` (see ``zero_snr_from``)."""
+        if 0 < self.zero_snr_from < self.unet_steps and step < self.zero_snr_from:
+            return self.zero_snr_from
+        return self.unet_steps
 
 
 def _lr(step: int, total: int, base: float, warmup: int) -> float:
@@ -217,7 +230,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     params = [p for m in (unet, te1, te2) for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, betas=(0.9, 0.99), weight_decay=0.01)
     ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
-    noise_sched, _ = build_schedulers(cfg.zero_terminal_snr)
+    schedules = {False: build_schedulers(False)[0], True: build_schedulers(True)[0]}
     run = work / "unet"
     start = 0
     if (ckpt := latest_checkpoint(run)) is not None:
@@ -237,6 +250,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
             if (text := _caption(scenes[i], rng)) is not None:
                 captions.append(text)
                 idx.append(i)
+        zero_snr = cfg.zero_snr_at(step)
+        noise_sched = schedules[zero_snr]
         x0 = latents[torch.tensor(idx)]
         embeds, pooled = encode_prompt_sdxl([tok, tok], [te1, te2], captions)
         keep = (torch.rand(cfg.unet_batch, generator=g) >= cfg.cond_dropout).float()
@@ -247,7 +262,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         target = noise_sched.get_velocity(x0, noise, t)
         pred = unet(noisy, t, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
         snr = compute_snr(noise_sched, t)
-        if cfg.weight_from_snr_plus_one:
+        if zero_snr:
             # min-SNR-gamma on the x0 error counted from SNR + 1: weight 1 at the noisiest steps
             # (zero SNR at t=999 must still be learned; plain min(SNR, gamma) gives it 0)
             weight = torch.clamp(snr + 1, max=cfg.min_snr_gamma) / (snr + 1)
@@ -255,7 +270,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
             weight = torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1)  # min-SNR-gamma for v-prediction
         loss = (weight * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()
         for group in opt.param_groups:
-            group["lr"] = _lr(step, cfg.unet_steps, cfg.unet_lr, cfg.warmup)
+            group["lr"] = _lr(step, cfg.lr_total(step), cfg.unet_lr, cfg.warmup)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -270,7 +285,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         if cfg.monitor_every and done % cfg.monitor_every == 0:
             ema.store(params)
             ema.copy_to(params)
-            line = _monitor(_assemble(vae, te1, te2, tok, unet, cfg.zero_terminal_snr), done)
+            line = _monitor(_assemble(vae, te1, te2, tok, unet, zero_snr), done)
             ema.restore(params)
             log.write(f"{line} loss={loss.item():.4f} elapsed={time.time() - t0:.0f}s\n")
             log.flush()
@@ -280,7 +295,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     out = Path(cfg.out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    _assemble(vae, te1, te2, tok, unet, cfg.zero_terminal_snr).save_pretrained(tmp)
+    _assemble(vae, te1, te2, tok, unet, cfg.zero_snr_at(cfg.unet_steps - 1)).save_pretrained(tmp)
     recipe = {"config": dataclasses.asdict(cfg), "seconds_this_run": round(time.time() - t0),
               "torch_threads": torch.get_num_threads()}
     (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2))

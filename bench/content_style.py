@@ -1,0 +1,171 @@
+"""Content x style grid: a subject adapter and a style adapter combined, per method, read by the judge.
+
+Content: 3 held-out shapes (star, heart, cross), 4 renders each, large and centred, of varied
+colours, drawn *striped* (a base style the base model knows). Style: 3 held-out styles (checkered,
+zigzag, wavy), 4 renders each, of base shapes (circle, square, triangle, diamond). Every cell
+combines one content adapter with one style adapter and samples "a sks shape, zxy" (10 seeds).
+
+- shape acc / style acc: the judge reads the cell's shape / the cell's style (first object);
+- leakage: the content adapter alone (same prompt) draws stripes, its images' style; the style
+  adapter alone draws a circle, square, triangle or diamond, its images' shapes.
+
+Methods: ``naive`` (two plain DreamBooth LoRAs, prompts "a sks shape" and "a shape, zxy", summed),
+``naive+captions`` (the same trained on the images' captions, which name what the base model knows),
+``blora`` (content part of a B-LoRA of the content images + style part of a B-LoRA of the style
+images), ``content-style`` (the decoupled trainer: joint training with routed gradients, orthogonal
+subspaces, captions).
+
+    python bench/content_style.py                       # every method
+    python bench/content_style.py --methods naive blora
+
+Prints a table and writes the ``content-style`` section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import git_revision, machine, write_section  # noqa: E402
+
+SHAPES = ["star", "heart", "cross"]
+STYLES = ["checkered", "zigzag", "wavy"]
+CONTENT_COLOURS = ["blue", "red", "green", "purple"]
+STYLE_SHAPES = [("circle", "orange"), ("square", "cyan"), ("triangle", "pink"), ("diamond", "yellow")]
+PROMPT = "a sks shape, zxy"
+METHODS = ["naive", "naive+captions", "blora", "content-style"]
+
+
+def render_folder(folder: Path, items: list[tuple[str, str]], seed: int) -> Path:
+    """Renders of ``(scene text, caption)``, each with its caption sidecar."""
+    from PIL import Image
+
+    from studio.world.grammar import parse_prompt, scene_from_prompt
+    from studio.world.render import render_array
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (text, caption) in enumerate(items):
+        scene = scene_from_prompt(parse_prompt(text), random.Random(seed + i))
+        Image.fromarray(render_array(scene, seed=seed + i)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(caption)
+    return folder
+
+
+def content_images(shape: str, work: Path) -> Path:
+    return render_folder(work / "data" / f"content-{shape}", [
+        (f"a large {c} {shape} in the center on a white background, striped",
+         f"a large {c} sks shape in the center on a white background, striped") for c in CONTENT_COLOURS], 3000)
+
+
+def style_images(style: str, work: Path) -> Path:
+    return render_folder(work / "data" / f"style-{style}", [
+        (f"a large {c} {s} in the center on a white background, {style}",
+         f"a large {c} {s} in the center on a white background, zxy") for s, c in STYLE_SHAPES], 4000)
+
+
+def main() -> None:
+    import torch
+    from studio.trainers.blora import BLOCKS, BLoRA, BLoRAConfig, split
+    from studio.trainers.config import build_config
+    from studio.trainers.content_style import ContentStyle, ContentStyleConfig
+    from studio.trainers.dreambooth import DreamBooth, DreamBoothConfig
+    from studio.trainers.loop import train
+
+    from studio.adapters import load_adapter
+    from studio.eval.judge import load_judge
+    from studio.families import EMBEDDED_MODEL, load_pipeline
+    from studio.plugin import attach, detach
+    from studio.sampling import generate
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
+    parser.add_argument("--work", default="runs/bench-content-style")
+    parser.add_argument("--n", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=400)
+    args = parser.parse_args()
+    work = Path(args.work)
+    judge = load_judge()
+    pipe = load_pipeline(EMBEDDED_MODEL)
+    common = {"steps": args.steps, "checkpoint_every": 0, "class_data": str(work / "class")}
+
+    def dreambooth(data: Path, out: Path, prompt: str, token: str, captions: bool) -> Path:
+        return train(DreamBooth(), build_config(DreamBoothConfig, {}, {
+            **common, "data": str(data), "output": str(out), "instance_prompt": prompt, "token": token, "captions": captions}))
+
+    def blora(data: Path, out: Path, prompt: str) -> Path:
+        train(BLoRA(), build_config(BLoRAConfig, {}, {**common, "data": str(data), "output": str(out),
+                                                      "instance_prompt": prompt, "captions": False}))
+        return out
+
+    def sample(adapters) -> list:
+        with torch.no_grad():
+            attach(pipe, adapters)
+            images = generate(pipe, [PROMPT] * args.n, seed=0)
+            detach(pipe)
+        return [r.objects[0] if r.objects else None for r in judge.read(images)]
+
+    def rate(objs, test) -> float:
+        return sum(o is not None and test(o) for o in objs) / len(objs)
+
+    results: dict[str, dict] = {}
+    style_shape_names = {s for s, _ in STYLE_SHAPES}
+    for method in args.methods:
+        cells, leaks_c, leaks_s = {}, [], []
+        content_ad: dict[str, object] = {}
+        style_ad: dict[str, object] = {}
+        for shape in SHAPES:
+            data = content_images(shape, work)
+            out = work / method / f"content-{shape}"
+            if method in ("naive", "naive+captions"):
+                content_ad[shape] = dreambooth(data, out, "a {token} {class_noun}", "sks", method == "naive+captions")
+            elif method == "blora":
+                content_ad[shape] = split(load_adapter(blora(data, out, "a sks shape") / "adapter.safetensors"), *BLOCKS["sdxl"])[0]
+        for style in STYLES:
+            data = style_images(style, work)
+            out = work / method / f"style-{style}"
+            if method in ("naive", "naive+captions"):
+                style_ad[style] = dreambooth(data, out, "a {class_noun}, zxy", "zxy", method == "naive+captions")
+            elif method == "blora":
+                style_ad[style] = split(load_adapter(blora(data, out, "a shape, zxy") / "adapter.safetensors"), *BLOCKS["sdxl"])[1]
+        for shape in SHAPES:
+            for style in STYLES:
+                if method == "content-style":
+                    run = work / method / f"{shape}-{style}"
+                    train(ContentStyle(), build_config(ContentStyleConfig, {}, {
+                        **common, "data": str(content_images(shape, work)), "style_data": str(style_images(style, work)),
+                        "output": str(run)}))
+                    c, s = run / "content.safetensors", run / "style.safetensors"
+                else:
+                    c, s = content_ad[shape], style_ad[style]
+                both = sample([c, s])
+                cells[(shape, style)] = (rate(both, lambda o, sh=shape: o.shape == sh), rate(both, lambda o, st=style: o.style == st))
+                leaks_c.append(rate(sample([c]), lambda o: o.style == "striped"))
+                leaks_s.append(rate(sample([s]), lambda o: o.shape in style_shape_names))
+                print(method, shape, style, cells[(shape, style)], leaks_c[-1], leaks_s[-1], flush=True)
+        results[method] = {"cells": cells, "leak_content": sum(leaks_c) / len(leaks_c), "leak_style": sum(leaks_s) / len(leaks_s)}
+
+    summary = ["| method | shape acc | style acc | content adapter draws its images' stripes | style adapter draws its images' shapes |",
+               "|---|---|---|---|---|"]
+    for method, r in results.items():
+        cells = list(r["cells"].values())
+        summary.append(f"| {method} | {sum(c[0] for c in cells) / len(cells):.2f} | {sum(c[1] for c in cells) / len(cells):.2f} | "
+                       f"{r['leak_content']:.2f} | {r['leak_style']:.2f} |")
+    grid = ["| cell (shape x style) | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
+    for shape in SHAPES:
+        for style in STYLES:
+            grid.append(f"| {shape} x {style} | " + " | ".join(
+                f"{r['cells'][(shape, style)][0]:.1f} / {r['cells'][(shape, style)][1]:.1f}" for r in results.values()) + " |")
+    text = (f"## Content x style: combining a subject adapter with a style adapter\n\nCommand: `python bench/content_style.py` "
+            f"(revision {git_revision()}; {machine()}). {args.steps} steps per adapter; prompt \"{PROMPT}\"; {args.n} seeds "
+            f"per cell. Content images: each held-out shape striped, 4 colours; style images: base shapes in each held-out "
+            f"style. Leakage: each adapter alone with the same prompt.\n\n" + "\n".join(summary) +
+            "\n\nPer cell, shape acc / style acc:\n\n" + "\n".join(grid) + "\n")
+    print(text)
+    write_section("content-style", text)
+
+
+if __name__ == "__main__":
+    main()
