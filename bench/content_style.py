@@ -85,11 +85,12 @@ def main() -> None:
     parser.add_argument("--work", default="runs/bench-content-style")
     parser.add_argument("--n", type=int, default=10)
     parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--lr", type=float, default=1e-3, help="above the trainers' default, so each adapter learns enough to be read")
     args = parser.parse_args()
     work = Path(args.work)
     judge = load_judge()
     pipe = load_pipeline(EMBEDDED_MODEL)
-    common = {"steps": args.steps, "checkpoint_every": 0, "class_data": str(work / "class")}
+    common = {"steps": args.steps, "lr": args.lr, "checkpoint_every": 0, "class_data": str(work / "class")}
 
     def dreambooth(data: Path, out: Path, prompt: str, token: str, captions: bool) -> Path:
         return train(DreamBooth(), build_config(DreamBoothConfig, {}, {
@@ -159,7 +160,7 @@ def main() -> None:
             grid.append(f"| {shape} x {style} | " + " | ".join(
                 f"{r['cells'][(shape, style)][0]:.1f} / {r['cells'][(shape, style)][1]:.1f}" for r in results.values()) + " |")
     text = (f"## Content x style: combining a subject adapter with a style adapter\n\nCommand: `python bench/content_style.py` "
-            f"(revision {git_revision()}; {machine()}). {args.steps} steps per adapter; prompt \"{PROMPT}\"; {args.n} seeds "
+            f"(revision {git_revision()}; {machine()}). {args.steps} steps per adapter at lr {args.lr:g}; prompt \"{PROMPT}\"; {args.n} seeds "
             f"per cell. Content images: each held-out shape striped, 4 colours; style images: base shapes in each held-out "
             f"style. Leakage: each adapter alone with the same prompt.\n\n" + "\n".join(summary) +
             "\n\nPer cell, shape acc / style acc:\n\n" + "\n".join(grid) + "\n")
