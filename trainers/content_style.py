@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from studio.trainers.config import command_from_config, run_command
 from studio.trainers.data import group_by_size, load_images
 from studio.trainers.dreambooth import UNET_TARGETS, DreamBooth, DreamBoothConfig, run_trainer
-from studio.trainers.loop import Context, _help, denoise_losses, shard
+from studio.trainers.loop import Context, _help, denoise_losses
 
 from studio.adapters import Adapter, AdapterMeta, LoraWeights, save_adapter
 from studio.adapters.form import canonical_name
@@ -165,18 +165,6 @@ class ContentStyle(DreamBooth):
             params += attach_pair(unet.get_submodule(path), rank, alpha, ctx.store["router"], cfg.orthogonal, cfg.seed * 100_003 + i)
         return params
 
-    def _draw(self, ctx: Context, groups, rng, n: int):
-        import itertools
-
-        chosen = 0
-        if len(groups) > 1:
-            pick = rng.randrange(sum(len(g[0]) for g in groups))
-            chosen = next(i for i, end in enumerate(itertools.accumulate(len(g[0]) for g in groups)) if pick < end)
-        lat, ids, texts = groups[chosen]
-        idx = torch.tensor([rng.randrange(len(lat)) for _ in range(n)])
-        mine = idx[shard(ctx, n)]
-        return lat[idx], self._cond(ctx, [texts[i] for i in mine], ids[mine])
-
     def loss(self, ctx: Context, step: int, micro: int, g: torch.Generator, rng) -> torch.Tensor:
         cfg: ContentStyleConfig = ctx.cfg
         n = cfg.batch_size * ctx.accelerator.num_processes
@@ -187,22 +175,16 @@ class ContentStyle(DreamBooth):
             idx = torch.tensor([rng.randrange(len(cls)) for _ in range(n)])
             parts.append((cls[idx], self._cond(ctx, [ctx.store["prompts"]["class"]] * cfg.batch_size)))
             owners.append(BOTH)
-        # the router must follow the order in which denoise_losses batches the parts: sizes grouped,
-        # in order of first appearance (square buckets and class images share one pass)
-        sizes: dict[tuple, list[int]] = {}
-        for i, (lat, _) in enumerate(parts):
-            sizes.setdefault(tuple(lat.shape[1:]), []).append(i)
         router: Router = ctx.store["router"]
-        losses = []
-        for members in sizes.values():
+
+        def route(members: list[int]) -> None:  # before each UNet pass: who owns which example
             router.owner = torch.cat([torch.full((cfg.batch_size,), owners[i]) for i in members]).to(ctx.accelerator.device)
-            got = denoise_losses(ctx, [parts[i] for i in members], g)
-            losses += list(zip(members, got))
+
+        losses = denoise_losses(ctx, parts, g, before_pass=route)
         router.owner = None
-        by_part = dict(losses)
-        total = by_part[0] + by_part[1]
+        total = losses[0] + losses[1]
         if cfg.prior_preservation:
-            total = total + cfg.prior_weight * by_part[2]
+            total = total + cfg.prior_weight * losses[2]
         return total
 
     def extract(self, ctx: Context, components: list[str], meta: AdapterMeta) -> Adapter:

@@ -183,18 +183,22 @@ class DreamBooth:
             added = {"text_embeds": torch.cat([encoded[p]["pooled"] for p in prompts]), "time_ids": ids.to(embeds.device)}
         return {"embeds": embeds, "added": added}
 
+    def _draw(self, ctx: Context, groups, rng: random.Random, n: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """A global batch of ``n`` from one bucket of ``groups`` (chosen with probability proportional to
+        its images): its latents and this process's share of the conditioning."""
+        chosen = 0
+        if len(groups) > 1:
+            pick = rng.randrange(sum(len(g[0]) for g in groups))
+            chosen = next(i for i, end in enumerate(itertools.accumulate(len(g[0]) for g in groups)) if pick < end)
+        lat, ids, texts = groups[chosen]
+        idx = torch.tensor([rng.randrange(len(lat)) for _ in range(n)])
+        mine = idx[shard(ctx, n)]
+        return lat[idx], self._cond(ctx, [texts[i] for i in mine], ids[mine])
+
     def loss(self, ctx: Context, step: int, micro: int, g: torch.Generator, rng: random.Random) -> torch.Tensor:
         cfg: DreamBoothConfig = ctx.cfg
         n = cfg.batch_size * ctx.accelerator.num_processes  # the global batch; denoise_loss takes our share
-        groups = ctx.store["instance"]
-        chosen = 0
-        if len(groups) > 1:  # a batch comes from one bucket, chosen with probability proportional to its images
-            pick = rng.randrange(sum(len(g[0]) for g in groups))
-            chosen = next(i for i, end in enumerate(itertools.accumulate(len(g[0]) for g in groups)) if pick < end)
-        inst, ids, texts = groups[chosen]
-        idx = torch.tensor([rng.randrange(len(inst)) for _ in range(n)])
-        mine = idx[shard(ctx, n)]
-        parts = [(inst[idx], self._cond(ctx, [texts[i] for i in mine], ids[mine]))]
+        parts = [self._draw(ctx, ctx.store["instance"], rng, n)]
         if cfg.prior_preservation:
             cls = ctx.store["class"]
             idx = torch.tensor([rng.randrange(len(cls)) for _ in range(n)])

@@ -227,9 +227,10 @@ def denoise_loss(ctx: Context, latents: torch.Tensor, cond: dict[str, torch.Tens
 
 
 def denoise_losses(ctx: Context, parts: list[tuple[torch.Tensor, dict[str, Any]]], g: torch.Generator,
-                   reduction: str = "mean") -> list[torch.Tensor]:
+                   reduction: str = "mean", before_pass=None) -> list[torch.Tensor]:
     """:func:`denoise_loss` of several global batches (e.g. instance and prior examples), drawn from
-    ``g`` in order; those with the same latent size go through the UNet as one batch."""
+    ``g`` in order; those with the same latent size go through the UNet as one batch.
+    ``before_pass(indices)`` is called before each UNet pass with the parts it concatenates, in order."""
     sched = ctx.noise_scheduler
     if sched.config.prediction_type not in ("v_prediction", "epsilon"):
         raise ValueError(f"prediction type {sched.config.prediction_type!r} is not supported (epsilon, v_prediction)")
@@ -254,6 +255,8 @@ def denoise_losses(ctx: Context, parts: list[tuple[torch.Tensor, dict[str, Any]]
         added = None
         if prepared[members[0]][2].get("added") is not None:
             added = {k: torch.cat([prepared[i][2]["added"][k] for i in members]) for k in prepared[members[0]][2]["added"]}
+        if before_pass is not None:
+            before_pass(members)
         pred = unet(noisy, t, embeds, added_cond_kwargs=added).sample
         start = 0
         for i in members:
