@@ -28,11 +28,15 @@ def machine() -> str:
 
 
 def git_revision() -> str:
+    """The commit measured; "+ uncommitted changes" when the code differs from it (the change that lands next)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=BENCHMARKS.parent, check=True).stdout.strip()
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=BENCHMARKS.parent, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs/benchmarks.md"],
+                               capture_output=True, text=True, cwd=BENCHMARKS.parent, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return f"{rev} + uncommitted changes" if dirty else rev
 
 
 def write_section(name: str, body: str) -> None:

@@ -1,5 +1,33 @@
 """Composers (``studio.composers``): combine several adapters at sampling time.
 
-CLoRA, LoRA-Composer, gated fusion, orthogonal merging and the naive weighted sum arrive with
-their issue; see docs/architecture.md.
+The protocol and the naive weighted sum are in :mod:`.base`; each method is a module:
+``clora`` (CLoRA), ``lora_composer`` (LoRA-Composer), ``gated`` (AutoLoRA-style gates),
+``orthogonal`` (DO-Merging; merges into one adapter). ``METHODS`` lists them by the name ``studio generate --compose`` takes.
 """
+
+from __future__ import annotations
+
+import importlib
+
+from studio.composers.base import Composer, Concept, compose, composing, parse_region
+
+METHODS = {
+    "naive": "studio.composers.base:Composer",
+    "clora": "studio.composers.clora:CLoRA",
+    "lora-composer": "studio.composers.lora_composer:LoRAComposer",
+    "gated": "studio.composers.gated:Gated",
+    "orthogonal": "studio.composers.orthogonal:Orthogonal",
+}
+
+
+def get_composer(method, **options) -> Composer:
+    """A composer by name (see ``METHODS``) with its options, or ``method`` itself if it is one."""
+    if isinstance(method, Composer):
+        return method
+    if method not in METHODS:
+        raise ValueError(f"unknown composer {method!r}; choose one of {', '.join(METHODS)}")
+    module, _, cls = METHODS[method].partition(":")
+    return getattr(importlib.import_module(module), cls)(**options)
+
+
+__all__ = ["METHODS", "Composer", "Concept", "compose", "composing", "get_composer", "parse_region"]

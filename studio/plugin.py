@@ -2,8 +2,9 @@
 
 Every targeted ``nn.Linear``/``nn.Conv2d`` is swapped for a :class:`LoraStack` that keeps the
 original module and adds ``sum_i weight_i * (alpha_i / rank_i) * up_i(down_i(x))``; detaching puts
-the original modules back, so the pipeline is exactly what it was. Composers (later) hook into the
-same stack to gate each adapter per token or region.
+the original modules back, so the pipeline is exactly what it was. Composers (``studio.composers``)
+set a stack's ``router`` to gate each adapter per token or region; ``compose``/``composing`` are
+re-exported here for plugin users.
 
     >>> from studio.families import load_pipeline
     >>> from studio.plugin import attach, detach
@@ -53,6 +54,11 @@ class LoraStack(nn.Module):
         self.scales: list[float] = []  # alpha / rank
         self.weights: list[float] = []
         self.fused_from: torch.Tensor | None = None  # the base weight before fusing, kept for an exact unfuse
+        # a composer's router (``studio.composers.base.Run``) sets each adapter's weight per call: a number or
+        # a tensor over the output's tokens (per region, per text token); None: the fixed ``weights``
+        self.router = None
+        self._packed = None  # the adapters stacked for the fused kernel (studio.kernels.lora.Packed), rebuilt on change
+        self.text_input = False  # True for a cross-attention key/value projection (its input is the prompt's tokens)
 
     def add(self, name: str, down: torch.Tensor, up: torch.Tensor, scale: float, weight: float) -> None:
         ref = self.base.weight
@@ -75,6 +81,7 @@ class LoraStack(nn.Module):
         self.names.append(name)
         self.scales.append(scale)
         self.weights.append(weight)
+        self._packed = None
 
     def delta(self) -> torch.Tensor:
         total = torch.zeros_like(self.base.weight, dtype=torch.float32)
@@ -83,12 +90,28 @@ class LoraStack(nn.Module):
             total += w * s * (up @ down if down.ndim == 2 else torch.einsum("or,rikl->oikl", up, down))
         return total
 
+    def packed(self):
+        from studio.kernels.lora import Packed
+
+        p = self._packed
+        ref = self.downs[0].weight
+        if p is None or p.down.device != ref.device or p.down.dtype != ref.dtype:
+            p = self._packed = Packed.pack([d.weight for d in self.downs], [u.weight for u in self.ups], self.scales)
+        return p
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_from is not None or not self.downs:
+            return self.base(x)
+        weights = self.weights if self.router is None else self.router.gates(self, x)
+        if isinstance(self.base, nn.Linear):  # every adapter in two GEMMs (studio.kernels), gates in rank space
+            from studio.kernels.lora import multi_lora_linear
+
+            return multi_lora_linear(x, self.base.weight, self.base.bias, self.packed(), weights)
         out = self.base(x)
-        if self.fused_from is not None:
-            return out
-        for d, u, s, w in zip(self.downs, self.ups, self.scales, self.weights):
-            if w:
+        for d, u, s, w in zip(self.downs, self.ups, self.scales, weights):
+            if isinstance(w, torch.Tensor):
+                out = out + (s * w) * u(d(x))
+            elif w:
                 out = out + (w * s) * u(d(x))
         return out
 
@@ -235,8 +258,45 @@ def detach(pipe) -> None:
     pipe._studio_attached = None
 
 
+def remove(pipe, names: list[str]) -> None:
+    """Remove the named adapters; a layer left without adapters gets its original module back."""
+    handle = _handle(pipe)
+    unknown = set(names) - set(handle.names)
+    if unknown:
+        raise ValueError(f"no attached adapter named {', '.join(sorted(unknown))}; attached: {', '.join(handle.names)}")
+    unfuse(pipe)
+    for canonical, stack in list(handle.stacks.items()):
+        keep = [i for i, n in enumerate(stack.names) if n not in names]
+        if not keep:
+            _put(getattr(pipe, canonical.partition(".")[0]), stack.path, stack.base)
+            del handle.stacks[canonical]
+            continue
+        stack._packed = None
+        stack.downs = nn.ModuleList([stack.downs[i] for i in keep])
+        stack.ups = nn.ModuleList([stack.ups[i] for i in keep])
+        for attr in ("names", "scales", "weights"):
+            setattr(stack, attr, [getattr(stack, attr)[i] for i in keep])
+    handle.names = [n for n in handle.names if n not in names]
+    if not handle.names:
+        pipe._studio_attached = None
+
+
 def _handle(pipe) -> Attached:
     handle = getattr(pipe, "_studio_attached", None)
     if handle is None:
         raise ValueError("no adapters are attached to this pipeline")
     return handle
+
+
+def compose(pipe, method, prompt, concepts, **kwargs):
+    """Sample ``prompt`` with several adapters combined by a composer (see :func:`studio.composers.compose`)."""
+    from studio.composers import compose as _compose
+
+    return _compose(pipe, method, prompt, concepts, **kwargs)
+
+
+def composing(pipe, method, prompt, concepts, **kwargs):
+    """Context manager: adapters + composer installed on ``pipe`` (see :func:`studio.composers.composing`)."""
+    from studio.composers import composing as _composing
+
+    return _composing(pipe, method, prompt, concepts, **kwargs)

@@ -15,7 +15,7 @@ _warned: set[str] = set()
 def check_prompt(prompt: str) -> None:
     """Reject an empty prompt; warn once per word the world's grammar does not know."""
     parsed = parse_prompt(prompt)  # raises ValueError on an empty prompt
-    new = [w for w in parsed.unknown if w not in _warned]
+    new = [w for w in dict.fromkeys(parsed.unknown) if w not in _warned]
     if new:
         _warned.update(new)
         warnings.warn(f"unknown word(s) in prompt {prompt!r}: {', '.join(new)}; generating anyway", stacklevel=2)

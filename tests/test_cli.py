@@ -12,7 +12,7 @@ def run(*args, **kw):
 
 
 @pytest.mark.parametrize("verb", [[], ["generate"], ["world"], ["world", "render"], ["world", "pretrain"],
-                                  ["export"], ["eval"], ["eval", "prompts"], ["eval", "judge"], ["eval", "train-judge"]])
+                                  ["export"], ["merge"], ["eval"], ["eval", "prompts"], ["eval", "judge"], ["eval", "train-judge"]])
 def test_help_on_every_verb(verb):
     r = run(*verb, "--help")
     assert r.returncode == 0, r.stderr
@@ -107,3 +107,61 @@ def test_generate_with_adapters(tmp_path):
     assert np.abs(pixels["base"] - pixels["on"]).max() > 10
     r = run("generate", "a red circle", "-o", str(tmp_path / "x.png"), "--adapter", f"{path}:9")
     assert r.returncode == 2 and "out of range" in r.stderr and not (tmp_path / "x.png").exists()
+
+
+def _two_adapters(tmp_path):
+    import torch
+
+    from studio.adapters import Adapter, AdapterMeta, LoraWeights, save_adapter
+
+    g = torch.Generator().manual_seed(0)
+    q = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    paths = []
+    for token in ("sks", "zwx"):
+        adapter = Adapter({q: LoraWeights(torch.randn(4, 96, generator=g), torch.randn(96, 4, generator=g), 4.0)},
+                          AdapterMeta(token=token, class_noun="shape"))
+        paths.append(save_adapter(adapter, tmp_path / f"{token}.safetensors"))
+    return paths
+
+
+def test_generate_composed_and_its_errors(tmp_path):
+    a, b = _two_adapters(tmp_path)
+    out = tmp_path / "pair.png"
+    prompt = "a sks shape on the left and a zwx shape on the right"
+    r = run("generate", prompt, "-a", str(a), "-a", str(b), "--compose", "lora-composer", "-r", "left", "-r", "right",
+            "--steps", "3", "-n", "2", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert Image.open(out).size == (128, 64)
+    for extra, message in (
+        (["--compose", "magic"], "--compose 'magic' is not a composer; choose one of naive, clora"),
+        (["--compose", "lora-composer", "-r", "left"], "give one --region per --adapter: 2 adapters, 1 regions"),
+        (["--compose", "lora-composer", "-r", "left", "-r", "0.7,0,0.2,1"], "--region: region '0.7,0,0.2,1' is not a region"),
+        (["--compose", "lora-composer"], "lora-composer needs a region for every concept; none for sks, zwx"),
+    ):
+        r = run("generate", prompt, "-a", str(a), "-a", str(b), *extra, "-o", str(tmp_path / "x.png"), "--steps", "2")
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("warning")]
+        assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
+    r = run("generate", "a red circle", "-a", str(a), "-a", str(b), "--compose", "clora", "-o", str(tmp_path / "x.png"))
+    assert r.returncode == 2 and "concept 'sks': none of its words 'sks shape' is in the prompt" in r.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_merge_writes_one_adapter_with_the_summed_update(tmp_path):
+    import torch
+
+    from studio.adapters import load_adapter
+
+    a, b = _two_adapters(tmp_path)
+    out = tmp_path / "merged.safetensors"
+    r = run("merge", str(a), f"{b}:0.5", "--method", "sum", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    merged, la, lb = (next(iter(load_adapter(p).modules.values())) for p in (out, a, b))
+    assert merged.rank == 8
+    assert torch.allclose(merged.delta(), la.delta() + 0.5 * lb.delta(), atol=1e-5)
+    r = run("merge", str(a), str(b), "-o", str(tmp_path / "orth.safetensors"))
+    assert r.returncode == 0, r.stderr
+    assert load_adapter(tmp_path / "orth.safetensors").meta.trainer == "merge:orthogonal"
+    r = run("merge", str(a), str(b), "--method", "average", "-o", str(tmp_path / "y.safetensors"))
+    assert r.returncode == 2 and "--method 'average': choose orthogonal or sum" in r.stderr
+    r = run("merge", str(a), str(b), "-o", str(a))
+    assert r.returncode == 2 and "is one of the inputs" in r.stderr

@@ -150,6 +150,7 @@ def test_empty_or_unreadable_data_is_a_clear_error(tmp_path):
         (["--data", "{empty}"], "is empty"),
         (["--data", "{stars}", "--rank", "0"], "--rank 0 is out of range; accepted: 1 to 256"),
         (["--data", "{stars}", "--steps", "-1"], "--steps must be a positive integer"),
+        (["--data", "{stars}", "--orthogonal-basis", "7"], "--orthogonal-basis '7': give SEED:INDEX"),
     ],
 )
 def test_bad_training_input_gives_one_line_error_and_writes_no_adapter(tmp_path, args, message):
@@ -309,3 +310,29 @@ def test_two_processes_train_what_one_process_with_twice_the_batch_trains(tmp_pa
         torch.testing.assert_close(a.modules[k].up, b.modules[k].up, rtol=1e-3, atol=2e-5)
         torch.testing.assert_close(a.modules[k].down, b.modules[k].down, rtol=1e-3, atol=2e-5)
     assert any(w.up.abs().max() > 1e-4 for w in a.modules.values())
+
+
+def test_orthogonal_basis_gives_concepts_orthogonal_frozen_downs(tmp_path):
+    """Orthogonal Adaptation: two concepts trained with one basis seed and different slices have
+    down-projections that are orthonormal rows of the same basis, orthogonal to each other, unchanged by
+    training; only the ups learned."""
+    from studio.trainers.dreambooth import DreamBooth
+    from studio.trainers.loop import orthonormal_rows, train
+
+    data = star_folder(tmp_path / "stars", 2)
+    adapters = []
+    for index in (0, 1):
+        cfg = build_config(DreamBoothConfig, {}, {"data": str(data), "output": str(tmp_path / f"run{index}"), "steps": 2,
+                                                  "batch_size": 2, "rank": 4, "num_class_images": 2,
+                                                  "class_data": str(tmp_path / "class"), "checkpoint_every": 0,
+                                                  "orthogonal_basis": f"7:{index}"})
+        adapters.append(train(DreamBooth(), cfg))
+    a, b = (load_adapter(x) for x in adapters)
+    assert a.meta.extra["orthogonal_basis"] == "7:0" and b.meta.extra["orthogonal_basis"] == "7:1"
+    assert a.modules.keys() == b.modules.keys()
+    for name in a.modules:
+        da, db = a.modules[name].down, b.modules[name].down
+        basis = orthonormal_rows(da.shape[1], 8, 7)
+        assert torch.allclose(da, basis[:4], atol=1e-6) and torch.allclose(db, basis[4:], atol=1e-6)
+        assert torch.allclose(da @ db.T, torch.zeros(4, 4), atol=1e-5)
+    assert max(float(m.up.abs().max()) for m in a.modules.values()) > 0  # the ups trained (they start at zero)

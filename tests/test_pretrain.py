@@ -10,15 +10,17 @@ from studio.world.pretrain import PretrainConfig, pretrain
 def _cfg(tmp, name, unet_steps):
     return PretrainConfig(out=str(tmp / name / "model"), work_dir=str(tmp / name / "work"), n_scenes=48,
                           vae_steps=3, vae_batch=4, unet_steps=unet_steps, unet_batch=4, warmup=10,
-                          checkpoint_every=2, monitor_every=0, zero_snr_from=2)  # steps 2, 3: zero-terminal SNR
+                          checkpoint_every=2, monitor_every=0, zero_snr_from=2, lr_ends=())  # steps 2, 3: zero-terminal SNR
 
 
 def test_learning_rate_phases():
-    cfg = PretrainConfig(unet_steps=5000, zero_snr_from=3000)
+    cfg = PretrainConfig(unet_steps=5000, zero_snr_from=3000, lr_ends=())
     assert [cfg.lr_total(s) for s in (0, 2999, 3000, 4999)] == [3000, 3000, 5000, 5000]
+    shipped = PretrainConfig()  # the shipped weights' schedule: cosines to 3000, 5000 and 7000
+    assert [shipped.lr_total(s) for s in (0, 2999, 3000, 4999, 5000, 6999)] == [3000, 3000, 5000, 5000, 7000, 7000]
     assert [cfg.zero_snr_at(s) for s in (0, 2999, 3000)] == [False, False, True]
     assert not PretrainConfig(zero_snr_from=-1).zero_snr_at(10**6) and PretrainConfig(zero_snr_from=0).zero_snr_at(0)
-    assert PretrainConfig(unet_steps=3000, zero_snr_from=-1).lr_total(10) == 3000
+    assert PretrainConfig(unet_steps=3000, zero_snr_from=-1, lr_ends=()).lr_total(10) == 3000
 
 
 def test_pretrain_resumes_to_the_same_weights(tmp_path):

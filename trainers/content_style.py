@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from studio.trainers.config import command_from_config, run_command
 from studio.trainers.data import group_by_size, load_images
 from studio.trainers.dreambooth import UNET_TARGETS, DreamBooth, DreamBoothConfig, run_trainer
-from studio.trainers.loop import Context, _help, denoise_losses
+from studio.trainers.loop import Context, _help, denoise_losses, orthonormal_rows
 
 from studio.adapters import Adapter, AdapterMeta, LoraWeights, save_adapter
 from studio.adapters.form import canonical_name
@@ -70,15 +70,6 @@ class Router:
 
     def __init__(self) -> None:
         self.owner: torch.Tensor | None = None
-
-
-def orthonormal_rows(d_in: int, n: int, seed: int) -> torch.Tensor:
-    """``n`` orthonormal rows of length ``d_in`` (a seeded random basis: the same on resume)."""
-    if n > d_in:
-        raise ValueError(f"--orthogonal needs 2 x rank <= the layer's input size; got rank {n // 2} for {d_in} inputs")
-    g = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(d_in, n, generator=g))
-    return q.T.contiguous()
 
 
 def attach_pair(layer: torch.nn.Linear, rank: int, alpha: float, router: Router, orthogonal: bool, seed: int) -> list[torch.nn.Parameter]:

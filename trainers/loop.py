@@ -62,6 +62,11 @@ class TrainConfig:
     singlora_ramp: int = field(
         default=0, metadata=_help("SingLoRA's ramp u(t) = min(t/T, 1): T in steps; 0: a tenth of --steps.")
     )
+    orthogonal_basis: str = field(
+        default="", metadata=_help("SEED:INDEX: fix each LoRA down-projection to slice INDEX of one seeded orthonormal"
+                                   " basis per layer and train only the ups (Orthogonal Adaptation): concepts trained with"
+                                   " the same SEED and different INDEX merge without interfering.")
+    )
     rank: int = field(default=8, metadata=_help("LoRA rank (1-256)."))
     alpha: float = field(default=0.0, metadata=_help("LoRA alpha; 0: equal to the rank (scale 1)."))
     seed: int = field(default=0, metadata=_help("Seed for LoRA init, examples, noise and timesteps."))
@@ -87,6 +92,10 @@ class TrainConfig:
             raise ValueError(f"--alpha must be 0 (= rank) or positive, got {self.alpha}")
         if self.adapter not in ("lora", "singlora"):
             raise ValueError(f"--adapter {self.adapter!r}; accepted: lora, singlora")
+        if self.orthogonal_basis:
+            parse_basis(self.orthogonal_basis)
+            if self.adapter != "lora":
+                raise ValueError("--orthogonal-basis works with --adapter lora only")
         if self.singlora_ramp < 0:
             raise ValueError(f"--singlora-ramp must be 0 (a tenth of the steps) or positive, got {self.singlora_ramp}")
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
@@ -155,6 +164,48 @@ def _optimizer(params, cfg: TrainConfig):
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
 
 
+def parse_basis(text: str) -> tuple[int, int]:
+    """``SEED:INDEX`` of ``--orthogonal-basis``."""
+    seed, sep, index = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        seed_i, index_i = int(seed), int(index)
+        if index_i < 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"--orthogonal-basis {text!r}: give SEED:INDEX with whole numbers, INDEX >= 0, e.g. 7:0") from None
+    return seed_i, index_i
+
+
+def orthonormal_rows(d_in: int, n: int, seed: int) -> torch.Tensor:
+    """``n`` orthonormal rows of length ``d_in`` (a seeded random basis: the same on resume, and the same
+    for every run that uses the seed)."""
+    if n > d_in:
+        raise ValueError(f"an orthonormal basis of {n} rows needs at least {n} inputs; the layer has {d_in}"
+                         " (lower the rank or the basis index)")
+    g = torch.Generator().manual_seed(seed)
+    # drawn row by row, so the first k rows are the same whatever n: slices of one basis agree across runs
+    q, _ = torch.linalg.qr(torch.randn(n, d_in, generator=g).T)
+    return q.T.contiguous()
+
+
+def fix_orthogonal_downs(model: torch.nn.Module, rank: int, seed: int, index: int) -> None:
+    """Orthogonal Adaptation: every peft LoRA down-projection in ``model`` becomes rows
+    ``index*rank .. (index+1)*rank`` of the layer's seeded orthonormal basis, frozen."""
+    for module in model.modules():
+        lora_a = getattr(module, "lora_A", None)
+        if not isinstance(lora_a, torch.nn.ModuleDict) or "default" not in lora_a:
+            continue
+        layer = lora_a["default"]
+        if not isinstance(layer, torch.nn.Linear):
+            continue
+        rows = orthonormal_rows(layer.in_features, (index + 1) * rank, seed)[index * rank :]
+        with torch.no_grad():
+            layer.weight.copy_(rows.to(layer.weight))
+        layer.weight.requires_grad_(False)
+
+
 def inject_lora(ctx: Context, targets: dict[str, list[str]], rank: int, alpha: float) -> list[torch.nn.Parameter]:
     """The adapter on the target modules: peft LoRA (B starts at zero: the first step is the base
     model) or, with ``--adapter singlora``, one SingLoRA matrix per module (its ramp starts at 0)."""
@@ -175,7 +226,11 @@ def inject_lora(ctx: Context, targets: dict[str, list[str]], rank: int, alpha: f
                 singlora.attach(model.get_submodule(path), rank, alpha, ctx.store["clock"])
         else:
             model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=paths, init_lora_weights=True))
-        params += [p for n, p in model.named_parameters() if "lora_" in n]
+        if getattr(ctx.cfg, "orthogonal_basis", ""):
+            fix_orthogonal_downs(model, rank, *parse_basis(ctx.cfg.orthogonal_basis))
+            params += [p for n, p in model.named_parameters() if "lora_" in n and "lora_A" not in n]
+        else:
+            params += [p for n, p in model.named_parameters() if "lora_" in n]
     for p in params:
         p.requires_grad_(True)
     return params
@@ -375,6 +430,8 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
         if clock is not None:
             clock.step = cfg.steps  # the ramp's value after the last step
             meta.extra.update(adapter="singlora", singlora_ramp=clock.ramp_steps)
+        if cfg.orthogonal_basis:
+            meta.extra.update(orthogonal_basis=cfg.orthogonal_basis)
         if hasattr(trainer, "extract"):
             adapter = trainer.extract(ctx, components, meta)
         else:

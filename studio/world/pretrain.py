@@ -56,7 +56,7 @@ class PretrainConfig:
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
     vae_warmup: int = 100
-    unet_steps: int = 5000
+    unet_steps: int = 7000
     unet_batch: int = 32
     unet_lr: float = 5e-4
     warmup: int = 200
@@ -70,16 +70,19 @@ class PretrainConfig:
     # learning rate follows a cosine to this step, then the cosine of the whole run from here on.
     # 0: zero-SNR from the start; -1: never (the first shipped weights: 3000 steps, never).
     zero_snr_from: int = 3000
+    # the learning rate's cosine restarts: up to each listed step it follows the cosine of a run that
+    # long, then the next (the shipped weights: to 3000, to 5000, to unet_steps). Empty: only the
+    # zero_snr_from switch.
+    lr_ends: tuple[int, ...] = (3000, 5000)
     standardize_latents: bool = False  # variant: per-channel latent standardization folded into the VAE
 
     def zero_snr_at(self, step: int) -> bool:
         return 0 <= self.zero_snr_from <= step
 
     def lr_total(self, step: int) -> int:
-        """The length of the cosine the learning rate follows at ``step`` (see ``zero_snr_from``)."""
-        if 0 < self.zero_snr_from < self.unet_steps and step < self.zero_snr_from:
-            return self.zero_snr_from
-        return self.unet_steps
+        """The length of the cosine the learning rate follows at ``step`` (see ``lr_ends``, ``zero_snr_from``)."""
+        ends = [*self.lr_ends] if self.lr_ends else ([self.zero_snr_from] if self.zero_snr_from > 0 else [])
+        return min([e for e in ends if step < e < self.unet_steps] + [self.unet_steps])
 
 
 def _lr(step: int, total: int, base: float, warmup: int) -> float:

@@ -1,0 +1,264 @@
+"""Sampling speed with several adapters: the studio's fused multi-LoRA path (with region masks) against
+the base model, peft's multi-adapter path and merged weights, side by side in one process.
+
+What is timed is one denoising step: a UNet forward with a guidance batch of 2 (sampling is that,
+times the number of steps, plus one VAE decode; the ratios per step are what adapters change).
+Every configuration is warmed up once, then all are run round-robin ``--repeats`` times; the table
+gives medians and ratios.
+
+Models: the embedded model's UNet at 64x64 (``embedded``); a full-size SDXL UNet built from SDXL's
+configuration with random weights at 512x512 (``sdxl``; speed needs no trained weights). Adapters:
+random LoRA on every attention projection (to_q, to_k, to_v, to_out.0), rank 16 or 64.
+
+- ``studio, masked``: N adapters attached with ``studio.plugin`` and routed by a LoRA-Composer region
+  gate (N vertical stripes), i.e. ``base(x) + sum_i m_i ⊙ s_i (x A_i^T) B_i^T`` in two GEMMs per layer;
+- ``peft``: the same adapters as peft LoRA layers on the UNet, ``set_adapters`` with weights, unfused;
+- ``merged``: one adapter fused into the weights (for N = 1: the unfused single adapter against it).
+
+Also: the FLOPs of the studio's masked forward (``torch.utils.flop_counter``) against the analytical
+count (base FLOPs + ``2 M R (d_in + d_out)`` per adapted layer with M tokens), and the largest difference
+between the studio's and peft's outputs (unmasked, same adapters).
+
+    python bench/speed.py                         # embedded model, N = 1 2 4 8, ranks 16 64
+    python bench/speed.py --models sdxl --repeats 3
+
+Prints a table and writes the ``speed-<model>`` section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import git_revision, machine, write_section  # noqa: E402
+
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, norm_num_groups=32,
+)
+
+
+def build(model: str):
+    """(unet, sample input kwargs, latent side)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    if model == "embedded":
+        from studio.families import EMBEDDED_MODEL
+
+        unet = UNet2DConditionModel.from_pretrained(str(EMBEDDED_MODEL), subfolder="unet")
+        side = 16
+    else:
+        unet = UNet2DConditionModel(**SDXL_UNET)
+        side = 64
+    unet.eval().requires_grad_(False)
+    cfg = unet.config
+    batch = 2
+    g = torch.Generator().manual_seed(1)
+    time_ids = torch.tensor([[side * 8, side * 8, 0, 0, side * 8, side * 8]], dtype=torch.float32).repeat(batch, 1)
+    pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    inputs = dict(sample=torch.randn(batch, cfg.in_channels, side, side, generator=g), timestep=torch.tensor(500),
+                  encoder_hidden_states=torch.randn(batch, 77, cfg.cross_attention_dim, generator=g),
+                  added_cond_kwargs={"text_embeds": torch.randn(batch, pooled, generator=g), "time_ids": time_ids})
+    return unet, inputs, side
+
+
+def random_adapters(unet, n: int, rank: int):
+    import torch
+
+    from studio.adapters import Adapter, AdapterMeta, LoraWeights
+
+    out = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(100 + i)
+        modules = {}
+        for name, m in unet.named_modules():
+            if isinstance(m, torch.nn.Linear) and name.endswith(TARGETS) and ("attn1" in name or "attn2" in name):
+                modules[f"unet.{name}"] = LoraWeights(torch.randn(rank, m.in_features, generator=g) * 0.01,
+                                                      torch.randn(m.out_features, rank, generator=g) * 0.01, float(rank))
+        out.append(Adapter(modules, AdapterMeta(token=f"c{i}")))
+    return out
+
+
+class Studio:
+    """The plugin's adapters on the UNet, gated by region stripes through a composer's router."""
+
+    def __init__(self, unet, adapters, side: int, masked: bool = True):
+        from studio.composers import Concept
+        from studio.composers.base import Run
+        from studio.composers.lora_composer import LoRAComposer
+
+        from studio.plugin import attach
+
+        self.pipe = SimpleNamespace(unet=unet, text_encoder_2=None, vae_scale_factor=8)  # an SDXL-family holder
+        self.handle = attach(self.pipe, adapters, names=[f"c{i}" for i in range(len(adapters))])
+        n = len(adapters)
+        concepts = [Concept(a, f"c{i}", region=(i / n, 0.0, (i + 1) / n, 1.0)) for i, a in enumerate(adapters)]
+        self.run = Run(self.pipe, LoRAComposer(), "", concepts, side * 8, side * 8) if masked else None
+        from studio.composers.base import cross_kv_layers
+
+        cross = cross_kv_layers(unet)
+        for stack in self.handle.stacks.values():
+            stack.router = self.run
+            stack.text_input = id(stack) in cross
+
+    def close(self):
+        from studio.plugin import detach
+
+        detach(self.pipe)
+
+
+def measure_case(unet, inputs, side: int, rank: int, n: int, repeats: int, base_flops: int):
+    """Median seconds per configuration for N adapters of one rank, and the (rank, N, FLOP ratio, output
+    difference) checks."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def forward():
+        with torch.no_grad():
+            return unet(**inputs).sample
+
+    def counted_flops() -> int:
+        with FlopCounterMode(display=False) as counter:
+            forward()
+        return counter.get_total_flops()
+
+    adapters = random_adapters(unet, n, rank)
+    names = [f"a{i}" for i in range(n)]
+
+    def peft_on():
+        from peft import LoraConfig
+
+        for name, adapter in zip(names, adapters):
+            unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank,
+                                        target_modules=[k[len("unet."):] for k in adapter.modules]), adapter_name=name)
+            with torch.no_grad():
+                for key, lora in adapter.modules.items():
+                    layer = unet.get_submodule(key[len("unet."):])
+                    layer.lora_A[name].weight.copy_(lora.down)
+                    layer.lora_B[name].weight.copy_(lora.up)
+        unet.set_adapters(names, [1.0] * n)
+
+    timings: dict[str, list[float]] = {"base": [], "studio": [], "peft": []}
+    if n == 1:
+        timings.update(single=[], merged=[])
+
+    def timed(label):
+        t0 = time.perf_counter()
+        forward()
+        timings[label].append(time.perf_counter() - t0)
+
+    def peft(label):
+        peft_on()
+        try:
+            timed(label)
+        finally:
+            unet.unload_lora()  # peft's layers out: the UNet's own modules back
+
+    def studio(label, masked=True, fuse=False):
+        from studio.plugin import fuse as fuse_weights
+
+        s = Studio(unet, adapters, side, masked=masked)
+        if fuse:
+            fuse_weights(s.pipe)
+        try:
+            timed(label)
+        finally:
+            s.close()
+
+    # correctness: the studio's unmasked sum against peft's; the masked forward's FLOPs
+    peft_on()
+    peft_out = forward()
+    unet.unload_lora()
+    s = Studio(unet, adapters, side, masked=False)
+    ours = forward()
+    s.close()
+    s = Studio(unet, adapters, side, masked=True)
+    tokens = {}
+    hooks = [st.register_forward_pre_hook(lambda m, a, _n=name: tokens.__setitem__(_n, a[0].shape[:-1].numel()))
+             for name, st in s.handle.stacks.items()]
+    flops = counted_flops()
+    analytic = base_flops + sum(2 * tokens[name] * st.packed().down.shape[0] *
+                                (st.base.in_features + st.base.out_features) for name, st in s.handle.stacks.items())
+    for h in hooks:
+        h.remove()
+    s.close()
+    diff = float((ours - peft_out).abs().max() / peft_out.abs().max())
+    plan = [lambda: timed("base"), lambda: studio("studio"), lambda: peft("peft")]
+    if n == 1:
+        plan += [lambda: studio("single", masked=False), lambda: studio("merged", masked=False, fuse=True)]
+    for step in plan:  # warm-up
+        step()
+    for v in timings.values():
+        v.clear()
+    for _ in range(repeats):
+        for step in plan:
+            step()
+    med = {k: statistics.median(v) for k, v in timings.items()}
+    return med, (rank, n, flops / analytic, diff, flops / base_flops)
+
+
+def main() -> None:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=["embedded"], choices=["embedded", "sdxl"])
+    parser.add_argument("--ns", nargs="*", type=int, default=[1, 2, 4, 8])
+    parser.add_argument("--ranks", nargs="*", type=int, default=[16, 64])
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    for model in args.models:
+        unet, inputs, side = build(model)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            unet(**inputs)
+        base_flops = counter.get_total_flops()
+        rows, checks = [], []
+        for rank in args.ranks:
+            for n in args.ns:
+                med, check = measure_case(unet, inputs, side, rank, n, args.repeats, base_flops)
+                rows.append((rank, n, med))
+                checks.append(check)
+                print(model, rank, n, {k: round(v * 1000, 1) for k, v in med.items()}, check, flush=True)
+        head = ("| rank | N | base ms | studio masked ms | peft ms | studio / base | FLOPs studio / base | peft / studio |"
+                " FLOPs counted / analytical | studio vs peft output |\n|---|---|---|---|---|---|---|---|---|---|\n")
+        body = ""
+        for (rank, n, med), (_, _, flop_ratio, diff, over_base) in zip(rows, checks):
+            body += (f"| {rank} | {n} | {med['base'] * 1000:.1f} | {med['studio'] * 1000:.1f} | {med['peft'] * 1000:.1f} | "
+                     f"**{med['studio'] / med['base']:.3f}** | {over_base:.3f} | **{med['peft'] / med['studio']:.2f}x** | "
+                     f"{flop_ratio:.4f} | {diff:.1e} |\n")
+        singles = [(rank, med) for rank, n, med in rows if n == 1]
+        single = "".join(f"- rank {rank}: one unmasked adapter, unfused {med['single'] * 1000:.1f} ms vs fused into the weights "
+                         f"{med['merged'] * 1000:.1f} ms: **{med['single'] / med['merged']:.3f}x** (goal at most 1.05)\n"
+                         for rank, med in singles)
+        where = "the embedded model's UNet, 64x64 (16x16 latents)" if model == "embedded" else "a full-size SDXL UNet (random weights), 512x512 (64x64 latents)"
+        flags = f" --models {model}" + (f" --repeats {args.repeats}" if args.repeats != 7 else "")
+        flags += (f" --ns {' '.join(map(str, args.ns))}" if args.ns != [1, 2, 4, 8] else "")
+        flags += (f" --ranks {' '.join(map(str, args.ranks))}" if args.ranks != [16, 64] else "")
+        text = (f"## Sampling speed with N adapters: {model}\n\nCommand: `python bench/speed.py{flags}` (revision {git_revision()}; "
+                f"{machine()}). One denoising step (UNet forward, guidance batch 2) of {where}, fp32; medians of "
+                f"{args.repeats} round-robin repeats after a warm-up. Adapters: random LoRA on every attention projection. "
+                "`studio masked`: the plugin's fused path with a region gate per adapter (N vertical stripes); `peft`: the "
+                "same adapters as peft layers with `set_adapters`, unfused. Goals (issue 6): studio / base at most 1.10 at "
+                "N = 4; peft / studio at least 2x at N = 4; FLOPs within 1% of the analytical count.\n\n"
+                f"{head}{body}\n{single}\n`FLOPs studio / base`: the masked multi-adapter forward's FLOPs over the base model's "
+                "(the time ratio's floor where compute bounds it). `studio vs peft output`: the largest difference between "
+                "the two paths' outputs (unmasked, same adapters), relative to the output's largest value.\n")
+        print(text)
+        write_section(f"speed-{model}", text)
+
+
+if __name__ == "__main__":
+    main()

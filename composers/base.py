@@ -1,0 +1,472 @@
+"""The composer protocol: several adapters in one image, decided per layer, per step and per token.
+
+A :class:`Composer` is asked, while a stock diffusers pipeline samples, three things:
+
+- ``gate(run, stack, x, k)``: the weight adapter ``k`` gets in this layer for this input: a number, or a
+  tensor over the layer's tokens (a region mask on the image tokens, a segment mask on the prompt tokens);
+- ``attention(run, attn, hidden_states, encoder_hidden_states, ...)`` (only if ``needs_attention``): the
+  attention of every UNet attention layer, so a composer can restrict cross-attention to regions,
+  isolate self-attention between concepts, or read attention maps;
+- ``initial_latents`` / ``edit_latents(run, i, t, latents)``: the latents before step ``i``.
+
+Merging composers (``merges = True``) instead return one adapter from ``merge``. The naive weighted sum
+is the base class itself, so every method goes through the same door.
+
+Everything runs in one UNet pass per step: the adapters sit in :class:`studio.plugin.LoraStack` layers
+whose ``router`` is the :class:`Run`; which adapter acts where is a mask on the tokens, not a separate
+UNet pass per adapter.
+
+    >>> from studio.composers import composing
+    >>> # with composing(pipe, "lora-composer", prompt, concepts) as run:
+    >>> #     image = pipe(prompt, **run.pipe_kwargs(seed=0)).images[0]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from studio.adapters import Adapter, load_adapter
+
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1 as fractions of the image
+
+NAMED_REGIONS: dict[str, Box] = {
+    "left": (0.0, 0.0, 0.5, 1.0),
+    "right": (0.5, 0.0, 1.0, 1.0),
+    "top": (0.0, 0.0, 1.0, 0.5),
+    "bottom": (0.0, 0.5, 1.0, 1.0),
+    "top-left": (0.0, 0.0, 0.5, 0.5),
+    "top-right": (0.5, 0.0, 1.0, 0.5),
+    "bottom-left": (0.0, 0.5, 0.5, 1.0),
+    "bottom-right": (0.5, 0.5, 1.0, 1.0),
+    "center": (0.25, 0.25, 0.75, 0.75),
+    "all": (0.0, 0.0, 1.0, 1.0),
+}
+
+
+def parse_region(text: str | Box | None) -> Box | None:
+    """A region: a name (left, right, top, bottom, top-left, ..., center, all) or ``x0,y0,x1,y1`` fractions."""
+    if text is None or isinstance(text, tuple):
+        return text
+    key = text.strip().lower().replace(" ", "-").replace("_", "-")
+    if key in NAMED_REGIONS:
+        return NAMED_REGIONS[key]
+    try:
+        box = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4 or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
+        raise ValueError(f"region {text!r} is not a region; accepted: {', '.join(NAMED_REGIONS)}, or x0,y0,x1,y1 as"
+                         " fractions of the image with x0 < x1 and y0 < y1, e.g. 0,0,0.5,1")
+    return box  # type: ignore[return-value]
+
+
+@dataclass
+class Concept:
+    """One adapter in a composition.
+
+    ``prompt``: the concept's own prompt ("a sks1 shape"), used where a method encodes a prompt per concept;
+    ``words``: the words of the global prompt that name it ("sks1 shape"), whose tokens a method watches;
+    ``region``: where it goes, for region-based methods.
+    """
+
+    adapter: Adapter
+    name: str
+    prompt: str = ""
+    words: str = ""
+    region: Box | None = None
+    weight: float = 1.0
+
+    @classmethod
+    def load(cls, item: str | Path | Adapter, name: str | None = None, **kwargs) -> Concept:
+        adapter = load_adapter(item) if isinstance(item, (str, Path)) else item
+        name = name or adapter.meta.token or (Path(item).stem if isinstance(item, (str, Path)) else "concept")
+        token = adapter.meta.token or name
+        words = kwargs.pop("words", None) or " ".join(w for w in (token, adapter.meta.class_noun) if w)
+        prompt = kwargs.pop("prompt", None) or f"a {words}"
+        return cls(adapter, name, prompt=prompt, words=words, region=parse_region(kwargs.pop("region", None)), **kwargs)
+
+
+class Composer:
+    """The naive weighted sum: every adapter everywhere with its weight. Methods override the hooks."""
+
+    name = "naive"
+    needs_attention = False  # True: every UNet attention layer calls ``attention``
+    merges = False  # True: ``merge`` returns one adapter and sampling is plain
+
+    def prepare(self, run: Run) -> None:
+        """Called once before sampling (encode per-concept prompts, build masks)."""
+
+    def gate(self, run: Run, stack, x: torch.Tensor, k: int) -> float | torch.Tensor:
+        return run.concepts[k].weight
+
+    def attention(self, run: Run, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        raise NotImplementedError
+
+    def initial_latents(self, run: Run, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+    def edit_latents(self, run: Run, i: int, t, latents: torch.Tensor) -> torch.Tensor:
+        """The latents about to be denoised at step ``i`` (called for ``i >= 1``)."""
+        return latents
+
+    def merge(self, concepts: list[Concept]) -> Adapter:
+        raise NotImplementedError
+
+
+def _encode(pipe, prompt: list[str]) -> dict:
+    """The UNet's text conditioning for ``prompt`` (no guidance half), as the pipeline computes it."""
+    device = pipe.unet.device
+    if hasattr(pipe, "text_encoder_2"):
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+        return {"embeds": embeds, "pooled": pooled}
+    embeds, _ = pipe.encode_prompt(prompt, device, 1, False)
+    return {"embeds": embeds}
+
+
+def token_positions(tokenizer, prompt: str, words: list[str]) -> list[list[int]]:
+    """For each entry of ``words`` ("sks1 shape"), the positions of its tokens in ``prompt`` as ``tokenizer``
+    splits it, assigned in order so that no position goes to two entries (the second "shape" of a prompt
+    belongs to the second concept that names it). An entry none of whose words is found gets ``[]``."""
+    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length)["input_ids"]
+    taken: set[int] = set()
+    out = []
+    for entry in words:
+        found: list[int] = []
+        for word in entry.split():
+            piece = tokenizer(word, add_special_tokens=False)["input_ids"]
+            for start in range(1, len(ids) - len(piece) + 1):
+                span = range(start, start + len(piece))
+                if ids[start : start + len(piece)] == piece and not taken.intersection(span):
+                    found.extend(span)
+                    taken.update(span)
+                    break
+        out.append(found)
+    return out
+
+
+class Run:
+    """The state of one composition while the pipeline samples; the router of every adapter layer."""
+
+    def __init__(self, pipe, composer: Composer, prompt: str, concepts: list[Concept], height: int, width: int):
+        self.pipe, self.composer, self.prompt, self.concepts = pipe, composer, prompt, concepts
+        factor = getattr(pipe, "vae_scale_factor", 8)
+        self.latent_hw = (height // factor, width // factor)
+        self.height, self.width = height, width
+        self.index = {c.name: k for k, c in enumerate(concepts)}  # adapter name on the pipeline -> concept
+        self.step = -1  # index of the denoising step the UNet is in
+        self.timestep = None
+        self.only: int | None = None  # while set, only this concept's adapter acts (encoding its prompt)
+        self.segments: list[tuple[int, int, int | None]] | None = None  # prompt-token spans -> concept, in expanded attention
+        self.extra_unet_call = False  # a composer's own UNet call (not a pipeline step)
+        self.state: dict = {}  # the composer's scratch space for this run
+
+    # -- where an input sits -------------------------------------------------------------------
+    def spatial_hw(self, n: int) -> tuple[int, int]:
+        """(h, w) of a layer whose input has ``n`` image tokens (the UNet halves sizes, rounding up)."""
+        H, W = self.latent_hw
+        f = max(1, round(math.sqrt(H * W / n)))
+        h, w = -(-H // f), -(-W // f)
+        if h * w != n:
+            raise ValueError(f"cannot place {n} tokens on a {H}x{W} latent")
+        return h, w
+
+    def region_mask(self, box: Box, h: int, w: int) -> torch.Tensor:
+        """(h, w) float mask of a box: the cells whose centre lies inside it (cached per size)."""
+        key = ("region", box, h, w)
+        if key not in self.state:
+            self.state[key] = self._region_mask(box, h, w)
+        return self.state[key]
+
+    @staticmethod
+    def _region_mask(box: Box, h: int, w: int) -> torch.Tensor:
+        x0, y0, x1, y1 = box
+        ys = (torch.arange(h) + 0.5) / h
+        xs = (torch.arange(w) + 0.5) / w
+        inside_y = ((ys >= y0) & (ys < y1)).float()
+        inside_x = ((xs >= x0) & (xs < x1)).float()
+        return inside_y[:, None] * inside_x[None, :]
+
+    def token_mask(self, mask_hw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A (h, w) or (B, h, w) mask shaped to multiply a layer's output for input ``x``."""
+        if mask_hw.ndim == 2:
+            mask_hw = mask_hw[None]
+        mask_hw = mask_hw.to(x.device, x.dtype)
+        if x.ndim == 4:  # conv: (B, C, h, w)
+            return mask_hw[:, None]
+        return mask_hw.flatten(1)[:, :, None]  # (B, N, 1)
+
+    def map_size(self) -> int:
+        """Side of the attention maps composers read: the UNet's attention resolution nearest a quarter of the
+        latent's side, at least 8 (SD1.5 at 512 px: 16; SDXL at 1024 px: 32; the embedded model: 8)."""
+        side = min(self.latent_hw)
+        sizes, level = [], side
+        for block in self.pipe.unet.config.down_block_types:
+            if "CrossAttn" in block:
+                sizes.append(level)
+            level = -(-level // 2)
+        want = max(8, side // 4)
+        return min(sizes or [want], key=lambda s: (abs(s - want), -s))
+
+    def layer_hw(self, x: torch.Tensor) -> tuple[int, int]:
+        return tuple(x.shape[-2:]) if x.ndim == 4 else self.spatial_hw(x.shape[1])
+
+    # -- the router ----------------------------------------------------------------------------
+    def gates(self, stack, x: torch.Tensor) -> list:
+        out = []
+        for name, weight in zip(stack.names, stack.weights):
+            k = self.index.get(name)
+            if k is None:  # attached outside this composition: keeps its own weight
+                out.append(weight)
+            elif self.only is not None:
+                out.append(self.concepts[k].weight if k == self.only else 0.0)
+            elif getattr(stack, "component", "unet") != "unet":
+                out.append(self.concepts[k].weight)
+            elif stack.text_input:  # a cross-attention key/value: per prompt token, not per image token
+                if self.segments is None:
+                    out.append(self.concepts[k].weight)
+                    continue
+                mask = torch.zeros(x.shape[1], device=x.device, dtype=x.dtype)
+                for start, end, owner in self.segments:
+                    if owner == k:
+                        mask[start:end] = 1
+                out.append(self.concepts[k].weight * mask[None, :, None])
+            else:
+                out.append(self.composer.gate(self, stack, x, k))
+        return out
+
+    @contextlib.contextmanager
+    def restricted(self, k: int | None):
+        """Only concept ``k``'s adapter acts inside (``None``: none of them)."""
+        before = self.only
+        self.only = k if k is not None else -1
+        try:
+            yield
+        finally:
+            self.only = before
+
+    def encode(self, prompts: list[str], only: int | None = None) -> dict:
+        """Text conditioning for ``prompts`` with only concept ``only``'s adapter on the text encoders."""
+        with self.restricted(only), torch.no_grad():
+            return _encode(self.pipe, prompts)
+
+    # -- sampling --------------------------------------------------------------------------------
+    def _unet_pre_hook(self, module, args, kwargs):
+        if not self.extra_unet_call:
+            self.step += 1
+            self.timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        return None
+
+    def _step_end(self, pipe, i, t, callback_kwargs):
+        latents = callback_kwargs["latents"]
+        timesteps = pipe.scheduler.timesteps
+        if i + 1 < len(timesteps):
+            latents = self.composer.edit_latents(self, i + 1, timesteps[i + 1], latents)
+        return {"latents": latents}
+
+    def pipe_kwargs(self, seed: int = 0, batch: int = 1, steps: int = 25) -> dict:
+        """Keyword arguments for ``pipe(prompt, **kwargs)``: the start latents (seed ``seed + i`` per image,
+        edited by the composer, also for step 0), the step-end callback that edits them before each later
+        step, the number of steps and the size."""
+        self.step = -1
+        self.batch = batch
+        self.state.pop("masks", None)
+        unet = self.pipe.unet
+        shape = (unet.config.in_channels, *self.latent_hw)
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(batch)])
+        latents = self.composer.initial_latents(self, noise.to(unet.device, unet.dtype))
+        scheduler = self.pipe.scheduler
+        scheduler.set_timesteps(steps, device=unet.device)
+        sigma = getattr(scheduler, "init_noise_sigma", 1.0)
+        # the pipeline multiplies the latents it is given by init_noise_sigma; the composer sees them as the UNet will
+        latents = self.composer.edit_latents(self, 0, scheduler.timesteps[0], latents * sigma) / sigma
+        return {"latents": latents, "callback_on_step_end": self._step_end, "num_inference_steps": steps,
+                "callback_on_step_end_tensor_inputs": ["latents"], "height": self.height, "width": self.width}
+
+    def conditioning(self, n: int) -> dict:
+        """The UNet's keyword arguments for ``n`` images of the global prompt (no guidance half)."""
+        if "cond" not in self.state:
+            self.state["cond"] = self.encode([self.prompt], only=None)
+        cond = self.state["cond"]
+        kwargs = {"encoder_hidden_states": cond["embeds"].repeat(n, 1, 1)}
+        if "pooled" in cond:
+            from studio.families import sdxl_time_ids
+
+            time_ids = sdxl_time_ids(self.height, self.width, n).to(cond["pooled"].device, cond["pooled"].dtype)
+            kwargs["added_cond_kwargs"] = {"text_embeds": cond["pooled"].repeat(n, 1), "time_ids": time_ids}
+        return kwargs
+
+    def model_input(self, latents: torch.Tensor, t) -> tuple[torch.Tensor, float]:
+        """The UNet's input for ``latents`` at ``t`` (the scheduler's scaling) and the factor back to latents."""
+        scaled = self.pipe.scheduler.scale_model_input(latents, t)
+        return scaled, float(latents.norm() / scaled.norm().clamp_min(1e-12))
+
+    def unet_call(self, latents: torch.Tensor, t, scaled: bool = False) -> torch.Tensor:
+        """The UNet on ``latents`` at ``t`` with the global prompt, outside the step count (a composer's own pass,
+        e.g. for a gradient step on the latents); adapters act as the composer gates them. ``scaled``: the
+        latents are already the UNet's input (:meth:`model_input`)."""
+        if not scaled:
+            latents = self.pipe.scheduler.scale_model_input(latents, t)
+        self.extra_unet_call = True
+        try:
+            return self.pipe.unet(latents, t, **self.conditioning(latents.shape[0])).sample
+        finally:
+            self.extra_unet_call = False
+
+
+class _Processor:
+    """Routes one attention layer to the composer."""
+
+    def __init__(self, run: Run, name: str):
+        self.run, self.name = run, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        self.run.layer = self.name
+        return self.run.composer.attention(self.run, attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+def default_attention(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                      bias: torch.Tensor | None = None, probs_out: list | None = None):
+    """diffusers' attention (AttnProcessor2_0's steps) with an optional ``bias``: a
+    :class:`studio.kernels.attention.RegionMask` (run by :func:`~studio.kernels.attention.region_attention`:
+    FlexAttention block masks on CUDA, SDPA here), or an additive/boolean tensor on the scores
+    ``(B or 1, heads or 1, Nq, Nk)``. ``probs_out`` receives the attention probabilities when given (then
+    the scores are computed explicitly)."""
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    ndim = hidden_states.ndim
+    if ndim == 4:
+        b, c, h, w = hidden_states.shape
+        hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+    batch = hidden_states.shape[0]
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    query = attn.to_q(hidden_states)
+    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+    if encoder_hidden_states is not None and attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(context)
+    key, value = attn.to_k(context), attn.to_v(context)
+    head_dim = key.shape[-1] // attn.heads
+    query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    from studio.kernels.attention import RegionMask, region_attention
+
+    if attention_mask is not None:
+        mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch).view(batch, attn.heads, -1, key.shape[2])
+        if isinstance(bias, RegionMask):
+            bias = bias.to(mask.device).dense()
+        if bias is not None and bias.dtype == torch.bool:
+            bias = torch.zeros_like(mask).masked_fill(~bias, float("-inf"))
+        bias = mask if bias is None else bias + mask
+    if probs_out is not None and isinstance(bias, RegionMask):
+        bias = bias.to(query.device).dense()[None, None]
+    if probs_out is not None:
+        scores = query @ key.transpose(-1, -2) * attn.scale
+        if bias is not None:
+            scores = scores.masked_fill(~bias, float("-inf")) if bias.dtype == torch.bool else scores + bias
+        probs = scores.softmax(-1)
+        probs_out.append(probs)
+        out = probs @ value
+    else:
+        out = region_attention(query, key, value, bias, scale=attn.scale)
+    out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+    out = attn.to_out[1](attn.to_out[0](out))
+    if ndim == 4:
+        out = out.transpose(-1, -2).reshape(b, c, h, w)
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor
+
+
+def cross_kv_layers(unet: nn.Module) -> set[int]:
+    """ids of the key/value projections that read the prompt (cross-attention)."""
+    ids = set()
+    for module in unet.modules():
+        if getattr(module, "is_cross_attention", False):
+            for leaf in ("to_k", "to_v"):
+                layer = getattr(module, leaf, None)
+                if layer is not None:
+                    ids.add(id(layer))
+    return ids
+
+
+@contextlib.contextmanager
+def composing(pipe, method: str | Composer, prompt: str, concepts: list[Concept], height: int | None = None,
+              width: int | None = None):
+    """Attach ``concepts``' adapters to ``pipe`` under ``method`` and yield the :class:`Run`; on exit the
+    pipeline is exactly as before (adapters, attention processors and hooks removed)."""
+    from studio.composers import get_composer
+
+    from studio.plugin import attach, remove
+
+    composer = get_composer(method)
+    if not concepts:
+        raise ValueError("a composition needs at least one concept (adapter)")
+    names = []
+    for c in concepts:  # adapter names on the pipeline: the concept's, numbered where two share one
+        name, n = c.name, 1
+        while name in names:
+            n += 1
+            name = f"{c.name}-{n}"
+        names.append(name)
+    size = pipe.unet.config.sample_size * getattr(pipe, "vae_scale_factor", 8)
+    run = Run(pipe, composer, prompt, concepts, height or size, width or size)
+    run.index = {name: k for k, name in enumerate(names)}
+    if composer.merges:
+        merged = composer.merge(concepts)
+        handle = attach(pipe, [merged], names=[f"{composer.name}-merge"])
+        try:
+            yield run
+        finally:
+            remove(pipe, [f"{composer.name}-merge"])
+        return
+    handle = attach(pipe, [c.adapter for c in concepts], weights=[max(-2.0, min(2.0, c.weight)) for c in concepts], names=names)
+    cross = cross_kv_layers(pipe.unet)
+    ours = [s for s in handle.stacks.values() if set(s.names) & set(names)]
+    for canonical, stack in handle.stacks.items():
+        if stack in ours:
+            stack.router = run
+            stack.component = canonical.partition(".")[0]
+            stack.text_input = id(stack) in cross
+    saved = None
+    if composer.needs_attention:
+        saved = dict(pipe.unet.attn_processors)
+        pipe.unet.set_attn_processor({name: _Processor(run, name) for name in saved})
+    hook = pipe.unet.register_forward_pre_hook(run._unet_pre_hook, with_kwargs=True)
+    try:
+        composer.prepare(run)
+        yield run
+    finally:
+        hook.remove()
+        if saved is not None:
+            pipe.unet.set_attn_processor(saved)
+        for stack in ours:
+            stack.router = None
+        remove(pipe, names)
+
+
+def compose(pipe, method: str | Composer, prompt: str, concepts: list[Concept], seed: int = 0, num: int = 1,
+            steps: int = 25, guidance: float = 5.0, height: int | None = None, width: int | None = None,
+            negative_prompt: str | None = None, batch_size: int = 8):
+    """Images of ``prompt`` with ``concepts`` combined by ``method``; image ``i`` uses seed ``seed + i``."""
+    images = []
+    with composing(pipe, method, prompt, concepts, height, width) as run:
+        for start in range(0, num, batch_size):
+            n = min(batch_size, num - start)
+            kwargs = run.pipe_kwargs(seed + start, n, steps)
+            out = pipe(prompt=[prompt] * n, negative_prompt=[negative_prompt] * n if negative_prompt else None,
+                       guidance_scale=guidance, output_type="pil", **kwargs)
+            images.extend(out.images)
+    return images

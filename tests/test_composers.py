@@ -1,0 +1,351 @@
+"""Composers: the protocol on a stock pipeline, each method's math against a hand computation, and
+that a composition leaves the pipeline exactly as it was."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_adapter
+from diffusers import StableDiffusionXLPipeline
+from diffusers.models.attention_processor import AttnProcessor2_0
+from studio.composers import Concept, compose, composing, get_composer, parse_region
+from studio.composers.base import default_attention, token_positions
+from studio.composers.clora import CLoRA, nt_xent
+from studio.composers.orthogonal import merge, merge_layer
+
+from studio.adapters import LoraWeights
+from studio.families import EMBEDDED_MODEL
+from studio.plugin import LoraStack
+
+PROMPT = "a sks shape on the left and a zwx shape on the right"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(EMBEDDED_MODEL), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def concepts(pipe):
+    out = []
+    for seed, (token, region) in enumerate([("sks", "left"), ("zwx", "right")]):
+        adapter = random_adapter(pipe, seed=seed, scale=0.3)
+        adapter.meta.token = token
+        out.append(Concept.load(adapter, name=token, region=region))
+    return out
+
+
+def test_regions_by_name_or_box_and_clear_errors():
+    assert parse_region("left") == (0.0, 0.0, 0.5, 1.0)
+    assert parse_region("Top Right") == (0.5, 0.0, 1.0, 0.5)
+    assert parse_region("0.1,0.2,0.6,0.9") == (0.1, 0.2, 0.6, 0.9)
+    for bad in ("middle-ish", "0.5,0,0.2,1", "0,0,1"):
+        with pytest.raises(ValueError, match="accepted: left, right"):
+            parse_region(bad)
+    with pytest.raises(ValueError, match="unknown composer 'bogus'; choose one of naive, clora"):
+        get_composer("bogus")
+
+
+def test_token_positions_assign_repeated_words_in_order(pipe):
+    tok = pipe.tokenizer
+    ids = tok(PROMPT)["input_ids"]
+    first, second = token_positions(tok, PROMPT, ["sks shape", "zwx shape"])
+    shape = tok("shape", add_special_tokens=False)["input_ids"]  # split into characters: not a world word
+    at = [i for i in range(len(ids)) if ids[i : i + len(shape)] == shape]
+    assert len(at) == 2
+    assert set(range(at[0], at[0] + len(shape))) <= set(first)
+    assert set(range(at[1], at[1] + len(shape))) <= set(second)
+    assert not set(first) & set(second)
+
+
+def test_nt_xent_matches_a_hand_computation():
+    e = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
+    labels = torch.tensor([0, 0, 1])
+    t = 0.5
+    cos = lambda a, b: float(e[a] @ e[b] / (e[a].norm() * e[b].norm()))  # noqa: E731
+    # pairs (0,1) and (1,0); negatives: 0 -> {2}, 1 -> {2}
+    l01 = -math.log(math.exp(cos(0, 1) / t) / (math.exp(cos(0, 1) / t) + math.exp(cos(0, 2) / t)))
+    l10 = -math.log(math.exp(cos(1, 0) / t) / (math.exp(cos(1, 0) / t) + math.exp(cos(1, 2) / t)))
+    assert float(nt_xent(e, labels, t)) == pytest.approx((l01 + l10) / 2, rel=1e-6)
+    # pulling the negative further away lowers the loss
+    e2 = e.clone()
+    e2[2] = torch.tensor([-0.5, 1.0])
+    assert float(nt_xent(e2, labels, t)) < float(nt_xent(e, labels, t))
+
+
+def test_orthogonal_merge_on_small_tensors():
+    g = torch.Generator().manual_seed(0)
+    a = LoraWeights(torch.randn(2, 5, generator=g), torch.randn(6, 2, generator=g), alpha=1.0)
+    b = LoraWeights(torch.randn(3, 5, generator=g), torch.randn(6, 3, generator=g), alpha=3.0)
+    # the plain sum is exact
+    summed = merge_layer([(a, 0.5), (b, 2.0)], orthogonalize=False)
+    assert torch.allclose(summed.delta(), 0.5 * a.delta() + 2.0 * b.delta(), atol=1e-5)
+    merged = merge_layer([(a, 0.5), (b, 2.0)])
+    assert merged.rank == 5 and merged.scale == 1.0
+    ua, ub = merged.up[:, :2], merged.up[:, 2:]
+    # orthogonal output subspaces, each part's own Gram matrix kept (in the scaled factors)
+    assert torch.allclose(ua.T @ ub, torch.zeros(2, 3), atol=1e-5)
+    sa, sb = a.up * 0.5 * a.scale, b.up * 2.0 * b.scale
+    assert torch.allclose(ua.T @ ua, sa.T @ sa, atol=1e-4)
+    assert torch.allclose(ub.T @ ub, sb.T @ sb, atol=1e-4)
+    # each part keeps the original update's column norms (magnitude), only its direction changed
+    part_a = ua @ merged.down[:2]
+    assert torch.allclose(part_a.norm(dim=0), (0.5 * a.delta()).norm(dim=0), atol=1e-4)
+    assert torch.allclose(merged.delta(), part_a + ub @ merged.down[2:], atol=1e-5)
+    # conv layers keep their shapes
+    c = LoraWeights(torch.randn(2, 4, 3, 3, generator=g), torch.randn(8, 2, 1, 1, generator=g), alpha=2.0)
+    d = LoraWeights(torch.randn(2, 4, 3, 3, generator=g), torch.randn(8, 2, 1, 1, generator=g), alpha=2.0)
+    conv = merge_layer([(c, 1.0), (d, 1.0)])
+    assert conv.shape == c.shape and conv.down.shape == (4, 4, 3, 3)
+
+
+def test_merge_refuses_adapters_of_different_base_models(pipe):
+    a, b = random_adapter(pipe, seed=0), random_adapter(pipe, seed=1)
+    a.meta.base_hash, b.meta.base_hash = "aaaa", "bbbb"
+    with pytest.raises(ValueError, match="different base models"):
+        merge([a, b])
+    with pytest.raises(ValueError, match="at least one adapter"):
+        merge([])
+
+
+def test_default_attention_is_diffusers_attention(pipe):
+    attn = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, attn.to_q.in_features, generator=g)
+    ctx = torch.randn(2, 77, attn.to_k.in_features, generator=g)
+    with torch.no_grad():
+        ref = AttnProcessor2_0()(attn, x, ctx)
+        probs: list = []
+        assert torch.allclose(default_attention(attn, x, ctx), ref, atol=1e-5)
+        assert torch.allclose(default_attention(attn, x, ctx, probs_out=probs), ref, atol=1e-5)
+        assert probs[0].shape == (2, attn.heads, 64, 77)
+        # a boolean bias that allows only the first 5 keys equals attention over those keys alone
+        allowed = torch.zeros(64, 77, dtype=torch.bool)
+        allowed[:, :5] = True
+        assert torch.allclose(default_attention(attn, x, ctx, bias=allowed[None, None]),
+                              AttnProcessor2_0()(attn, x, ctx[:, :5]), atol=1e-5)
+
+
+def _stack(pipe, leaf: str) -> LoraStack:
+    return next(m for n, m in pipe.unet.named_modules() if isinstance(m, LoraStack) and n.endswith(leaf))
+
+
+def test_region_gates_leave_the_outside_to_the_base_model(pipe, concepts):
+    with composing(pipe, "lora-composer", PROMPT, concepts) as run:
+        run.batch = 1
+        stack = _stack(pipe, "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")
+        x = torch.randn(1, 64, stack.base.in_features)
+        with torch.no_grad():
+            out, base = stack(x), stack.base(x)
+        left = run.region_mask(concepts[0].region, 8, 8).flatten() > 0
+        right = run.region_mask(concepts[1].region, 8, 8).flatten() > 0
+        assert left.sum() == 32 and right.sum() == 32 and not (left & right).any()
+        # each half gets exactly its own adapter
+        sks = (stack.scales[0]) * stack.ups[0](stack.downs[0](x))
+        zwx = (stack.scales[1]) * stack.ups[1](stack.downs[1](x))
+        assert torch.allclose(out[0, left], (base + sks)[0, left], atol=1e-5)
+        assert torch.allclose(out[0, right], (base + zwx)[0, right], atol=1e-5)
+        # a cross-attention key sees adapter k only on concept k's prompt tokens
+        key = _stack(pipe, "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k")
+        assert key.text_input
+        ctx, segments = run.composer.expanded_context(run, torch.randn(1, 77, key.base.in_features))
+        assert [s[2] for s in segments] == [None, 0, 1] and ctx.shape[1] == 3 * 77
+        run.segments = segments
+        with torch.no_grad():
+            k_out = key(ctx)
+        run.segments = None
+        plain = key.base(ctx)
+        assert torch.allclose(k_out[:, :77], plain[:, :77], atol=1e-6)
+        k_sks = key.scales[0] * key.ups[0](key.downs[0](ctx))
+        assert torch.allclose(k_out[:, 77:154], (plain + k_sks)[:, 77:154], atol=1e-5)
+
+
+def test_a_composition_leaves_the_pipeline_as_it_was(pipe, concepts):
+    state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    processors = {k: type(v) for k, v in pipe.unet.attn_processors.items()}
+    for method in ("naive", "lora-composer", "clora", "orthogonal"):
+        with composing(pipe, method, PROMPT, concepts):
+            assert getattr(pipe, "_studio_attached", None) is not None
+        assert getattr(pipe, "_studio_attached", None) is None
+        assert {k: type(v) for k, v in pipe.unet.attn_processors.items()} == processors
+        assert not pipe.unet._forward_pre_hooks
+        after = pipe.unet.state_dict()
+        assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+
+
+def test_every_method_samples_reproducibly(pipe, concepts):
+    for method in ("naive", "lora-composer", "clora", "orthogonal"):
+        first = compose(pipe, method, PROMPT, concepts, seed=3, num=2, steps=3)
+        again = compose(pipe, method, PROMPT, concepts, seed=3, num=2, steps=3)
+        assert len(first) == 2 and first[0].size == (64, 64)
+        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, again)), method
+        assert not np.array_equal(np.asarray(first[0]), np.asarray(first[1])), method
+
+
+def test_naive_composer_equals_plain_attach(pipe, concepts):
+    from studio.plugin import attach, detach
+    from studio.sampling import generate
+
+    composed = compose(pipe, "naive", PROMPT, concepts, seed=0, num=1, steps=3)[0]
+    attach(pipe, [c.adapter for c in concepts])
+    plain = generate(pipe, [PROMPT], seed=0, steps=3)[0]
+    detach(pipe)
+    assert np.abs(np.asarray(composed, dtype=int) - np.asarray(plain, dtype=int)).max() <= 1
+
+
+def test_clora_latent_step_lowers_the_contrastive_loss(pipe, concepts):
+    composer = CLoRA(step_size=1e-3, update_fraction=1.0)  # small: the linear regime
+    with composing(pipe, composer, PROMPT, concepts) as run:
+        run.batch = 1
+        pipe.scheduler.set_timesteps(10)
+        t = pipe.scheduler.timesteps[3]
+        latents = torch.randn(1, pipe.unet.config.in_channels, 16, 16, generator=torch.Generator().manual_seed(0))
+        latents = latents * float(pipe.scheduler.sigmas[3])
+
+        def loss_at(z):
+            run.state["maps"] = []
+            with torch.no_grad():
+                run.unet_call(z, t)
+            return float(composer.loss(run, composer.token_maps(run)))
+
+        before = loss_at(latents)
+        edited = composer.edit_latents(run, 3, t, latents)
+        masks = run.state["masks"]
+        assert masks.shape == (1, 2, 8, 8) and set(masks.unique().tolist()) <= {0.0, 1.0}
+        assert run.state["losses"][0] == pytest.approx(before, rel=1e-4)
+        run.state.pop("masks")  # the loss before was taken with every adapter everywhere; compare alike
+        assert loss_at(edited) < before
+    with pytest.raises(ValueError, match="concept 'sks': none of its words 'sks shape' is in the prompt"):
+        with composing(pipe, "clora", "a red circle", concepts):
+            pass
+
+
+def test_lora_composer_needs_regions_and_reinitialises_inside_them(pipe, concepts):
+    no_region = [Concept(c.adapter, c.name, c.prompt, c.words, None) for c in concepts]
+    with pytest.raises(ValueError, match="needs a region for every concept; none for sks, zwx"):
+        with composing(pipe, "lora-composer", PROMPT, no_region):
+            pass
+    with composing(pipe, "lora-composer", PROMPT, concepts) as run:
+        run.batch = 1
+        pipe.scheduler.set_timesteps(10)
+        latents = torch.randn(1, pipe.unet.config.in_channels, 16, 16, generator=torch.Generator().manual_seed(1))
+        out = run.composer.edit_latents(run, 0, pipe.scheduler.timesteps[0], latents)
+    assert out.mean().item() == pytest.approx(latents.mean().item(), abs=1e-5)
+    assert out.std().item() == pytest.approx(latents.std().item(), rel=1e-4)
+    # inside the left box (columns 0-7) is an affine image of some 16x8 window of the start latents
+    inside = out[0, :, :, :8].flatten()
+    best = max(float(torch.corrcoef(torch.stack([inside, latents[0, :, :, x:x + 8].flatten()]))[0, 1]) for x in range(9))
+    assert best == pytest.approx(1.0, abs=1e-4)
+
+
+def test_token_gates_on_small_tensors(pipe, concepts):
+    from studio.composers.gated import Gated
+
+    composer = Gated(sharpness=2.0)
+    with composing(pipe, composer, PROMPT, concepts) as run:
+        run.timestep = torch.tensor(999)
+        stack = _stack(pipe, "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")
+        x = torch.randn(1, 64, stack.base.in_features, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            r0 = (stack.scales[0] * stack.ups[0](stack.downs[0](x))).norm(dim=-1, keepdim=True)
+            r1 = (stack.scales[1] * stack.ups[1](stack.downs[1](x))).norm(dim=-1, keepdim=True)
+            top = torch.maximum(r0, r1)
+            g0, g1 = run.gates(stack, x)
+        assert torch.allclose(g0, (r0 / top) ** 2, atol=1e-6) and torch.allclose(g1, (r1 / top) ** 2, atol=1e-6)
+        assert torch.all(torch.maximum(g0, g1) == 1)  # the stronger adapter keeps its full weight on each token
+        assert composer.logits.shape == (2, len(run.state["layer"]), 4)
+        assert composer.bucket(run) == 3
+        run.timestep = torch.tensor(10)
+        assert composer.bucket(run) == 0
+
+
+def test_untrained_gates_without_token_gates_are_the_naive_sum(pipe, concepts):
+    from studio.composers.gated import Gated
+
+    naive = compose(pipe, "naive", PROMPT, concepts, seed=0, steps=3)[0]
+    gated = compose(pipe, Gated(token_gates=False), PROMPT, concepts, seed=0, steps=3)[0]
+    assert np.abs(np.asarray(naive, dtype=int) - np.asarray(gated, dtype=int)).max() <= 1
+
+
+def test_gate_training_learns_from_the_concepts_images(pipe, concepts, tmp_path):
+    from PIL import Image
+    from studio.composers.gated import Gated
+
+    folders = []
+    for k, colour in enumerate(["blue", "red"]):
+        folder = tmp_path / f"c{k}"
+        folder.mkdir()
+        for i in range(2):
+            Image.new("RGB", (64, 64), colour).save(folder / f"{i}.png")
+        folders.append(folder)
+    composer = Gated(token_gates=False, buckets=2)
+    held = lambda: np.mean(composer.fit(pipe, concepts, folders, steps=20, lr=0.0, seed=7, progress=False))  # noqa: E731
+    before = held()  # the same 20 noised examples each time; lr 0 leaves the gates as they are
+    losses = composer.fit(pipe, concepts, folders, steps=30, lr=0.1, progress=False)
+    assert len(losses) == 30 and not composer.logits.requires_grad
+    assert composer.logits.abs().max() > 0.05  # the gates moved
+    # the strong random adapters disturb plain-colour images: training closes gates on average
+    assert float(composer.logits.mean()) < 0
+    assert held() < before
+    with pytest.raises(ValueError, match="one image folder per concept: 2 concepts, 1 folders"):
+        composer.fit(pipe, concepts, folders[:1], steps=1)
+    assert pipe.unet.state_dict().keys() == StableDiffusionXLPipeline.from_pretrained(
+        str(EMBEDDED_MODEL), local_files_only=True).unet.state_dict().keys()
+
+
+def test_regions_outside_the_image_are_refused_and_overlaps_shared(pipe, concepts):
+    for bad in ("-0.1,0,0.5,1", "0.5,0,1.2,1"):
+        with pytest.raises(ValueError, match="fractions of the image"):
+            parse_region(bad)
+    overlapping = [Concept(c.adapter, c.name, c.prompt, c.words, box)
+                   for c, box in zip(concepts, [(0.0, 0.0, 0.75, 1.0), (0.25, 0.0, 1.0, 1.0)])]
+    with composing(pipe, "lora-composer", PROMPT, overlapping) as run:
+        stack = _stack(pipe, "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")
+        x = torch.randn(1, 64, stack.base.in_features)
+        g0, g1 = run.gates(stack, x)
+        g0, g1 = g0.reshape(8, 8), g1.reshape(8, 8)
+        # columns 0-1: only the first; 2-5: both at one half; 6-7: only the second
+        assert torch.equal(g0[:, 0], torch.ones(8)) and torch.equal(g1[:, 0], torch.zeros(8))
+        assert torch.equal(g0[:, 3], torch.full((8,), 0.5)) and torch.equal(g1[:, 3], torch.full((8,), 0.5))
+        assert torch.equal(g0[:, 7], torch.zeros(8)) and torch.equal(g1[:, 7], torch.ones(8))
+
+
+def test_clora_masks_on_a_hand_built_case():
+    class FakeRun:
+        concepts = [None, None]
+        state = {"tokens": [[3, 4], [8]]}
+
+    maps = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]],    # concept 0, token 3
+                          [[0.6, 0.2], [0.0, 0.6]],    # concept 0, token 4: mean with token 3 = [[.8, .1], [0, .3]]
+                          [[0.3, 0.9], [0.5, 1.0]]]])  # concept 1: 0.5 and up (0.3 < 0.4 * 1.0)
+    masks = CLoRA(threshold=0.4).masks(FakeRun(), maps)
+    # concept 0 (min 0, max 0.8): only the top-left passes 0.32; concept 1 (min 0.3, max 1.0): above 0.3 + 0.28
+    assert masks.tolist() == [[[[1.0, 0.0], [0.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]]]
+
+
+def test_concepts_sharing_a_name_are_numbered(pipe, concepts):
+    twins = [Concept(c.adapter, "sks", c.prompt, c.words, c.region) for c in concepts]
+    with composing(pipe, "naive", PROMPT, twins) as run:
+        assert run.index == {"sks": 0, "sks-2": 1}
+        assert pipe._studio_attached.names == ["sks", "sks-2"]
+
+
+def test_lora_composer_options_are_checked():
+    from studio.composers.lora_composer import LoRAComposer
+
+    with pytest.raises(ValueError, match="replace_ratio 2: give a number from 0 to 1"):
+        LoRAComposer(replace_ratio=2)
+    with pytest.raises(ValueError, match="scope 'some': choose all or cross"):
+        LoRAComposer(scope="some")
+
+
+def test_lora_composer_with_part_of_the_global_prompt_samples(pipe, concepts):
+    from studio.composers.lora_composer import LoRAComposer
+
+    full = compose(pipe, LoRAComposer(reinit=False), PROMPT, concepts, seed=0, steps=3)[0]
+    mixed = compose(pipe, LoRAComposer(reinit=False, replace_ratio=0.5), PROMPT, concepts, seed=0, steps=3)[0]
+    assert full.size == mixed.size == (64, 64)
+    assert not np.array_equal(np.asarray(full), np.asarray(mixed))

@@ -1,0 +1,131 @@
+"""Kernels: the fused and Triton multi-adapter LoRA paths against the reference loop, on random shapes
+(odd sizes, rank 1, empty masks, all tokens masked), fp32 and bf16. The Triton kernels run on the CPU
+under TRITON_INTERPRET=1 (set in conftest.py, before anything imports triton)."""
+
+import pytest
+import torch
+from studio.kernels.lora import Packed, multi_lora_fused, multi_lora_linear, multi_lora_reference
+
+SHAPES = [  # (batch, tokens, d_in, d_out, ranks)
+    (1, 1, 8, 8, [1]),
+    (2, 37, 33, 65, [4, 1, 7]),
+    (1, 64, 96, 96, [16, 16, 16, 16]),
+    (3, 5, 17, 9, [2, 64]),
+]
+
+
+def _case(b, n, d_in, d_out, ranks, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, n, d_in, generator=g)
+    w = torch.randn(d_out, d_in, generator=g) / d_in**0.5
+    bias = torch.randn(d_out, generator=g)
+    downs = [torch.randn(r, d_in, generator=g) / d_in**0.5 for r in ranks]
+    ups = [torch.randn(d_out, r, generator=g) for r in ranks]
+    scales = [0.5 + i for i in range(len(ranks))]
+    return [t.to(dtype) for t in (x, w, bias)] + [[d.to(dtype) for d in downs], [u.to(dtype) for u in ups], scales]
+
+
+def _gates(kind, b, n, k, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "none":
+        return None
+    if kind == "scalar":
+        return [0.3 * (i + 1) for i in range(k)]
+    if kind == "regions":  # 0/1 masks per token, one of them empty
+        masks = [(torch.rand(b, n, 1, generator=g) > 0.5).float() for _ in range(k)]
+        masks[0].zero_()
+        return masks
+    if kind == "all-masked":
+        return [torch.zeros(b, n, 1) for _ in range(k)]
+    return [torch.rand(b, n, 1, generator=g) for _ in range(k)]  # soft gates
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kind", ["none", "scalar", "regions", "all-masked", "soft"])
+@pytest.mark.parametrize("path", ["fused", "triton"])
+def test_every_path_matches_the_reference(shape, kind, path):
+    """The fused torch path, and the Triton kernels run by Triton's interpreter on the CPU (the [dev] extra
+    installs triton), against the loop over adapters."""
+    from studio.kernels.lora import multi_lora_triton
+
+    x, w, bias, downs, ups, scales = _case(*shape)
+    gates = _gates(kind, shape[0], shape[1], len(downs))
+    ref = multi_lora_reference(x, w, bias, downs, ups, scales, gates)
+    run = multi_lora_fused if path == "fused" else multi_lora_triton
+    out = run(x, w, bias, Packed.pack(downs, ups, scales), gates)
+    assert torch.allclose(out, ref, atol=1e-4 if path == "triton" else 1e-5, rtol=1e-4 if path == "triton" else 1e-5)
+    if kind == "all-masked":
+        assert torch.allclose(ref, torch.nn.functional.linear(x, w, bias), atol=1e-6)
+    if path == "fused":
+        assert torch.allclose(multi_lora_linear(x, w, bias, Packed.pack(downs, ups, scales), gates), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES[1:3])
+def test_fused_in_bf16_is_close_to_the_fp32_reference(shape):
+    xb, wb, bb, db, ub, scales = _case(*shape, dtype=torch.bfloat16)
+    gates = _gates("regions", shape[0], shape[1], len(db))
+    # the reference in fp32 on the same (bf16-rounded) inputs: what is left is bf16 arithmetic
+    ref = multi_lora_reference(xb.float(), wb.float(), bb.float(), [d.float() for d in db], [u.float() for u in ub], scales, gates)
+    out = multi_lora_fused(xb, wb, bb, Packed.pack(db, ub, scales), [g.bfloat16() for g in gates])
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() <= 2**-6 * ref.abs().max()
+
+
+def test_no_adapters_is_the_base_layer_and_bad_shapes_are_named():
+    x, w, bias, downs, ups, scales = _case(2, 5, 8, 6, [2])
+    assert torch.equal(multi_lora_linear(x, w, bias, None), torch.nn.functional.linear(x, w, bias))
+    with pytest.raises(ValueError, match=r"adapter 0: down \(2, 7\) and up \(6, 2\) do not fit a layer of weight \(6, 8\)"):
+        multi_lora_reference(x, w, bias, [torch.zeros(2, 7)], ups, scales)
+    with pytest.raises(ValueError, match="2 downs, 1 ups and 1 scales"):
+        Packed.pack(downs * 2, ups, scales)
+
+
+def _boxes():
+    # 4x4 image tokens; box 0 = columns 0-2, box 1 = columns 2-3 (column 2 in both); row 3 outside both
+    inside = torch.zeros(2, 4, 4, dtype=torch.bool)
+    inside[0, :3, :3] = True
+    inside[1, :3, 2:] = True
+    return inside.flatten(1)
+
+
+def test_isolation_mask_by_hand():
+    from studio.kernels.attention import box_labels, isolation_mask
+
+    inside = _boxes()
+    labels = box_labels(inside)
+    assert labels.reshape(4, 4).tolist() == [[1, 1, 3, 2], [1, 1, 3, 2], [1, 1, 3, 2], [0, 0, 0, 0]]
+    dense = isolation_mask(inside).dense()
+    only0, both, only1, bg = 0, 2, 3, 12
+    assert not dense[only0, only1] and not dense[only1, only0]  # the two boxes do not see each other
+    assert dense[only0, both] and dense[only1, both] and dense[both, only0] and dense[both, only1]  # the overlap shares
+    assert dense[only0, bg] and dense[bg].all()  # the background is seen and sees everything
+    assert dense.diagonal().all()
+
+
+def test_regional_cross_mask_by_hand():
+    from studio.kernels.attention import regional_cross_mask
+
+    inside = _boxes()
+    segments = [(0, 3, None), (3, 5, 0), (5, 9, 1)]
+    dense = regional_cross_mask(inside, segments).dense()
+    assert dense.shape == (16, 9)
+    assert dense[12].tolist() == [True] * 3 + [False] * 6  # background: the global prompt only
+    assert dense[0].tolist() == [False] * 3 + [True] * 2 + [False] * 4  # box 0: its concept's prompt only
+    assert dense[3].tolist() == [False] * 5 + [True] * 4
+    assert dense[2].tolist() == [False] * 3 + [True] * 6  # the overlap: both concepts
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_region_attention_matches_masked_softmax(dtype, tol):
+    from studio.kernels.attention import isolation_mask, region_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 16, 8, generator=g).to(dtype) for _ in range(3))
+    mask = isolation_mask(_boxes())
+    out = region_attention(q, k, v, mask)
+    scores = (q.float() @ k.float().transpose(-1, -2)) / 8**0.5
+    ref = scores.masked_fill(~mask.dense(), float("-inf")).softmax(-1) @ v.float()
+    assert torch.allclose(out.float(), ref, atol=tol, rtol=tol)
+    assert torch.allclose(region_attention(q, k, v, None).float(), scores.softmax(-1) @ v.float(), atol=tol, rtol=tol)
+    with pytest.raises(ValueError, match="backend 'magic': choose auto, flex, sdpa or xformers"):
+        region_attention(q, k, v, mask, backend="magic")
