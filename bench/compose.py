@@ -23,7 +23,8 @@ the colour its adapter draws alone (calibrated first: the modal colour the judge
 
 Methods: ``naive``, ``clora`` (step size 20, the official value), ``clora-s200`` (step size 200),
 ``lora-composer`` (replace_ratio 1, the official default), ``lora-composer-r0.5`` (half the global prompt's
-output kept inside the boxes), ``gated`` (training-free token gates), ``gated-fit`` (gates trained 100
+output kept inside the boxes), ``lora-composer-pos`` (replace_ratio 1, each region prompt keeps the global
+prompt's position phrase: "a sks shape on the left"), ``gated`` (training-free token gates), ``gated-fit`` (gates trained 100
 steps on the concepts' own images first; that time is not counted), ``orthogonal``.
 
     python bench/compose.py                       # all methods, 20 seeds
@@ -53,10 +54,12 @@ BOXES = {"left": (0.0, 0.2, 0.4, 0.8), "center": (0.3, 0.2, 0.7, 0.8), "right": 
 COLUMNS = {"left": {"top left", "left", "bottom left"}, "center": {"top", "center", "bottom"},
            "right": {"top right", "right", "bottom right"}}
 PHRASE = {"left": "on the left", "center": "in the center", "right": "on the right"}
-METHODS = ["naive", "clora", "clora-s200", "lora-composer", "lora-composer-r0.5", "gated", "gated-fit", "orthogonal"]
+METHODS = ["naive", "clora", "clora-s200", "lora-composer", "lora-composer-r0.5", "lora-composer-pos", "gated", "gated-fit",
+           "orthogonal"]
 VARIANTS = {  # method name in the table -> (composer, options)
     "clora-s200": ("clora", {"step_size": 200.0}),
     "lora-composer-r0.5": ("lora-composer", {"replace_ratio": 0.5}),
+    "lora-composer-pos": ("lora-composer", {}),  # with region prompts that keep the position phrase (below)
 }
 
 # (name, [(concept, place)], style?) ; place picks the region and the judge's column
@@ -190,13 +193,17 @@ def main() -> None:
             concepts.append(Concept.load(files[STYLE], name=STYLE, region=BOXES[items[0][1]], words=STYLE_TOKEN,
                                          prompt=f"a shape, {STYLE_TOKEN}"))
         prompt = prompt_of(items, style)
+        # the region prompts that keep the global prompt's position phrase ("a sks shape on the left")
+        positional = [Concept(c.adapter, c.name, prompt_of([item], False), c.words, c.region) for c, item in zip(concepts, items)]
+        positional += concepts[len(items):]
         for method in args.methods:
+            method_concepts = positional if method == "lora-composer-pos" else concepts
             from studio.composers import get_composer
 
             if method == "gated-fit":  # gates trained for 100 steps on the concepts' own images (time not counted)
                 composer = get_composer("gated")
                 folders = [work / c.name / "data" for c in concepts]
-                composer.fit(pipe, concepts, folders, steps=100)
+                composer.fit(pipe, method_concepts, folders, steps=100)
             elif method in VARIANTS:
                 composer = get_composer(VARIANTS[method][0], **VARIANTS[method][1])
             else:
@@ -204,7 +211,7 @@ def main() -> None:
             t0 = time.time()
             images = []
             for start in range(0, args.seeds, 10):
-                images += compose(pipe, composer, prompt, concepts, seed=start, num=min(10, args.seeds - start),
+                images += compose(pipe, composer, prompt, method_concepts, seed=start, num=min(10, args.seeds - start),
                                   steps=args.steps, batch_size=10)
             seconds = (time.time() - t0) / len(images)
             r = score(judge, images, items, style, refs)

@@ -1,6 +1,6 @@
 """The ``studio`` command.
 
-Verbs so far: ``generate`` (``--compose``), ``merge``, ``export``, ``train dreambooth``, ``train blora``, ``compose``, ``world render``, ``world pretrain``, ``eval prompts``, ``eval judge``,
+Verbs so far: ``generate`` (``--compose``), ``merge``, ``bench``, ``export``, ``train dreambooth``, ``train blora``, ``compose``, ``world render``, ``world pretrain``, ``eval prompts``, ``eval judge``,
 ``eval train-judge``. Errors in what the user gave print one line (``error: ...``) and exit 2.
 """
 
@@ -311,6 +311,29 @@ def merge_cmd(
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     typer.echo(f"wrote {out} ({method} merge of {len(specs)} adapters, {len(merged.modules)} modules)")
+
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+
+
+@app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_cmd(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Which benchmark: speed, compose, dreambooth, embedded_model, ... (a script in bench/).")],
+) -> None:
+    """Run a benchmark script from the repository's bench/ folder; it prints a table and writes its section of
+    docs/benchmarks.md. Extra arguments go to the script (after --, the script's own --help too).
+
+    Example: studio bench speed --models embedded ; studio bench speed -- --help
+    """
+    import subprocess
+
+    scripts = sorted(p.stem for p in BENCH_DIR.glob("*.py") if p.stem != "report") if BENCH_DIR.is_dir() else []
+    if not scripts:
+        _fail("benchmarks are scripts in the repository's bench/ folder; run this from a checkout (pip install -e .)")
+    if name not in scripts:
+        _fail(f"no benchmark {name!r}; choose one of {', '.join(scripts)}")
+    raise typer.Exit(subprocess.call([sys.executable, str(BENCH_DIR / f"{name}.py"), *ctx.args]))
 
 
 @world_app.command("render")

@@ -12,7 +12,7 @@ def run(*args, **kw):
 
 
 @pytest.mark.parametrize("verb", [[], ["generate"], ["world"], ["world", "render"], ["world", "pretrain"],
-                                  ["export"], ["merge"], ["eval"], ["eval", "prompts"], ["eval", "judge"], ["eval", "train-judge"]])
+                                  ["export"], ["merge"], ["bench"], ["eval"], ["eval", "prompts"], ["eval", "judge"], ["eval", "train-judge"]])
 def test_help_on_every_verb(verb):
     r = run(*verb, "--help")
     assert r.returncode == 0, r.stderr
@@ -165,3 +165,10 @@ def test_merge_writes_one_adapter_with_the_summed_update(tmp_path):
     assert r.returncode == 2 and "--method 'average': choose orthogonal or sum" in r.stderr
     r = run("merge", str(a), str(b), "-o", str(a))
     assert r.returncode == 2 and "is one of the inputs" in r.stderr
+
+
+def test_bench_runs_a_script_from_the_bench_folder():
+    r = run("bench", "nope")
+    assert r.returncode == 2 and "no benchmark 'nope'; choose one of" in r.stderr and "speed" in r.stderr
+    r = run("bench", "speed", "--", "--help")  # the script's own help: arguments after -- pass through
+    assert r.returncode == 0 and "--models" in r.stdout and "--repeats" in r.stdout
