@@ -23,8 +23,8 @@ the colour its adapter draws alone (calibrated first: the modal colour the judge
 
 Methods: ``naive``, ``clora`` (step size 20, the official value), ``clora-s200`` (step size 200),
 ``lora-composer`` (replace_ratio 1, the official default), ``lora-composer-r0.5`` (half the global prompt's
-output kept inside the boxes), ``lora-composer-pos`` (replace_ratio 1, each region prompt keeps the global
-prompt's position phrase: "a sks shape on the left"), ``gated`` (training-free token gates), ``gated-fit`` (gates trained 100
+output kept inside the boxes), ``lora-composer-pos`` (replace_ratio 1, each region prompt is the global prompt's
+clause naming the concept: "a sks shape on the left"; the studio's default), ``gated`` (training-free token gates), ``gated-fit`` (gates trained 100
 steps on the concepts' own images first; that time is not counted), ``orthogonal``.
 
     python bench/compose.py                       # all methods, 20 seeds
@@ -58,8 +58,9 @@ METHODS = ["naive", "clora", "clora-s200", "lora-composer", "lora-composer-r0.5"
            "orthogonal"]
 VARIANTS = {  # method name in the table -> (composer, options)
     "clora-s200": ("clora", {"step_size": 200.0}),
-    "lora-composer-r0.5": ("lora-composer", {"replace_ratio": 0.5}),
-    "lora-composer-pos": ("lora-composer", {}),  # with region prompts that keep the position phrase (below)
+    "lora-composer": ("lora-composer", {"positional_prompts": False}),  # the official: the concept's own prompt
+    "lora-composer-r0.5": ("lora-composer", {"replace_ratio": 0.5, "positional_prompts": False}),
+    "lora-composer-pos": ("lora-composer", {}),  # the studio's default: the global prompt's clause naming the concept
 }
 
 # (name, [(concept, place)], style?) ; place picks the region and the judge's column
@@ -193,17 +194,13 @@ def main() -> None:
             concepts.append(Concept.load(files[STYLE], name=STYLE, region=BOXES[items[0][1]], words=STYLE_TOKEN,
                                          prompt=f"a shape, {STYLE_TOKEN}"))
         prompt = prompt_of(items, style)
-        # the region prompts that keep the global prompt's position phrase ("a sks shape on the left")
-        positional = [Concept(c.adapter, c.name, prompt_of([item], False), c.words, c.region) for c, item in zip(concepts, items)]
-        positional += concepts[len(items):]
         for method in args.methods:
-            method_concepts = positional if method == "lora-composer-pos" else concepts
             from studio.composers import get_composer
 
             if method == "gated-fit":  # gates trained for 100 steps on the concepts' own images (time not counted)
                 composer = get_composer("gated")
                 folders = [work / c.name / "data" for c in concepts]
-                composer.fit(pipe, method_concepts, folders, steps=100)
+                composer.fit(pipe, concepts, folders, steps=100)
             elif method in VARIANTS:
                 composer = get_composer(VARIANTS[method][0], **VARIANTS[method][1])
             else:
@@ -211,7 +208,7 @@ def main() -> None:
             t0 = time.time()
             images = []
             for start in range(0, args.seeds, 10):
-                images += compose(pipe, composer, prompt, method_concepts, seed=start, num=min(10, args.seeds - start),
+                images += compose(pipe, composer, prompt, concepts, seed=start, num=min(10, args.seeds - start),
                                   steps=args.steps, batch_size=10)
             seconds = (time.time() - t0) / len(images)
             r = score(judge, images, items, style, refs)

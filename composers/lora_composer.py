@@ -29,11 +29,19 @@ Both masks are :class:`studio.kernels.attention.RegionMask` label tables: one at
   window of the box's size where that attention is strongest, and copies that window of the start latents
   into the box; the latents are then standardised back to their mean and variance.
 
+Region prompts: the official code takes one prompt per region from the user. Here a concept's region prompt is,
+by default (``positional_prompts``), the clause of the global prompt that names it ("a sks shape on the left"),
+else the concept's own prompt ("a sks shape"). On the embedded model the position words matter: objects go
+where the prompt says, not where the box is, and with the concept's bare prompt inside the box and the global
+prompt nowhere there, positions are lost (docs/benchmarks.md, the composition section).
+
 Not carried over: the official code's gradient guidance on attention maps (its enhancement, fill and region
 losses), which needs a backward pass through the UNet at every early step.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 import torch.nn.functional as F
@@ -45,21 +53,36 @@ class LoRAComposer(Composer):
     name = "lora-composer"
     needs_attention = True
 
-    def __init__(self, isolate: bool = True, reinit: bool = True, scope: str = "all", replace_ratio: float = 1.0):
+    def __init__(self, isolate: bool = True, reinit: bool = True, scope: str = "all", replace_ratio: float = 1.0,
+                 positional_prompts: bool = True):
         if scope not in ("all", "cross"):
             raise ValueError(f"scope {scope!r}: choose all or cross")
         if not 0.0 <= replace_ratio <= 1.0:
             raise ValueError(f"replace_ratio {replace_ratio}: give a number from 0 to 1")
         self.isolate, self.reinit, self.scope, self.replace_ratio = isolate, reinit, scope, replace_ratio
+        self.positional_prompts = positional_prompts
 
     def prepare(self, run: Run) -> None:
         missing = [c.name for c in run.concepts if c.region is None]
         if missing:
             raise ValueError(f"lora-composer needs a region for every concept; none for {', '.join(missing)}"
                              " (give e.g. left, right, top-left, or x0,y0,x1,y1)")
-        run.state["region_cond"] = [run.encode([c.prompt], only=k)["embeds"] for k, c in enumerate(run.concepts)]
+        prompts = [self.region_prompt(run.prompt, c) for c in run.concepts]
+        run.state["region_prompts"] = prompts
+        run.state["region_cond"] = [run.encode([p], only=k)["embeds"] for k, p in enumerate(prompts)]
         run.state["region_uncond"] = [run.encode([""], only=k)["embeds"] for k in range(len(run.concepts))]
-        run.state["region_tokens"] = [token_positions(run.pipe.tokenizer, c.prompt, [c.words])[0] for c in run.concepts]
+        run.state["region_tokens"] = [token_positions(run.pipe.tokenizer, p, [c.words])[0] for p, c in zip(prompts, run.concepts)]
+
+    def region_prompt(self, prompt: str, concept) -> str:
+        """Concept k's region prompt: with ``positional_prompts``, the clause of the global prompt that names it
+        ("a sks shape on the left" of "a sks shape on the left and a zwx shape on the right"), which keeps where
+        it goes; else (or when no clause names it) the concept's own prompt."""
+        if self.positional_prompts and concept.words:
+            token = concept.words.split()[0]
+            for clause in re.split(r",| and ", prompt):
+                if re.search(rf"(^|\s){re.escape(token)}(\s|$)", clause.strip()):
+                    return clause.strip()
+        return concept.prompt
 
     def boxes(self, run: Run, h: int, w: int, device) -> torch.Tensor:
         """(K, h*w) bool: which image tokens of an h x w layer lie in each concept's box."""

@@ -349,3 +349,14 @@ def test_lora_composer_with_part_of_the_global_prompt_samples(pipe, concepts):
     mixed = compose(pipe, LoRAComposer(reinit=False, replace_ratio=0.5), PROMPT, concepts, seed=0, steps=3)[0]
     assert full.size == mixed.size == (64, 64)
     assert not np.array_equal(np.asarray(full), np.asarray(mixed))
+
+
+def test_lora_composer_region_prompts_keep_the_clause_that_names_the_concept(concepts):
+    from studio.composers.lora_composer import LoRAComposer
+
+    sks, zwx = concepts
+    assert LoRAComposer().region_prompt(PROMPT, sks) == "a sks shape on the left"
+    assert LoRAComposer().region_prompt(PROMPT, zwx) == "a zwx shape on the right"
+    assert LoRAComposer().region_prompt("a sks shape in the center, zwx", zwx) == "zwx"
+    assert LoRAComposer().region_prompt("a red circle", sks) == "a sks shape"  # not named: its own prompt
+    assert LoRAComposer(positional_prompts=False).region_prompt(PROMPT, sks) == "a sks shape"
