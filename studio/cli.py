@@ -72,7 +72,7 @@ def generate(
     num: NumOpt = 1,
     scale: ScaleOpt = 1,
     adapter: Annotated[list[str] | None, typer.Option("--adapter", "-a", help="FILE[:WEIGHT] (repeatable): an adapter .safetensors or PEFT folder, weight 1.0 by default.")] = None,
-    compose: Annotated[str | None, typer.Option("--compose", "-c", help="Combine the adapters with a composer: naive, clora, lora-composer, orthogonal. Each adapter is a concept named in the prompt by its token and class noun.")] = None,
+    compose: Annotated[str | None, typer.Option("--compose", "-c", help="Combine the adapters with a composer: naive, clora, lora-composer, gated, orthogonal. Each adapter is a concept named in the prompt by its token and class noun.")] = None,
     region: Annotated[list[str] | None, typer.Option("--region", "-r", help="Region of each adapter, in --adapter order (lora-composer): left, right, top, bottom, top-left, ..., center, all, or x0,y0,x1,y1 fractions.")] = None,
 ) -> None:
     """Generate images from prompts and write them to one PNG.
