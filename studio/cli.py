@@ -1,6 +1,6 @@
 """The ``studio`` command.
 
-Verbs so far: ``generate`` (``--compose``), ``merge``, ``bench``, ``export``, ``train dreambooth``, ``train blora``, ``compose``, ``world render``, ``world pretrain``, ``eval prompts``, ``eval judge``,
+Verbs so far: ``ui``, ``generate`` (``--compose``), ``merge``, ``bench``, ``export``, ``train dreambooth``, ``train blora``, ``compose``, ``world render``, ``world pretrain``, ``eval prompts``, ``eval judge``,
 ``eval train-judge``. Errors in what the user gave print one line (``error: ...``) and exit 2.
 """
 
@@ -311,6 +311,38 @@ def merge_cmd(
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     typer.echo(f"wrote {out} ({method} merge of {len(specs)} adapters, {len(merged.modules)} modules)")
+
+
+@app.command("ui")
+def ui_cmd(
+    data_dir: Annotated[Path, typer.Option(help="The studio's data folder: datasets, runs, the adapter library, outputs. The app reads and writes nothing outside it.")] = Path("studio-data"),
+    model: ModelOpt = EMBEDDED_MODEL,
+    host: Annotated[str, typer.Option(help="Address to listen on; 127.0.0.1 keeps the app on this machine (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 7860,
+    share: Annotated[bool, typer.Option(help="Also open a public gradio.live link.")] = False,
+    auth: Annotated[str | None, typer.Option(help="USER:PASSWORD required to open the app.")] = None,
+    max_upload_mb: Annotated[int, typer.Option(help="Largest upload accepted, in MB.")] = 20,
+    concurrency: Annotated[int, typer.Option(help="Generation requests served at once (the rest queue); one per device by default.")] = 1,
+) -> None:
+    """The Gradio app: train, browse the adapter library and generate in a browser (pip install -e '.[ui]').
+
+    Example: studio ui --data-dir ~/studio-data   (then open http://127.0.0.1:7860)
+    """
+    if not (model / "model_index.json").is_file():
+        _fail(f"model folder not found or not a diffusers folder: {model}")
+    if max_upload_mb < 1 or concurrency < 1 or not 0 < port < 65536:
+        _fail("--max-upload-mb and --concurrency must be positive integers and --port a port number (1-65535)")
+    if auth is not None and (":" not in auth or not auth.partition(":")[0] or not auth.partition(":")[2]):
+        _fail(f"--auth {auth!r}: give USER:PASSWORD")
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        _fail("the app needs gradio: pip install -e '.[ui]'")
+    _setup_warnings()
+    from studio.ui.app import launch
+
+    launch(data_dir, model, host=host, port=port, share=share, auth=auth, max_upload_mb=max_upload_mb,
+           concurrency=concurrency)
 
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"

@@ -12,7 +12,7 @@ def run(*args, **kw):
 
 
 @pytest.mark.parametrize("verb", [[], ["generate"], ["world"], ["world", "render"], ["world", "pretrain"],
-                                  ["export"], ["merge"], ["bench"], ["eval"], ["eval", "prompts"], ["eval", "judge"], ["eval", "train-judge"]])
+                                  ["export"], ["merge"], ["bench"], ["ui"], ["eval"], ["eval", "prompts"], ["eval", "judge"], ["eval", "train-judge"]])
 def test_help_on_every_verb(verb):
     r = run(*verb, "--help")
     assert r.returncode == 0, r.stderr
@@ -172,3 +172,15 @@ def test_bench_runs_a_script_from_the_bench_folder():
     assert r.returncode == 2 and "no benchmark 'nope'; choose one of" in r.stderr and "speed" in r.stderr
     r = run("bench", "speed", "--", "--help")  # the script's own help: arguments after -- pass through
     assert r.returncode == 0 and "--models" in r.stdout and "--repeats" in r.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--auth", "nocolon"], "error: --auth 'nocolon': give USER:PASSWORD"),
+    (["--model", "/no/such/folder"], "error: model folder not found"),
+    (["--port", "0"], "error: --max-upload-mb and --concurrency must be positive"),
+])
+def test_ui_bad_input_gives_one_line_error(args, message, tmp_path):
+    r = run("ui", "--data-dir", str(tmp_path / "data"), *args)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(message), r.stderr

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from studio.trainers.config import build_config, command_from_config, read_config_file, run_command
 from studio.trainers.data import group_by_size, load_images, to_tensor
-from studio.trainers.loop import Context, TrainConfig, _help, denoise_losses, shard, train
+from studio.trainers.loop import Cancelled, Context, TrainConfig, _help, denoise_losses, shard, train
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -237,6 +237,9 @@ def run_trainer(trainer, config_class, config_file, overrides: dict[str, Any]) -
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    except Cancelled as e:
+        typer.echo(f"cancelled: {e}", err=True)
+        raise typer.Exit(3) from None
     typer.echo(f"wrote {out}")
     return out
 

@@ -347,6 +347,7 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
             raise FileNotFoundError(f"--resume {cfg.resume}: not a checkpoint folder (no state.json)")
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop asked of an earlier attempt
         (run_dir / "config.json").write_text(json.dumps({"trainer": trainer.name, **dataclasses.asdict(cfg)}, indent=2))
     pipe = load_pipeline(cfg.model)
     pipe.to(accelerator.device)
@@ -384,6 +385,8 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
         accelerator.init_trackers("studio")
     bar = tqdm(range(start, cfg.steps), desc=trainer.name, initial=start, total=cfg.steps,
                disable=not accelerator.is_main_process)
+    progress = Progress(run_dir, cfg.steps, accelerator.is_main_process)
+    progress.event("start", start)
     t0, loss_value = time.time(), float("nan")
     for step in bar:
         if "clock" in ctx.store:
@@ -418,8 +421,19 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
         if cfg.validation_every and done % cfg.validation_every == 0 and accelerator.is_main_process:
             if "clock" in ctx.store:
                 ctx.store["clock"].step = done  # sample with the ramp as it stands after this step
-            validate(ctx, done)
+            progress.event("validation", done, image=str(validate(ctx, done)))
+        progress.step(done, loss_value, opt.param_groups[0]["lr"])
         accelerator.wait_for_everyone()
+        if done < cfg.steps and _stop_requested(accelerator, run_dir):
+            if accelerator.is_main_process:
+                save_checkpoint(run_dir, done, {"lora": lora_state(pipe, components)}, {"opt": opt},
+                                keep=cfg.keep_checkpoints)
+                progress.event("cancelled", done)
+                (run_dir / STOP_FILE).unlink(missing_ok=True)
+            accelerator.wait_for_everyone()
+            accelerator.end_training()
+            raise Cancelled(f"stopped at step {done} of {cfg.steps} ({STOP_FILE} in {run_dir}); a checkpoint is"
+                            " saved: continue with --resume latest")
     meta = AdapterMeta(family="sdxl" if hasattr(pipe, "text_encoder_2") else "sd15", base_model=Path(cfg.model).name,
                        trainer=trainer.name, rank=cfg.rank, steps=cfg.steps, **trainer.metadata(ctx))
     meta.base_hash = base_hash
@@ -440,9 +454,47 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
         save_adapter(adapter, out)
         if hasattr(trainer, "finalize"):  # e.g. B-LoRA writes its content and style parts
             trainer.finalize(ctx, adapter, out)
+        progress.event("done", cfg.steps, adapter=str(out))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
+
+
+STOP_FILE = "STOP"
+
+
+class Cancelled(Exception):
+    """Training stopped on request (a ``STOP`` file in the run folder) after saving a checkpoint."""
+
+
+def _stop_requested(accelerator, run_dir: Path) -> bool:
+    """True when someone asked this run to stop; all processes agree (the main process's view wins)."""
+    flag = torch.tensor([float((run_dir / STOP_FILE).exists()) if accelerator.is_main_process else 0.0],
+                        device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, reduction="sum")
+    return bool(flag.item())
+
+
+class Progress:
+    """``progress.jsonl`` in the run folder: one JSON line per step (step, total, loss, lr, seconds) and
+    per event (start, validation, cancelled, done); what the app and any other watcher read. Appended, so
+    a resumed run goes on in the same file (a reader keeps the last line of each step)."""
+
+    def __init__(self, run_dir: Path, total: int, enabled: bool):
+        self.path, self.total, self.enabled, self.t0 = run_dir / "progress.jsonl", total, enabled, time.time()
+
+    def _write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def step(self, step: int, loss: float, lr: float) -> None:
+        self._write({"step": step, "total": self.total, "loss": round(loss, 6), "lr": lr,
+                     "seconds": round(time.time() - self.t0, 2)})
+
+    def event(self, name: str, step: int, **info) -> None:
+        self._write({"event": name, "step": step, "total": self.total, **info})
 
 
 class _Holder(torch.nn.Module):

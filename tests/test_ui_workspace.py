@@ -1,0 +1,219 @@
+"""The app's data folder and generation engine without a browser: names, uploads, runs (cancel and
+resume), the library, settings in PNG metadata."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from studio.ui.engine import Engine, Settings
+from studio.ui.workspace import InputError, Workspace, safe_name
+
+
+def star_images(folder: Path, n: int = 4) -> list[tuple[str, Path]]:
+    from studio.world.grammar import parse_prompt, scene_from_prompt
+    from studio.world.render import render_array
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(n):
+        scene = scene_from_prompt(parse_prompt("a large purple star in the center on a white background"), random.Random(i))
+        path = folder / f"star{i}.png"
+        Image.fromarray(render_array(scene, seed=1000 + i)).save(path)
+        files.append((path.name, path))
+    return files
+
+
+@pytest.mark.parametrize("name", ["../x", "..", "a/b", "a\\b", "/etc", "", " ", ".hidden", "x" * 65, "a..b", "a\nb"])
+def test_unsafe_names_are_refused(name):
+    with pytest.raises(InputError, match="refused"):
+        safe_name(name, "dataset name")
+
+
+@pytest.mark.parametrize("name", ["stars", "my-star_2", "v1.0", "A"])
+def test_safe_names_pass(name):
+    assert safe_name(name, "x") == name
+
+
+def test_paths_never_leave_the_root(tmp_path):
+    ws = Workspace(tmp_path / "data")
+    assert ws.path("adapters", "a.safetensors").parent == ws.root / "adapters"
+    for parts in (("..", "x"), ("adapters", "..", "..", "x"), ("/etc/passwd",)):
+        with pytest.raises(InputError, match="outside the studio's data folder"):
+            ws.path(*parts)
+
+
+def test_a_refused_upload_writes_nothing(tmp_path):
+    ws = Workspace(tmp_path / "data")
+    good = star_images(tmp_path / "in", 2)
+    (tmp_path / "in" / "notes.txt").write_text("hello")
+    (tmp_path / "in" / "fake.png").write_bytes(b"not a png")
+    cases = [
+        (good + [("notes.txt", tmp_path / "in" / "notes.txt")], "is not an image"),
+        (good + [("fake.png", tmp_path / "in" / "fake.png")], "not a readable image"),
+        (good + [("../../evil.png", good[0][1])], "'../../evil.png' is refused"),
+        (good + [("star0.png", good[0][1])], "appears twice"),
+        ([], "no images uploaded"),
+    ]
+    for files, message in cases:
+        with pytest.raises(InputError, match=message):
+            ws.add_dataset("stars", files)
+        assert ws.datasets() == [] and list((ws.root / "datasets").iterdir()) == []
+    assert ws.add_dataset("stars", good) == ws.root / "datasets" / "stars"
+    assert sorted(p.name for p in (ws.root / "datasets" / "stars").iterdir()) == ["star0.png", "star1.png"]
+    with pytest.raises(InputError, match="already exists"):
+        ws.add_dataset("stars", good)
+
+
+def test_train_config_is_the_cli_schema_and_bad_settings_are_named(tmp_path):
+    from studio.trainers.config import build_config
+    from studio.trainers.dreambooth import DreamBoothConfig
+
+    ws = Workspace(tmp_path / "data")
+    ws.add_dataset("stars", star_images(tmp_path / "in"))
+    cfg = ws.train_config("dreambooth", "quick", "stars", "star", token="zwx", steps=30)
+    assert cfg["trainer"] == "dreambooth" and cfg["steps"] == 30 and cfg["token"] == "zwx" and cfg["rank"] == 4
+    assert cfg["validation_prompts"] == ["a zwx shape"]
+    # the saved keys build the trainer's config, as `studio train dreambooth --config` does
+    assert build_config(DreamBoothConfig, {k: v for k, v in cfg.items() if k != "trainer"}, {}).steps == 30
+    with pytest.raises(InputError, match="trainer 'lycoris' is not known; choose one of dreambooth, blora"):
+        ws.train_config("lycoris", "quick", "stars", "x")
+    with pytest.raises(InputError, match="preset 'huge' is not known"):
+        ws.train_config("dreambooth", "huge", "stars", "x")
+    with pytest.raises(InputError, match="dataset 'cats' does not exist"):
+        ws.train_config("dreambooth", "quick", "cats", "x")
+    with pytest.raises(InputError, match="rank 999 is out of range"):
+        ws.train_config("dreambooth", "quick", "stars", "x", rank=999)
+    with pytest.raises(InputError, match="run name '../x' is refused"):
+        ws.train_config("dreambooth", "quick", "stars", "../x")
+
+
+def _wait(ws: Workspace, name: str, until, timeout: float = 240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        st = ws.status(name)
+        if until(st):
+            return st
+        time.sleep(0.2)
+    raise AssertionError(f"run {name} stuck: {ws.status(name)}\n{(ws.root / 'runs' / name / 'log.txt').read_text()[-2000:]}")
+
+
+def test_a_run_cancels_resumes_and_lands_in_the_library(tmp_path):
+    ws = Workspace(tmp_path / "data")
+    ws.add_dataset("stars", star_images(tmp_path / "in"))
+    cfg = ws.train_config("dreambooth", "quick", "stars", "star", steps=30, checkpoint_every=10, validation_every=30)
+    ws.start_run(cfg)
+    with pytest.raises(InputError, match="run 'star' is training"):
+        ws.start_run(ws.train_config("dreambooth", "quick", "stars", "other"))
+    _wait(ws, "star", lambda st: st.step >= 3)
+    ws.cancel("star")
+    st = _wait(ws, "star", lambda st: st.state != "running")
+    assert st.state == "cancelled", st
+    stopped = st.step
+    assert 3 <= stopped < 30
+    run = ws.root / "runs" / "star"
+    assert (run / f"checkpoint-{stopped}" / "state.json").is_file()  # saved at the step it stopped
+    assert not (run / "adapter.safetensors").exists() and not (run / "STOP").exists()
+    assert "cancelled: stopped at step" in (run / "log.txt").read_text()
+
+    ws.resume("star")
+    st = _wait(ws, "star", lambda st: st.state not in ("running", "queued"))
+    assert st.state == "done", st
+    assert [s for s, _ in st.losses] == list(range(1, 31))  # every step once, across both processes
+    starts = [json.loads(line) for line in (run / "progress.jsonl").read_text().splitlines() if '"event": "start"' in line]
+    assert [s["step"] for s in starts] == [0, stopped]
+    assert len(st.validation) == 1
+    with pytest.raises(InputError, match="finished; nothing to resume"):
+        ws.resume("star")
+
+    names, new = ws.collect("star")
+    assert names == ["star"] and new
+    assert ws.collect("star") == (["star"], False)
+    row = ws.adapters()[0]
+    assert row["name"] == "star" and row["trainer"] == "dreambooth" and row["token"] == "sks" and row["steps"] == 30
+    assert ws.preview("star") is not None
+    assert ws.headless("star") == f"studio train dreambooth --config {run / 'train.json'}"
+
+
+def test_library_rename_delete_export_import(tmp_path):
+    from conftest import random_adapter
+
+    from studio.adapters import load_adapter, save_adapter
+    from studio.families import load_pipeline
+
+    ws = Workspace(tmp_path / "data")
+    adapter = random_adapter(load_pipeline(ws.model))
+    adapter.meta.token = "sks"
+    save_adapter(adapter, tmp_path / "mine.safetensors")
+    assert ws.import_adapter("mine.safetensors", tmp_path / "mine.safetensors") == "mine"
+    with pytest.raises(InputError, match="already in the library"):
+        ws.import_adapter("mine.safetensors", tmp_path / "mine.safetensors")
+    (tmp_path / "model.ckpt").write_bytes(b"\x80\x04" + bytes(64))
+    with pytest.raises(InputError, match="only .safetensors"):
+        ws.import_adapter("model.ckpt", tmp_path / "model.ckpt")
+    (tmp_path / "pickle.safetensors").write_bytes(b"\x80\x04" + bytes(64))
+    with pytest.raises(InputError, match="not a LoRA adapter this studio reads"):
+        ws.import_adapter("pickle.safetensors", tmp_path / "pickle.safetensors")
+    with pytest.raises(InputError, match="refused"):
+        ws.import_adapter("../mine2.safetensors", tmp_path / "mine.safetensors")
+    assert [p.name for p in (ws.root / "adapters").iterdir()] == ["mine.safetensors"]  # nothing half-written
+
+    assert ws.rename("mine", "star") == "star"
+    with pytest.raises(InputError, match="new name '../star' is refused"):
+        ws.rename("star", "../star")
+    out = ws.export("star", "kohya")
+    assert out.parent == ws.root / "exports"
+    assert set(load_adapter(out).modules) == set(adapter.modules)
+    with pytest.raises(InputError, match="layout 'ckpt' is not known"):
+        ws.export("star", "ckpt")
+    ws.delete("star")
+    assert ws.adapters() == []
+    with pytest.raises(InputError, match="adapter 'star' is not in the library"):
+        ws.delete("star")
+
+
+def test_generate_keeps_the_settings_in_the_png(tmp_path):
+    from conftest import random_adapter
+
+    from studio.adapters import save_adapter
+
+    ws = Workspace(tmp_path / "data")
+    engine = Engine(ws)
+    save_adapter(random_adapter(engine.pipe), tmp_path / "a.safetensors")
+    ws.import_adapter("a.safetensors", tmp_path / "a.safetensors")
+    steps = []
+    settings = Settings(prompt="a red circle on the left", negative_prompt="blue", seed=5, steps=3, num=2,
+                        adapters=[{"name": "a", "weight": 0.5, "region": ""}])
+    files = engine.generate(settings, progress=lambda i, n: steps.append((i, n)))
+    assert len(files) == 2 and all(f.parent == ws.root / "outputs" for f in files)
+    assert steps[-1] == (3, 3)
+    back = [Settings.from_png(f) for f in files]
+    assert [b.seed for b in back] == [5, 6] and back[0].adapters == settings.adapters and back[0].num == 1
+    with Image.open(files[1]) as im:
+        assert im.text["parameters"].startswith("a red circle on the left\nNegative prompt: blue\nSteps: 3")
+        assert "Seed: 6" in im.text["parameters"] and "Lora: <a:0.5>" in im.text["parameters"]
+    assert not hasattr(engine.pipe, "_studio_attached") or engine.pipe._studio_attached is None  # detached again
+    # the same request again gives the same pixels (the adapter was attached and removed cleanly)
+    again = engine.generate(settings)
+    assert [Image.open(f).tobytes() for f in again] == [Image.open(f).tobytes() for f in files]
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"prompt": " "}, "prompt is empty"),
+    ({"steps": 0}, "steps 0 is out of range"),
+    ({"width": 60}, "width 60 is refused; accepted: multiples of"),
+    ({"composer": "magic"}, "composer 'magic' is not known"),
+    ({"num": 9}, "images per request 9 is out of range"),
+    ({"adapters": [{"name": "nope", "weight": 1.0}]}, "adapter 'nope' is not in the library"),
+    ({"adapters": [{"name": "../../x", "weight": 1.0}]}, "adapter '../../x' is refused"),
+])
+def test_bad_generate_settings_are_named(tmp_path, change, message):
+    ws = Workspace(tmp_path / "data")
+    engine = Engine(ws)
+    with pytest.raises(InputError, match=message):
+        engine.generate(Settings(**{"prompt": "a red circle", "steps": 2, **change}))
+    assert list((ws.root / "outputs").iterdir()) == []
