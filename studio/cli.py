@@ -1,6 +1,6 @@
 """The ``studio`` command.
 
-Verbs so far: ``ui``, ``generate`` (``--compose``), ``merge``, ``bench``, ``export``, ``train dreambooth``, ``train blora``, ``compose``, ``world render``, ``world pretrain``, ``eval prompts``, ``eval judge``,
+Verbs so far: ``ui``, ``repeat``, ``generate`` (``--compose``), ``merge``, ``bench``, ``export``, ``train dreambooth``, ``train blora``, ``compose``, ``world render``, ``world pretrain``, ``eval prompts``, ``eval judge``,
 ``eval train-judge``. Errors in what the user gave print one line (``error: ...``) and exit 2.
 """
 
@@ -311,6 +311,66 @@ def merge_cmd(
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     typer.echo(f"wrote {out} ({method} merge of {len(specs)} adapters, {len(merged.modules)} modules)")
+
+
+@app.command("repeat")
+def repeat_cmd(
+    source: Annotated[Path, typer.Argument(help="A PNG the app wrote (its settings are in its metadata) or a .json of the same settings.")],
+    out: OutOpt = Path("out.png"),
+    data_dir: Annotated[Path, typer.Option(help="The app's data folder, whose library has the adapters the settings name.")] = Path("studio-data"),
+    model: ModelOpt = EMBEDDED_MODEL,
+    seed: Annotated[int | None, typer.Option(help="Another seed (default: the image's own).")] = None,
+) -> None:
+    """Make an image of the app again, headless: the same settings (prompt, seed, steps, guidance, size,
+    adapters with weights and regions, composer), the app's and the CLI's one schema.
+
+    Example: studio repeat studio-data/outputs/20261124-053000-123456789-s3.png -o again.png
+    """
+    import dataclasses
+
+    if not source.is_file():
+        _fail(f"{source}: no such file; give a PNG the app wrote or a settings .json")
+    if out.suffix.lower() != ".png":
+        _fail(f"--out {out}: give a .png path")
+    from studio.ui.engine import Engine, Settings
+    from studio.ui.workspace import InputError, Workspace
+
+    try:
+        if source.suffix.lower() == ".json":
+            settings = Settings.from_dict(json.loads(source.read_text()))
+        else:
+            settings = Settings.from_png(source)
+    except (InputError, ValueError, TypeError, OSError) as e:
+        _fail(f"{source}: {e}")
+    if seed is not None:
+        settings = dataclasses.replace(settings, seed=seed)
+    _setup_warnings()
+    try:
+        files = Engine(Workspace(data_dir, model)).generate(settings)
+    except InputError as e:
+        _fail(str(e))
+    from PIL import Image
+
+    from studio.sampling import image_grid
+
+    images = [Image.open(f) for f in files]
+    if len(images) == 1:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.stem}.tmp.png")
+        images[0].save(tmp, pnginfo=_png_text(images[0]))  # keep the settings in the copy
+        tmp.replace(out)
+    else:
+        _save(image_grid(images), out)
+    typer.echo(f"wrote {out} (and {', '.join(str(f) for f in files)})")
+
+
+def _png_text(image):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for k, v in getattr(image, "text", {}).items():
+        info.add_text(k, v)
+    return info
 
 
 @app.command("ui")

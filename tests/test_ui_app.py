@@ -270,3 +270,29 @@ def test_twenty_concurrent_generate_requests_queue_and_memory_stays_flat(server)
     assert rounds[2].rss_mb - rounds[0].rss_mb < 32, [r.rss_mb for r in rounds]
     assert len(list((server["data"] / "outputs").glob("*.png"))) >= 60
     assert server["proc"].poll() is None  # the server is still up
+
+
+def test_the_server_listens_on_localhost_only(server):
+    import psutil
+
+    listening = [c.laddr for c in psutil.Process(server["proc"].pid).net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN]
+    assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
+
+
+def test_auth_keeps_the_app_closed_without_the_password(tmp_path):
+    import urllib.error
+    import urllib.request
+
+    from gradio_client import Client
+    from studio.ui.load import server as serve
+
+    with serve(tmp_path / "data", args=("--auth", "ana:s3cret")) as (_proc, url):
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(url + "config", timeout=10)
+        assert info.value.code == 401
+        with pytest.raises(Exception):  # noqa: B017 - gradio_client raises its own error types for a refused login
+            Client(url, auth=("ana", "wrong"), verbose=False)
+        client = Client(url, auth=("ana", "s3cret"), verbose=False)
+        assert "/generate" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+        client.close()

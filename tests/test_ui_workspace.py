@@ -217,3 +217,36 @@ def test_bad_generate_settings_are_named(tmp_path, change, message):
     with pytest.raises(InputError, match=message):
         engine.generate(Settings(**{"prompt": "a red circle", "steps": 2, **change}))
     assert list((ws.root / "outputs").iterdir()) == []
+
+
+def test_repeat_makes_an_app_image_again_headless(tmp_path):
+    """`studio repeat PNG` reads the settings the app wrote and gives the same pixels, adapter included."""
+    import subprocess
+    import sys
+
+    from conftest import random_adapter
+
+    from studio.adapters import save_adapter
+
+    ws = Workspace(tmp_path / "data")
+    engine = Engine(ws)
+    save_adapter(random_adapter(engine.pipe), tmp_path / "a.safetensors")
+    ws.import_adapter("a.safetensors", tmp_path / "a.safetensors")
+    [made] = engine.generate(Settings(prompt="a red circle on the left", seed=7, steps=4,
+                                      adapters=[{"name": "a", "weight": 0.8, "region": ""}]))
+    out = tmp_path / "again.png"
+    r = subprocess.run([sys.executable, "-m", "studio.cli", "repeat", str(made), "-o", str(out), "--data-dir", str(ws.root)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert Image.open(out).tobytes() == Image.open(made).tobytes()
+    assert Settings.from_png(out) == Settings.from_png(made)
+    # a PNG that is not the app's, and settings naming an adapter the library lacks: one-line errors
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    (tmp_path / "s.json").write_text(json.dumps({"prompt": "a red circle", "adapters": [{"name": "gone", "weight": 1}]}))
+    for source, message in ((tmp_path / "plain.png", "carries no studio settings"),
+                            (tmp_path / "s.json", "adapter 'gone' is not in the library")):
+        r = subprocess.run([sys.executable, "-m", "studio.cli", "repeat", str(source), "-o", str(tmp_path / "x.png"),
+                            "--data-dir", str(ws.root)], capture_output=True, text=True, timeout=300)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
+    assert not (tmp_path / "x.png").exists()

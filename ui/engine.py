@@ -72,15 +72,24 @@ class Settings:
         return "\n".join(lines + [", ".join(extra)])
 
     @classmethod
+    def from_dict(cls, data: dict) -> Settings:
+        """Settings from their JSON form; unknown keys are an error naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(f"unknown setting(s) {', '.join(unknown)}; accepted: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    @classmethod
     def from_png(cls, path: str | Path) -> Settings:
+        """The settings a PNG of the app carries (its ``studio`` text chunk)."""
         from PIL import Image
 
         with Image.open(path) as im:
-            text = im.text.get("studio")  # type: ignore[attr-defined]
+            text = getattr(im, "text", {}).get("studio")
         if not text:
-            raise InputError(f"{path} carries no studio settings")
-        data = json.loads(text)
-        return cls(**{k: v for k, v in data.items() if k in {f.name for f in dataclasses.fields(cls)}})
+            raise InputError(f"{path} carries no studio settings (not an image the app made)")
+        return cls.from_dict(json.loads(text))
 
 
 class Engine:

@@ -34,9 +34,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server(data_dir: str | Path, port: int | None = None, log: str | Path | None = None, startup: float = 180):
-    """``studio ui`` on ``data_dir`` as its own process, as a user starts it; yields ``(process, url)`` once it
-    answers, and stops it afterwards."""
+def server(data_dir: str | Path, port: int | None = None, log: str | Path | None = None, startup: float = 180,
+           args: tuple[str, ...] = ()):
+    """``studio ui`` on ``data_dir`` (plus ``args``) as its own process, as a user starts it; yields
+    ``(process, url)`` once it answers, and stops it afterwards."""
     import os
     import subprocess
     import sys
@@ -45,7 +46,7 @@ def server(data_dir: str | Path, port: int | None = None, log: str | Path | None
     port = port or free_port()
     log_path = Path(log) if log else Path(data_dir).parent / f"studio-ui-{port}.log"
     with open(log_path, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "studio.cli", "ui", "--data-dir", str(data_dir), "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "studio.cli", "ui", "--data-dir", str(data_dir), "--port", str(port), *args],
                                 stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
     url = f"http://127.0.0.1:{port}/"
     try:
