@@ -236,6 +236,26 @@ def test_invalid_upload_gets_a_visible_error(page, server, tmp_path):
     assert not (server["data"] / "datasets" / "broken").exists()
 
 
+def test_an_upload_over_the_size_limit_is_refused_in_the_browser_and_by_the_server(page, server, tmp_path):
+    import urllib.error
+    import urllib.request
+    import uuid
+
+    big = tmp_path / "big.png"
+    big.write_bytes(os.urandom(21 * 2**20))  # the app's default limit is 20 MB
+    page.locator("#train-upload input[type=file]").set_input_files(str(big))
+    _error(page, "exceed the maximum allowed size")
+    # a script that skips the browser's check meets the server's
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"big.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + big.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(server["url"] + "gradio_api/upload", data=body, method="POST",
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=60)
+    assert info.value.code == 413
+
+
 def test_path_traversal_file_name_is_refused(page, server, images):
     data: Path = server["data"]
     before = sorted(p.relative_to(data) for p in data.rglob("*") if ".gradio" not in p.parts)
