@@ -250,3 +250,14 @@ def test_repeat_makes_an_app_image_again_headless(tmp_path):
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_blora_run_puts_its_content_and_style_parts_in_the_library(tmp_path):
+    ws = Workspace(tmp_path / "data")
+    ws.add_dataset("stars", star_images(tmp_path / "in"))
+    ws.start_run(ws.train_config("blora", "quick", "stars", "b1", steps=10))
+    st = _wait(ws, "b1", lambda st: st.state not in ("running", "queued"))
+    assert st.state == "done", st
+    assert ws.collect("b1") == (["b1", "b1-content", "b1-style"], True)
+    assert {r["name"]: r["trainer"] for r in ws.adapters()} == {"b1": "blora", "b1-content": "blora", "b1-style": "blora"}
+    assert ws.headless("b1").startswith("studio train blora --config ")
