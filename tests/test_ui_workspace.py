@@ -252,12 +252,24 @@ def test_repeat_makes_an_app_image_again_headless(tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
-def test_a_blora_run_puts_its_content_and_style_parts_in_the_library(tmp_path):
+@pytest.mark.parametrize("trainer", ["blora", "content-style"])
+def test_a_run_of_a_two_part_trainer_puts_both_parts_in_the_library(tmp_path, trainer):
     ws = Workspace(tmp_path / "data")
     ws.add_dataset("stars", star_images(tmp_path / "in"))
-    ws.start_run(ws.train_config("blora", "quick", "stars", "b1", steps=10))
+    style = {}
+    if trainer == "content-style":
+        ws.add_dataset("look", star_images(tmp_path / "style", 2))
+        style = {"style_dataset": "look"}
+        with pytest.raises(InputError, match="needs a style dataset too"):
+            ws.train_config(trainer, "quick", "stars", "b1")
+        with pytest.raises(InputError, match="style dataset 'gone' does not exist"):
+            ws.train_config(trainer, "quick", "stars", "b1", style_dataset="gone")
+    else:
+        with pytest.raises(InputError, match="a style dataset is for the content-style trainer only"):
+            ws.train_config(trainer, "quick", "stars", "b1", style_dataset="stars")
+    ws.start_run(ws.train_config(trainer, "quick", "stars", "b1", steps=10, **style))
     st = _wait(ws, "b1", lambda st: st.state not in ("running", "queued"))
     assert st.state == "done", st
     assert ws.collect("b1") == (["b1", "b1-content", "b1-style"], True)
-    assert {r["name"]: r["trainer"] for r in ws.adapters()} == {"b1": "blora", "b1-content": "blora", "b1-style": "blora"}
-    assert ws.headless("b1").startswith("studio train blora --config ")
+    assert {r["name"]: r["trainer"] for r in ws.adapters()} == dict.fromkeys(["b1", "b1-content", "b1-style"], trainer)
+    assert ws.headless("b1").startswith(f"studio train {trainer} --config ")

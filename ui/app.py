@@ -119,8 +119,11 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
                         dataset = gr.Dropdown(label="Dataset (a folder of the data folder's datasets/)",
                                               choices=ws.datasets(), value=None, elem_id="dataset",
                                               allow_custom_value=True)
+                        style_dataset = gr.Dropdown(label="Style dataset (content-style trainer only)",
+                                                    choices=[""] + ws.datasets(), value="", elem_id="style-dataset",
+                                                    allow_custom_value=True)
                         with gr.Row():
-                            trainer = gr.Dropdown(list(TRAINERS), value="dreambooth", label="Trainer")
+                            trainer = gr.Dropdown(list(TRAINERS), value="dreambooth", label="Trainer", elem_id="trainer")
                             preset = gr.Radio(list(PRESETS), value="quick", label="Preset", elem_id="preset")
                         with gr.Row():
                             token = gr.Textbox(label="Token", value="sks", elem_id="token")
@@ -219,22 +222,23 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
                 raise InputError("no images uploaded; drop 3-10 images in the box first")
             ws.add_dataset(name, [_upload_name(f) for f in files])
             safe = safe_name(name, "dataset name")
-            return gr.update(choices=ws.datasets(), value=safe), f"dataset **{safe}**: {len(files)} images"
+            return (gr.update(choices=ws.datasets(), value=safe), gr.update(choices=[""] + ws.datasets()),
+                    f"dataset **{safe}**: {len(files)} images")
 
-        add_dataset.click(on_add_dataset, [uploads, dataset_name], [dataset, train_status])
+        add_dataset.click(on_add_dataset, [uploads, dataset_name], [dataset, style_dataset, train_status])
 
         @_guarded
-        def on_start(dataset_, trainer_, preset_, token_, noun_, name_, steps_, rank_, lr_):
+        def on_start(dataset_, style_, trainer_, preset_, token_, noun_, name_, steps_, rank_, lr_):
             if not dataset_:
                 raise InputError("no dataset: upload images and add them, or pick a dataset")
             name_ = name_.strip() or f"{token_}-{dataset_}"
             overrides = {"token": token_.strip(), "class_noun": noun_.strip(), "steps": int(steps_ or 0) or None,
                          "rank": int(rank_ or 0) or None, "lr": float(lr_ or 0) or None}
-            cfg = ws.train_config(trainer_, preset_, dataset_, name_, **overrides)
+            cfg = ws.train_config(trainer_, preset_, dataset_, name_, style_dataset=style_ or "", **overrides)
             name = ws.start_run(cfg)
             return name, gr.update(choices=ws.runs(), value=name), ws.headless(name)
 
-        start.click(on_start, [dataset, trainer, preset, token, class_noun, run_name, steps, rank, lr],
+        start.click(on_start, [dataset, style_dataset, trainer, preset, token, class_noun, run_name, steps, rank, lr],
                     [current, runs, headless])
 
         @_guarded
@@ -382,9 +386,10 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
 
         def on_load():
             """A page opened later sees the folder as it is now, not as it was when the app started."""
-            return (gr.update(choices=ws.datasets()), gr.update(choices=ws.runs()), *refresh_lists())
+            return (gr.update(choices=ws.datasets()), gr.update(choices=[""] + ws.datasets()), gr.update(choices=ws.runs()),
+                    *refresh_lists())
 
-        demo.load(on_load, None, [dataset, runs, *lib_outputs], queue=False, show_progress="hidden")
+        demo.load(on_load, None, [dataset, style_dataset, runs, *lib_outputs], queue=False, show_progress="hidden")
 
         slot_inputs = [c for slot in slots for c in slot]
         go.click(on_generate, [prompt, negative, seed, gsteps, guidance, width, height, num, composer, shown, *slot_inputs],

@@ -40,6 +40,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 TRAINERS = {
     "dreambooth": ("studio.trainers.dreambooth", "DreamBoothConfig"),
     "blora": ("studio.trainers.blora", "BLoRAConfig"),
+    "content-style": ("studio.trainers.content_style", "ContentStyleConfig"),  # also takes a style dataset
 }
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"steps": 60, "rank": 4, "batch_size": 2, "lr": 3e-4, "prior_preservation": False},
@@ -152,12 +153,23 @@ class Workspace:
         runs = [p for p in (self.root / "runs").iterdir() if (p / "train.json").is_file()]
         return [p.name for p in sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)]
 
-    def train_config(self, trainer: str, preset: str, dataset: str, name: str, **overrides) -> dict[str, Any]:
+    def train_config(self, trainer: str, preset: str, dataset: str, name: str, style_dataset: str = "",
+                     **overrides) -> dict[str, Any]:
         """The trainer's config (the CLI's keys) for a run of the app: preset < overrides; data and
-        output always in the data folder; a validation image at the end (the library's preview)."""
+        output always in the data folder; a validation image at the end (the library's preview).
+        ``style_dataset``: the style images of the content-style trainer (another dataset)."""
         import dataclasses
 
         cls = config_class(trainer)
+        if trainer == "content-style":
+            if not style_dataset:
+                raise InputError("the content-style trainer needs a style dataset too (one or more images of the style)")
+            style = safe_name(style_dataset, "style dataset")
+            if not self.path("datasets", style).is_dir():
+                raise InputError(f"style dataset {style!r} does not exist; choose one of: {', '.join(self.datasets())}")
+            overrides["style_data"] = str(self.path("datasets", style))
+        elif style_dataset:
+            raise InputError(f"a style dataset is for the content-style trainer only, not {trainer}")
         if preset not in PRESETS:
             raise InputError(f"preset {preset!r} is not known; choose one of {', '.join(PRESETS)}")
         dataset = safe_name(dataset, "dataset")
