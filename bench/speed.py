@@ -210,6 +210,36 @@ def measure_case(unet, inputs, side: int, rank: int, n: int, repeats: int, base_
     return med, (rank, n, flops / analytic, diff, flops / base_flops)
 
 
+def section(model: str, args, rows: list, checks: list, total: int) -> str:
+    """The benchmark's section of docs/benchmarks.md for the cases measured so far."""
+    partial = f" (partial: {len(rows)} of {total} cases measured)" if len(rows) < total else ""
+    head = ("| rank | N | base ms | studio masked ms | peft ms | studio / base | FLOPs studio / base | peft / studio |"
+            " FLOPs counted / analytical | studio vs peft output |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    body = ""
+    for (rank, n, med), (_, _, flop_ratio, diff, over_base) in zip(rows, checks):
+        body += (f"| {rank} | {n} | {med['base'] * 1000:.1f} | {med['studio'] * 1000:.1f} | {med['peft'] * 1000:.1f} | "
+                 f"**{med['studio'] / med['base']:.3f}** | {over_base:.3f} | **{med['peft'] / med['studio']:.2f}x** | "
+                 f"{flop_ratio:.4f} | {diff:.1e} |\n")
+    singles = [(rank, med) for rank, n, med in rows if n == 1]
+    single = "".join(f"- rank {rank}: one unmasked adapter, unfused {med['single'] * 1000:.1f} ms vs fused into the weights "
+                     f"{med['merged'] * 1000:.1f} ms: **{med['single'] / med['merged']:.3f}x** (goal at most 1.05)\n"
+                     for rank, med in singles)
+    where = "the embedded model's UNet, 64x64 (16x16 latents)" if model == "embedded" else "a full-size SDXL UNet (random weights), 512x512 (64x64 latents)"
+    flags = f" --models {model}" + (f" --repeats {args.repeats}" if args.repeats != 7 else "")
+    flags += (f" --ns {' '.join(map(str, args.ns))}" if args.ns != [1, 2, 4, 8] else "")
+    flags += (f" --ranks {' '.join(map(str, args.ranks))}" if args.ranks != [16, 64] else "")
+    text = (f"## Sampling speed with N adapters: {model}{partial}\n\nCommand: `python bench/speed.py{flags}` (revision {git_revision()}; "
+            f"{machine()}). One denoising step (UNet forward, guidance batch 2) of {where}, fp32; medians of "
+            f"{args.repeats} round-robin repeats after a warm-up. Adapters: random LoRA on every attention projection. "
+            "`studio masked`: the plugin's fused path with a region gate per adapter (N vertical stripes); `peft`: the "
+            "same adapters as peft layers with `set_adapters`, unfused. Goals (issue 6): studio / base at most 1.10 at "
+            "N = 4; peft / studio at least 2x at N = 4; FLOPs within 1% of the analytical count.\n\n"
+            f"{head}{body}\n{single}\n`FLOPs studio / base`: the masked multi-adapter forward's FLOPs over the base model's "
+            "(the time ratio's floor where compute bounds it). `studio vs peft output`: the largest difference between "
+            "the two paths' outputs (unmasked, same adapters), relative to the output's largest value.\n")
+    return text
+
+
 def main() -> None:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -226,36 +256,16 @@ def main() -> None:
             unet(**inputs)
         base_flops = counter.get_total_flops()
         rows, checks = [], []
+        total = len(args.ranks) * len(args.ns)
         for rank in args.ranks:
             for n in args.ns:
                 med, check = measure_case(unet, inputs, side, rank, n, args.repeats, base_flops)
                 rows.append((rank, n, med))
                 checks.append(check)
                 print(model, rank, n, {k: round(v * 1000, 1) for k, v in med.items()}, check, flush=True)
-        head = ("| rank | N | base ms | studio masked ms | peft ms | studio / base | FLOPs studio / base | peft / studio |"
-                " FLOPs counted / analytical | studio vs peft output |\n|---|---|---|---|---|---|---|---|---|---|\n")
-        body = ""
-        for (rank, n, med), (_, _, flop_ratio, diff, over_base) in zip(rows, checks):
-            body += (f"| {rank} | {n} | {med['base'] * 1000:.1f} | {med['studio'] * 1000:.1f} | {med['peft'] * 1000:.1f} | "
-                     f"**{med['studio'] / med['base']:.3f}** | {over_base:.3f} | **{med['peft'] / med['studio']:.2f}x** | "
-                     f"{flop_ratio:.4f} | {diff:.1e} |\n")
-        singles = [(rank, med) for rank, n, med in rows if n == 1]
-        single = "".join(f"- rank {rank}: one unmasked adapter, unfused {med['single'] * 1000:.1f} ms vs fused into the weights "
-                         f"{med['merged'] * 1000:.1f} ms: **{med['single'] / med['merged']:.3f}x** (goal at most 1.05)\n"
-                         for rank, med in singles)
-        where = "the embedded model's UNet, 64x64 (16x16 latents)" if model == "embedded" else "a full-size SDXL UNet (random weights), 512x512 (64x64 latents)"
-        flags = f" --models {model}" + (f" --repeats {args.repeats}" if args.repeats != 7 else "")
-        flags += (f" --ns {' '.join(map(str, args.ns))}" if args.ns != [1, 2, 4, 8] else "")
-        flags += (f" --ranks {' '.join(map(str, args.ranks))}" if args.ranks != [16, 64] else "")
-        text = (f"## Sampling speed with N adapters: {model}\n\nCommand: `python bench/speed.py{flags}` (revision {git_revision()}; "
-                f"{machine()}). One denoising step (UNet forward, guidance batch 2) of {where}, fp32; medians of "
-                f"{args.repeats} round-robin repeats after a warm-up. Adapters: random LoRA on every attention projection. "
-                "`studio masked`: the plugin's fused path with a region gate per adapter (N vertical stripes); `peft`: the "
-                "same adapters as peft layers with `set_adapters`, unfused. Goals (issue 6): studio / base at most 1.10 at "
-                "N = 4; peft / studio at least 2x at N = 4; FLOPs within 1% of the analytical count.\n\n"
-                f"{head}{body}\n{single}\n`FLOPs studio / base`: the masked multi-adapter forward's FLOPs over the base model's "
-                "(the time ratio's floor where compute bounds it). `studio vs peft output`: the largest difference between "
-                "the two paths' outputs (unmasked, same adapters), relative to the output's largest value.\n")
+                if len(rows) < total:  # a long grid keeps what it measured if it is stopped
+                    write_section(f"speed-{model}", section(model, args, rows, checks, total))
+        text = section(model, args, rows, checks, total)
         print(text)
         write_section(f"speed-{model}", text)
 
