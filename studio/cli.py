@@ -349,28 +349,20 @@ def repeat_cmd(
         files = Engine(Workspace(data_dir, model)).generate(settings)
     except InputError as e:
         _fail(str(e))
-    from PIL import Image
+    if len(files) == 1:  # the engine's PNG itself, settings included
+        import shutil
 
-    from studio.sampling import image_grid
-
-    images = [Image.open(f) for f in files]
-    if len(images) == 1:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.stem}.tmp.png")
-        images[0].save(tmp, pnginfo=_png_text(images[0]))  # keep the settings in the copy
+        shutil.copyfile(files[0], tmp)
         tmp.replace(out)
     else:
-        _save(image_grid(images), out)
+        from PIL import Image
+
+        from studio.sampling import image_grid
+
+        _save(image_grid([Image.open(f) for f in files]), out)
     typer.echo(f"wrote {out} (and {', '.join(str(f) for f in files)})")
-
-
-def _png_text(image):
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    for k, v in getattr(image, "text", {}).items():
-        info.add_text(k, v)
-    return info
 
 
 @app.command("ui")

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from studio.adapters import Adapter, AdapterMeta, LoraWeights, save_adapter
 from studio.adapters.form import canonical_name
-from studio.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from studio.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from studio.families import EMBEDDED_MODEL
 
 
@@ -426,8 +426,9 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
         accelerator.wait_for_everyone()
         if done < cfg.steps and _stop_requested(accelerator, run_dir):
             if accelerator.is_main_process:
-                save_checkpoint(run_dir, done, {"lora": lora_state(pipe, components)}, {"opt": opt},
-                                keep=cfg.keep_checkpoints)
+                if done not in list_checkpoints(run_dir):  # not already written at this step
+                    save_checkpoint(run_dir, done, {"lora": lora_state(pipe, components)}, {"opt": opt},
+                                    keep=cfg.keep_checkpoints)
                 progress.event("cancelled", done)
                 (run_dir / STOP_FILE).unlink(missing_ok=True)
             accelerator.wait_for_everyone()

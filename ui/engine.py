@@ -1,9 +1,9 @@
 """Generation for the app: one pipeline per process, adapters attached per request and always removed.
 
-The app queues requests (one worker per device by default), so the pipeline is used by one request at
-a time; the lock here makes that true for any other caller too. All sampling runs on one thread of the
-engine's own: torch's allocations then stay in one malloc arena instead of spreading over the web
-server's many worker threads, which kept the server's memory creeping up request after request. Each image is written to the data
+The app queues requests (one worker per device by default); whoever calls, all sampling runs on one
+thread of the engine's own, one request at a time. That thread also keeps torch's allocations in one
+malloc arena instead of spreading them over the web server's many worker threads, which kept the
+server's memory creeping up request after request. Each image is written to the data
 folder's ``outputs/`` with its settings in the PNG's metadata: A1111's ``parameters`` text (read by
 the usual PNG-info tools) and the settings as JSON under ``studio`` (:meth:`Settings.from_png`).
 """
@@ -14,7 +14,6 @@ import concurrent.futures
 import contextvars
 import dataclasses
 import json
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,7 +95,6 @@ class Engine:
     def __init__(self, workspace: Workspace):
         self.ws = workspace
         self._pipe = None
-        self._lock = threading.Lock()
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="studio-engine")
 
     @property
@@ -121,32 +119,31 @@ class Engine:
         import torch
         from PIL.PngImagePlugin import PngInfo
 
-        with self._lock:
-            settings.check(self.size_multiple())  # loads the pipeline
-            files = [self.ws.adapter_file(a["name"]) for a in settings.adapters]
-            size = {"height": settings.height or None, "width": settings.width or None}
-            callback = None
-            if progress is not None:
-                def callback(p, i, t, kwargs):
-                    progress(i + 1, settings.steps)
-                    return kwargs
-            with torch.no_grad():
-                if settings.adapters and (settings.composer != "naive" or any(a.get("region") for a in settings.adapters)):
-                    images = self._composed(settings, files, size)
-                else:
-                    images = self._plain(settings, files, size, callback)
-            outs = []
-            for i, image in enumerate(images):
-                meta = dataclasses.replace(settings, seed=settings.seed + i, num=1)
-                info = PngInfo()
-                info.add_text("parameters", meta.parameters(self.ws.model.name))
-                info.add_text("studio", json.dumps(dataclasses.asdict(meta)))
-                out = self.ws.output_path(meta.seed)
-                tmp = out.with_name(f".{out.name}")
-                image.save(tmp, format="PNG", pnginfo=info)
-                tmp.replace(out)
-                outs.append(out)
-            return outs
+        settings.check(self.size_multiple())  # loads the pipeline
+        files = [self.ws.adapter_file(a["name"]) for a in settings.adapters]
+        size = {"height": settings.height or None, "width": settings.width or None}
+        callback = None
+        if progress is not None:
+            def callback(p, i, t, kwargs):
+                progress(i + 1, settings.steps)
+                return kwargs
+        with torch.no_grad():
+            if settings.adapters and (settings.composer != "naive" or any(a.get("region") for a in settings.adapters)):
+                images = self._composed(settings, files, size)
+            else:
+                images = self._plain(settings, files, size, callback)
+        outs = []
+        for i, image in enumerate(images):
+            meta = dataclasses.replace(settings, seed=settings.seed + i, num=1)
+            info = PngInfo()
+            info.add_text("parameters", meta.parameters(self.ws.model.name))
+            info.add_text("studio", json.dumps(dataclasses.asdict(meta)))
+            out = self.ws.output_path(meta.seed)
+            tmp = out.with_name(f".{out.name}")
+            image.save(tmp, format="PNG", pnginfo=info)
+            tmp.replace(out)
+            outs.append(out)
+        return outs
 
     def _plain(self, s: Settings, files, size, callback):
         import torch

@@ -81,10 +81,6 @@ class RunStatus:
     validation: list[str] = field(default_factory=list)
     message: str = ""
 
-    @property
-    def fraction(self) -> float:
-        return self.step / self.total if self.total else 0.0
-
 
 class Workspace:
     def __init__(self, root: str | Path, model: str | Path = EMBEDDED_MODEL):
