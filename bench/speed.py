@@ -11,12 +11,14 @@ configuration with random weights at 512x512 (``sdxl``; speed needs no trained w
 random LoRA on every attention projection (to_q, to_k, to_v, to_out.0), rank 16 or 64.
 
 - ``studio, masked``: N adapters attached with ``studio.plugin`` and routed by a LoRA-Composer region
-  gate (N vertical stripes), i.e. ``base(x) + sum_i m_i ⊙ s_i (x A_i^T) B_i^T`` in two GEMMs per layer;
+  gate (N vertical stripes), i.e. ``base(x) + sum_i m_i ⊙ s_i (x A_i^T) B_i^T`` in two GEMMs per layer, or,
+  on layers where it pays (``studio.kernels.lora.use_segments``), each adapter on its stripe's tokens only;
 - ``peft``: the same adapters as peft LoRA layers on the UNet, ``set_adapters`` with weights, unfused;
 - ``merged``: one adapter fused into the weights (for N = 1: the unfused single adapter against it).
 
 Also: the FLOPs of the studio's masked forward (``torch.utils.flop_counter``) against the analytical
-count (base FLOPs + ``2 M R (d_in + d_out)`` per adapted layer with M tokens), and the largest difference
+count (base FLOPs + ``2 M R (d_in + d_out)`` per adapted layer with M tokens, or ``2 sum_k M_k r (d_in + d_out)``
+where each adapter runs on its own M_k tokens), and the largest difference
 between the studio's and peft's outputs (unmasked, same adapters).
 
     python bench/speed.py                         # embedded model, N = 1 2 4 8, ranks 16 64
@@ -28,6 +30,7 @@ Prints a table and writes the ``speed-<model>`` section of docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -114,10 +117,43 @@ class Studio:
             stack.router = self.run
             stack.text_input = id(stack) in cross
 
+    def off(self):
+        """The UNet's own modules back in place; the adapter layers (and what they built on their first call: the
+        packed adapters, the region gates) are kept for :meth:`on`."""
+        from studio.plugin import _put
+
+        for stack in self.handle.stacks.values():
+            _put(self.pipe.unet, stack.path, stack.base)
+
+    def on(self):
+        from studio.plugin import _put
+
+        for stack in self.handle.stacks.values():
+            _put(self.pipe.unet, stack.path, stack)
+
     def close(self):
         from studio.plugin import detach
 
+        self.on()
         detach(self.pipe)
+
+
+def lora_flops(stack, lead: tuple[int, ...], n: int, run) -> int:
+    """FLOPs of one adapted layer's low-rank work, by hand: dense, ``2 M R (d_in + d_out)`` for M tokens; where the
+    kernel runs each adapter on its own tokens (N stripes, each a rank-r update on its columns' tokens),
+    ``2 sum_k M_k r (d_in + d_out)``."""
+    from studio.kernels.lora import use_segments
+
+    d = stack.base.in_features + stack.base.out_features
+    tokens, rank = math.prod(lead), stack.packed().down.shape[0]
+    if stack.text_input or n == 1:
+        return 2 * tokens * rank * d
+    h, w = run.spatial_hw(lead[-1])
+    centres = [(j + 0.5) / w for j in range(w)]
+    per = [lead[0] * h * sum(k / n <= c < (k + 1) / n for c in centres) for k in range(n)]  # tokens in stripe k
+    if not use_segments(tokens, stack.packed(), stack.base.in_features, stack.base.out_features, sum(per) / (tokens * n)):
+        return 2 * tokens * rank * d
+    return sum(2 * m * (rank // n) * d for m in per)
 
 
 def measure_case(unet, inputs, side: int, rank: int, n: int, repeats: int, base_flops: int):
@@ -167,16 +203,19 @@ def measure_case(unet, inputs, side: int, rank: int, n: int, repeats: int, base_
         finally:
             unet.unload_lora()  # peft's layers out: the UNet's own modules back
 
-    def studio(label, masked=True, fuse=False):
+    def studio(label, kept, fuse=False):
         from studio.plugin import fuse as fuse_weights
+        from studio.plugin import unfuse
 
-        s = Studio(unet, adapters, side, masked=masked)
+        kept.on()
         if fuse:
-            fuse_weights(s.pipe)
+            fuse_weights(kept.pipe)
         try:
             timed(label)
         finally:
-            s.close()
+            if fuse:
+                unfuse(kept.pipe)
+            kept.off()
 
     # correctness: the studio's unmasked sum against peft's; the masked forward's FLOPs
     peft_on()
@@ -186,19 +225,24 @@ def measure_case(unet, inputs, side: int, rank: int, n: int, repeats: int, base_
     ours = forward()
     s.close()
     s = Studio(unet, adapters, side, masked=True)
-    tokens = {}
-    hooks = [st.register_forward_pre_hook(lambda m, a, _n=name: tokens.__setitem__(_n, a[0].shape[:-1].numel()))
+    leads = {}
+    hooks = [st.register_forward_pre_hook(lambda m, a, _n=name: leads.__setitem__(_n, tuple(a[0].shape[:-1])))
              for name, st in s.handle.stacks.items()]
     flops = counted_flops()
-    analytic = base_flops + sum(2 * tokens[name] * st.packed().down.shape[0] *
-                                (st.base.in_features + st.base.out_features) for name, st in s.handle.stacks.items())
+    analytic = base_flops + sum(lora_flops(st, leads[name], n, s.run) for name, st in s.handle.stacks.items())
     for h in hooks:
         h.remove()
     s.close()
     diff = float((ours - peft_out).abs().max() / peft_out.abs().max())
-    plan = [lambda: timed("base"), lambda: studio("studio"), lambda: peft("peft")]
+    # each studio configuration attached once and swapped in for its runs: a sampling step after the first one,
+    # which builds the packed adapters and the region gates (the warm-up round below)
+    masked = Studio(unet, adapters, side, masked=True)
+    masked.off()
+    plan = [lambda: timed("base"), lambda: studio("studio", masked), lambda: peft("peft")]
     if n == 1:
-        plan += [lambda: studio("single", masked=False), lambda: studio("merged", masked=False, fuse=True)]
+        single = Studio(unet, adapters, side, masked=False)
+        single.off()
+        plan += [lambda: studio("single", single), lambda: studio("merged", single, fuse=True)]
     for step in plan:  # warm-up
         step()
     for v in timings.values():
@@ -206,6 +250,9 @@ def measure_case(unet, inputs, side: int, rank: int, n: int, repeats: int, base_
     for _ in range(repeats):
         for step in plan:
             step()
+    masked.close()
+    if n == 1:
+        single.close()
     med = {k: statistics.median(v) for k, v in timings.items()}
     return med, (rank, n, flops / analytic, diff, flops / base_flops)
 
@@ -231,7 +278,8 @@ def section(model: str, args, rows: list, checks: list, total: int) -> str:
     text = (f"## Sampling speed with N adapters: {model}{partial}\n\nCommand: `python bench/speed.py{flags}` (revision {git_revision()}; "
             f"{machine()}). One denoising step (UNet forward, guidance batch 2) of {where}, fp32; medians of "
             f"{args.repeats} round-robin repeats after a warm-up. Adapters: random LoRA on every attention projection. "
-            "`studio masked`: the plugin's fused path with a region gate per adapter (N vertical stripes); `peft`: the "
+            "`studio masked`: the plugin's fused path with a region gate per adapter (N vertical stripes; on layers where "
+            "it pays, each adapter on its stripe's tokens only); `peft`: the "
             "same adapters as peft layers with `set_adapters`, unfused. Goals (issue 6): studio / base at most 1.10 at "
             "N = 4; peft / studio at least 2x at N = 4; FLOPs within 1% of the analytical count.\n\n"
             f"{head}{body}\n{single}\n`FLOPs studio / base`: the masked multi-adapter forward's FLOPs over the base model's "

@@ -103,6 +103,9 @@ class Composer:
         """Called once before sampling (encode per-concept prompts, build masks)."""
 
     def gate(self, run: Run, stack, x: torch.Tensor, k: int) -> float | torch.Tensor:
+        """Concept ``k``'s adapter weight on ``stack`` for input ``x``: a number or a tensor over the output's tokens.
+        A tensor is read, never changed in place afterwards; returning the same tensor again lets the layer reuse
+        what it built from it."""
         return run.concepts[k].weight
 
     def attention(self, run: Run, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
@@ -232,11 +235,14 @@ class Run:
                 if self.segments is None:
                     out.append(self.concepts[k].weight)
                     continue
-                mask = torch.zeros(x.shape[1], device=x.device, dtype=x.dtype)
-                for start, end, owner in self.segments:
-                    if owner == k:
-                        mask[start:end] = 1
-                out.append(self.concepts[k].weight * mask[None, :, None])
+                key = ("text-gate", tuple(self.segments), k, x.shape[1], x.device, x.dtype)
+                if key not in self.state:
+                    mask = torch.zeros(x.shape[1], device=x.device, dtype=x.dtype)
+                    for start, end, owner in self.segments:
+                        if owner == k:
+                            mask[start:end] = 1
+                    self.state[key] = self.concepts[k].weight * mask[None, :, None]
+                out.append(self.state[key])
             else:
                 out.append(self.composer.gate(self, stack, x, k))
         return out

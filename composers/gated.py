@@ -70,8 +70,8 @@ class Gated(Composer):
     def _responses(self, run: Run, stack, x) -> dict[int, torch.Tensor] | None:
         """|dW_k x| per token for every composed adapter on this layer (computed once per call).
 
-        On a Linear layer without the up-projection: ``|s U z| = s sqrt(z^T (U^T U) z)`` with ``z = D x``, all
-        adapters' ``z`` from one GEMM with the layer's packed downs and each ``U^T U`` (rank x rank) kept per
+        On a Linear layer without the up-projection: ``|s U z| = sqrt(z^T ((sU)^T (sU)) z)`` with ``z = D x``, all
+        adapters' ``z`` from one GEMM with the layer's packed downs and each ``(sU)^T (sU)`` (rank x rank) kept per
         layer, so a token costs ``d_in R + sum r^2`` instead of ``(d_in + d_out) R``."""
         cache = run.state.get("responses")
         if cache is not None and cache[0] is stack and cache[1] is x:
@@ -83,18 +83,16 @@ class Gated(Composer):
                 grams = run.state.setdefault("grams", {})
                 entry = grams.get(id(stack))
                 if entry is None or entry[0] is not packed:
-                    up = packed.up.float()
-                    bounds = np.cumsum((0,) + packed.ranks)
-                    entry = grams[id(stack)] = (packed, [up[:, a:b].T @ up[:, a:b] for a, b in zip(bounds, bounds[1:])],
-                                                bounds)
-                _, gram, bounds = entry
+                    up = packed.up_t.float()  # rows: each adapter's (s U)^T
+                    entry = grams[id(stack)] = (packed, [up[a:b] @ up[a:b].T for a, b in packed.bounds])
+                _, gram = entry
                 z = (x @ packed.down.T).float()
-                for i, (name, s) in enumerate(zip(stack.names, stack.scales)):
+                for i, (name, (a, b)) in enumerate(zip(stack.names, packed.bounds)):
                     k = run.index.get(name)
                     if k is None:
                         continue
-                    zk = z[..., bounds[i]:bounds[i + 1]]
-                    out[k] = (abs(s) * ((zk @ gram[i]) * zk).sum(-1, keepdim=True).clamp_min(0).sqrt()).to(x.dtype)
+                    zk = z[..., a:b]
+                    out[k] = ((zk @ gram[i]) * zk).sum(-1, keepdim=True).clamp_min(0).sqrt().to(x.dtype)
             else:  # a convolution: its output channels are on dim 1
                 for name, d, u, s in zip(stack.names, stack.downs, stack.ups, stack.scales):
                     k = run.index.get(name)

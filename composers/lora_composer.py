@@ -96,11 +96,11 @@ class LoRAComposer(Composer):
             return 0.0
         h, w = run.layer_hw(x)
         key = ("share", h, w, x.ndim, x.device, x.dtype)
-        if key not in run.state:  # (K, ...) each adapter's share of every token, shaped for this layer's output
+        if key not in run.state:  # each adapter's weight times its share of every token, shaped for this layer's output
             masks = torch.stack([run.region_mask(c.region, h, w) for c in run.concepts])
             shares = masks / masks.sum(0).clamp_min(1.0)  # where boxes overlap, each adapter acts at 1/n
-            run.state[key] = [run.token_mask(m, x) for m in shares]
-        return run.concepts[k].weight * run.state[key][k]
+            run.state[key] = [c.weight * run.token_mask(m, x) for c, m in zip(run.concepts, shares)]
+        return run.state[key][k]  # the same tensor every call: the plugin builds the layer's gates once
 
     def attention(self, run: Run, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
         n_tokens = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[2] * hidden_states.shape[3]

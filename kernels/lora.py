@@ -4,22 +4,34 @@ Three paths, one answer (tests hold them to the reference):
 
 - :func:`multi_lora_reference`: a Python loop over adapters (what a naive implementation does);
 - :func:`multi_lora_fused`: all downs stacked into one ``(R, d_in)`` matrix (``R = sum r_i``), one GEMM
-  into rank space, the per-adapter scales and per-token gates applied there (a ``(tokens, R)``
-  multiply), one GEMM out of rank space added onto the base output (``addmm``). For N adapters of rank
-  r the extra work is that of one rank-``N r`` LoRA, whatever N;
-- :func:`multi_lora_triton`: the same two steps as Triton kernels (Punica/vLLM-style shrink and expand)
-  for CUDA; correct under ``TRITON_INTERPRET=1`` on the CPU, which is how the tests check it.
+  into rank space, the per-token gates applied there (a ``(tokens, R)`` multiply), one GEMM out of rank
+  space added onto the base output, whose ups carry each adapter's scale. For N adapters of rank r the extra
+  work is that of one rank-``N r`` LoRA, whatever N. Where the gates leave most (token, adapter) pairs at
+  zero (region masks: each token belongs to one adapter's box) and the layer is big enough for it to pay,
+  the *segmented* form (Punica's SGMV on the CPU) runs each adapter on its own tokens only: one gather, a
+  rank-``r_i`` LoRA per adapter on its tokens, one scatter-add, so the extra work is about one rank-r LoRA
+  over the image whatever N;
+- :func:`multi_lora_triton`: the dense form as Triton kernels (Punica/vLLM-style shrink and expand) for
+  CUDA; correct under ``TRITON_INTERPRET=1`` on the CPU, which is how the tests check it.
 
 ``gates`` is one entry per adapter: a number, or a tensor broadcastable to ``x``'s token shape with a
-trailing 1 (``(B, N, 1)``), e.g. a region mask. :func:`multi_lora_linear` picks the path.
+trailing 1 (``(B, N, 1)``), e.g. a region mask; or a :class:`TokenGates` made from such a list once and
+reused across calls (what the plugin does: a composer's gates for a layer are fixed during a run).
+Gate tensors are read, never changed. :func:`multi_lora_linear` picks the path.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+# When the segmented form runs (measured on a 2-core CPU, SDXL-sized layers: the gather and scatter cost about what
+# a rank-64 to -128 dense update does, and on small layers the extra calls cost more than they save)
+SEGMENT_DENSITY = 0.5  # at most this share of (token, adapter) pairs gated on
+SEGMENT_MIN_RANK = 96  # all adapters' ranks together at least this
+SEGMENT_MIN_WORK = 2**25  # the dense update at least this many multiply-adds
 
 
 @dataclass
@@ -27,32 +39,94 @@ class Packed:
     """One layer's adapters stacked for the fused paths."""
 
     down: torch.Tensor  # (R, d_in): every adapter's down, one under another
-    up: torch.Tensor  # (d_out, R): every adapter's up, side by side
-    scale: torch.Tensor  # (R,): each adapter's alpha/rank, repeated over its rank
+    up_t: torch.Tensor  # (R, d_out): every adapter's up times its scale (alpha/rank), transposed, one under another
     ranks: tuple[int, ...]
+    _weighted: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def pack(cls, downs: list[torch.Tensor], ups: list[torch.Tensor], scales: list[float]) -> Packed:
         if not (len(downs) == len(ups) == len(scales)):
             raise ValueError(f"{len(downs)} downs, {len(ups)} ups and {len(scales)} scales: give one of each per adapter")
         ranks = tuple(int(d.shape[0]) for d in downs)
-        ref = downs[0]
-        scale = torch.cat([torch.full((r,), float(s), device=ref.device, dtype=ref.dtype) for r, s in zip(ranks, scales)])
-        return cls(torch.cat(downs).contiguous(), torch.cat(ups, dim=1).contiguous(), scale, ranks)
+        up_t = torch.cat([(u * float(s)).T for u, s in zip(ups, scales)])
+        return cls(torch.cat(downs).contiguous(), up_t.contiguous(), ranks)
 
-    def rank_gates(self, gates: list, x: torch.Tensor) -> torch.Tensor | None:
-        """Per-adapter gates as one multiplier in rank space: ``(R,)`` or ``(..., R)``; None if all are 1."""
-        if gates is None or all(not isinstance(g, torch.Tensor) and g == 1 for g in gates):
-            return self.scale
-        if all(not isinstance(g, torch.Tensor) for g in gates):
-            per = torch.tensor([float(g) for g in gates], device=x.device, dtype=x.dtype)
-            return self.scale * per.repeat_interleave(torch.tensor(self.ranks, device=x.device))
+    @property
+    def bounds(self) -> list[tuple[int, int]]:
+        """Each adapter's rows in ``down`` and ``up_t``."""
+        edges = [0]
+        for r in self.ranks:
+            edges.append(edges[-1] + r)
+        return list(zip(edges, edges[1:]))
+
+    def weighted_up(self, weights: tuple[float, ...]) -> torch.Tensor:
+        """``up_t`` with each adapter's rows times its weight (kept for the last weights asked)."""
+        if all(w == 1 for w in weights):
+            return self.up_t
+        if self._weighted.get("weights") != weights:
+            per = torch.tensor(weights, device=self.up_t.device, dtype=self.up_t.dtype)
+            rows = per.repeat_interleave(torch.tensor(self.ranks, device=self.up_t.device))
+            self._weighted.update(weights=weights, up=self.up_t * rows[:, None])
+        return self._weighted["up"]
+
+
+@dataclass
+class Segments:
+    """The (token, adapter) pairs a :class:`TokenGates` leaves on, grouped by adapter."""
+
+    index: torch.Tensor  # (S,): flat token index of each pair, adapter 0's first
+    values: torch.Tensor  # (S,): the gate there
+    bounds: list[tuple[int, int]]  # each adapter's pairs in ``index``
+    density: float  # S / (tokens * adapters)
+    binary: bool  # every gate there is 1 (region masks without overlaps or weights): no multiply
+
+
+class TokenGates:
+    """K adapters' gates over a layer's tokens as one ``(..., tokens, K)`` matrix that broadcasts to the input's
+    token shape, with what the paths derive from it (per-rank columns, segments) kept for reuse."""
+
+    def __init__(self, matrix: torch.Tensor):
+        self.matrix = matrix
+        self._derived: dict = {}
+
+    @classmethod
+    def of(cls, gates: list, x: torch.Tensor) -> TokenGates:
         lead = x.shape[:-1]
-        cols = []
-        for g, r in zip(gates, self.ranks):
-            g = g if isinstance(g, torch.Tensor) else torch.tensor(float(g), device=x.device, dtype=x.dtype)
-            cols.append(g.to(x.dtype).expand(*lead, 1).expand(*lead, r))
-        return torch.cat(cols, dim=-1) * self.scale
+        tensors = [g for g in gates if isinstance(g, torch.Tensor)]
+        try:
+            shape = torch.broadcast_shapes(*(g.shape for g in tensors), (1,))  # a 0-d tensor is one number for every token
+            if shape[-1] != 1 or torch.broadcast_shapes(shape[:-1], lead) != lead:
+                raise RuntimeError
+        except RuntimeError:
+            raise ValueError(f"gates of shapes {[tuple(g.shape) for g in tensors]} do not fit tokens of shape {tuple(lead)};"
+                             " accepted: numbers, or tensors broadcastable to (*tokens, 1)") from None
+        cols = [g.to(x.dtype).expand(shape) if isinstance(g, torch.Tensor) else x.new_full(shape, float(g)) for g in gates]
+        return cls(torch.cat(cols, dim=-1))
+
+    def over_ranks(self, ranks: tuple[int, ...]) -> torch.Tensor:
+        """``(..., R)``: each adapter's gate repeated over its rank columns."""
+        key = ("ranks", ranks)
+        if key not in self._derived:
+            reps = torch.tensor(ranks, device=self.matrix.device)
+            self._derived[key] = self.matrix.repeat_interleave(reps, dim=-1)
+        return self._derived[key]
+
+    def segments(self, lead: tuple[int, ...]) -> Segments:
+        key = ("segments", tuple(lead))
+        if key not in self._derived:
+            k = self.matrix.shape[-1]
+            full = self.matrix.expand(*lead, k).reshape(-1, k)
+            index, values, bounds, total = [], [], [], 0
+            for i in range(k):
+                on = full[:, i].nonzero().flatten()
+                bounds.append((total, total + len(on)))
+                total += len(on)
+                index.append(on)
+                values.append(full[on, i])
+            values = torch.cat(values)
+            self._derived[key] = Segments(torch.cat(index), values, bounds, total / max(1, full.numel()),
+                                          bool((values == 1).all()))
+        return self._derived[key]
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, downs, ups) -> None:
@@ -77,24 +151,73 @@ def multi_lora_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return out
 
 
+def _token_gates(gates, x: torch.Tensor, k: int) -> TokenGates | tuple[float, ...]:
+    """``gates`` as a TokenGates, or as one number per adapter when none is a tensor."""
+    if isinstance(gates, TokenGates):
+        return gates
+    if gates is None:
+        return (1.0,) * k
+    if len(gates) != k:
+        raise ValueError(f"{len(gates)} gates for {k} adapters: give one per adapter")
+    if any(isinstance(g, torch.Tensor) for g in gates):
+        return TokenGates.of(gates, x)
+    return tuple(float(g) for g in gates)
+
+
+def use_segments(tokens: int, packed: Packed, d_in: int, d_out: int, density: float) -> bool:
+    """Whether the segmented form runs for a layer: several adapters of SEGMENT_MIN_RANK ranks together, gates on
+    for at most SEGMENT_DENSITY of the (token, adapter) pairs, and a dense update of SEGMENT_MIN_WORK multiply-adds."""
+    rank = sum(packed.ranks)
+    return (len(packed.ranks) > 1 and rank >= SEGMENT_MIN_RANK and tokens * rank * (d_in + d_out) >= SEGMENT_MIN_WORK
+            and density <= SEGMENT_DENSITY)
+
+
 def multi_lora_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: Packed,
-                     gates: list | None = None) -> torch.Tensor:
-    """Two GEMMs for all adapters: ``h = (x A^T) * (scales * gates)`` in rank space, ``out = base + h B^T``."""
+                     gates: list | TokenGates | None = None) -> torch.Tensor:
+    """Two GEMMs for all adapters (``h = (x A^T) * gates`` in rank space, ``out = base + h (s B)^T``), or the
+    segmented form where the gates are sparse and the layer big (see the module's text)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    h = x2 @ packed.down.T  # (M, R)
-    k, r = len(packed.ranks), packed.ranks[0]
-    if gates is not None and any(isinstance(g, torch.Tensor) for g in gates) and packed.ranks == (r,) * k:
-        # token gates with equal ranks: one (M, K) gate broadcast over each adapter's r rank columns
-        cols = [g.to(x.dtype).expand(*lead, 1) if isinstance(g, torch.Tensor) else x.new_full((*lead, 1), float(g))
-                for g in gates]
-        per_token = torch.cat(cols, dim=-1).reshape(-1, k, 1)
-        h = (h.view(-1, k, r) * per_token * packed.scale.view(k, r)).view(-1, k * r)
-    else:
-        mult = packed.rank_gates(gates, x)
-        h = h * (mult.reshape(-1, mult.shape[-1]) if mult.ndim > 1 else mult)
+    k, R = len(packed.ranks), packed.down.shape[0]
+    routed = _token_gates(gates, x, k)
+    inplace = not torch.is_grad_enabled()  # sampling; with autograd on (fitting gates) every step is out of place
     base = F.linear(x2, weight, bias)
-    return torch.addmm(base, h, packed.up.T).reshape(*lead, weight.shape[0])
+    if isinstance(routed, tuple):  # one number per adapter: folded into the ups
+        h = x2 @ packed.down.T
+        up = packed.weighted_up(routed)
+        out = _add_mm(base, h, up, inplace)
+        return out.reshape(*lead, weight.shape[0])
+    if inplace and use_segments(x2.shape[0], packed, x2.shape[1], weight.shape[0], 0.0):  # all but the density
+        seg = routed.segments(lead)
+        if use_segments(x2.shape[0], packed, x2.shape[1], weight.shape[0], seg.density):
+            return _segmented(x2, base, packed, seg).reshape(*lead, weight.shape[0])
+    h = x2 @ packed.down.T
+    if packed.ranks == (packed.ranks[0],) * k:  # equal ranks: a (..., K) gate broadcast over each adapter's columns
+        hv, g = h.view(*lead, k, packed.ranks[0]), routed.matrix.unsqueeze(-1)
+    else:
+        hv, g = h.view(*lead, R), routed.over_ranks(packed.ranks)
+    h = (hv.mul_(g) if inplace else hv * g).reshape(-1, R)
+    out = _add_mm(base, h, packed.up_t, inplace)
+    return out.reshape(*lead, weight.shape[0])
+
+
+def _add_mm(base: torch.Tensor, h: torch.Tensor, up_t: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """``base + h up_t``, into ``base`` when allowed (``out=`` rather than ``addmm_``: the same GEMM, and one
+    that ``torch.utils.flop_counter`` counts)."""
+    return torch.addmm(base, h, up_t, out=base) if inplace else torch.addmm(base, h, up_t)
+
+
+def _segmented(x2: torch.Tensor, base: torch.Tensor, packed: Packed, seg: Segments) -> torch.Tensor:
+    """Each adapter on its own tokens: gather the gated-on rows (times their gates), a rank-r_i LoRA per
+    adapter on its rows, scatter-add onto the base output."""
+    xs = x2.index_select(0, seg.index)
+    if not seg.binary:
+        xs.mul_(seg.values.to(x2.dtype)[:, None])
+    delta = base.new_empty(xs.shape[0], base.shape[1])
+    for (a, b), (r0, r1) in zip(seg.bounds, packed.bounds):
+        if b > a:
+            torch.mm(xs[a:b] @ packed.down[r0:r1].T, packed.up_t[r0:r1], out=delta[a:b])
+    return base.index_add_(0, seg.index, delta)
 
 
 # -- Triton (CUDA; the CPU under TRITON_INTERPRET=1) -------------------------------------------------
@@ -137,9 +260,9 @@ def _kernels():
         tl.store(h_ptr + rm[:, None] * stride_hm + rr[None, :], acc, mask=(rm[:, None] < M) & (rr[None, :] < R))
 
     @triton.jit
-    def expand(h_ptr, b_ptr, o_ptr, M, N, R, stride_hm, stride_bn, stride_om,
+    def expand(h_ptr, b_ptr, o_ptr, M, N, R, stride_hm, stride_br, stride_om,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-        # o[m, n] += sum_r h[m, r] b[n, r]
+        # o[m, n] += sum_r h[m, r] b[r, n]
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -147,7 +270,7 @@ def _kernels():
         for r0 in range(0, R, BLOCK_R):
             rr = r0 + tl.arange(0, BLOCK_R)
             hs = tl.load(h_ptr + rm[:, None] * stride_hm + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
-            bs = tl.load(b_ptr + rn[None, :] * stride_bn + rr[:, None], mask=(rn[None, :] < N) & (rr[:, None] < R), other=0.0)
+            bs = tl.load(b_ptr + rr[:, None] * stride_br + rn[None, :], mask=(rn[None, :] < N) & (rr[:, None] < R), other=0.0)
             acc += tl.dot(hs.to(tl.float32), bs.to(tl.float32), input_precision="ieee")
         mask = (rm[:, None] < M) & (rn[None, :] < N)
         ptrs = o_ptr + rm[:, None] * stride_om + rn[None, :]
@@ -159,9 +282,9 @@ def _kernels():
 
 
 def multi_lora_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: Packed,
-                      gates: list | None = None) -> torch.Tensor:
-    """:func:`multi_lora_fused` with the shrink (x A^T, scaled and gated in rank space) and the expand
-    (added onto the base output) as Triton kernels."""
+                      gates: list | TokenGates | None = None) -> torch.Tensor:
+    """The dense form of :func:`multi_lora_fused` with the shrink (x A^T, gated in rank space) and the expand
+    (times the scaled ups, added onto the base output) as Triton kernels."""
     import triton
 
     shrink, expand = _kernels()
@@ -169,9 +292,14 @@ def multi_lora_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     M, K = x2.shape
     R, N = packed.down.shape[0], weight.shape[0]
-    mult = packed.rank_gates(gates, x)
-    gated = mult.ndim > 1
-    g = (mult.reshape(-1, R) if gated else mult).to(torch.float32).contiguous()
+    routed = _token_gates(gates, x, len(packed.ranks))
+    gated = isinstance(routed, TokenGates)
+    if gated:
+        mult = routed.over_ranks(packed.ranks).expand(*lead, R).reshape(M, R)
+    else:
+        per = torch.tensor(routed, device=x.device, dtype=torch.float32)
+        mult = per.repeat_interleave(torch.tensor(packed.ranks, device=x.device))
+    g = mult.to(torch.float32).contiguous()
     h = torch.empty(M, R, device=x.device, dtype=torch.float32)
     block_r = max(16, triton.next_power_of_2(min(R, 64)))
     shrink[(triton.cdiv(M, 32), triton.cdiv(R, block_r))](
@@ -179,14 +307,14 @@ def multi_lora_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         GATED=gated, BLOCK_M=32, BLOCK_R=block_r, BLOCK_K=32)
     out = F.linear(x2, weight, bias).contiguous()
     expand[(triton.cdiv(M, 32), triton.cdiv(N, 32))](
-        h, packed.up, out, M, N, R, h.stride(0), packed.up.stride(0), out.stride(0), BLOCK_M=32, BLOCK_N=32, BLOCK_R=16)
+        h, packed.up_t, out, M, N, R, h.stride(0), packed.up_t.stride(0), out.stride(0), BLOCK_M=32, BLOCK_N=32, BLOCK_R=16)
     return out.reshape(*lead, N)
 
 
 def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: Packed | None,
-                      gates: list | None = None) -> torch.Tensor:
+                      gates: list | TokenGates | None = None) -> torch.Tensor:
     """``x W^T + b + sum_i s_i g_i (x A_i^T) B_i^T`` for the adapters in ``packed`` (:meth:`Packed.pack`, kept
-    between calls) by the fastest path here: Triton on CUDA when installed, else the fused two-GEMM path."""
+    between calls) by the fastest path here: Triton on CUDA when installed, else the fused path (two GEMMs, or segmented)."""
     if packed is None or not packed.ranks:
         return F.linear(x, weight, bias)
     if x.is_cuda and triton_available():

@@ -24,6 +24,7 @@ from torch import nn
 
 from studio.adapters import Adapter, load_adapter
 from studio.adapters.form import module_path
+from studio.kernels.lora import Packed, TokenGates, multi_lora_linear
 
 WEIGHT_RANGE = (-2.0, 2.0)
 
@@ -58,6 +59,7 @@ class LoraStack(nn.Module):
         # a tensor over the output's tokens (per region, per text token); None: the fixed ``weights``
         self.router = None
         self._packed = None  # the adapters stacked for the fused kernel (studio.kernels.lora.Packed), rebuilt on change
+        self._routed = None  # (key, the router's gates, their TokenGates): reused while the router returns the same gates
         self.text_input = False  # True for a cross-attention key/value projection (its input is the prompt's tokens)
 
     def add(self, name: str, down: torch.Tensor, up: torch.Tensor, scale: float, weight: float) -> None:
@@ -81,7 +83,7 @@ class LoraStack(nn.Module):
         self.names.append(name)
         self.scales.append(scale)
         self.weights.append(weight)
-        self._packed = None
+        self._packed = self._routed = None
 
     def delta(self) -> torch.Tensor:
         total = torch.zeros_like(self.base.weight, dtype=torch.float32)
@@ -90,23 +92,29 @@ class LoraStack(nn.Module):
             total += w * s * (up @ down if down.ndim == 2 else torch.einsum("or,rikl->oikl", up, down))
         return total
 
-    def packed(self):
-        from studio.kernels.lora import Packed
-
+    def packed(self) -> Packed:
         p = self._packed
         ref = self.downs[0].weight
         if p is None or p.down.device != ref.device or p.down.dtype != ref.dtype:
             p = self._packed = Packed.pack([d.weight for d in self.downs], [u.weight for u in self.ups], self.scales)
         return p
 
+    def routed(self, gates: list, x: torch.Tensor):
+        """The router's gates for the kernel: a TokenGates built once and reused while the router hands back the
+        same gate tensors (composers keep a layer's masks for a run) for inputs of the same shape."""
+        if not any(isinstance(g, torch.Tensor) for g in gates):
+            return gates
+        key = (tuple(id(g) if isinstance(g, torch.Tensor) else g for g in gates), x.shape[:-1], x.dtype, x.device)
+        if self._routed is None or self._routed[0] != key:
+            self._routed = (key, gates, TokenGates.of(gates, x))  # holding the gates keeps their ids theirs
+        return self._routed[2]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_from is not None or not self.downs:
             return self.base(x)
         weights = self.weights if self.router is None else self.router.gates(self, x)
         if isinstance(self.base, nn.Linear):  # every adapter in two GEMMs (studio.kernels), gates in rank space
-            from studio.kernels.lora import multi_lora_linear
-
-            return multi_lora_linear(x, self.base.weight, self.base.bias, self.packed(), weights)
+            return multi_lora_linear(x, self.base.weight, self.base.bias, self.packed(), self.routed(weights, x))
         out = self.base(x)
         for d, u, s, w in zip(self.downs, self.ups, self.scales, weights):
             if isinstance(w, torch.Tensor):
@@ -271,7 +279,7 @@ def remove(pipe, names: list[str]) -> None:
             _put(getattr(pipe, canonical.partition(".")[0]), stack.path, stack.base)
             del handle.stacks[canonical]
             continue
-        stack._packed = None
+        stack._packed = stack._routed = None
         stack.downs = nn.ModuleList([stack.downs[i] for i in keep])
         stack.ups = nn.ModuleList([stack.ups[i] for i in keep])
         for attr in ("names", "scales", "weights"):

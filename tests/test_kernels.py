@@ -42,18 +42,30 @@ def _gates(kind, b, n, k, seed=1):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("kind", ["none", "scalar", "regions", "all-masked", "soft"])
-@pytest.mark.parametrize("path", ["fused", "triton"])
-def test_every_path_matches_the_reference(shape, kind, path):
-    """The fused torch path, and the Triton kernels run by Triton's interpreter on the CPU (the [dev] extra
-    installs triton), against the loop over adapters."""
-    from studio.kernels.lora import multi_lora_triton
+@pytest.mark.parametrize("path", ["fused", "segmented", "triton"])
+def test_every_path_matches_the_reference(shape, kind, path, monkeypatch):
+    """The fused torch path (dense, and segmented: each adapter on its own tokens, forced here on small shapes),
+    and the Triton kernels run by Triton's interpreter on the CPU (the [dev] extra installs triton), against the
+    loop over adapters. The inputs are left as they were."""
+    from studio.kernels import lora
 
     x, w, bias, downs, ups, scales = _case(*shape)
     gates = _gates(kind, shape[0], shape[1], len(downs))
+    kept = [t.clone() for t in [x, w, bias] + (gates if kind in ("regions", "all-masked", "soft") else [])]
     ref = multi_lora_reference(x, w, bias, downs, ups, scales, gates)
-    run = multi_lora_fused if path == "fused" else multi_lora_triton
-    out = run(x, w, bias, Packed.pack(downs, ups, scales), gates)
+    segmented = []
+    if path == "segmented":
+        for name, value in [("SEGMENT_MIN_WORK", 0), ("SEGMENT_MIN_RANK", 0), ("SEGMENT_DENSITY", 1.0)]:
+            monkeypatch.setattr(lora, name, value)
+        real = lora._segmented
+        monkeypatch.setattr(lora, "_segmented", lambda *a: segmented.append(1) or real(*a))
+    run = lora.multi_lora_triton if path == "triton" else multi_lora_fused
+    with torch.no_grad():  # sampling: the in-place steps run
+        out = run(x, w, bias, Packed.pack(downs, ups, scales), gates)
     assert torch.allclose(out, ref, atol=1e-4 if path == "triton" else 1e-5, rtol=1e-4 if path == "triton" else 1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(kept, [x, w, bias] + (gates if len(kept) > 3 else [])))
+    if path == "segmented":  # the form ran wherever some gate is a tensor and there are several adapters
+        assert bool(segmented) == (kind in ("regions", "all-masked", "soft") and len(downs) > 1)
     if kind == "all-masked":
         assert torch.allclose(ref, torch.nn.functional.linear(x, w, bias), atol=1e-6)
     if path == "fused":
@@ -129,3 +141,61 @@ def test_region_attention_matches_masked_softmax(dtype, tol):
     assert torch.allclose(region_attention(q, k, v, None).float(), scores.softmax(-1) @ v.float(), atol=tol, rtol=tol)
     with pytest.raises(ValueError, match="backend 'magic': choose auto, flex, sdpa or xformers"):
         region_attention(q, k, v, mask, backend="magic")
+
+
+def test_segmented_form_runs_only_where_it_pays():
+    from studio.kernels.lora import SEGMENT_MIN_WORK, use_segments
+
+    big = Packed.pack([torch.zeros(64, 640)] * 4, [torch.zeros(640, 64)] * 4, [1.0] * 4)  # rank 256 together
+    small = Packed.pack([torch.zeros(16, 640)] * 2, [torch.zeros(640, 16)] * 2, [1.0] * 2)  # rank 32
+    assert use_segments(2048, big, 640, 640, density=0.25)  # four stripes on an SDXL-sized layer
+    assert not use_segments(2048, big, 640, 640, density=0.75)  # most tokens under most adapters: dense
+    assert not use_segments(2048, small, 640, 640, density=0.5)  # gather and scatter cost more than rank 32 saves
+    assert not use_segments(128, big, 96, 96, density=0.25)  # an embedded-model layer: too small to pay
+    assert 128 * 256 * 192 < SEGMENT_MIN_WORK <= 2048 * 256 * 1280
+
+
+def test_token_gates_are_built_once_and_checked():
+    from studio.kernels.lora import TokenGates
+
+    x, w, bias, downs, ups, scales = _case(2, 6, 8, 5, [3, 3])
+    masks = [torch.tensor([1.0, 1, 1, 0, 0, 0]).view(1, 6, 1), 0.5]  # a region and a plain weight
+    routed = TokenGates.of(masks, x)
+    assert routed.matrix.shape == (1, 6, 2)  # kept at the gates' own batch size, broadcast at use
+    assert routed.matrix[0, :, 1].tolist() == [0.5] * 6
+    seg = routed.segments(x.shape[:-1])
+    assert seg.bounds == [(0, 6), (6, 18)] and seg.index[:6].tolist() == [0, 1, 2, 6, 7, 8] and not seg.binary
+    assert routed.segments(x.shape[:-1]) is seg
+    assert TokenGates.of([torch.tensor(0.3), 1.0], x).matrix.tolist() == [pytest.approx(0.3), 1.0]  # 0-d: every token
+    ref = multi_lora_reference(x, w, bias, downs, ups, scales, masks)
+    assert torch.allclose(multi_lora_fused(x, w, bias, Packed.pack(downs, ups, scales), routed), ref, atol=1e-5)
+    with pytest.raises(ValueError, match=r"gates of shapes \[\(1, 7, 1\)\] do not fit tokens of shape \(2, 6\)"):
+        TokenGates.of([torch.ones(1, 7, 1), 1.0], x)
+    with pytest.raises(ValueError, match="3 gates for 2 adapters"):
+        multi_lora_fused(x, w, bias, Packed.pack(downs, ups, scales), [1.0, 1.0, 1.0])
+
+
+def test_gates_learn_through_the_fused_path():
+    """With autograd on (the gated composer fitting its gates) the fused path gives the reference's gradients."""
+    x, w, bias, downs, ups, scales = _case(2, 9, 12, 7, [4, 4])
+    grads = []
+    for run in ("reference", "fused"):
+        logits = torch.zeros(2, requires_grad=True)
+        gates = [torch.sigmoid(logits[i]) * torch.ones(1, 9, 1) for i in range(2)]
+        out = (multi_lora_reference(x, w, bias, downs, ups, scales, gates) if run == "reference" else
+               multi_lora_fused(x, w, bias, Packed.pack(downs, ups, scales), gates))
+        out.square().sum().backward()
+        grads.append(logits.grad)
+    assert grads[0].abs().min() > 0 and torch.allclose(grads[0], grads[1], rtol=1e-4)
+
+
+def test_the_plugin_reuses_a_layers_gates_while_the_router_returns_the_same():
+    from studio.plugin import LoraStack
+
+    stack = LoraStack(torch.nn.Linear(8, 5), "layer")
+    x = torch.randn(2, 6, 8)
+    mask = torch.ones(1, 6, 1)
+    first = stack.routed([mask, 0.5], x)
+    assert stack.routed([mask, 0.5], x) is first
+    assert stack.routed([mask.clone(), 0.5], x) is not first  # another tensor: built again
+    assert stack.routed([1.0, 0.5], x) == [1.0, 0.5]  # plain weights pass through
