@@ -173,18 +173,21 @@ def measure_case(unet, inputs, side: int, rank: int, n: int, repeats: int, base_
 
     adapters = random_adapters(unet, n, rank)
     names = [f"a{i}" for i in range(n)]
+    # each adapter's (down, up) per layer, for peft; later read from the studio's own layers, so that a full-size
+    # UNet with eight rank-64 adapters holds them three times at most (studio, its packed form, peft), not four
+    factors = [{key: (lora.down, lora.up) for key, lora in adapter.modules.items()} for adapter in adapters]
 
     def peft_on():
         from peft import LoraConfig
 
-        for name, adapter in zip(names, adapters):
+        for name, layers in zip(names, factors):
             unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank,
-                                        target_modules=[k[len("unet."):] for k in adapter.modules]), adapter_name=name)
+                                        target_modules=[k[len("unet."):] for k in layers]), adapter_name=name)
             with torch.no_grad():
-                for key, lora in adapter.modules.items():
+                for key, (down, up) in layers.items():
                     layer = unet.get_submodule(key[len("unet."):])
-                    layer.lora_A[name].weight.copy_(lora.down)
-                    layer.lora_B[name].weight.copy_(lora.up)
+                    layer.lora_A[name].weight.copy_(down)
+                    layer.lora_B[name].weight.copy_(up)
         unet.set_adapters(names, [1.0] * n)
 
     timings: dict[str, list[float]] = {"base": [], "studio": [], "peft": []}
@@ -243,6 +246,9 @@ def measure_case(unet, inputs, side: int, rank: int, n: int, repeats: int, base_
         single = Studio(unet, adapters, side, masked=False)
         single.off()
         plan += [lambda: studio("single", single), lambda: studio("merged", single, fuse=True)]
+    factors[:] = [{key: (st.downs[i].weight, st.ups[i].weight) for key, st in masked.handle.stacks.items()}
+                  for i in range(n)]
+    del adapters
     for step in plan:  # warm-up
         step()
     for v in timings.values():

@@ -97,6 +97,8 @@ class LoraStack(nn.Module):
         ref = self.downs[0].weight
         if p is None or p.down.device != ref.device or p.down.dtype != ref.dtype:
             p = self._packed = Packed.pack([d.weight for d in self.downs], [u.weight for u in self.ups], self.scales)
+            for d, (a, b) in zip(self.downs, p.bounds):  # the downs kept once: each adapter's is a view of its rows
+                d.weight.data = p.down[a:b]
         return p
 
     def routed(self, gates: list, x: torch.Tensor):
@@ -104,6 +106,8 @@ class LoraStack(nn.Module):
         same gate tensors (composers keep a layer's masks for a run) for inputs of the same shape."""
         if not any(isinstance(g, torch.Tensor) for g in gates):
             return gates
+        if any(isinstance(g, torch.Tensor) and g.requires_grad for g in gates):
+            return TokenGates.of(gates, x)  # learning gates: a fresh graph every call
         key = (tuple(id(g) if isinstance(g, torch.Tensor) else g for g in gates), x.shape[:-1], x.dtype, x.device)
         if self._routed is None or self._routed[0] != key:
             self._routed = (key, gates, TokenGates.of(gates, x))  # holding the gates keeps their ids theirs
