@@ -41,6 +41,7 @@ class Packed:
     down: torch.Tensor  # (R, d_in): every adapter's down, one under another
     up_t: torch.Tensor  # (R, d_out): every adapter's up times its scale (alpha/rank), transposed, one under another
     ranks: tuple[int, ...]
+    bounds: tuple[tuple[int, int], ...]  # each adapter's rows in ``down`` and ``up_t``
     _weighted: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -49,15 +50,10 @@ class Packed:
             raise ValueError(f"{len(downs)} downs, {len(ups)} ups and {len(scales)} scales: give one of each per adapter")
         ranks = tuple(int(d.shape[0]) for d in downs)
         up_t = torch.cat([(u * float(s)).T for u, s in zip(ups, scales)])
-        return cls(torch.cat(downs).contiguous(), up_t.contiguous(), ranks)
-
-    @property
-    def bounds(self) -> list[tuple[int, int]]:
-        """Each adapter's rows in ``down`` and ``up_t``."""
         edges = [0]
-        for r in self.ranks:
+        for r in ranks:
             edges.append(edges[-1] + r)
-        return list(zip(edges, edges[1:]))
+        return cls(torch.cat(downs).contiguous(), up_t.contiguous(), ranks, tuple(zip(edges, edges[1:])))
 
     def weighted_up(self, weights: tuple[float, ...]) -> torch.Tensor:
         """``up_t`` with each adapter's rows times its weight (kept for the last weights asked)."""
@@ -164,12 +160,16 @@ def _token_gates(gates, x: torch.Tensor, k: int) -> TokenGates | tuple[float, ..
     return tuple(float(g) for g in gates)
 
 
+def _big_enough(tokens: int, packed: Packed, d_in: int, d_out: int) -> bool:
+    """Several adapters of SEGMENT_MIN_RANK ranks together, and a dense update of SEGMENT_MIN_WORK multiply-adds."""
+    rank = packed.down.shape[0]
+    return len(packed.ranks) > 1 and rank >= SEGMENT_MIN_RANK and tokens * rank * (d_in + d_out) >= SEGMENT_MIN_WORK
+
+
 def use_segments(tokens: int, packed: Packed, d_in: int, d_out: int, density: float) -> bool:
-    """Whether the segmented form runs for a layer: several adapters of SEGMENT_MIN_RANK ranks together, gates on
-    for at most SEGMENT_DENSITY of the (token, adapter) pairs, and a dense update of SEGMENT_MIN_WORK multiply-adds."""
-    rank = sum(packed.ranks)
-    return (len(packed.ranks) > 1 and rank >= SEGMENT_MIN_RANK and tokens * rank * (d_in + d_out) >= SEGMENT_MIN_WORK
-            and density <= SEGMENT_DENSITY)
+    """Whether the segmented form runs for a layer: big enough (:func:`_big_enough`), and gates on for at most
+    SEGMENT_DENSITY of the (token, adapter) pairs."""
+    return _big_enough(tokens, packed, d_in, d_out) and density <= SEGMENT_DENSITY
 
 
 def multi_lora_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: Packed,
@@ -187,9 +187,9 @@ def multi_lora_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         up = packed.weighted_up(routed)
         out = _add_mm(base, h, up, inplace)
         return out.reshape(*lead, weight.shape[0])
-    if inplace and use_segments(x2.shape[0], packed, x2.shape[1], weight.shape[0], 0.0):  # all but the density
+    if inplace and _big_enough(x2.shape[0], packed, x2.shape[1], weight.shape[0]):  # then the segments' density
         seg = routed.segments(lead)
-        if use_segments(x2.shape[0], packed, x2.shape[1], weight.shape[0], seg.density):
+        if seg.density <= SEGMENT_DENSITY:
             return _segmented(x2, base, packed, seg).reshape(*lead, weight.shape[0])
     h = x2 @ packed.down.T
     if packed.ranks == (packed.ranks[0],) * k:  # equal ranks: a (..., K) gate broadcast over each adapter's columns
