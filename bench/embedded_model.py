@@ -53,7 +53,10 @@ def main() -> None:
         (f"time for the fidelity evaluation ({2 * args.n} images)", f"{eval_s:.0f} s"),
     ]
     table = "| measure | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
-    print(table)
+    per = "| attribute | shown, 1-object prompts | shown, 2-object prompts |\n|---|---|---|\n" + "\n".join(
+        f"| {a} | {scores.get(f'{a}_1', float('nan')):.2f} | {scores.get(f'{a}_2', float('nan')):.2f} |"
+        for a in ("shape", "colour", "size", "position", "style", "background"))
+    print(table + "\n\n" + per)
     write_section("embedded_model", f"""## Embedded model (`assets/models/tiny-sdxl-world`)
 
 Command: `python bench/embedded_model.py --n {args.n} --seed {args.seed}` (revision {git_revision()}).
@@ -63,6 +66,11 @@ generated image (25 Euler steps, guidance 5.0, one seed per prompt); the prompts
 caption split that pretraining never used (`studio eval prompts` gives the same figures).
 
 {table}
+
+Per attribute, the fraction of the prompts' mentions of it that the images show (under the object
+matching that prompt fidelity scores; a prompt names the shape always, the other attributes at random):
+
+{per}
 """)
 
 

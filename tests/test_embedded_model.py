@@ -38,13 +38,7 @@ def test_our_prompt_encoding_matches_the_pipeline(pipe):
     torch.testing.assert_close(pooled, theirs_pooled)
 
 
-# The embedded model is below issue 2's quality bar (see its model card). With the step-7000 weights blue
-# is drawn blue (it came out half cyan before); yellow's centre pixels now sit between yellow and orange
-# (the judge reads yellow; the pixel check does not). Strict, so the marker must go the day it is fixed.
-BELOW_BAR = pytest.mark.xfail(strict=True, reason="embedded model below the quality bar: yellow's pixels read half orange")
-
-
-@pytest.mark.parametrize("colour", ["red", "blue", pytest.param("yellow", marks=BELOW_BAR)])
+@pytest.mark.parametrize("colour", ["red", "blue", "yellow"])
 def test_a_colour_prompt_shows_that_colour(colour):
     pipe = load_pipeline(EMBEDDED_MODEL)
     images = generate(pipe, [f"a large {colour} square in the center on a white background"] * 4, seed=0)

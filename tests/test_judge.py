@@ -3,7 +3,7 @@ import random
 import numpy as np
 import pytest
 
-from studio.eval.fidelity import identity_similarity, prompt_fidelity
+from studio.eval.fidelity import attribute_hits, identity_similarity, prompt_fidelity
 from studio.eval.judge import ObjectReading, SceneReading, evaluate_judge, load_judge
 from studio.world.concepts import HELD_OUT_SHAPES, HELD_OUT_STYLES
 from studio.world.grammar import parse_prompt
@@ -49,6 +49,11 @@ def test_prompt_fidelity_by_hand():
     three = parse_prompt("a red circle and a blue square and a green triangle")
     assert prompt_fidelity(reading, three) == pytest.approx(4 / 6)
     assert prompt_fidelity(SceneReading((), "white"), parse_prompt("a red circle")) == 0.0
+    # the same best assignment, attribute by attribute: (shown, named)
+    assert attribute_hits(reading, two) == {"shape": (2, 2), "colour": (1, 2), "position": (2, 2), "background": (1, 1)}
+    assert attribute_hits(reading, three) == {"shape": (2, 3), "colour": (2, 3)}
+    assert attribute_hits(SceneReading((), "black"), parse_prompt("a red circle on a white background")) == {
+        "shape": (0, 1), "colour": (0, 1), "background": (0, 1)}
 
 
 def test_identity_similarity_prefers_the_same_concept(judge):

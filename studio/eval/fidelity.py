@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections import Counter
 
 import numpy as np
 import torch
 from PIL import Image
 
 from studio.eval.judge import DEFAULT_JUDGE, Judge, SceneReading, load_judge
-from studio.world.grammar import ScenePrompt, parse_prompt, sample_captioned_scene
+from studio.world.grammar import ATTRIBUTES, ScenePrompt, parse_prompt, sample_captioned_scene
 
-__all__ = ["DEFAULT_JUDGE", "prompt_fidelity", "identity_similarity", "held_out_prompts", "evaluate_prompts"]
+__all__ = ["DEFAULT_JUDGE", "prompt_fidelity", "attribute_hits", "identity_similarity", "held_out_prompts", "evaluate_prompts"]
 
 
 def prompt_fidelity(reading: SceneReading, prompt: ScenePrompt) -> float:
@@ -37,21 +38,27 @@ def prompt_fidelity(reading: SceneReading, prompt: ScenePrompt) -> float:
     total = prompt.n_attributes()
     if total == 0:
         return 1.0
+    return sum(hit for hit, _ in attribute_hits(reading, prompt).values()) / total
+
+
+def attribute_hits(reading: SceneReading, prompt: ScenePrompt) -> dict[str, tuple[int, int]]:
+    """Per attribute the prompt names (``shape``, ..., ``background``): ``(shown, named)`` counts under
+    the object assignment that shows the most attributes (the one :func:`prompt_fidelity` scores)."""
     wanted = [o.attributes() for o in prompt.objects]
     seen = [o.attributes() for o in reading.objects]
-
-    def hits(want: dict[str, str], got: dict[str, str]) -> int:
-        return sum(got[k] == v for k, v in want.items())
-
-    best = 0
+    named = Counter(k for w in wanted for k in w)
+    best: Counter = Counter()
     k = min(len(wanted), len(seen))
     # Up to 3 prompt objects against up to 9 cells: at most 504 assignments.
     for chosen in itertools.permutations(range(len(seen)), k):
         for subset in itertools.combinations(range(len(wanted)), k):
-            best = max(best, sum(hits(wanted[w], seen[s]) for w, s in zip(subset, chosen)))
+            hits = Counter(a for w, s in zip(subset, chosen) for a, v in wanted[w].items() if seen[s][a] == v)
+            if sum(hits.values()) > sum(best.values()):
+                best = hits
+    out = {a: (best[a], n) for a, n in named.items()}
     if prompt.background is not None:
-        best += reading.background == prompt.background
-    return best / total
+        out["background"] = (int(reading.background == prompt.background), 1)
+    return out
 
 
 def identity_similarity(judge: Judge, images: list[Image.Image], references: list[Image.Image]) -> float:
@@ -77,7 +84,8 @@ def evaluate_prompts(
     progress: bool = True,
     object_counts: tuple[int, ...] = (1, 2),
 ) -> dict[str, float]:
-    """Generate one image per held-out prompt and return mean fidelity per object count."""
+    """Generate one image per held-out prompt; per object count ``k``: mean fidelity (``fidelity_k``) and,
+    per attribute, the fraction of the prompts' mentions of it the images show (``shape_k``, ...)."""
     from tqdm.auto import tqdm
 
     from studio.sampling import generate
@@ -86,12 +94,17 @@ def evaluate_prompts(
     scores: dict[str, float] = {}
     for k in object_counts:
         prompts = held_out_prompts(n_prompts, k, seed)
-        values = []
+        values, shown, named = [], Counter(), Counter()
         for start in tqdm(range(0, n_prompts, 25), desc=f"{k}-object prompts", disable=not progress):
             chunk = prompts[start : start + 25]
             with torch.no_grad():
                 images = generate(pipe, chunk, seed=seed + start, steps=steps, guidance=guidance)
             for reading, text in zip(judge.read(images), chunk):
-                values.append(prompt_fidelity(reading, parse_prompt(text)))
+                prompt = parse_prompt(text)
+                values.append(prompt_fidelity(reading, prompt))
+                for attribute, (hit, n) in attribute_hits(reading, prompt).items():
+                    shown[attribute] += hit
+                    named[attribute] += n
         scores[f"fidelity_{k}"] = float(np.mean(values))
+        scores.update({f"{a}_{k}": shown[a] / named[a] for a in ATTRIBUTES + ("background",) if named[a]})
     return scores
