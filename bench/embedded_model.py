@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from studio.eval.fidelity import evaluate_prompts
+    from studio.eval.fidelity import REPORTED, evaluate_prompts
     from studio.families import EMBEDDED_MODEL, load_pipeline
 
     times = time_generate()
@@ -55,7 +55,7 @@ def main() -> None:
     table = "| measure | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
     per = "| attribute | shown, 1-object prompts | shown, 2-object prompts |\n|---|---|---|\n" + "\n".join(
         f"| {a} | {scores.get(f'{a}_1', float('nan')):.2f} | {scores.get(f'{a}_2', float('nan')):.2f} |"
-        for a in ("shape", "colour", "size", "position", "style", "background"))
+        for a in REPORTED)
     print(table + "\n\n" + per)
     write_section("embedded_model", f"""## Embedded model (`assets/models/tiny-sdxl-world`)
 

@@ -518,15 +518,14 @@ def eval_prompts(
         _fail(f"--n and --steps must be positive integers, got {n} and {steps}")
     if not (model / "model_index.json").is_file():
         _fail(f"model folder not found or not a diffusers folder: {model}")
-    from studio.eval.fidelity import evaluate_prompts
+    from studio.eval.fidelity import REPORTED, evaluate_prompts
     from studio.families import load_pipeline
 
     t0 = time.time()
     scores = evaluate_prompts(load_pipeline(model), n_prompts=n, seed=seed, steps=steps, guidance=guidance)
-    attributes = ("shape", "colour", "size", "position", "style", "background")
-    typer.echo("| prompts | n | prompt fidelity | " + " | ".join(attributes) + " |\n|---|---|---|" + "---|" * len(attributes))
+    typer.echo("| prompts | n | prompt fidelity | " + " | ".join(REPORTED) + " |\n|---|---|---|" + "---|" * len(REPORTED))
     for k in (key.split("_")[1] for key in scores if key.startswith("fidelity_")):
-        shown = " | ".join(f"{scores[f'{a}_{k}']:.2f}" if f"{a}_{k}" in scores else "-" for a in attributes)
+        shown = " | ".join(f"{scores[f'{a}_{k}']:.2f}" if f"{a}_{k}" in scores else "-" for a in REPORTED)
         typer.echo(f"| {k}-object | {n} | {scores[f'fidelity_{k}']:.3f} | {shown} |")
     typer.echo(f"({time.time() - t0:.0f} s)")
     if json_out:

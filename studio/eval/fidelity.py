@@ -30,7 +30,10 @@ from PIL import Image
 from studio.eval.judge import DEFAULT_JUDGE, Judge, SceneReading, load_judge
 from studio.world.grammar import ATTRIBUTES, ScenePrompt, parse_prompt, sample_captioned_scene
 
-__all__ = ["DEFAULT_JUDGE", "prompt_fidelity", "attribute_hits", "identity_similarity", "held_out_prompts", "evaluate_prompts"]
+__all__ = ["DEFAULT_JUDGE", "REPORTED", "prompt_fidelity", "attribute_hits", "identity_similarity", "held_out_prompts", "evaluate_prompts"]
+
+# what a prompt can name, in the order reports list them: the object attributes, then the background
+REPORTED = (*ATTRIBUTES, "background")
 
 
 def prompt_fidelity(reading: SceneReading, prompt: ScenePrompt) -> float:
@@ -47,14 +50,14 @@ def attribute_hits(reading: SceneReading, prompt: ScenePrompt) -> dict[str, tupl
     wanted = [o.attributes() for o in prompt.objects]
     seen = [o.attributes() for o in reading.objects]
     named = Counter(k for w in wanted for k in w)
-    best: Counter = Counter()
+    best, best_total = Counter(), 0
     k = min(len(wanted), len(seen))
     # Up to 3 prompt objects against up to 9 cells: at most 504 assignments.
     for chosen in itertools.permutations(range(len(seen)), k):
         for subset in itertools.combinations(range(len(wanted)), k):
             hits = Counter(a for w, s in zip(subset, chosen) for a, v in wanted[w].items() if seen[s][a] == v)
-            if sum(hits.values()) > sum(best.values()):
-                best = hits
+            if hits.total() > best_total:
+                best, best_total = hits, hits.total()
     out = {a: (best[a], n) for a, n in named.items()}
     if prompt.background is not None:
         out["background"] = (int(reading.background == prompt.background), 1)
@@ -106,5 +109,5 @@ def evaluate_prompts(
                     shown[attribute] += hit
                     named[attribute] += n
         scores[f"fidelity_{k}"] = float(np.mean(values))
-        scores.update({f"{a}_{k}": shown[a] / named[a] for a in ATTRIBUTES + ("background",) if named[a]})
+        scores.update({f"{a}_{k}": shown[a] / named[a] for a in REPORTED if named[a]})
     return scores

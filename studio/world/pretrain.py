@@ -278,7 +278,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
                 idx.append(i)
         zero_snr = cfg.zero_snr_at(step)
         noise_sched = schedules[zero_snr]
-        x0 = latents[torch.tensor(idx)]
+        batch = torch.tensor(idx)
+        x0 = latents[batch]
         embeds, pooled = encode_prompt_sdxl([tok, tok], [te1, te2], captions)
         keep = (torch.rand(cfg.unet_batch, generator=g) >= cfg.cond_dropout).float()
         embeds, pooled = embeds * keep[:, None, None], pooled * keep[:, None]
@@ -296,7 +297,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
             weight = torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1)  # min-SNR-gamma for v-prediction
         err = F.mse_loss(pred, target, reduction="none")
         if masks is not None:
-            pixel_w = 1 + (cfg.object_weight - 1) * masks[torch.tensor(idx)].float()
+            pixel_w = 1 + (cfg.object_weight - 1) * masks[batch].float()
             err = err * (pixel_w / pixel_w.mean(dim=(1, 2, 3), keepdim=True))
         loss = (weight * err.mean(dim=(1, 2, 3))).mean()
         for group in opt.param_groups:
