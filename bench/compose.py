@@ -58,6 +58,8 @@ METHODS = ["naive", "clora", "clora-s200", "lora-composer", "lora-composer-r0.5"
            "orthogonal"]
 VARIANTS = {  # method name in the table -> (composer, options)
     "clora-s200": ("clora", {"step_size": 200.0}),
+    "clora-clause": ("clora", {"clause_words": True}),
+    "clora-clause-s200": ("clora", {"clause_words": True, "step_size": 200.0}),
     "lora-composer": ("lora-composer", {"positional_prompts": False}),  # the official: the concept's own prompt
     "lora-composer-r0.5": ("lora-composer", {"replace_ratio": 0.5, "positional_prompts": False}),
     "lora-composer-pos": ("lora-composer", {}),  # the studio's default: the global prompt's clause naming the concept

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,6 +153,22 @@ def token_positions(tokenizer, prompt: str, words: list[str]) -> list[list[int]]
                     break
         out.append(found)
     return out
+
+
+STOP_WORDS = frozenset({"a", "an", "the", "on", "in", "at", "of"})
+
+
+def concept_clause(prompt: str, concept: Concept) -> str | None:
+    """The clause of ``prompt`` (split at commas and " and ") that names ``concept``'s token, the first of
+    its ``words`` ("a sks shape on the left" of "a sks shape on the left and a zwx shape on the right");
+    ``None`` when no clause names it."""
+    if not concept.words:
+        return None
+    token = concept.words.split()[0]
+    for clause in re.split(r",| and ", prompt):
+        if re.search(rf"(^|\s){re.escape(token)}(\s|$)", clause.strip()):
+            return clause.strip()
+    return None
 
 
 class Run:

@@ -18,6 +18,10 @@ The prompt names every concept ("a sks1 shape on the left and a sks2 shape on th
   each at 1/number), and the background gets the base model. The masks of step i come from the update
   pass of step i, or later from the pipeline's own pass of step i - 1.
 
+``clause_words=True`` widens each concept's tokens to the content words of the prompt's clause that names it
+("sks shape left"), so that a position word's map can place the concept; on the embedded model it does not help
+(its cross-attention maps are nearly flat for every word, position words included: docs/benchmarks.md).
+
 The official code runs one UNet pass per prompt (base prompt without LoRA, each LoRA with its own prompt)
 and mixes the noise predictions with the masks; here the masks gate each adapter's layers inside a single
 pass (the kernels issue's premise), and the contrastive loss compares the token maps of that one pass.
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from studio.composers.base import Composer, Run, default_attention, token_positions
+from studio.composers.base import STOP_WORDS, Composer, Run, concept_clause, default_attention, token_positions
 
 
 def nt_xent(embeddings: torch.Tensor, labels: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
@@ -48,9 +52,21 @@ def nt_xent(embeddings: torch.Tensor, labels: torch.Tensor, temperature: float =
     return losses[pos].mean()
 
 
-def concept_tokens(run: Run) -> list[list[int]]:
+def concept_words(run: Run, clause_words: bool) -> list[str]:
+    """The words whose tokens stand for each concept: its ``words`` ("sks shape"), or with ``clause_words`` the
+    content words of the prompt's clause that names it ("sks shape left" of "a sks shape on the left and ...")."""
+    if not clause_words:
+        return [c.words for c in run.concepts]
+    out = []
+    for c in run.concepts:
+        clause = concept_clause(run.prompt, c)
+        out.append(" ".join(w for w in clause.split() if w.lower() not in STOP_WORDS) if clause else c.words)
+    return out
+
+
+def concept_tokens(run: Run, clause_words: bool = False) -> list[list[int]]:
     """Each concept's token positions in the global prompt; an error names a concept the prompt does not name."""
-    found = token_positions(run.pipe.tokenizer, run.prompt, [c.words for c in run.concepts])
+    found = token_positions(run.pipe.tokenizer, run.prompt, concept_words(run, clause_words))
     for c, positions in zip(run.concepts, found):
         if not positions:
             raise ValueError(f"concept {c.name!r}: none of its words {c.words!r} is in the prompt {run.prompt!r};"
@@ -63,12 +79,12 @@ class CLoRA(Composer):
     needs_attention = True
 
     def __init__(self, step_size: float = 20.0, update_fraction: float = 0.5, threshold: float = 0.4,
-                 temperature: float = 0.5, latent_update: bool = True):
-        self.step_size, self.update_fraction = step_size, update_fraction
+                 temperature: float = 0.5, latent_update: bool = True, clause_words: bool = False):
+        self.step_size, self.update_fraction, self.clause_words = step_size, update_fraction, clause_words
         self.threshold, self.temperature, self.latent_update = threshold, temperature, latent_update
 
     def prepare(self, run: Run) -> None:
-        run.state["tokens"] = concept_tokens(run)
+        run.state["tokens"] = concept_tokens(run, self.clause_words)
         run.state["maps"] = []
 
     def attention(self, run: Run, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):

@@ -41,11 +41,9 @@ losses), which needs a backward pass through the UNet at every early step.
 
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn.functional as F
-from studio.composers.base import Composer, Run, default_attention, token_positions
+from studio.composers.base import Composer, Run, concept_clause, default_attention, token_positions
 from studio.kernels.attention import isolation_mask, regional_cross_mask
 
 
@@ -77,12 +75,8 @@ class LoRAComposer(Composer):
         """Concept k's region prompt: with ``positional_prompts``, the clause of the global prompt that names it
         ("a sks shape on the left" of "a sks shape on the left and a zwx shape on the right"), which keeps where
         it goes; else (or when no clause names it) the concept's own prompt."""
-        if self.positional_prompts and concept.words:
-            token = concept.words.split()[0]
-            for clause in re.split(r",| and ", prompt):
-                if re.search(rf"(^|\s){re.escape(token)}(\s|$)", clause.strip()):
-                    return clause.strip()
-        return concept.prompt
+        clause = concept_clause(prompt, concept) if self.positional_prompts else None
+        return clause or concept.prompt
 
     def boxes(self, run: Run, h: int, w: int, device) -> torch.Tensor:
         """(K, h*w) bool: which image tokens of an h x w layer lie in each concept's box."""

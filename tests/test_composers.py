@@ -360,3 +360,15 @@ def test_lora_composer_region_prompts_keep_the_clause_that_names_the_concept(con
     assert LoRAComposer().region_prompt("a sks shape in the center, zwx", zwx) == "zwx"
     assert LoRAComposer().region_prompt("a red circle", sks) == "a sks shape"  # not named: its own prompt
     assert LoRAComposer(positional_prompts=False).region_prompt(PROMPT, sks) == "a sks shape"
+
+
+def test_clora_clause_words_are_the_content_words_of_the_clause_naming_the_concept(concepts):
+    from types import SimpleNamespace
+
+    from studio.composers.clora import concept_words
+
+    run = SimpleNamespace(prompt=PROMPT, concepts=concepts)
+    assert concept_words(run, clause_words=False) == ["sks shape", "zwx shape"]
+    assert concept_words(run, clause_words=True) == ["sks shape left", "zwx shape right"]
+    run = SimpleNamespace(prompt="a red circle and a sks shape in the center", concepts=concepts)
+    assert concept_words(run, clause_words=True) == ["sks shape center", "zwx shape"]  # zwx unnamed: its own words
