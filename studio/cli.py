@@ -476,8 +476,9 @@ def world_pretrain(
     standardize_latents: Annotated[bool, typer.Option(help="Variant: per-channel latent standardization inside the VAE.")] = False,
     lr_ends: Annotated[str, typer.Option(help="Steps where the learning rate's cosine restarts, comma-separated (the shipped weights: 3000,5000); empty: only at --zero-snr-from.")] = "3000,5000",
     object_weight: Annotated[float, typer.Option(help="Loss weight on and around objects relative to the background (1: plain loss).")] = 1.0,
+    text_probe_weight: Annotated[float, typer.Option(help="Weight of the text-probe loss that keeps attribute words apart in the text encoders' output (0: none).")] = 0.0,
 ) -> None:
-    """Pretrain the embedded tiny SDXL on the synthetic world (resumable; the shipped weights took about 4 h 20 min on 2 CPU cores in resumed legs, listed in the model card)."""
+    """Pretrain the embedded tiny SDXL on the synthetic world (resumable; the shipped weights took about 5 h on 2 CPU cores in resumed legs, listed in the model card)."""
     _setup_warnings()
     import shutil
 
@@ -489,6 +490,8 @@ def world_pretrain(
             _fail(f"{name} must be a positive integer, got {value}")
     if object_weight <= 0:
         _fail(f"--object-weight must be positive, got {object_weight}")
+    if text_probe_weight < 0:
+        _fail(f"--text-probe-weight must be 0 (none) or positive, got {text_probe_weight}")
     try:
         ends = tuple(int(v) for v in lr_ends.split(",") if v.strip())
     except ValueError:
@@ -499,7 +502,7 @@ def world_pretrain(
                          unet_steps=unet_steps, unet_batch=unet_batch, unet_lr=unet_lr,
                          checkpoint_every=checkpoint_every, monitor_every=monitor_every,
                          zero_snr_from=zero_snr_from, standardize_latents=standardize_latents,
-                         object_weight=object_weight)
+                         object_weight=object_weight, text_probe_weight=text_probe_weight)
     typer.echo(f"saved {pretrain(cfg)}")
 
 

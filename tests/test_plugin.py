@@ -69,7 +69,7 @@ def test_detach_restores_the_pipeline_exactly(pipe, files, base_images):
 def test_fuse_matches_unfused_and_unfuse_is_exact(pipe, files):
     attach(pipe, files, weights=[1.0, 0.5])
     try:
-        unfused = sample(pipe)
+        unfused = sample(pipe, steps=1)
         q = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q
         original = q.base.weight.detach().clone()
         x = torch.randn(2, 64, q.base.in_features)
@@ -79,8 +79,9 @@ def test_fuse_matches_unfused_and_unfuse_is_exact(pipe, files):
         assert not torch.equal(q.base.weight, original)
         with torch.no_grad():  # one layer: (W + dW) x against W x + dW x, to rounding
             assert torch.allclose(q(x), layer_unfused, rtol=1e-5, atol=1e-5 * layer_unfused.abs().max())
-        # rounding differences that four sampler steps and the VAE amplify to a few 1e-3 on a few pixels
-        np.testing.assert_allclose(sample(pipe), unfused, atol=1e-2)
+        # the whole pipeline, one sampler step: rounding only (measured: 1e-4 at most). Over several steps
+        # these random adapters make sampling chaotic enough to grow rounding to 0.08 by step 4.
+        np.testing.assert_allclose(sample(pipe, steps=1), unfused, atol=1e-3)
         unfuse(pipe)
         assert torch.equal(q.base.weight, original)
     finally:

@@ -5,7 +5,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import load_file
 
-from studio.world.pretrain import PretrainConfig, object_masks, pretrain
+from studio.world.pretrain import PROBE_SCALE, PretrainConfig, object_masks, pretrain, probe_vocabulary, text_probe_loss
 from studio.world.render import Scene, WorldObject, render_array
 
 
@@ -13,7 +13,7 @@ def _cfg(tmp, name, unet_steps):
     return PretrainConfig(out=str(tmp / name / "model"), work_dir=str(tmp / name / "work"), n_scenes=48,
                           vae_steps=3, vae_batch=4, unet_steps=unet_steps, unet_batch=4, warmup=10,
                           checkpoint_every=2, monitor_every=0, zero_snr_from=2, lr_ends=(),  # steps 2, 3: zero-terminal SNR
-                          object_weight=4.0)
+                          object_weight=4.0, text_probe_weight=0.5)
 
 
 def test_learning_rate_phases():
@@ -30,11 +30,13 @@ def test_pretrain_resumes_to_the_same_weights(tmp_path):
     straight = pretrain(_cfg(tmp_path, "a", 4))
     pretrain(_cfg(tmp_path, "b", 2))  # a run that stopped after step 2 ...
     resumed = pretrain(_cfg(tmp_path, "b", 4))  # ... continued with the same work dir
-    a = load_file(str(straight / "unet" / "diffusion_pytorch_model.safetensors"))
-    b = load_file(str(resumed / "unet" / "diffusion_pytorch_model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    for part in ("unet/diffusion_pytorch_model", "text_encoder/model", "text_encoder_2/model"):
+        a = load_file(str(straight / f"{part}.safetensors"))
+        b = load_file(str(resumed / f"{part}.safetensors"))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    assert (tmp_path / "b" / "work" / "unet" / "checkpoint-2" / "probe.safetensors").is_file()  # the probe resumes too
     pipe = StableDiffusionXLPipeline.from_pretrained(str(resumed), local_files_only=True)
     # the last phase trained with zero-terminal-SNR betas: the saved sampler uses them, trailing timesteps
     assert pipe.scheduler.config.rescale_betas_zero_snr and pipe.scheduler.config.timestep_spacing == "trailing"
@@ -55,3 +57,29 @@ def test_object_masks_cover_objects_and_their_inside():
     assert masks[1, 0, 13, 13] and masks[1, 0, 8, 8] and not masks[1, 0, 0, 15] and not masks[1, 0, 15, 0]
     # objects are a small part of a scene: that is why the loss weights them up
     assert 0.05 < masks.float().mean() < 0.4
+
+
+def test_text_probe_loss_by_hand():
+    vocab = torch.tensor([5, 7])
+    ids = torch.tensor([[1, 5, 9, 7], [1, 9, 9, 9]])  # row 0: words 5 and 7 at positions 1 and 3; row 1: none
+    probe = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    hidden = torch.zeros(2, 4, 2)
+    hidden[0, 1], hidden[0, 3] = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 0.5])  # each along its own row
+    right = torch.log1p(torch.exp(torch.tensor(-PROBE_SCALE)))  # -log softmax with cosines 1 and 0
+    torch.testing.assert_close(text_probe_loss(probe, vocab, ids, hidden), right)
+    hidden[0, 1], hidden[0, 3] = hidden[0, 3].clone(), hidden[0, 1].clone()  # swapped: each names the other word
+    torch.testing.assert_close(text_probe_loss(probe, vocab, ids, hidden), right + PROBE_SCALE)
+    assert float(text_probe_loss(probe, vocab, ids[1:], hidden[1:])) == 0.0  # no attribute word: nothing to name
+
+
+def test_probe_vocabulary_is_one_token_per_attribute_word():
+    from transformers import CLIPTokenizer
+
+    from studio.families import EMBEDDED_MODEL
+    from studio.world.concepts import BASE_SHAPES, BASE_STYLES, COLOUR_NAMES, SIZE_NAMES
+
+    tok = CLIPTokenizer.from_pretrained(str(EMBEDDED_MODEL / "tokenizer"))
+    vocab = probe_vocabulary(tok)
+    words = [*BASE_SHAPES, *COLOUR_NAMES, *BASE_STYLES, *SIZE_NAMES]
+    assert len(vocab) == len(set(vocab.tolist())) == len(words)
+    assert tok.convert_ids_to_tokens(vocab.tolist()) == [f"{w}</w>" for w in words]
