@@ -83,9 +83,16 @@ def images(tmp_path_factory) -> list[Path]:
 
 def _fill(page, elem_id: str, text: str) -> None:
     box = page.locator(f"#{elem_id}").locator("input, textarea").first
-    box.fill(text)
-    box.press("Tab")  # gradio takes the value on blur
-    page.wait_for_timeout(300)  # and hands it to the next event after its own update
+    box.wait_for(state="visible")
+    for _ in range(3):
+        box.fill(text)
+        box.press("Tab")  # gradio takes the value on blur
+        page.wait_for_timeout(300)  # and hands it to the next event after its own update
+        # a field that has just appeared (an accordion opened) can be reset by gradio's own first update on a
+        # loaded machine: fill again until the value stays
+        if box.input_value() == text:
+            return
+    raise AssertionError(f"#{elem_id} did not keep {text!r}: shows {box.input_value()!r}")
 
 
 def _choose(page, elem_id: str, option: str) -> None:
@@ -112,6 +119,7 @@ def test_train_an_adapter_and_generate_with_it(page, server, images, shots):
     page.locator("#train-status").get_by_text("4 images").wait_for()
     _fill(page, "run-name", "star")
     page.get_by_text("Override the preset").click()
+    page.wait_for_timeout(500)  # let the opened accordion's fields settle
     _fill(page, "train-steps", "40")
     page.click("#start-training")
 

@@ -77,6 +77,11 @@ class TrainConfig:
         metadata=_help("torch.compile the UNet for training: faster steps after a one-time compilation (about"
                        " 40 s for the embedded model on a CPU; needs a C++ compiler there) and more memory."),
     )
+    compile_backend: str = field(
+        default="inductor",
+        metadata=_help("torch.compile's backend for --compile: inductor (generated kernels), or another of"
+                       " torch._dynamo.list_backends(), e.g. aot_eager (traced, no code generation)."),
+    )
     use_8bit_adam: bool = field(default=False, metadata=_help("bitsandbytes' 8-bit AdamW (CUDA only; else plain AdamW with a warning)."))
     checkpoint_every: int = field(default=100, metadata=_help("Write the full training state every N steps (0: never)."))
     keep_checkpoints: int = field(default=2, metadata=_help("Checkpoints kept in the run folder."))
@@ -88,6 +93,13 @@ class TrainConfig:
     def check(self) -> None:
         if not 1 <= self.rank <= 256:
             raise ValueError(f"--rank {self.rank} is out of range; accepted: 1 to 256")
+        if self.compile:
+            import torch._dynamo
+
+            if self.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+                main = [*torch._dynamo.list_backends(), "aot_eager", "eager"]
+                raise ValueError(f"--compile-backend {self.compile_backend!r} is not a torch.compile backend here;"
+                                 f" accepted: {', '.join(main)} (or any of torch._dynamo.list_backends(exclude_tags=()))")
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
@@ -379,7 +391,7 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
     opt = _optimizer(params, cfg)
     unet, opt = accelerator.prepare(pipe.unet, opt)
     # the compiled module only runs the training passes; pipe.unet (validation, the adapter's weights) stays as is
-    ctx.store["unet"] = torch.compile(unet) if cfg.compile else unet
+    ctx.store["unet"] = torch.compile(unet, backend=cfg.compile_backend) if cfg.compile else unet
     # LoRA on the text encoders is trained outside DDP's wrapper: average its gradients by hand
     te_grads = [p for c in components if c != "unet" for n, p in getattr(pipe, c).named_parameters() if "lora_" in n]
     start = 0
