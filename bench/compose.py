@@ -8,13 +8,17 @@ and a style: zigzag ("zxy", 4 base shapes drawn zigzag, captions naming the toke
 - a subject triple, left / center / right thirds;
 - subject + style, "a sks shape in the center, zxy" (the style's region is the whole image).
 
-Each composition is sampled with 20 seeds per method. The judge reads every image; a subject counts by
-the colour its adapter draws alone (calibrated first: the modal colour the judge reads over the seeds of
-"a TOKEN shape in the center" with that adapter only), and by its identity embedding:
+Each composition is sampled with 20 seeds per method. The judge reads every image. A subject is found by
+identity: an object is the composition's subject whose reference renders its judge embedding is most
+similar to, if that similarity clears the subject's threshold (calibrated first on 20 solo images per adapter,
+"a TOKEN shape in the center", against the base model's objects and the other adapters' solo objects, at the
+best TPR - FPR). The older colour reading is reported beside it: a subject counts by the modal colour its
+adapter draws alone.
 
-- **all present** (vanishing): every concept shows up somewhere (a subject's colour; the style's style);
-- **correct per region** (confusion): the concept's region holds an object of its colour and none of
-  another subject's colour (for the style: the subject's object has the style);
+- **all present** (vanishing): every concept shows up somewhere (a subject by identity / by colour; the
+  style by the style head);
+- **correct per region** (confusion): the concept's region holds its subject and none of the other
+  subjects (for the style: the subject's object has the style);
 - **identity margin**: for each subject region, the best object's identity similarity to its own
   references minus that to the other subjects' references;
 - **prompt fidelity**: the judge's fidelity to the prompt with class nouns ("a shape on the left and a
@@ -115,7 +119,36 @@ def train_concepts(work: Path) -> dict[str, Path]:
     return files
 
 
-def score(judge, images, items, style: bool, refs) -> dict:
+def best_objects(judge, images) -> list:
+    """The most confident object the judge reads in each image (images with none are left out)."""
+    return [max(r.objects, key=lambda o: o.confidence) for r in judge.read(images) if r.objects]
+
+
+def youden_threshold(positives: list[float], negatives: list[float]) -> tuple[float, float, float]:
+    """The similarity threshold that best separates ``positives`` from ``negatives`` (max TPR - FPR); returns
+    (threshold, TPR, FPR)."""
+    import numpy as np
+
+    pos, neg = np.asarray(positives), np.asarray(negatives)
+    best = (float("inf"), 0.0, 0.0)
+    for t in sorted(set(positives)):
+        tpr, fpr = float((pos >= t).mean()), float((neg >= t).mean()) if len(neg) else 0.0
+        if tpr - fpr > best[1] - best[2]:
+            best = (float(t), tpr, fpr)
+    return best
+
+
+def identity_of(obj, names, refs, thresholds):
+    """Which of ``names`` the object is by identity: the subject whose references it is most similar to, if that
+    similarity clears the subject's threshold; else None."""
+    import numpy as np
+
+    sims = {c: float(np.mean(refs[c] @ obj.embedding)) for c in names}
+    c = max(sims, key=sims.get)
+    return c if sims[c] >= thresholds[c] else None
+
+
+def score(judge, images, items, style: bool, refs, thresholds) -> dict:
     import numpy as np
 
     from studio.eval.fidelity import prompt_fidelity
@@ -124,31 +157,41 @@ def score(judge, images, items, style: bool, refs) -> dict:
     readings = judge.read(images)
     fidelity_prompt = parse_prompt(prompt_of(items, style, noun=True))
     colours = {c: SUBJECTS[c][1] for c, _ in items}
-    all_present, correct, margins, fid = [], [], [], []
+    names = [c for c, _ in items]
+    rates = {k: [] for k in ("present", "correct", "present_colour", "correct_colour")}
+    margins, fid = [], []
     for reading in readings:
         fid.append(prompt_fidelity(reading, fidelity_prompt))
+        who = [identity_of(o, names, refs, thresholds) for o in reading.objects]
         seen = {o.colour for o in reading.objects}
-        present = [colours[c] in seen for c, _ in items]
+        present = [c in who for c in names]
+        present_colour = [colours[c] in seen for c in names]
         if style:
-            present.append(any(o.style == STYLE for o in reading.objects))
-        all_present.append(all(present))
+            styled = any(o.style == STYLE for o in reading.objects)
+            present.append(styled)
+            present_colour.append(styled)
+        rates["present"].append(all(present))
+        rates["present_colour"].append(all(present_colour))
         for c, place in items:
-            here = [o for o in reading.objects if o.position in COLUMNS[place]]
-            others = {colours[o] for o, _ in items if o != c}
-            ok = any(o.colour == colours[c] for o in here) and not any(o.colour in others for o in here)
-            correct.append(ok)
+            here = [(o, w) for o, w in zip(reading.objects, who) if o.position in COLUMNS[place]]
+            others = {colours[o] for o in names if o != c}
+            rates["correct"].append(any(w == c for _, w in here) and not any(w not in (c, None) for _, w in here))
+            rates["correct_colour"].append(any(o.colour == colours[c] for o, _ in here)
+                                           and not any(o.colour in others for o, _ in here))
             if style:
-                correct.append(any(o.colour == colours[c] and o.style == STYLE for o in here))
+                rates["correct"].append(any(w == c and o.style == STYLE for o, w in here))
+                rates["correct_colour"].append(any(o.colour == colours[c] and o.style == STYLE for o, _ in here))
             if len(items) > 1 and here:
-                best = max(here, key=lambda o: o.confidence).embedding
+                best = max((o for o, _ in here), key=lambda o: o.confidence).embedding
                 own = float(np.mean(refs[c] @ best))
-                other = max(float(np.mean(refs[o] @ best)) for o, _ in items if o != c)
+                other = max(float(np.mean(refs[o] @ best)) for o in names if o != c)
                 margins.append(own - other)
     mean = lambda xs: float(np.mean(xs)) if xs else float("nan")  # noqa: E731
-    return {"present": mean(all_present), "correct": mean(correct), "margin": mean(margins), "fidelity": mean(fid)}
+    return {**{k: mean(v) for k, v in rates.items()}, "margin": mean(margins), "fidelity": mean(fid)}
 
 
 def main() -> None:
+    import numpy as np
     import torch
     from studio.composers import Concept, compose
 
@@ -172,23 +215,35 @@ def main() -> None:
     for shape in SUBJECTS:
         emb = judge.identity_embedding(references(shape, work / shape / "data"))
         refs[shape] = emb.numpy()
-    # each subject's colour as its adapter draws it alone (what the judge must find again in a composition)
+    # each subject as its adapter draws it alone: its colour (the colour reading) and its objects' identity
+    # similarities (the identity reading's positives); the base model's objects and the other subjects' are negatives
     from collections import Counter
 
     from studio.plugin import attach, detach
     from studio.sampling import generate
 
-    solo = {}
+    solo, solo_objects = {}, {}
     for shape, (token, _) in SUBJECTS.items():
         attach(pipe, [files[shape]])
         with torch.no_grad():
             images = generate(pipe, [f"a {token} shape in the center"] * args.seeds, seed=0, steps=args.steps)
         detach(pipe)
-        colours = [max(r.objects, key=lambda o: o.confidence).colour for r in judge.read(images) if r.objects]
-        colour, count = Counter(colours).most_common(1)[0]
+        solo_objects[shape] = best_objects(judge, images)
+        colour, count = Counter(o.colour for o in solo_objects[shape]).most_common(1)[0]
         SUBJECTS[shape] = (token, colour)
         solo[shape] = (colour, count / args.seeds)
         print("alone", shape, colour, count / args.seeds, flush=True)
+    with torch.no_grad():
+        base_objects = best_objects(judge, generate(pipe, ["a shape in the center"] * args.seeds, seed=0, steps=args.steps))
+    thresholds, calibration = {}, {}
+    for shape in SUBJECTS:
+        def sim(objs, shape=shape):
+            return [float(np.mean(refs[shape] @ o.embedding)) for o in objs]
+
+        negatives = sim(base_objects) + [x for other in SUBJECTS if other != shape for x in sim(solo_objects[other])]
+        t, tpr, fpr = youden_threshold(sim(solo_objects[shape]), negatives)
+        thresholds[shape], calibration[shape] = t, (t, tpr, fpr)
+        print("identity", shape, f"threshold {t:.3f} TPR {tpr:.2f} FPR {fpr:.2f}", flush=True)
     rows = []
     for name, items, style in COMPOSITIONS:
         concepts = [Concept.load(files[c], name=c, region=BOXES[p]) for c, p in items]
@@ -213,7 +268,7 @@ def main() -> None:
                 images += compose(pipe, composer, prompt, concepts, seed=start, num=min(10, args.seeds - start),
                                   steps=args.steps, batch_size=10)
             seconds = (time.time() - t0) / len(images)
-            r = score(judge, images, items, style, refs)
+            r = score(judge, images, items, style, refs, thresholds)
             rows.append((name, method, r, seconds))
             print(name, method, {k: round(v, 3) for k, v in r.items()}, f"{seconds:.2f} s/img", flush=True)
             from studio.sampling import image_grid
@@ -223,31 +278,40 @@ def main() -> None:
             image_grid(images[:10], cols=10, scale=2).save(grid_dir / f"{name.replace(' + ', '-').replace(' ', '_')}-{method}.png")
     naive = {name: r for name, method, r, _ in rows if method == "naive"}
     naive_s = {name: s for name, method, _, s in rows if method == "naive"}
-    head = ("| composition | method | all present | correct per region | identity margin | prompt fidelity | s / image |"
-            " vs naive: present / correct / time |\n|---|---|---|---|---|---|---|---|\n")
+    head = ("| composition | method | all present (identity / colour) | correct per region (identity / colour) |"
+            " identity margin | prompt fidelity | s / image | vs naive: present / correct (identity) / time |\n"
+            "|---|---|---|---|---|---|---|---|\n")
     body = ""
     for name, method, r, s in rows:
         base = naive.get(name)
         vs = (f"{r['present'] - base['present']:+.2f} / {r['correct'] - base['correct']:+.2f} / {s / naive_s[name]:.2f}x"
               if base and method != "naive" else "")
-        body += (f"| {name} | {method} | {r['present']:.2f} | {r['correct']:.2f} | {r['margin']:.3f} | {r['fidelity']:.2f} |"
-                 f" {s:.2f} | {vs} |\n")
+        body += (f"| {name} | {method} | {r['present']:.2f} / {r['present_colour']:.2f} | {r['correct']:.2f} / "
+                 f"{r['correct_colour']:.2f} | {r['margin']:.3f} | {r['fidelity']:.2f} | {s:.2f} | {vs} |\n")
     means = {}
     for _, method, r, _ in rows:
         means.setdefault(method, []).append(r)
-    summary = "Means over the compositions: " + "; ".join(
-        f"{m} present {sum(x['present'] for x in v) / len(v):.2f}, correct {sum(x['correct'] for x in v) / len(v):.2f}"
-        for m, v in means.items()) + "."
+    avg = lambda v, k: sum(x[k] for x in v) / len(v)  # noqa: E731
+    summary = "Means over the compositions, present / correct, by identity (by colour): " + "; ".join(
+        f"{m} {avg(v, 'present'):.2f} / {avg(v, 'correct'):.2f} ({avg(v, 'present_colour'):.2f} / "
+        f"{avg(v, 'correct_colour'):.2f})" for m, v in means.items()) + "."
     flags = "" if args.seeds == 20 else f" --seeds {args.seeds}"
     flags += f" --clora-step {args.clora_step}" if args.clora_step else ""
     alone = ", ".join(f"{shape} {colour} ({rate:.2f} of images alone)" for shape, (colour, rate) in solo.items())
+    calib = ", ".join(f"{shape} {t:.3f} (finds {tpr:.2f} of its solo objects, {fpr:.2f} of the others)"
+                      for shape, (t, tpr, fpr) in calibration.items())
     text = (f"## Composition: several concepts in one image\n\nCommand: `python bench/compose.py{flags}` (revision "
             f"{git_revision()}; {machine()}). {args.seeds} seeds per composition and method, {args.steps} steps, guidance 5. "
             f"Adapters: DreamBooth-LoRA, default settings, one per concept (star `sks`, heart `zwx`, cross `qpv`, zigzag "
             f"style `zxy`), trained on blue stars, red hearts, green crosses. Regions (for lora-composer): boxes around each "
             f"object's place, {BOXES}; the style's box is its subject's.\n\n{head}{body}\n{summary}\n\n"
-            f"A subject is read by the colour its adapter draws alone (the prompt never names it; only its adapter can put "
-            f"it there): {alone}. The style is read by the judge's style head. Grids of the first 10 seeds: "
+            "A subject is read two ways (the prompt never names its shape or colour; only its adapter can put it there). "
+            "**By identity** (the headline rates): an object is the composition's subject whose reference renders its "
+            "judge embedding is most similar to, if that similarity clears the subject's threshold, calibrated on "
+            f"{args.seeds} solo images per adapter (\"a TOKEN shape in the center\", positives) against the base "
+            "model's objects and the other adapters' solo objects (negatives), at the best TPR - FPR: "
+            f"{calib}. **By colour** (the earlier reading): the colour its adapter draws alone: {alone}. "
+            "The style is read by the judge's style head in both. Grids of the first 10 seeds: "
             "`runs/bench-compose/grids/`.\n")
     print(text)
     write_section("compose", text)

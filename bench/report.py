@@ -7,7 +7,8 @@ import platform
 import subprocess
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "docs" / "benchmarks.md"
 HEADER = "# Benchmarks\n\nEvery figure here is written by a script under `bench/`; each section names the command that\nreproduces it and the machine it ran on.\n"
 
 
@@ -31,9 +32,10 @@ def git_revision() -> str:
     """The commit measured; "+ uncommitted changes" when the code differs from it (the change that lands next)."""
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=BENCHMARKS.parent, check=True).stdout.strip()
+                             cwd=ROOT, check=True).stdout.strip()
+        # the whole tree but the report itself (run from the repository's root: pathspecs are relative to it)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs/benchmarks.md"],
-                               capture_output=True, text=True, cwd=BENCHMARKS.parent, check=True).stdout.strip()
+                               capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{rev} + uncommitted changes" if dirty else rev
