@@ -159,7 +159,10 @@ def main() -> None:
         for style in STYLES:
             grid.append(f"| {shape} x {style} | " + " | ".join(
                 f"{r['cells'][(shape, style)][0]:.1f} / {r['cells'][(shape, style)][1]:.1f}" for r in results.values()) + " |")
-    text = (f"## Content x style: combining a subject adapter with a style adapter\n\nCommand: `python bench/content_style.py` "
+    flags = "".join(f" --{k} {v}" for k, v in (("steps", args.steps), ("lr", args.lr), ("n", args.n))
+                    if v != parser.get_default(k))
+    flags += " --methods " + " ".join(args.methods) if args.methods != METHODS else ""
+    text = (f"## Content x style: combining a subject adapter with a style adapter\n\nCommand: `python bench/content_style.py{flags}` "
             f"(revision {git_revision()}; {machine()}). {args.steps} steps per adapter at lr {args.lr:g}; prompt \"{PROMPT}\"; {args.n} seeds "
             f"per cell. Content images: each held-out shape striped, 4 colours; style images: base shapes in each held-out "
             f"style. Leakage: each adapter alone with the same prompt.\n\n" + "\n".join(summary) +

@@ -53,6 +53,15 @@ def prompts(noun: str) -> list[str]:
     return [f"a {noun} {place} on a {bg} background" for place, bg in zip(PLACES, BACKGROUNDS)]
 
 
+def defaults() -> str:
+    """The trainer's defaults the table ran with, as a reader needs them to compare runs."""
+    from studio.trainers.dreambooth import DreamBoothConfig
+
+    d = DreamBoothConfig()
+    return (f"{d.steps} steps, batch {d.batch_size}, lr {d.lr:g}, rank {d.rank}"
+            f"{', prior preservation' if d.prior_preservation else ''}")
+
+
 def score_concept(shape: str, work: Path, pipe, judge, overrides: dict | None = None, class_data: Path | None = None) -> dict:
     """Train one concept's adapter (default settings plus ``overrides``) and score it and the base
     model on the 10 prompts: identity similarity, prompt fidelity, shape read, seconds."""
@@ -118,7 +127,7 @@ def main() -> None:
                f"{mean[2]:.3f} -> {mean[3]:.3f} ({mean[3] - mean[2]:+.3f}; the issue asks for at most 0.05 below the base model).")
     flag = " --captions" if args.captions else ""
     text = (f"## DreamBooth-LoRA on the held-out shapes{title}\n\nCommand: `python bench/dreambooth.py{flag}` (revision "
-            f"{git_revision()}; {machine()}). Default settings; 4 references per concept; 10 new prompts; base model prompted "
+            f"{git_revision()}; {machine()}). Default settings ({defaults()}); 4 references per concept; 10 new prompts; base model prompted "
             f"with the class noun.\n\n{head}{body}\n{summary}\n\n{NOTE}\n")
     print(text)
     write_section(section, text)

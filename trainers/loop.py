@@ -51,7 +51,7 @@ class TrainConfig:
             "Keep each image's aspect ratio (buckets of about resolution² pixels); off: centre-crop squares."
         ),
     )
-    steps: int = field(default=200, metadata=_help("Optimizer steps."))
+    steps: int = field(default=500, metadata=_help("Optimizer steps (500: as diffusers' SDXL DreamBooth-LoRA example)."))
     batch_size: int = field(default=4, metadata=_help("Examples per step and process (before accumulation)."))
     grad_accum: int = field(default=1, metadata=_help("Gradient accumulation: micro-batches per optimizer step."))
     lr: float = field(default=1e-4, metadata=_help("Learning rate (AdamW)."))

@@ -44,8 +44,8 @@ TRAINERS = {
 }
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"steps": 60, "rank": 4, "batch_size": 2, "lr": 3e-4, "prior_preservation": False},
-    "standard": {},  # the trainer's own defaults (200 steps, rank 8 for DreamBooth, with prior preservation)
-    "strong": {"steps": 400, "rank": 16},
+    "standard": {},  # the trainer's own defaults (500 steps, rank 8 for DreamBooth, with prior preservation)
+    "strong": {"steps": 1000, "rank": 16},
 }
 
 
