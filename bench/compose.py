@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dreambooth import references  # noqa: E402
+from dreambooth import defaults, references  # noqa: E402
 from report import git_revision, machine, write_section  # noqa: E402
 
 SUBJECTS = {"star": ("sks", "blue"), "heart": ("zwx", "red"), "cross": ("qpv", "green")}
@@ -124,6 +124,13 @@ def best_objects(judge, images) -> list:
     return [max(r.objects, key=lambda o: o.confidence) for r in judge.read(images) if r.objects]
 
 
+def similarity(refs, obj_embedding) -> float:
+    """Identity similarity of one object to a subject: mean cosine to the subject's reference embeddings."""
+    import numpy as np
+
+    return float(np.mean(refs @ obj_embedding))
+
+
 def youden_threshold(positives: list[float], negatives: list[float]) -> tuple[float, float, float]:
     """The similarity threshold that best separates ``positives`` from ``negatives`` (max TPR - FPR); returns
     (threshold, TPR, FPR)."""
@@ -141,9 +148,7 @@ def youden_threshold(positives: list[float], negatives: list[float]) -> tuple[fl
 def identity_of(obj, names, refs, thresholds):
     """Which of ``names`` the object is by identity: the subject whose references it is most similar to, if that
     similarity clears the subject's threshold; else None."""
-    import numpy as np
-
-    sims = {c: float(np.mean(refs[c] @ obj.embedding)) for c in names}
+    sims = {c: similarity(refs[c], obj.embedding) for c in names}
     c = max(sims, key=sims.get)
     return c if sims[c] >= thresholds[c] else None
 
@@ -183,15 +188,14 @@ def score(judge, images, items, style: bool, refs, thresholds) -> dict:
                 rates["correct_colour"].append(any(o.colour == colours[c] and o.style == STYLE for o, _ in here))
             if len(items) > 1 and here:
                 best = max((o for o, _ in here), key=lambda o: o.confidence).embedding
-                own = float(np.mean(refs[c] @ best))
-                other = max(float(np.mean(refs[o] @ best)) for o in names if o != c)
+                own = similarity(refs[c], best)
+                other = max(similarity(refs[o], best) for o in names if o != c)
                 margins.append(own - other)
     mean = lambda xs: float(np.mean(xs)) if xs else float("nan")  # noqa: E731
     return {**{k: mean(v) for k, v in rates.items()}, "margin": mean(margins), "fidelity": mean(fid)}
 
 
 def main() -> None:
-    import numpy as np
     import torch
     from studio.composers import Concept, compose
 
@@ -238,7 +242,7 @@ def main() -> None:
     thresholds, calibration = {}, {}
     for shape in SUBJECTS:
         def sim(objs, shape=shape):
-            return [float(np.mean(refs[shape] @ o.embedding)) for o in objs]
+            return [similarity(refs[shape], o.embedding) for o in objs]
 
         negatives = sim(base_objects) + [x for other in SUBJECTS if other != shape for x in sim(solo_objects[other])]
         t, tpr, fpr = youden_threshold(sim(solo_objects[shape]), negatives)
@@ -302,7 +306,7 @@ def main() -> None:
                       for shape, (t, tpr, fpr) in calibration.items())
     text = (f"## Composition: several concepts in one image\n\nCommand: `python bench/compose.py{flags}` (revision "
             f"{git_revision()}; {machine()}). {args.seeds} seeds per composition and method, {args.steps} steps, guidance 5. "
-            f"Adapters: DreamBooth-LoRA, default settings, one per concept (star `sks`, heart `zwx`, cross `qpv`, zigzag "
+            f"Adapters: DreamBooth-LoRA, default settings ({defaults()}), one per concept (star `sks`, heart `zwx`, cross `qpv`, zigzag "
             f"style `zxy`), trained on blue stars, red hearts, green crosses. Regions (for lora-composer): boxes around each "
             f"object's place, {BOXES}; the style's box is its subject's.\n\n{head}{body}\n{summary}\n\n"
             "A subject is read two ways (the prompt never names its shape or colour; only its adapter can put it there). "
