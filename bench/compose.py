@@ -6,7 +6,11 @@ and a style: zigzag ("zxy", 4 base shapes drawn zigzag, captions naming the toke
 
 - two subject pairs, "a sks shape on the left and a zwx shape on the right" (regions: the halves);
 - a subject triple, left / center / right thirds;
-- subject + style, "a sks shape in the center, zxy" (the style's region is the whole image).
+- subject + style, "a sks shape in the center, zxy" (the style's region is the whole image);
+- the pairs and the triple again, described: each subject named with its training images' colour, "a blue sks
+  shape on the left and a red zwx shape on the right", as a user names a subject with a word the base model
+  knows ("a sks dog"). On the embedded model only its own words (colours, base shapes) have cross-attention
+  maps that lie on their object; CLoRA's masks come from those maps.
 
 Each composition is sampled with 20 seeds per method. The judge reads every image. A subject is found by
 identity: an object is the composition's subject whose reference renders its judge embedding is most
@@ -25,11 +29,13 @@ adapter draws alone.
   shape on the right"), i.e. the positions;
 - **s / image**: sampling time per image, batches of 10.
 
-Methods: ``naive``, ``clora`` (step size 20, the official value), ``clora-s200`` (step size 200),
-``lora-composer`` (replace_ratio 1, the official default), ``lora-composer-r0.5`` (half the global prompt's
-output kept inside the boxes), ``lora-composer-pos`` (replace_ratio 1, each region prompt is the global prompt's
-clause naming the concept: "a sks shape on the left"; the studio's default), ``gated`` (training-free token gates), ``gated-fit`` (gates trained 100
-steps on the concepts' own images first; that time is not counted), ``orthogonal``.
+Methods: ``naive``, ``clora`` (the official form: one pass per LoRA with its own prompt, noise predictions mixed by
+masks from its cross-attention maps; step size 20), ``clora-gates`` (one pass, each adapter gated by its mask inside the UNet),
+``clora-s200`` (step size 200; not run by default), ``lora-composer`` (replace_ratio 1, the official default),
+``lora-composer-r0.5`` (half the global prompt's output kept inside the boxes), ``lora-composer-pos``
+(replace_ratio 1, each region prompt is the global prompt's clause naming the concept: "a sks shape on the left";
+the studio's default), ``gated`` (training-free token gates), ``gated-fit`` (gates trained 100 steps on the
+concepts' own images first; that time is not counted), ``orthogonal``.
 
     python bench/compose.py                       # all methods, 20 seeds
     python bench/compose.py --seeds 4 --methods naive lora-composer
@@ -58,10 +64,11 @@ BOXES = {"left": (0.0, 0.2, 0.4, 0.8), "center": (0.3, 0.2, 0.7, 0.8), "right": 
 COLUMNS = {"left": {"top left", "left", "bottom left"}, "center": {"top", "center", "bottom"},
            "right": {"top right", "right", "bottom right"}}
 PHRASE = {"left": "on the left", "center": "in the center", "right": "on the right"}
-METHODS = ["naive", "clora", "clora-s200", "lora-composer", "lora-composer-r0.5", "lora-composer-pos", "gated", "gated-fit",
-           "orthogonal"]
+METHODS = ["naive", "clora", "clora-gates", "lora-composer", "lora-composer-r0.5", "lora-composer-pos", "gated",
+           "gated-fit", "orthogonal"]
 VARIANTS = {  # method name in the table -> (composer, options)
     "clora-s200": ("clora", {"step_size": 200.0}),
+    "clora-gates": ("clora", {"mixing": "gates"}),  # one pass, each adapter gated by its mask inside the UNet
     "clora-clause": ("clora", {"clause_words": True}),
     "clora-clause-s200": ("clora", {"clause_words": True, "step_size": 200.0}),
     "lora-composer": ("lora-composer", {"positional_prompts": False}),  # the official: the concept's own prompt
@@ -69,24 +76,34 @@ VARIANTS = {  # method name in the table -> (composer, options)
     "lora-composer-pos": ("lora-composer", {}),  # the studio's default: the global prompt's clause naming the concept
 }
 
-# (name, [(concept, place)], style?) ; place picks the region and the judge's column
+# (name, [(concept, place)], style?, described?) ; place picks the region and the judge's column. A described
+# composition names each subject with the colour of its training images ("a blue sks shape on the left"), as a
+# user names a subject with a word the base model knows ("a sks dog"): on the embedded model only such words
+# (colours, base shapes) have cross-attention maps that lie on their object, which CLoRA's masks need
 COMPOSITIONS = [
-    ("star + heart", [("star", "left"), ("heart", "right")], False),
-    ("cross + heart", [("cross", "left"), ("heart", "right")], False),
-    ("star + heart + cross", [("star", "left"), ("heart", "center"), ("cross", "right")], False),
-    ("star + zigzag style", [("star", "center")], True),
+    ("star + heart", [("star", "left"), ("heart", "right")], False, False),
+    ("cross + heart", [("cross", "left"), ("heart", "right")], False, False),
+    ("star + heart + cross", [("star", "left"), ("heart", "center"), ("cross", "right")], False, False),
+    ("star + zigzag style", [("star", "center")], True, False),
+    ("star + heart, described", [("star", "left"), ("heart", "right")], False, True),
+    ("cross + heart, described", [("cross", "left"), ("heart", "right")], False, True),
+    ("star + heart + cross, described", [("star", "left"), ("heart", "center"), ("cross", "right")], False, True),
 ]
 
 
-def prompt_of(items, style: bool, noun: bool = False) -> str:
-    """The composition's prompt (with tokens), or with class nouns only for the fidelity check."""
-    parts = [f"a {'' if noun else SUBJECTS[c][0] + ' '}shape {PHRASE[p]}" for c, p in items]
+def prompt_of(items, style: bool, noun: bool = False, described: bool = False) -> str:
+    """The composition's prompt (with tokens), or with class nouns only for the fidelity check; ``described``
+    puts each subject's training colour before it."""
+    from dreambooth import COLOURS
+
+    parts = [f"a {COLOURS[c] + ' ' if described else ''}{'' if noun else SUBJECTS[c][0] + ' '}shape {PHRASE[p]}"
+             for c, p in items]
     text = " and ".join(parts)  # the grammar's form for several objects
     return text + (f", {STYLE_TOKEN}" if style and not noun else "")
 
 
-def train_concepts(work: Path) -> dict[str, Path]:
-    """Train (or reuse) every concept's adapter; returns name -> adapter file."""
+def train_concepts(work: Path, extra: dict | None = None) -> dict[str, Path]:
+    """Train (or reuse) every concept's adapter (default settings, updated by ``extra``); returns name -> adapter file."""
     from studio.trainers.config import build_config
     from studio.trainers.dreambooth import DreamBooth, DreamBoothConfig
     from studio.trainers.loop import train
@@ -100,7 +117,8 @@ def train_concepts(work: Path) -> dict[str, Path]:
         if not (run / "run" / "adapter.safetensors").is_file():
             references(shape, run / "data")
             train(DreamBooth(), build_config(DreamBoothConfig, {}, {"data": str(run / "data"), "output": str(run / "run"),
-                                                                    "token": token, "class_data": str(work / "class")}))
+                                                                    "token": token, "class_data": str(work / "class"),
+                                                                    **(extra or {})}))
         files[shape] = run / "run" / "adapter.safetensors"
     run = work / STYLE
     if not (run / "run" / "adapter.safetensors").is_file():
@@ -114,7 +132,7 @@ def train_concepts(work: Path) -> dict[str, Path]:
             (run / "data" / f"{i}.txt").write_text(f"a large {c} {s} in the center on a white background, {STYLE_TOKEN}")
         train(DreamBooth(), build_config(DreamBoothConfig, {}, {"data": str(run / "data"), "output": str(run / "run"),
                                                                 "token": STYLE_TOKEN, "class_noun": "style",
-                                                                "class_data": str(work / "class-style")}))
+                                                                "class_data": str(work / "class-style"), **(extra or {})}))
     files[STYLE] = run / "run" / "adapter.safetensors"
     return files
 
@@ -153,14 +171,14 @@ def identity_of(obj, names, refs, thresholds):
     return c if sims[c] >= thresholds[c] else None
 
 
-def score(judge, images, items, style: bool, refs, thresholds) -> dict:
+def score(judge, images, items, style: bool, refs, thresholds, described: bool = False) -> dict:
     import numpy as np
 
     from studio.eval.fidelity import prompt_fidelity
     from studio.world.grammar import parse_prompt
 
     readings = judge.read(images)
-    fidelity_prompt = parse_prompt(prompt_of(items, style, noun=True))
+    fidelity_prompt = parse_prompt(prompt_of(items, style, noun=True, described=described))
     colours = {c: SUBJECTS[c][1] for c, _ in items}
     names = [c for c, _ in items]
     rates = {k: [] for k in ("present", "correct", "present_colour", "correct_colour")}
@@ -207,11 +225,13 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=METHODS)
     parser.add_argument("--work", default="runs/bench-compose")
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--train-text-encoder", action="store_true",
+                        help="train the adapters with LoRA on the text encoders too (in their own --work folder)")
     parser.add_argument("--clora-step", type=float, default=None, help="CLoRA's latent step size (default: the composer's)")
     args = parser.parse_args()
     torch.manual_seed(0)
     work = Path(args.work)
-    files = train_concepts(work)
+    files = train_concepts(work, {"train_text_encoder": True} if args.train_text_encoder else None)
     judge = load_judge()
     pipe = load_pipeline(EMBEDDED_MODEL)
     pipe.set_progress_bar_config(disable=True)
@@ -249,12 +269,12 @@ def main() -> None:
         thresholds[shape], calibration[shape] = t, (t, tpr, fpr)
         print("identity", shape, f"threshold {t:.3f} TPR {tpr:.2f} FPR {fpr:.2f}", flush=True)
     rows = []
-    for name, items, style in COMPOSITIONS:
+    for name, items, style, described in COMPOSITIONS:
         concepts = [Concept.load(files[c], name=c, region=BOXES[p]) for c, p in items]
         if style:  # the style's region is its subject's box
             concepts.append(Concept.load(files[STYLE], name=STYLE, region=BOXES[items[0][1]], words=STYLE_TOKEN,
                                          prompt=f"a shape, {STYLE_TOKEN}"))
-        prompt = prompt_of(items, style)
+        prompt = prompt_of(items, style, described=described)
         for method in args.methods:
             from studio.composers import get_composer
 
@@ -272,7 +292,7 @@ def main() -> None:
                 images += compose(pipe, composer, prompt, concepts, seed=start, num=min(10, args.seeds - start),
                                   steps=args.steps, batch_size=10)
             seconds = (time.time() - t0) / len(images)
-            r = score(judge, images, items, style, refs, thresholds)
+            r = score(judge, images, items, style, refs, thresholds, described)
             rows.append((name, method, r, seconds))
             print(name, method, {k: round(v, 3) for k, v in r.items()}, f"{seconds:.2f} s/img", flush=True)
             from studio.sampling import image_grid
@@ -292,23 +312,30 @@ def main() -> None:
               if base and method != "naive" else "")
         body += (f"| {name} | {method} | {r['present']:.2f} / {r['present_colour']:.2f} | {r['correct']:.2f} / "
                  f"{r['correct_colour']:.2f} | {r['margin']:.3f} | {r['fidelity']:.2f} | {s:.2f} | {vs} |\n")
-    means = {}
-    for _, method, r, _ in rows:
-        means.setdefault(method, []).append(r)
+    described_names = {name for name, _, _, described in COMPOSITIONS if described}
     avg = lambda v, k: sum(x[k] for x in v) / len(v)  # noqa: E731
-    summary = "Means over the compositions, present / correct, by identity (by colour): " + "; ".join(
-        f"{m} {avg(v, 'present'):.2f} / {avg(v, 'correct'):.2f} ({avg(v, 'present_colour'):.2f} / "
-        f"{avg(v, 'correct_colour'):.2f})" for m, v in means.items()) + "."
+    summary = ""
+    for label, group in (("the compositions named by token", False), ("the described compositions", True)):
+        means = {}
+        for name, method, r, _ in rows:
+            if (name in described_names) == group:
+                means.setdefault(method, []).append(r)
+        if means:
+            summary += (f"Means over {label}, present / correct, by identity (by colour): " + "; ".join(
+                f"{m} {avg(v, 'present'):.2f} / {avg(v, 'correct'):.2f} ({avg(v, 'present_colour'):.2f} / "
+                f"{avg(v, 'correct_colour'):.2f})" for m, v in means.items()) + ".\n\n")
     flags = "" if args.seeds == 20 else f" --seeds {args.seeds}"
     flags += f" --clora-step {args.clora_step}" if args.clora_step else ""
+    flags += " --train-text-encoder" if args.train_text_encoder else ""
+    flags += f" --work {args.work}" if args.work != "runs/bench-compose" else ""
     alone = ", ".join(f"{shape} {colour} ({rate:.2f} of images alone)" for shape, (colour, rate) in solo.items())
     calib = ", ".join(f"{shape} {t:.3f} (finds {tpr:.2f} of its solo objects, {fpr:.2f} of the others)"
                       for shape, (t, tpr, fpr) in calibration.items())
     text = (f"## Composition: several concepts in one image\n\nCommand: `python bench/compose.py{flags}` (revision "
             f"{git_revision()}; {machine()}). {args.seeds} seeds per composition and method, {args.steps} steps, guidance 5. "
-            f"Adapters: DreamBooth-LoRA, default settings ({defaults()}), one per concept (star `sks`, heart `zwx`, cross `qpv`, zigzag "
+            f"Adapters: DreamBooth-LoRA, default settings ({defaults()}{'; plus LoRA on the text encoders' if args.train_text_encoder else ''}), one per concept (star `sks`, heart `zwx`, cross `qpv`, zigzag "
             f"style `zxy`), trained on blue stars, red hearts, green crosses. Regions (for lora-composer): boxes around each "
-            f"object's place, {BOXES}; the style's box is its subject's.\n\n{head}{body}\n{summary}\n\n"
+            f"object's place, {BOXES}; the style's box is its subject's.\n\n{head}{body}\n{summary}"
             "A subject is read two ways (the prompt never names its shape or colour; only its adapter can put it there). "
             "**By identity** (the headline rates): an object is the composition's subject whose reference renders its "
             "judge embedding is most similar to, if that similarity clears the subject's threshold, calibrated on "
@@ -316,7 +343,7 @@ def main() -> None:
             "model's objects and the other adapters' solo objects (negatives), at the best TPR - FPR: "
             f"{calib}. **By colour** (the earlier reading): the colour its adapter draws alone: {alone}. "
             "The style is read by the judge's style head in both. Grids of the first 10 seeds: "
-            "`runs/bench-compose/grids/`.\n")
+            f"`{args.work}/grids/`.\n")
     print(text)
     write_section("compose", text)
 

@@ -99,6 +99,7 @@ class Composer:
     name = "naive"
     needs_attention = False  # True: every UNet attention layer calls ``attention``
     merges = False  # True: ``merge`` returns one adapter and sampling is plain
+    plain_pipeline_pass = False  # True: no adapter acts in the pipeline's own UNet passes (``unet_output`` mixes)
 
     def prepare(self, run: Run) -> None:
         """Called once before sampling (encode per-concept prompts, build masks)."""
@@ -118,6 +119,11 @@ class Composer:
     def edit_latents(self, run: Run, i: int, t, latents: torch.Tensor) -> torch.Tensor:
         """The latents about to be denoised at step ``i`` (called for ``i >= 1``)."""
         return latents
+
+    def unet_output(self, run: Run, latents: torch.Tensor, t, sample: torch.Tensor) -> torch.Tensor | None:
+        """The pipeline's UNet output for its input ``latents`` (the guidance batch, when guided) at ``t``, or
+        ``None`` to keep it. A composer that mixes its own passes' predictions replaces it here."""
+        return None
 
     def merge(self, concepts: list[Concept]) -> Adapter:
         raise NotImplementedError
@@ -284,6 +290,8 @@ class Run:
         if not self.extra_unet_call:
             self.step += 1
             self.timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+            if self.composer.plain_pipeline_pass:  # the pipeline's own pass is the base model's
+                self._only_before, self.only = self.only, -1
         return None
 
     def _step_end(self, pipe, i, t, callback_kwargs):
@@ -312,11 +320,13 @@ class Run:
         return {"latents": latents, "callback_on_step_end": self._step_end, "num_inference_steps": steps,
                 "callback_on_step_end_tensor_inputs": ["latents"], "height": self.height, "width": self.width}
 
-    def conditioning(self, n: int) -> dict:
-        """The UNet's keyword arguments for ``n`` images of the global prompt (no guidance half)."""
-        if "cond" not in self.state:
-            self.state["cond"] = self.encode([self.prompt], only=None)
-        cond = self.state["cond"]
+    def conditioning(self, n: int, cond: dict | None = None) -> dict:
+        """The UNet's keyword arguments for ``n`` images of the global prompt, or of ``cond`` (what :meth:`encode`
+        returns), without a guidance half."""
+        if cond is None:
+            if "cond" not in self.state:
+                self.state["cond"] = self.encode([self.prompt], only=None)
+            cond = self.state["cond"]
         kwargs = {"encoder_hidden_states": cond["embeds"].repeat(n, 1, 1)}
         if "pooled" in cond:
             from studio.families import sdxl_time_ids
@@ -330,17 +340,35 @@ class Run:
         scaled = self.pipe.scheduler.scale_model_input(latents, t)
         return scaled, float(latents.norm() / scaled.norm().clamp_min(1e-12))
 
-    def unet_call(self, latents: torch.Tensor, t, scaled: bool = False) -> torch.Tensor:
-        """The UNet on ``latents`` at ``t`` with the global prompt, outside the step count (a composer's own pass,
-        e.g. for a gradient step on the latents); adapters act as the composer gates them. ``scaled``: the
-        latents are already the UNet's input (:meth:`model_input`)."""
+    def unet_call(self, latents: torch.Tensor, t, scaled: bool = False, cond: dict | None = None,
+                  only: int | None = None) -> torch.Tensor:
+        """The UNet on ``latents`` at ``t`` with the global prompt (or ``cond``), outside the step count (a
+        composer's own pass, e.g. for a gradient step on the latents); adapters act as the composer gates them,
+        or only concept ``only``'s. ``scaled``: the latents are already the UNet's input (:meth:`model_input`)."""
         if not scaled:
             latents = self.pipe.scheduler.scale_model_input(latents, t)
         self.extra_unet_call = True
         try:
-            return self.pipe.unet(latents, t, **self.conditioning(latents.shape[0])).sample
+            with self.restricted(only) if only is not None else contextlib.nullcontext():
+                return self.pipe.unet(latents, t, **self.conditioning(latents.shape[0], cond)).sample
         finally:
             self.extra_unet_call = False
+
+    def _unet_post_hook(self, module, args, kwargs, output):
+        if self.extra_unet_call:
+            return None
+        if self.composer.plain_pipeline_pass:
+            self.only = self._only_before
+        sample = output[0] if isinstance(output, tuple) else output.sample
+        latents = kwargs.get("sample", args[0] if args else None)
+        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        new = self.composer.unet_output(self, latents, timestep, sample)
+        if new is None:
+            return None
+        if isinstance(output, tuple):
+            return (new, *output[1:])
+        output.sample = new
+        return output
 
 
 class _Processor:
@@ -468,11 +496,13 @@ def composing(pipe, method: str | Composer, prompt: str, concepts: list[Concept]
         saved = dict(pipe.unet.attn_processors)
         pipe.unet.set_attn_processor({name: _Processor(run, name) for name in saved})
     hook = pipe.unet.register_forward_pre_hook(run._unet_pre_hook, with_kwargs=True)
+    post = pipe.unet.register_forward_hook(run._unet_post_hook, with_kwargs=True)
     try:
         composer.prepare(run)
         yield run
     finally:
         hook.remove()
+        post.remove()
         if saved is not None:
             pipe.unet.set_attn_processor(saved)
         for stack in ours:

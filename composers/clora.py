@@ -1,33 +1,38 @@
-"""CLoRA (Meral et al. 2024, "A Contrastive Approach to Compose Multiple LoRA Models"), in the studio's
-one-pass form.
+"""CLoRA (Meral et al. 2024, "A Contrastive Approach to Compose Multiple LoRA Models").
 
 The prompt names every concept ("a sks1 shape on the left and a sks2 shape on the right"); each concept's
 ``words`` are found among its tokens (in order: the second "shape" belongs to the second concept).
 
-- **attention maps**: the cross-attention probabilities of each concept's tokens, averaged over heads and
-  over the layers at :meth:`Run.map_size` (the official code's 16x16 layers for SD1.5 at 512 px), read
-  from the prompt half of the guidance batch only (the official code also averages in the negative half,
+- **passes** (``mixing="noise"``, the official form and the default): at every step the pipeline's own pass is
+  the base model's (no adapter), and concept k gets a pass of its own with only its adapter and its own prompt,
+  the global prompt without the other concepts' identifiers ("a sks1 shape on the left and a shape on the
+  right"); the prompt half of the noise prediction is the base's where no mask is set and concept k's inside
+  its mask (shared where masks overlap). ``mixing="gates"`` is the studio's earlier one-pass form: each
+  adapter's layers gated by its mask inside the pipeline's single pass.
+- **attention maps**: the cross-attention probabilities of each concept's tokens in its pass, averaged over
+  heads and over the layers at :meth:`Run.map_size` (the official code's 16x16 layers for SD1.5 at 512 px),
+  read from the prompt half of the guidance batch only (the official code also averages in the negative half,
   which dilutes the maps);
 - **contrastive latent update** (the first ``update_fraction`` of the steps): a gradient step on the
-  latents against NT-Xent (temperature 0.5, cosine similarity) over the min-max normalised token maps,
-  where maps of the same concept are positives and maps of different concepts negatives; taken in the
+  latents against NT-Xent (temperature 0.5, cosine similarity) over the min-max normalised token maps of every
+  pass, where maps of the same concept are positives and maps of different concepts negatives; taken in the
   UNet's input scale (unit variance, as the official code's DDIM latents), with the official step size 20;
 - **masks**: a pixel belongs to concept k where its map (the mean of its tokens' maps) exceeds
   ``threshold`` (0.4, the official notebook's value) times that map's maximum, both counted from the
-  map's minimum; adapter k acts only there (where masks overlap,
-  each at 1/number), and the background gets the base model. The masks of step i come from the update
-  pass of step i, or later from the pipeline's own pass of step i - 1.
+  map's minimum.
 
 ``clause_words=True`` widens each concept's tokens to the content words of the prompt's clause that names it
-("sks shape left"), so that a position word's map can place the concept; on the embedded model it does not help
-(its cross-attention maps are nearly flat for every word, position words included: docs/benchmarks.md).
+("sks shape left").
 
-The official code runs one UNet pass per prompt (base prompt without LoRA, each LoRA with its own prompt)
-and mixes the noise predictions with the masks; here the masks gate each adapter's layers inside a single
-pass (the kernels issue's premise), and the contrastive loss compares the token maps of that one pass.
+What the masks need: words whose maps lie on their object. Identifiers split into characters, and on the
+embedded model so does the class noun "shape": their maps are flat at every head, with or without the adapter
+(measured, docs/benchmarks.md), so the masks cannot place concepts that a prompt names by token alone; named with
+a word the model knows ("a blue sks shape"), they do.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 import torch.nn.functional as F
@@ -79,22 +84,42 @@ class CLoRA(Composer):
     needs_attention = True
 
     def __init__(self, step_size: float = 20.0, update_fraction: float = 0.5, threshold: float = 0.4,
-                 temperature: float = 0.5, latent_update: bool = True, clause_words: bool = False):
+                 temperature: float = 0.5, latent_update: bool = True, clause_words: bool = False,
+                 mixing: str = "noise"):
         self.step_size, self.update_fraction, self.clause_words = step_size, update_fraction, clause_words
         self.threshold, self.temperature, self.latent_update = threshold, temperature, latent_update
+        if mixing not in ("noise", "gates"):
+            raise ValueError(f"CLoRA mixing {mixing!r}: choose noise (one pass per LoRA, the official) or gates (one pass)")
+        self.mixing = mixing
+        self.plain_pipeline_pass = mixing == "noise"
 
     def prepare(self, run: Run) -> None:
         run.state["tokens"] = concept_tokens(run, self.clause_words)
         run.state["maps"] = []
+        run.state["pass"] = None
+        if self.mixing == "noise":
+            prompts = [lora_prompt(run.prompt, run.concepts, k) for k in range(len(run.concepts))]
+            run.state["lora_prompts"] = prompts
+            run.state["lora_cond"] = [run.encode([p], only=k) for k, p in enumerate(prompts)]
+            words = concept_words(run, self.clause_words)
+            run.state["lora_tokens"] = [token_positions(run.pipe.tokenizer, p, words) for p in prompts]
+
+    def pass_tokens(self, run: Run) -> list[list[int]]:
+        """Each concept's token positions in the prompt of the pass being run."""
+        k = run.state.get("pass")
+        return run.state["tokens"] if k is None else run.state["lora_tokens"][k]
 
     def attention(self, run: Run, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
         n_tokens = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[2] * hidden_states.shape[3]
-        if encoder_hidden_states is None or min(h_w := run.spatial_hw(n_tokens)) != run.map_size():
+        read = encoder_hidden_states is not None and min(h_w := run.spatial_hw(n_tokens)) == run.map_size()
+        if self.mixing == "noise" and run.state.get("pass") is None:
+            read = False  # the pipeline's own pass is the base model's: its maps are not the concepts'
+        if not read:
             return default_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         probs: list = []
         out = default_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb, probs_out=probs)
         p = probs[0][-run.batch :].mean(1)  # prompt half, mean over heads: (B, N, T)
-        tokens = [i for ts in run.state["tokens"] for i in ts]
+        tokens = [i for ts in self.pass_tokens(run) for i in ts]
         run.state["maps"].append(p[..., tokens].transpose(1, 2).reshape(p.shape[0], len(tokens), *h_w))
         return out
 
@@ -104,27 +129,77 @@ class CLoRA(Composer):
         run.state["maps"] = []
         return maps
 
-    def labels(self, run: Run, device) -> torch.Tensor:
-        return torch.tensor([k for k, ts in enumerate(run.state["tokens"]) for _ in ts], device=device)
+    def labels(self, run: Run, device, tokens: list[list[int]] | None = None) -> torch.Tensor:
+        tokens = run.state["tokens"] if tokens is None else tokens
+        return torch.tensor([k for k, ts in enumerate(tokens) for _ in ts], device=device)
 
     def masks(self, run: Run, maps: torch.Tensor) -> torch.Tensor:
-        """(B, K, h, w) float masks: each concept's map (the mean of its tokens' maps) above ``threshold`` times
-        its maximum, both counted from the map's minimum. (The official code takes the union of per-token masks
-        over raw maps; SD's maps are near zero off the object, ours are not, and identifiers that split into
-        many tokens, as rare words do, make that union cover the whole image.)"""
-        maps = maps.detach().float()
-        labels = self.labels(run, maps.device)
-        concept = torch.stack([maps[:, labels == k].mean(1) for k in range(len(run.concepts))], 1)  # (B, K, h, w)
+        """(B, K, h, w) float masks from the token maps of one pass over the global prompt."""
+        return self.threshold_masks(self.concept_maps(maps, self.labels(run, maps.device), len(run.concepts)))
+
+    @staticmethod
+    def concept_maps(maps: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Tensor:
+        """(B, n, h, w): each concept's map, the mean of its tokens' maps."""
+        return torch.stack([maps[:, labels == k].mean(1) for k in range(n)], 1)
+
+    def threshold_masks(self, concept: torch.Tensor) -> torch.Tensor:
+        """Each concept's map above ``threshold`` times its maximum, both counted from the map's minimum. (The
+        official code takes the union of per-token masks over raw maps; SD's maps are near zero off the object,
+        ours are not, and identifiers that split into many tokens, as rare words do, make that union cover the
+        whole image.)"""
+        concept = concept.detach().float()
         flat = concept.flatten(2)
         lo, hi = flat.amin(-1)[..., None, None], flat.amax(-1)[..., None, None]
         return ((concept - lo) > self.threshold * (hi - lo)).float()
 
-    def loss(self, run: Run, maps: torch.Tensor) -> torch.Tensor:
+    def loss(self, run: Run, maps: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         flat = maps.flatten(2).float()
         lo, hi = flat.amin(-1, keepdim=True), flat.amax(-1, keepdim=True)
         flat = (flat - lo) / (hi - lo).clamp_min(1e-8)
-        labels = self.labels(run, maps.device)
+        labels = self.labels(run, maps.device) if labels is None else labels
         return torch.stack([nt_xent(flat[b], labels, self.temperature) for b in range(flat.shape[0])]).mean()
+
+    # -- the official form: one pass per LoRA with its own prompt, noise predictions mixed by the masks ----------
+    def lora_passes(self, run: Run, x: torch.Tensor, t) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Concept k's pass for every k (its prompt, only its adapter) on the UNet input ``x``: the noise
+        predictions, each pass's token maps (B, M_k, h, w) and their concept labels."""
+        preds, maps, labels = [], [], []
+        try:
+            for k in range(len(run.concepts)):
+                run.state["pass"], run.state["maps"] = k, []
+                preds.append(run.unet_call(x, t, scaled=True, cond=run.state["lora_cond"][k], only=k))
+                maps.append(self.token_maps(run))
+                labels.append(self.labels(run, x.device, run.state["lora_tokens"][k]))
+        finally:
+            run.state["pass"], run.state["maps"] = None, []
+        return preds, maps, labels
+
+    def pass_masks(self, run: Run, maps: list[torch.Tensor], labels: list[torch.Tensor]) -> torch.Tensor:
+        """(B, K, h, w): concept k's mask from its tokens' map in its own pass."""
+        n = len(run.concepts)
+        return self.threshold_masks(torch.stack([self.concept_maps(m, lab, n)[:, k] for k, (m, lab) in
+                                                 enumerate(zip(maps, labels))], 1))
+
+    @staticmethod
+    def mix(base: torch.Tensor, preds: list[torch.Tensor], masks: torch.Tensor) -> torch.Tensor:
+        """``base`` where no mask is set, concept k's prediction where only its mask is; where masks overlap,
+        each at 1/n."""
+        m = F.interpolate(masks.to(base.dtype), size=base.shape[-2:], mode="nearest")
+        share = m / m.sum(1, keepdim=True).clamp_min(1.0)
+        out = base * (1 - share.sum(1, keepdim=True))
+        for k, pred in enumerate(preds):
+            out = out + share[:, k : k + 1] * pred
+        return out
+
+    def unet_output(self, run: Run, latents: torch.Tensor, t, sample: torch.Tensor) -> torch.Tensor | None:
+        if self.mixing != "noise":
+            return None
+        b = run.batch
+        with torch.no_grad():
+            preds, maps, labels = self.lora_passes(run, latents[-b:], t)
+        masks = self.pass_masks(run, maps, labels)
+        run.state["masks"] = masks
+        return torch.cat([sample[:-b], self.mix(sample[-b:], preds, masks)])
 
     def edit_latents(self, run: Run, i: int, t, latents: torch.Tensor) -> torch.Tensor:
         n_update = round(self.update_fraction * len(run.pipe.scheduler.timesteps))
@@ -133,14 +208,20 @@ class CLoRA(Composer):
             x = x.detach().requires_grad_(True)
             run.state["maps"] = []
             with torch.enable_grad():
-                run.unet_call(x, t, scaled=True)
-                maps = self.token_maps(run)
-                loss = self.loss(run, maps)
+                if self.mixing == "noise":  # the maps of every pass: a concept's maps are positives across passes
+                    _, maps, labels = self.lora_passes(run, x, t)
+                    maps, labels = torch.cat(maps, 1), torch.cat(labels)
+                else:
+                    run.unet_call(x, t, scaled=True)
+                    maps, labels = self.token_maps(run), None
+                loss = self.loss(run, maps, labels)
                 grad = torch.autograd.grad(loss, x)[0]
             run.state.setdefault("losses", []).append(float(loss.detach()))
+            run.state.setdefault("grad_norms", []).append(float(grad.norm()))
             latents = (x.detach() - self.step_size * grad) * factor
-            run.state["masks"] = self.masks(run, maps)
-        elif run.state["maps"]:
+            if self.mixing == "gates":
+                run.state["masks"] = self.masks(run, maps)
+        elif self.mixing == "gates" and run.state["maps"]:
             run.state["masks"] = self.masks(run, self.token_maps(run))
         run.state["maps"] = []
         return latents
@@ -148,7 +229,7 @@ class CLoRA(Composer):
     def gate(self, run: Run, stack, x, k):
         masks = run.state.get("masks")
         weight = run.concepts[k].weight
-        if masks is None:
+        if masks is None or self.mixing == "noise":  # noise: passes run one adapter each, ungated
             return weight
         h, w = run.layer_hw(x)
         m = F.interpolate(masks, size=(h, w), mode="nearest")
@@ -156,3 +237,17 @@ class CLoRA(Composer):
         if x.shape[0] != m.shape[0]:
             m = m.repeat(x.shape[0] // m.shape[0], 1, 1)  # guidance batch: [negative; prompt]
         return weight * run.token_mask(m, x)
+
+
+def lora_prompt(prompt: str, concepts, k: int) -> str:
+    """Concept ``k``'s pass prompt: the global prompt without the other concepts' identifiers ("a sks shape on the
+    left and a shape on the right" for the first of "a sks shape on the left and a zwx shape on the right"), as
+    the official code gives each LoRA the prompt with only its own token."""
+    out = prompt
+    for j, c in enumerate(concepts):
+        if j != k and c.words:
+            token = c.words.split()[0]
+            out = re.sub(rf"(^|\s|,){re.escape(token)}(?=\s|,|$)", r"\1", out)
+    out = re.sub(r"\s+", " ", out)
+    out = re.sub(r"\s*,(\s*,)+", ",", out).strip(" ,")
+    return out.replace(" ,", ",")

@@ -196,8 +196,9 @@ def test_naive_composer_equals_plain_attach(pipe, concepts):
     assert np.abs(np.asarray(composed, dtype=int) - np.asarray(plain, dtype=int)).max() <= 1
 
 
-def test_clora_latent_step_lowers_the_contrastive_loss(pipe, concepts):
-    composer = CLoRA(step_size=1e-3, update_fraction=1.0)  # small: the linear regime
+@pytest.mark.parametrize("mixing", ["noise", "gates"])
+def test_clora_latent_step_lowers_the_contrastive_loss(pipe, concepts, mixing):
+    composer = CLoRA(step_size=0.0, update_fraction=1.0, mixing=mixing)  # first: the gradient's size only
     with composing(pipe, composer, PROMPT, concepts) as run:
         run.batch = 1
         pipe.scheduler.set_timesteps(10)
@@ -208,15 +209,22 @@ def test_clora_latent_step_lowers_the_contrastive_loss(pipe, concepts):
         def loss_at(z):
             run.state["maps"] = []
             with torch.no_grad():
+                if mixing == "noise":  # every concept's pass, its own prompt and adapter
+                    _, maps, labels = composer.lora_passes(run, run.model_input(z, t)[0], t)
+                    return float(composer.loss(run, torch.cat(maps, 1), torch.cat(labels)))
                 run.unet_call(z, t)
             return float(composer.loss(run, composer.token_maps(run)))
 
         before = loss_at(latents)
+        x = run.model_input(latents, t)[0]
+        torch.testing.assert_close(composer.edit_latents(run, 3, t, latents), latents)  # step 0: nothing moves
+        composer.step_size = 1e-3 * float(x.norm()) / run.state["grad_norms"][0]  # a step in the linear regime
         edited = composer.edit_latents(run, 3, t, latents)
-        masks = run.state["masks"]
-        assert masks.shape == (1, 2, 8, 8) and set(masks.unique().tolist()) <= {0.0, 1.0}
+        if mixing == "gates":  # the noise form makes its masks in the step's own passes
+            masks = run.state["masks"]
+            assert masks.shape == (1, 2, 8, 8) and set(masks.unique().tolist()) <= {0.0, 1.0}
+            run.state.pop("masks")  # the loss before was taken with every adapter everywhere; compare alike
         assert run.state["losses"][0] == pytest.approx(before, rel=1e-4)
-        run.state.pop("masks")  # the loss before was taken with every adapter everywhere; compare alike
         assert loss_at(edited) < before
     with pytest.raises(ValueError, match="concept 'sks': none of its words 'sks shape' is in the prompt"):
         with composing(pipe, "clora", "a red circle", concepts):
@@ -372,3 +380,46 @@ def test_clora_clause_words_are_the_content_words_of_the_clause_naming_the_conce
     assert concept_words(run, clause_words=True) == ["sks shape left", "zwx shape right"]
     run = SimpleNamespace(prompt="a red circle and a sks shape in the center", concepts=concepts)
     assert concept_words(run, clause_words=True) == ["sks shape center", "zwx shape"]  # zwx unnamed: its own words
+
+
+def test_clora_mixes_each_loras_noise_prediction_inside_its_mask():
+    base = torch.zeros(1, 2, 4, 4)
+    preds = [torch.ones(1, 2, 4, 4), torch.full((1, 2, 4, 4), 3.0)]
+    masks = torch.zeros(1, 2, 2, 2)  # on a 2x2 grid, upsampled (nearest) to the 4x4 latents
+    masks[0, 0, :, 0] = 1  # concept 0: the left column
+    masks[0, 1, 0, :] = 1  # concept 1: the top row (overlaps concept 0 at the top left)
+    out = CLoRA.mix(base, preds, masks)[0, 0]
+    assert out[:2, :2].unique().tolist() == [2.0]  # both: each at 1/2
+    assert out[:2, 2:].unique().tolist() == [3.0]  # concept 1 alone
+    assert out[2:, :2].unique().tolist() == [1.0]  # concept 0 alone
+    assert out[2:, 2:].unique().tolist() == [0.0]  # neither: the base model
+
+
+def test_clora_pass_prompts_keep_only_their_own_identifier():
+    from types import SimpleNamespace
+
+    from studio.composers.clora import lora_prompt
+
+    pair = [SimpleNamespace(words="sks shape"), SimpleNamespace(words="zwx shape")]
+    assert lora_prompt(PROMPT, pair, 0) == "a sks shape on the left and a shape on the right"
+    assert lora_prompt(PROMPT, pair, 1) == "a shape on the left and a zwx shape on the right"
+    styled = [SimpleNamespace(words="sks shape"), SimpleNamespace(words="zxy")]
+    assert lora_prompt("a sks shape in the center, zxy", styled, 0) == "a sks shape in the center"
+    assert lora_prompt("a sks shape in the center, zxy", styled, 1) == "a shape in the center, zxy"
+
+
+def test_clora_passes_run_one_adapter_each_and_the_pipeline_pass_none(pipe, concepts):
+    seen = []  # (extra call?, which concepts' adapters act) at one UNet layer, per call
+    with composing(pipe, CLoRA(latent_update=False), PROMPT, concepts) as run:
+        assert run.state["lora_prompts"] == ["a sks shape on the left and a shape on the right",
+                                             "a shape on the left and a zwx shape on the right"]
+        stack = _stack(pipe, "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")
+        hook = stack.register_forward_pre_hook(lambda m, a: seen.append(
+            (run.extra_unet_call, [k for k, g in enumerate(run.gates(stack, a[0])) if not isinstance(g, float) or g])))
+        try:
+            image = pipe(prompt=[PROMPT], guidance_scale=5.0, **run.pipe_kwargs(0, 1, 2)).images[0]
+        finally:
+            hook.remove()
+        assert run.state["masks"].shape == (1, 2, 8, 8)
+    assert image.size == (64, 64)
+    assert seen == [(False, []), (True, [0]), (True, [1])] * 2  # per step: the base, then one pass per concept

@@ -275,6 +275,22 @@ def test_dreambooth_adapter_metadata_and_use(tmp_path):
     assert np.abs(after - before).max() > 0
 
 
+def test_text_encoder_lora_trains_on_both_encoders(tmp_path):
+    from studio.trainers.dreambooth import DreamBooth
+    from studio.trainers.loop import train
+
+    data = star_folder(tmp_path / "stars")
+    cfg = build_config(DreamBoothConfig, {}, {"data": str(data), "output": str(tmp_path / "run"), "steps": 3,
+                                               "batch_size": 2, "rank": 4, "num_class_images": 2, "lr": 5e-3,
+                                               "class_data": str(tmp_path / "class"), "train_text_encoder": True})
+    adapter = load_adapter(train(DreamBooth(), cfg))
+    components = {k.split(".", 1)[0] for k in adapter.modules}
+    assert components == {"unet", "text_encoder", "text_encoder_2"}
+    for component in ("text_encoder", "text_encoder_2"):  # B starts at zero: non-zero means it was trained
+        ups = [w.up for k, w in adapter.modules.items() if k.startswith(component + ".")]
+        assert ups and max(float(u.abs().max()) for u in ups) > 0
+
+
 def test_two_processes_train_what_one_process_with_twice_the_batch_trains(tmp_path):
     """Two CPU processes with batch 2 train what one process with batch 4 trains.
 

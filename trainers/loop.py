@@ -226,7 +226,7 @@ def fix_orthogonal_downs(model: torch.nn.Module, rank: int, seed: int, index: in
 def inject_lora(ctx: Context, targets: dict[str, list[str]], rank: int, alpha: float) -> list[torch.nn.Parameter]:
     """The adapter on the target modules: peft LoRA (B starts at zero: the first step is the base
     model) or, with ``--adapter singlora``, one SingLoRA matrix per module (its ramp starts at 0)."""
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
     from studio.trainers import singlora
 
     params = []
@@ -242,7 +242,9 @@ def inject_lora(ctx: Context, targets: dict[str, list[str]], rank: int, alpha: f
             for path in paths:
                 singlora.attach(model.get_submodule(path), rank, alpha, ctx.store["clock"])
         else:
-            model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=paths, init_lora_weights=True))
+            # peft directly, not ``model.add_adapter``: transformers' integration refuses peft releases older than
+            # the one it was built against (transformers 5.24 wants peft 0.22, which the registry may not have)
+            inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=paths, init_lora_weights=True), model)
         if getattr(ctx.cfg, "orthogonal_basis", ""):
             fix_orthogonal_downs(model, rank, *parse_basis(ctx.cfg.orthogonal_basis))
             params += [p for n, p in model.named_parameters() if "lora_" in n and "lora_A" not in n]
