@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dreambooth import score_concept  # noqa: E402
+from dreambooth import defaults, score_concept  # noqa: E402
 from report import git_revision, machine, write_section  # noqa: E402
 
 METHODS = {"LoRA r8": {"adapter": "lora", "rank": 8}, "SingLoRA r16": {"adapter": "singlora", "rank": 16}}
@@ -69,8 +69,8 @@ def main() -> None:
         ids = [mean(results[(name, lr)], "identity") for lr in args.lrs]
         stab.append(f"| {name} | {max(ids):.3f} | {min(ids):.3f} | {max(ids) - min(ids):.3f} |")
     text = (f"## SingLoRA against LoRA at the same parameter count\n\nCommand: `python bench/singlora.py` (revision "
-            f"{git_revision()}; {machine()}). Shapes: {', '.join(args.shapes)}; DreamBooth defaults otherwise (200 steps, "
-            f"batch 4, prior preservation); means over the shapes; 10 new prompts each.\n\n" + "\n".join(lines) +
+            f"{git_revision()}; {machine()}). Shapes: {', '.join(args.shapes)}; DreamBooth defaults ({defaults()}) but for the "
+            f"adapter, its rank and the learning rate; means over the shapes; 10 new prompts each.\n\n" + "\n".join(lines) +
             "\n\nStability across the learning rates (mean identity per learning rate):\n\n" + "\n".join(stab) + "\n")
     print(text)
     write_section("singlora", text)
