@@ -99,7 +99,7 @@ class Composer:
     name = "naive"
     needs_attention = False  # True: every UNet attention layer calls ``attention``
     merges = False  # True: ``merge`` returns one adapter and sampling is plain
-    plain_pipeline_pass = False  # True: no adapter acts in the pipeline's own UNet passes (``unet_output`` mixes)
+    plain_pipeline_pass = False  # True: no adapter acts in the pipeline's own passes, text encoders included (``unet_output`` mixes)
 
     def prepare(self, run: Run) -> None:
         """Called once before sampling (encode per-concept prompts, build masks)."""
@@ -252,8 +252,8 @@ class Run:
                 out.append(weight)
             elif self.only is not None:
                 out.append(self.concepts[k].weight if k == self.only else 0.0)
-            elif getattr(stack, "component", "unet") != "unet":
-                out.append(self.concepts[k].weight)
+            elif getattr(stack, "component", "unet") != "unet":  # a text encoder: off where the pipeline's pass is plain
+                out.append(0.0 if self.composer.plain_pipeline_pass else self.concepts[k].weight)
             elif stack.text_input:  # a cross-attention key/value: per prompt token, not per image token
                 if self.segments is None:
                     out.append(self.concepts[k].weight)

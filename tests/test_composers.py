@@ -413,6 +413,11 @@ def test_clora_passes_run_one_adapter_each_and_the_pipeline_pass_none(pipe, conc
     with composing(pipe, CLoRA(latent_update=False), PROMPT, concepts) as run:
         assert run.state["lora_prompts"] == ["a sks shape on the left and a shape on the right",
                                              "a shape on the left and a zwx shape on the right"]
+        te = next(m for m in pipe.text_encoder.modules() if isinstance(m, LoraStack))
+        x = torch.randn(1, 77, te.base.in_features)
+        assert run.gates(te, x) == [0.0, 0.0]  # the pipeline encodes the global prompt for the base pass: no adapter
+        with run.restricted(1):  # a concept's own prompt: its adapter only
+            assert run.gates(te, x) == [0.0, concepts[1].weight]
         stack = _stack(pipe, "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")
         hook = stack.register_forward_pre_hook(lambda m, a: seen.append(
             (run.extra_unet_call, [k for k, g in enumerate(run.gates(stack, a[0])) if not isinstance(g, float) or g])))
