@@ -83,3 +83,28 @@ def test_probe_vocabulary_is_one_token_per_attribute_word():
     words = [*BASE_SHAPES, *COLOUR_NAMES, *BASE_STYLES, *SIZE_NAMES]
     assert len(vocab) == len(set(vocab.tolist())) == len(words)
     assert tok.convert_ids_to_tokens(vocab.tolist()) == [f"{w}</w>" for w in words]
+
+
+def test_refine_vae_keeps_the_latents_it_is_anchored_to():
+    from studio.world.model import build_vae
+    from studio.world.pretrain import _to_pixels, refine_vae
+
+    torch.manual_seed(0)
+    vae = build_vae().eval()
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    scenes = [Scene((WorldObject(s, "red", "large", "center", st),), "white")
+              for s, st in (("circle", "flat"), ("square", "striped"), ("triangle", "dotted"))]
+    x = _to_pixels(torch.from_numpy(np.stack([render_array(s, 0) for s in scenes])))
+    with torch.no_grad():
+        ref = vae.encode(x).latent_dist.mode()
+
+    def drift(anchor):
+        new = refine_vae(vae, steps=4, n_scenes=8, batch=4, lr=1e-2, anchor_weight=anchor, progress=False)
+        with torch.no_grad():
+            return float((new.encode(x).latent_dist.mode() - ref).pow(2).mean() / ref.var()), new
+
+    free, new = drift(0.0)
+    anchored, _ = drift(1000.0)
+    assert all(torch.equal(before[k], v) for k, v in vae.state_dict().items())  # the input VAE is left as it was
+    assert new.config == vae.config and not all(torch.equal(before[k], v) for k, v in new.state_dict().items())
+    assert anchored < free / 2  # the anchor holds the base scenes' latents where the denoiser expects them

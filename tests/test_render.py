@@ -86,3 +86,17 @@ def test_outlined_is_visibly_hollow_for_every_shape(size):
         filled = (np.abs(flat.astype(int) - 255).sum(-1) > 60).sum()
         emptied = (np.abs(flat.astype(int) - hollow.astype(int)).sum(-1) > 60).sum()
         assert emptied >= max(8, 0.1 * filled), (shape, size, emptied, filled)
+
+
+def test_generic_textures_replace_the_style_and_are_deterministic():
+    scene = Scene((WorldObject("square", "red", "large", "center", "flat"),
+                   WorldObject("circle", "blue", "medium", "top left", "outlined")), "white")
+    plain = render_array(scene, seed=3)
+    textured = render_array(scene, seed=3, generic_textures=True)
+    assert np.array_equal(textured, render_array(scene, seed=3, generic_textures=True))
+    inside = (slice(26, 38), slice(26, 38))  # the flat red square's middle: one colour unless textured
+    assert len(np.unique(plain[inside].reshape(-1, 3), axis=0)) == 1
+    assert len(np.unique(textured[inside].reshape(-1, 3), axis=0)) > 1
+    # the background is untouched, and textures differ from seed to seed
+    assert np.array_equal(textured[60:, 60:], plain[60:, 60:])
+    assert not np.array_equal(textured, render_array(scene, seed=4, generic_textures=True))

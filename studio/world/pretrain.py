@@ -214,6 +214,52 @@ def _train_vae(cfg: PretrainConfig, work: Path, images: torch.Tensor, scenes: li
     return vae
 
 
+def refine_vae(vae, steps: int, n_scenes: int = 3000, lr: float = 2e-3, anchor_weight: float = 1.0, batch: int = 32,
+               seed: int = 0, progress: bool = True):
+    """Fine-tune a trained VAE on generic textures, keeping its latents of the world's scenes (a copy is returned).
+
+    Each batch is half 32x32 crops of base-concept scenes, half crops of the same kind of scenes whose
+    objects are filled with generic textures (``render(..., generic_textures=True)``: gratings,
+    binary cell noise, tile noise; none of the world's styles). The loss is the VAE's own
+    (L1 + MSE + KL per pixel value) plus ``anchor_weight`` times the squared change of the posterior
+    mode on the base crops, relative to the latents' variance: the denoiser trained on the old
+    latents stays valid, while textures the old encoder lost get codes. Why: the recipe's VAE saw
+    only the base styles (period-4 stripes and dots, on the latent grid), and carries the held-out
+    styles badly (``bench/codec.py``), so no adapter could sample them through it.
+    """
+    import copy
+
+    rng = random.Random(seed)
+    scenes = [sample_scene(rng) for _ in range(n_scenes)]
+    base = torch.from_numpy(np.stack([render_array(sc, seed=seed * 7919 + 2 * i) for i, sc in enumerate(scenes)]))
+    textured = torch.from_numpy(np.stack([render_array(sc, seed=seed * 7919 + 2 * i + 1, generic_textures=True)
+                                          for i, sc in enumerate(scenes)]))
+    old = copy.deepcopy(vae).eval().requires_grad_(False)
+    new = copy.deepcopy(vae).train().requires_grad_(True)
+    opt = torch.optim.AdamW(new.parameters(), lr=lr, weight_decay=0.0)
+    half = batch // 2
+    for step in tqdm(range(steps), desc="refine vae", disable=not progress):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        idx = torch.randint(n_scenes, (batch,), generator=g).tolist()
+        xb = _to_pixels(torch.stack([_object_crop(base[i], scenes[i], g) for i in idx[:half]]))
+        xt = _to_pixels(torch.stack([_object_crop(textured[i], scenes[i], g) for i in idx[half:]]))
+        x = torch.cat([xb, xt])
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, steps, lr, min(50, steps // 10))
+        posterior = new.encode(x).latent_dist
+        rec = new.decode(posterior.sample(generator=g)).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * posterior.kl().mean() / x[0].numel()
+        if anchor_weight:
+            with torch.no_grad():
+                ref = old.encode(xb).latent_dist.mode()
+            loss = loss + anchor_weight * F.mse_loss(posterior.mode()[:half], ref) / ref.var()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(new.parameters(), 1.0)
+        opt.step()
+    return new.eval().requires_grad_(False)
+
+
 @torch.no_grad()
 def _encode_all(work: Path, vae, images: torch.Tensor) -> torch.Tensor:
     path = work / "latents.safetensors"

@@ -198,6 +198,41 @@ def _pattern(style: str, rgb: tuple[int, int, int], rng: random.Random, x0: int,
     return Image.fromarray(arr.astype(np.uint8), "RGB")
 
 
+GENERIC_TEXTURES: tuple[str, ...] = ("grating", "cells", "tiles")
+
+
+def _generic_pattern(rgb: tuple[int, int, int], rng: random.Random, x0: int, y0: int, box: int) -> Image.Image:
+    """A generic texture (none of the world's styles) for the VAE's training: see :func:`render`.
+
+    ``grating``: two-colour bars at a random angle, period (2.5-9 px) and duty cycle; ``cells``:
+    two-colour random binary noise on square cells of 1-5 px; ``tiles``: cells of 1-5 px of random
+    brightness. The second colour is the shade the styles use or, half the time, a random palette
+    colour.
+    """
+    s = SUPERSAMPLE
+    kind = rng.choice(GENERIC_TEXTURES)
+    base = np.array(rgb, dtype=np.float64)
+    other = np.array(_shade(rgb) if rng.random() < 0.5 else COLOURS[rng.choice(COLOUR_NAMES)], dtype=np.float64)
+    yy, xx = np.mgrid[0:box, 0:box] / s
+    yy, xx = yy + y0, xx + x0
+    if kind == "grating":
+        angle, period = rng.uniform(0, math.pi), rng.uniform(2.5, 9.0)
+        u = xx * math.cos(angle) + yy * math.sin(angle) + rng.uniform(0, period)
+        on = (u % period) >= period * rng.uniform(0.35, 0.65)
+        arr = np.where(on[..., None], other, base)
+    else:
+        cell = rng.choice((1, 2, 3, 4, 5))
+        n = box // s // cell + 3
+        noise = np.random.default_rng(rng.randrange(2**32))
+        iy = ((yy - y0) / cell + rng.uniform(0, 1)).astype(int)
+        ix = ((xx - x0) / cell + rng.uniform(0, 1)).astype(int)
+        if kind == "cells":
+            arr = np.where((noise.random((n, n)) < 0.5)[iy, ix][..., None], other, base)
+        else:
+            arr = np.clip(base * noise.uniform(0.55, 1.2, (n, n))[iy, ix][..., None], 0, 255)
+    return Image.fromarray(arr.astype(np.uint8), "RGB")
+
+
 def object_centre(obj: WorldObject, rng: random.Random) -> tuple[float, float]:
     """Centre of the object's grid cell plus up to 1.5 px of seeded jitter."""
     row, col = POSITIONS[obj.position]
@@ -205,8 +240,12 @@ def object_centre(obj: WorldObject, rng: random.Random) -> tuple[float, float]:
     return (col + 0.5) * cell + rng.uniform(-1.5, 1.5), (row + 0.5) * cell + rng.uniform(-1.5, 1.5)
 
 
-def render(scene: Scene, seed: int = 0) -> Image.Image:
-    """Draw ``scene`` as a 64x64 RGB image; the same seed always gives the same pixels."""
+def render(scene: Scene, seed: int = 0, generic_textures: bool = False) -> Image.Image:
+    """Draw ``scene`` as a 64x64 RGB image; the same seed always gives the same pixels.
+
+    ``generic_textures`` fills every object with a random generic texture instead of its style
+    (outlined objects stay outlined).
+    """
     rng = random.Random(seed)
     s = SUPERSAMPLE
     canvas = Image.new("RGB", (_CANVAS, _CANVAS), COLOURS[scene.background])
@@ -223,10 +262,14 @@ def render(scene: Scene, seed: int = 0) -> Image.Image:
             # and make them look flat.
             erode = int(OUTLINE_PX[obj.size] * s)
             mask = ImageChops.subtract(mask, mask.filter(ImageFilter.MinFilter(2 * erode + 1)))
-        canvas.paste(_pattern(obj.style, COLOURS[obj.colour], rng, x0, y0, box), (x0 * s, y0 * s), mask)
+        if generic_textures:
+            fill = _generic_pattern(COLOURS[obj.colour], rng, x0, y0, box)
+        else:
+            fill = _pattern(obj.style, COLOURS[obj.colour], rng, x0, y0, box)
+        canvas.paste(fill, (x0 * s, y0 * s), mask)
     return canvas.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
 
 
-def render_array(scene: Scene, seed: int = 0) -> np.ndarray:
+def render_array(scene: Scene, seed: int = 0, generic_textures: bool = False) -> np.ndarray:
     """``render`` as a uint8 array of shape (64, 64, 3)."""
-    return np.asarray(render(scene, seed))
+    return np.asarray(render(scene, seed, generic_textures))
