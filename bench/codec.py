@@ -58,7 +58,9 @@ def through(vae, renders):
     """``decode(encode(x))`` (posterior mode) of uint8 NHWC renders, as uint8, and its pixel MSE."""
     import torch
 
-    x = torch.from_numpy(renders).permute(0, 3, 1, 2).float() / 127.5 - 1
+    from studio.eval.judge import to_tensor
+
+    x = to_tensor(renders)
     with torch.no_grad():
         rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
     return ((rec + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy(), float(((rec - x) ** 2).mean())

@@ -178,6 +178,16 @@ def _object_crop(image: torch.Tensor, scene: Scene, g: torch.Generator, size: in
     return image[y0 : y0 + size, x0 : x0 + size]
 
 
+def _vae_loss(vae, x: torch.Tensor, g: torch.Generator, kl_weight: float):
+    """The VAE's training loss on pixels ``x`` (L1 + MSE + weighted KL) and the posterior it drew from."""
+    posterior = vae.encode(x).latent_dist
+    rec = vae.decode(posterior.sample(generator=g)).sample
+    # KL per pixel value, as in SD's VAE loss (summed reconstruction + 1e-6 * summed KL): a KL
+    # weighted against a *mean* reconstruction error would blur everything.
+    kl = posterior.kl().mean() / x[0].numel()
+    return F.l1_loss(rec, x) + F.mse_loss(rec, x) + kl_weight * kl, posterior
+
+
 def _train_vae(cfg: PretrainConfig, work: Path, images: torch.Tensor, scenes: list[Scene]):
     vae = build_vae()
     final = work / "vae-final.safetensors"
@@ -196,12 +206,7 @@ def _train_vae(cfg: PretrainConfig, work: Path, images: torch.Tensor, scenes: li
         x = _to_pixels(torch.stack([_object_crop(images[i], scenes[i], g) for i in idx]))
         for group in opt.param_groups:
             group["lr"] = _lr(step, cfg.vae_steps, cfg.vae_lr, cfg.vae_warmup)
-        posterior = vae.encode(x).latent_dist
-        rec = vae.decode(posterior.sample(generator=g)).sample
-        # KL per pixel value, as in SD's VAE loss (summed reconstruction + 1e-6 * summed KL): a KL
-        # weighted against a *mean* reconstruction error would blur everything.
-        kl = posterior.kl().mean() / x[0].numel()
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + cfg.vae_kl_weight * kl
+        loss, _ = _vae_loss(vae, x, g, cfg.vae_kl_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -246,9 +251,7 @@ def refine_vae(vae, steps: int, n_scenes: int = 3000, lr: float = 2e-3, anchor_w
         x = torch.cat([xb, xt])
         for group in opt.param_groups:
             group["lr"] = _lr(step, steps, lr, min(50, steps // 10))
-        posterior = new.encode(x).latent_dist
-        rec = new.decode(posterior.sample(generator=g)).sample
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * posterior.kl().mean() / x[0].numel()
+        loss, posterior = _vae_loss(new, x, g, PretrainConfig.vae_kl_weight)
         if anchor_weight:
             with torch.no_grad():
                 ref = old.encode(xb).latent_dist.mode()
