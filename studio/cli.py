@@ -477,8 +477,9 @@ def world_pretrain(
     lr_ends: Annotated[str, typer.Option(help="Steps where the learning rate's cosine restarts, comma-separated (the shipped weights: 3000,5000); empty: only at --zero-snr-from.")] = "3000,5000",
     object_weight: Annotated[float, typer.Option(help="Loss weight on and around objects relative to the background (1: plain loss).")] = 1.0,
     text_probe_weight: Annotated[float, typer.Option(help="Weight of the text-probe loss that keeps attribute words apart in the text encoders' output (0: none).")] = 0.0,
+    init_from: Annotated[Path | None, typer.Option(help="Continue from a model folder this recipe saved (e.g. the shipped weights): its tokenizer, VAE, text encoders and UNet, with UNet steps counted from 0 and a fresh optimizer.")] = None,
 ) -> None:
-    """Pretrain the embedded tiny SDXL on the synthetic world (resumable; the shipped weights took about 5 h on 2 CPU cores in resumed legs, listed in the model card)."""
+    """Pretrain the embedded tiny SDXL on the synthetic world (resumable; the shipped weights took about 6 h on 2 CPU cores in resumed legs, listed in the model card)."""
     _setup_warnings()
     import shutil
 
@@ -496,9 +497,11 @@ def world_pretrain(
         ends = tuple(int(v) for v in lr_ends.split(",") if v.strip())
     except ValueError:
         _fail(f"--lr-ends {lr_ends!r}: give whole step numbers separated by commas, e.g. 3000,5000")
+    if init_from is not None and not (init_from / "unet").is_dir():
+        _fail(f"--init-from {init_from}: not a model folder (no unet/ in it); give a folder `studio world pretrain` saved")
     if fresh:
         shutil.rmtree(work_dir, ignore_errors=True)
-    cfg = PretrainConfig(lr_ends=ends, out=str(out), work_dir=str(work_dir), seed=seed, n_scenes=n_scenes, vae_steps=vae_steps,
+    cfg = PretrainConfig(init_from=str(init_from or ""), lr_ends=ends, out=str(out), work_dir=str(work_dir), seed=seed, n_scenes=n_scenes, vae_steps=vae_steps,
                          unet_steps=unet_steps, unet_batch=unet_batch, unet_lr=unet_lr,
                          checkpoint_every=checkpoint_every, monitor_every=monitor_every,
                          zero_snr_from=zero_snr_from, standardize_latents=standardize_latents,

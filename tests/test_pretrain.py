@@ -108,3 +108,36 @@ def test_refine_vae_keeps_the_latents_it_is_anchored_to():
     assert all(torch.equal(before[k], v) for k, v in vae.state_dict().items())  # the input VAE is left as it was
     assert new.config == vae.config and not all(torch.equal(before[k], v) for k, v in new.state_dict().items())
     assert anchored < free / 2  # the anchor holds the base scenes' latents where the denoiser expects them
+
+
+def test_pretrain_continues_from_a_saved_model(tmp_path):
+    import dataclasses
+
+    import pytest
+
+    source = pretrain(_cfg(tmp_path, "source", 2))
+    cfg = dataclasses.replace(_cfg(tmp_path, "cont", 1), init_from=str(source), unet_lr=1e-6, seed=1)
+    cont = pretrain(cfg)
+    # the source's VAE, latent scale and tokenizer are kept as they are; the VAE stage does not run
+    a, b = load_file(str(source / "vae/diffusion_pytorch_model.safetensors")), load_file(str(cont / "vae/diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    src, new = (StableDiffusionXLPipeline.from_pretrained(str(p), local_files_only=True) for p in (source, cont))
+    assert new.vae.config.scaling_factor == src.vae.config.scaling_factor
+    assert new.tokenizer.get_vocab() == src.tokenizer.get_vocab()
+    for part in ("tokenizer", "tokenizer_2"):
+        for f in (source / part).iterdir():
+            assert (cont / part / f.name).read_bytes() == f.read_bytes()
+    assert not (tmp_path / "cont" / "work" / "vae").exists()
+    # one step at a tiny learning rate from the source's weights: the UNet and text encoders stay next to them
+    # (a fresh start, with another seed, would be nowhere near)
+    for part in ("unet/diffusion_pytorch_model", "text_encoder/model", "text_encoder_2/model"):
+        a, b = load_file(str(source / f"{part}.safetensors")), load_file(str(cont / f"{part}.safetensors"))
+        assert a.keys() == b.keys()
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-3
+    fresh = load_file(str(pretrain(dataclasses.replace(cfg, init_from="", out=str(tmp_path / "fresh" / "model"),
+                                                       work_dir=str(tmp_path / "fresh" / "work")))
+                          / "unet/diffusion_pytorch_model.safetensors"))
+    a = load_file(str(source / "unet/diffusion_pytorch_model.safetensors"))
+    assert max(float((a[k] - fresh[k]).abs().max()) for k in a) > 1e-2
+    with pytest.raises(FileNotFoundError, match="no unet"):
+        pretrain(dataclasses.replace(cfg, init_from=str(tmp_path), work_dir=str(tmp_path / "bad")))

@@ -86,6 +86,10 @@ class PretrainConfig:
     # UNet, the encoders had let shape words collapse (at the shape word, "square" and "circle" differed
     # by about 13% of the state's norm, colours by over 100%), so the UNet could not be told the shape.
     text_probe_weight: float = 0.0
+    # A model folder this recipe saved (e.g. the shipped weights) to continue from instead of starting fresh: its
+    # tokenizer, VAE (and latent scale), text encoders and UNet are the starting point; UNet steps count from 0
+    # again, with a fresh optimizer. Empty: train everything from scratch.
+    init_from: str = ""
 
     def zero_snr_at(self, step: int) -> bool:
         return 0 <= self.zero_snr_from <= step
@@ -277,6 +281,35 @@ def _encode_all(work: Path, vae, images: torch.Tensor) -> torch.Tensor:
     return latents
 
 
+def _init_source(cfg: PretrainConfig, work: Path) -> Path | None:
+    """The model folder ``cfg.init_from`` (checked), with its VAE put where the recipe's VAE stage finds a
+    finished VAE, so that stage is skipped; None without ``init_from``."""
+    from diffusers import AutoencoderKL
+
+    if not cfg.init_from:
+        return None
+    source = Path(cfg.init_from)
+    missing = [part for part in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer") if not (source / part).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"init_from {source}: not a model folder saved by this recipe (no {', '.join(missing)})")
+    final = work / "vae-final.safetensors"
+    if not final.is_file():
+        vae = AutoencoderKL.from_pretrained(source / "vae")
+        save_file(vae.state_dict(), str(final.with_suffix(".tmp")))
+        final.with_suffix(".tmp").replace(final)
+    return source
+
+
+def _load_weights(source: Path, unet, te1, te2) -> None:
+    """The UNet's and the text encoders' weights from the model folder ``source``."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    for model, cls, part in ((unet, UNet2DConditionModel, "unet"), (te1, CLIPTextModel, "text_encoder"),
+                             (te2, CLIPTextModelWithProjection, "text_encoder_2")):
+        model.load_state_dict(cls.from_pretrained(source / part).state_dict())
+
+
 def _caption(scene: Scene, rng: random.Random) -> str | None:
     """A training caption for ``scene``: any caption outside the evaluation split."""
     for _ in range(20):
@@ -308,7 +341,9 @@ def _monitor(pipe, step: int, n: int = 32) -> str:
 
 def pretrain(cfg: PretrainConfig) -> Path:
     """Run (or resume) the whole recipe; returns the saved model folder."""
+    from diffusers import AutoencoderKL
     from diffusers.training_utils import EMAModel, compute_snr
+    from transformers import CLIPTokenizer
 
     t0 = time.time()
     torch.manual_seed(cfg.seed)
@@ -316,7 +351,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     log = (work / "log.txt").open("a")
-    tok = build_tokenizer(work / "tokenizer")
+    source = _init_source(cfg, work)
+    tok = CLIPTokenizer.from_pretrained(source / "tokenizer") if source else build_tokenizer(work / "tokenizer")
     scenes = _scenes(cfg)
     images = _render_all(cfg, work, scenes)
     vae = _train_vae(cfg, work, images, scenes)
@@ -328,13 +364,16 @@ def pretrain(cfg: PretrainConfig) -> Path:
         latents = (latents - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
         vae.register_to_config(scaling_factor=1.0)
     else:
-        scale = float(1.0 / latents.std())
+        # a continuation keeps the latent scale its UNet was trained with
+        scale = float(AutoencoderKL.load_config(source / "vae")["scaling_factor"]) if source else float(1.0 / latents.std())
         latents = latents * scale
         vae.register_to_config(scaling_factor=scale)
     del images
 
     unet = build_unet()
     te1, te2 = build_text_encoders(tok)
+    if source:
+        _load_weights(source, unet, te1, te2)
     params = [p for m in (unet, te1, te2) for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, betas=(0.9, 0.99), weight_decay=0.01)
     ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
@@ -432,6 +471,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     _assemble(vae, te1, te2, tok, unet, cfg.zero_snr_at(cfg.unet_steps - 1)).save_pretrained(tmp)
+    if source:  # the source's tokenizer files as they were (saving a used tokenizer writes its padding state too)
+        for part in ("tokenizer", "tokenizer_2"):
+            shutil.rmtree(tmp / part)
+            shutil.copytree(source / part if (source / part).is_dir() else source / "tokenizer", tmp / part)
     recipe = {"config": dataclasses.asdict(cfg), "seconds_this_run": round(time.time() - t0),
               "torch_threads": torch.get_num_threads()}
     (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2))
