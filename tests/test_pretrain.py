@@ -141,3 +141,7 @@ def test_pretrain_continues_from_a_saved_model(tmp_path):
     assert max(float((a[k] - fresh[k]).abs().max()) for k in a) > 1e-2
     with pytest.raises(FileNotFoundError, match="no unet"):
         pretrain(dataclasses.replace(cfg, init_from=str(tmp_path), work_dir=str(tmp_path / "bad")))
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
+    with pytest.raises(ValueError, match="init_from with standardize_latents"):
+        pretrain(dataclasses.replace(cfg, standardize_latents=True, work_dir=str(tmp_path / "bad2")))
+    assert not (tmp_path / "bad2").exists()  # refused before anything is written

@@ -281,6 +281,19 @@ def _encode_all(work: Path, vae, images: torch.Tensor) -> torch.Tensor:
     return latents
 
 
+def _check_init_from(cfg: PretrainConfig) -> Path:
+    """``cfg.init_from`` as a path, refused (before anything is written) unless it is a model folder this recipe
+    could have saved, or when it comes with ``standardize_latents``."""
+    if cfg.standardize_latents:
+        raise ValueError("init_from with standardize_latents: a continuation keeps its source's VAE and latent scale;"
+                         " accepted: one or the other")
+    source = Path(cfg.init_from)
+    missing = [part for part in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer") if not (source / part).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"init_from {source}: not a model folder saved by this recipe (no {', '.join(missing)})")
+    return source
+
+
 def _init_source(cfg: PretrainConfig, work: Path) -> Path | None:
     """The model folder ``cfg.init_from`` (checked), with its VAE put where the recipe's VAE stage finds a
     finished VAE, so that stage is skipped; None without ``init_from``."""
@@ -288,10 +301,7 @@ def _init_source(cfg: PretrainConfig, work: Path) -> Path | None:
 
     if not cfg.init_from:
         return None
-    source = Path(cfg.init_from)
-    missing = [part for part in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer") if not (source / part).is_dir()]
-    if missing:
-        raise FileNotFoundError(f"init_from {source}: not a model folder saved by this recipe (no {', '.join(missing)})")
+    source = _check_init_from(cfg)
     final = work / "vae-final.safetensors"
     if not final.is_file():
         vae = AutoencoderKL.from_pretrained(source / "vae")
@@ -345,6 +355,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
     from diffusers.training_utils import EMAModel, compute_snr
     from transformers import CLIPTokenizer
 
+    if cfg.init_from:
+        _check_init_from(cfg)
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     work = Path(cfg.work_dir)
