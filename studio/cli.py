@@ -499,6 +499,8 @@ def world_pretrain(
         _fail(f"--lr-ends {lr_ends!r}: give whole step numbers separated by commas, e.g. 3000,5000")
     if init_from is not None and not (init_from / "unet").is_dir():
         _fail(f"--init-from {init_from}: not a model folder (no unet/ in it); give a folder `studio world pretrain` saved")
+    if init_from is not None and standardize_latents:
+        _fail("--init-from with --standardize-latents: a continuation keeps its source's VAE and latent scale; give one or the other")
     if fresh:
         shutil.rmtree(work_dir, ignore_errors=True)
     cfg = PretrainConfig(init_from=str(init_from or ""), lr_ends=ends, out=str(out), work_dir=str(work_dir), seed=seed, n_scenes=n_scenes, vae_steps=vae_steps,

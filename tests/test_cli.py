@@ -35,9 +35,16 @@ def test_generate_writes_an_image_and_warns_once_on_unknown_words(tmp_path):
     (["generate", "a red circle", "--model", "/no/such/folder"], "error: model folder not found"),
     (["eval", "prompts", "--model", "/no/such/folder"], "error: model folder not found"),
     (["world", "render", "a red blob"], "error: unknown word(s)"),
+    (["world", "pretrain", "--init-from", "/no/such/folder"], "error: --init-from /no/such/folder: not a model folder"),
+    (["world", "pretrain", "--init-from", "assets/models/tiny-sdxl-world", "--standardize-latents"],
+     "error: --init-from with --standardize-latents"),
 ])
 def test_bad_input_gives_one_line_error(args, message, tmp_path):
-    r = run(*args, "-o", str(tmp_path / "x.png")) if args[0] != "eval" else run(*args)
+    if args[:2] == ["world", "pretrain"]:  # nothing may be written: the work dir and the model folder stay absent
+        r = run(*args, "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "x.png"))
+        assert not (tmp_path / "work").exists()
+    else:
+        r = run(*args, "-o", str(tmp_path / "x.png")) if args[0] != "eval" else run(*args)
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith(message), r.stderr
