@@ -483,7 +483,7 @@ def world_pretrain(
     _setup_warnings()
     import shutil
 
-    from studio.world.pretrain import PretrainConfig, pretrain
+    from studio.world.pretrain import PretrainConfig, check_init_from, pretrain
 
     for name, value in (("--n-scenes", n_scenes), ("--vae-steps", vae_steps), ("--unet-steps", unet_steps),
                         ("--unet-batch", unet_batch), ("--checkpoint-every", checkpoint_every)):
@@ -497,17 +497,18 @@ def world_pretrain(
         ends = tuple(int(v) for v in lr_ends.split(",") if v.strip())
     except ValueError:
         _fail(f"--lr-ends {lr_ends!r}: give whole step numbers separated by commas, e.g. 3000,5000")
-    if init_from is not None and not (init_from / "unet").is_dir():
-        _fail(f"--init-from {init_from}: not a model folder (no unet/ in it); give a folder `studio world pretrain` saved")
-    if init_from is not None and standardize_latents:
-        _fail("--init-from with --standardize-latents: a continuation keeps its source's VAE and latent scale; give one or the other")
-    if fresh:
-        shutil.rmtree(work_dir, ignore_errors=True)
     cfg = PretrainConfig(init_from=str(init_from or ""), lr_ends=ends, out=str(out), work_dir=str(work_dir), seed=seed, n_scenes=n_scenes, vae_steps=vae_steps,
                          unet_steps=unet_steps, unet_batch=unet_batch, unet_lr=unet_lr,
                          checkpoint_every=checkpoint_every, monitor_every=monitor_every,
                          zero_snr_from=zero_snr_from, standardize_latents=standardize_latents,
                          object_weight=object_weight, text_probe_weight=text_probe_weight)
+    if init_from is not None:
+        try:
+            check_init_from(cfg)
+        except (ValueError, FileNotFoundError) as e:
+            _fail(str(e))
+    if fresh:
+        shutil.rmtree(work_dir, ignore_errors=True)
     typer.echo(f"saved {pretrain(cfg)}")
 
 

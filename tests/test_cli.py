@@ -35,9 +35,9 @@ def test_generate_writes_an_image_and_warns_once_on_unknown_words(tmp_path):
     (["generate", "a red circle", "--model", "/no/such/folder"], "error: model folder not found"),
     (["eval", "prompts", "--model", "/no/such/folder"], "error: model folder not found"),
     (["world", "render", "a red blob"], "error: unknown word(s)"),
-    (["world", "pretrain", "--init-from", "/no/such/folder"], "error: --init-from /no/such/folder: not a model folder"),
+    (["world", "pretrain", "--init-from", "/no/such/folder"], "error: init_from /no/such/folder: not a model folder saved by this recipe (no unet"),
     (["world", "pretrain", "--init-from", "assets/models/tiny-sdxl-world", "--standardize-latents"],
-     "error: --init-from with --standardize-latents"),
+     "error: init_from with standardize_latents"),
 ])
 def test_bad_input_gives_one_line_error(args, message, tmp_path):
     if args[:2] == ["world", "pretrain"]:  # nothing may be written: the work dir and the model folder stay absent

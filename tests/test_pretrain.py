@@ -1,6 +1,9 @@
 """The pretraining recipe at toy size: it runs end to end and resumes to the same result."""
 
+import dataclasses
+
 import numpy as np
+import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import load_file
@@ -111,10 +114,6 @@ def test_refine_vae_keeps_the_latents_it_is_anchored_to():
 
 
 def test_pretrain_continues_from_a_saved_model(tmp_path):
-    import dataclasses
-
-    import pytest
-
     source = pretrain(_cfg(tmp_path, "source", 2))
     cfg = dataclasses.replace(_cfg(tmp_path, "cont", 1), init_from=str(source), unet_lr=1e-6, seed=1)
     cont = pretrain(cfg)

@@ -281,7 +281,7 @@ def _encode_all(work: Path, vae, images: torch.Tensor) -> torch.Tensor:
     return latents
 
 
-def _check_init_from(cfg: PretrainConfig) -> Path:
+def check_init_from(cfg: PretrainConfig) -> Path:
     """``cfg.init_from`` as a path, refused (before anything is written) unless it is a model folder this recipe
     could have saved, or when it comes with ``standardize_latents``."""
     if cfg.standardize_latents:
@@ -294,20 +294,14 @@ def _check_init_from(cfg: PretrainConfig) -> Path:
     return source
 
 
-def _init_source(cfg: PretrainConfig, work: Path) -> Path | None:
-    """The model folder ``cfg.init_from`` (checked), with its VAE put where the recipe's VAE stage finds a
-    finished VAE, so that stage is skipped; None without ``init_from``."""
+def _use_source_vae(source: Path, work: Path) -> None:
+    """Put ``source``'s VAE where the recipe's VAE stage finds a finished VAE, so that stage is skipped."""
     from diffusers import AutoencoderKL
 
-    if not cfg.init_from:
-        return None
-    source = _check_init_from(cfg)
     final = work / "vae-final.safetensors"
     if not final.is_file():
-        vae = AutoencoderKL.from_pretrained(source / "vae")
-        save_file(vae.state_dict(), str(final.with_suffix(".tmp")))
+        save_file(AutoencoderKL.from_pretrained(source / "vae").state_dict(), str(final.with_suffix(".tmp")))
         final.with_suffix(".tmp").replace(final)
-    return source
 
 
 def _load_weights(source: Path, unet, te1, te2) -> None:
@@ -355,15 +349,15 @@ def pretrain(cfg: PretrainConfig) -> Path:
     from diffusers.training_utils import EMAModel, compute_snr
     from transformers import CLIPTokenizer
 
-    if cfg.init_from:
-        _check_init_from(cfg)
+    source = check_init_from(cfg) if cfg.init_from else None
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     log = (work / "log.txt").open("a")
-    source = _init_source(cfg, work)
+    if source:
+        _use_source_vae(source, work)
     tok = CLIPTokenizer.from_pretrained(source / "tokenizer") if source else build_tokenizer(work / "tokenizer")
     scenes = _scenes(cfg)
     images = _render_all(cfg, work, scenes)
