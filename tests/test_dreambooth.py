@@ -291,6 +291,26 @@ def test_text_encoder_lora_trains_on_both_encoders(tmp_path):
         assert ups and max(float(u.abs().max()) for u in ups) > 0
 
 
+def test_default_class_image_cache_is_keyed_by_the_weights(tmp_path, monkeypatch):
+    """Without --class-data the class images go under runs/class-images/<model>-<weights hash>/, so a model
+    folder whose weights were replaced does not reuse images the old weights drew."""
+    from studio.trainers.dreambooth import DreamBooth
+    from studio.trainers.loop import train
+
+    from studio.families import EMBEDDED_MODEL, load_pipeline
+    from studio.plugin import base_model_hash
+
+    data = star_folder(tmp_path / "stars", n=2)
+    monkeypatch.chdir(tmp_path)
+    cfg = build_config(DreamBoothConfig, {}, {"data": str(data), "output": str(tmp_path / "run"), "steps": 1,
+                                               "batch_size": 1, "rank": 2, "num_class_images": 1, "checkpoint_every": 0})
+    train(DreamBooth(), cfg)
+    fingerprint = base_model_hash(load_pipeline(EMBEDDED_MODEL).unet)
+    folders = [p.name for p in (tmp_path / "runs" / "class-images").iterdir()]
+    assert folders == [f"{EMBEDDED_MODEL.name}-{fingerprint}"]
+    assert len(list((tmp_path / "runs" / "class-images").glob("*/*/class-*.png"))) == 1
+
+
 def test_two_processes_train_what_one_process_with_twice_the_batch_trains(tmp_path):
     """Two CPU processes with batch 2 train what one process with batch 4 trains.
 

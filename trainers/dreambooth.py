@@ -39,7 +39,7 @@ class DreamBoothConfig(TrainConfig):
     prior_weight: float = field(default=1.0, metadata=_help("Weight of the class (prior) loss."))
     num_class_images: int = field(default=32, metadata=_help("Class images to generate and cache."))
     class_data: str = field(
-        default="", metadata=_help("Folder for cached class images; default runs/class-images/<model>/<prompt>.")
+        default="", metadata=_help("Folder for cached class images; default runs/class-images/<model>-<weights hash>/<prompt>.")
     )
     captions: bool = field(
         default=True, metadata=_help("Use a sidecar NAME.txt beside an image as its prompt (kohya's convention).")
@@ -120,6 +120,7 @@ class DreamBooth:
     def _class_images(self, ctx: Context):
         from PIL import Image
 
+        from studio.plugin import base_model_hash
         from studio.sampling import generate
 
         cfg: DreamBoothConfig = ctx.cfg
@@ -129,7 +130,8 @@ class DreamBooth:
             if cfg.class_data
             else (
                 Path("runs/class-images")
-                / Path(cfg.model).name
+                # the weights' fingerprint, not only the folder's name: new weights in the same folder draw new images
+                / f"{Path(cfg.model).name}-{base_model_hash(ctx.pipe.unet)}"
                 / hashlib.sha1(f"{prompt}|{ctx.resolution}".encode()).hexdigest()[:10]
             )
         )
