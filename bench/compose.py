@@ -14,10 +14,11 @@ and a style: zigzag ("zxy", 4 base shapes drawn zigzag, captions naming the toke
 
 Each composition is sampled with 20 seeds per method. The judge reads every image. A subject is found by
 identity: an object is the composition's subject whose reference renders its judge embedding is most
-similar to, if that similarity clears the subject's threshold (calibrated first on 20 solo images per adapter,
-"a TOKEN shape in the center", against the base model's objects and the other adapters' solo objects, at the
-best TPR - FPR). The older colour reading is reported beside it: a subject counts by the modal colour its
-adapter draws alone.
+similar to, if that similarity clears the subject's threshold (calibrated first on 20 solo images per adapter
+at each place a composition uses, "a TOKEN shape on the left / in the center / on the right", against the base
+model's objects at those places and the other adapters' solo objects, at the best TPR - FPR, halfway between the weakest positive kept and the next value below). The older colour reading
+is reported beside it: a subject counts by the modal colour its adapter draws alone (in a described composition:
+by the colour the prompt names).
 
 - **all present** (vanishing): every concept shows up somewhere (a subject by identity / by colour; the
   style by the style head);
@@ -151,7 +152,9 @@ def similarity(refs, obj_embedding) -> float:
 
 def youden_threshold(positives: list[float], negatives: list[float]) -> tuple[float, float, float]:
     """The similarity threshold that best separates ``positives`` from ``negatives`` (max TPR - FPR); returns
-    (threshold, TPR, FPR)."""
+    (threshold, TPR, FPR). The threshold lies halfway between the lowest positive it keeps and the highest value
+    below that (the widest margin giving the same TPR and FPR), not on that positive itself: a threshold on the
+    weakest solo object would miss any object drawn a little less like its references."""
     import numpy as np
 
     pos, neg = np.asarray(positives), np.asarray(negatives)
@@ -160,7 +163,8 @@ def youden_threshold(positives: list[float], negatives: list[float]) -> tuple[fl
         tpr, fpr = float((pos >= t).mean()), float((neg >= t).mean()) if len(neg) else 0.0
         if tpr - fpr > best[1] - best[2]:
             best = (float(t), tpr, fpr)
-    return best
+    below = [v for v in [*positives, *negatives] if v < best[0]]
+    return ((best[0] + max(below)) / 2 if below else best[0]), best[1], best[2]
 
 
 def identity_of(obj, names, refs, thresholds):
@@ -179,7 +183,10 @@ def score(judge, images, items, style: bool, refs, thresholds, described: bool =
 
     readings = judge.read(images)
     fidelity_prompt = parse_prompt(prompt_of(items, style, noun=True, described=described))
-    colours = {c: SUBJECTS[c][1] for c, _ in items}
+    from dreambooth import COLOURS
+
+    # by colour: the colour the adapter draws alone, or in a described prompt the colour the prompt names
+    colours = {c: COLOURS[c] if described else SUBJECTS[c][1] for c, _ in items}
     names = [c for c, _ in items]
     rates = {k: [] for k in ("present", "correct", "present_colour", "correct_colour")}
     margins, fid = [], []
@@ -246,19 +253,27 @@ def main() -> None:
     from studio.plugin import attach, detach
     from studio.sampling import generate
 
+    # at every place the compositions use: a subject drawn on the left or right comes out smaller than in the
+    # center, and its identity similarity lower (heart 0.96 in the center, 0.77 on the left, on the step-24,000
+    # weights), so a threshold calibrated in the center alone misses the subjects of every composition
+    places = [PHRASE[p] for p in PHRASE]
+
+    def solo_images(prompt: str) -> list:
+        with torch.no_grad():
+            return [im for place in places for im in generate(pipe, [f"{prompt} {place}"] * args.seeds, seed=0,
+                                                              steps=args.steps)]
+
     solo, solo_objects = {}, {}
     for shape, (token, _) in SUBJECTS.items():
         attach(pipe, [files[shape]])
-        with torch.no_grad():
-            images = generate(pipe, [f"a {token} shape in the center"] * args.seeds, seed=0, steps=args.steps)
+        images = solo_images(f"a {token} shape")
         detach(pipe)
         solo_objects[shape] = best_objects(judge, images)
         colour, count = Counter(o.colour for o in solo_objects[shape]).most_common(1)[0]
         SUBJECTS[shape] = (token, colour)
-        solo[shape] = (colour, count / args.seeds)
-        print("alone", shape, colour, count / args.seeds, flush=True)
-    with torch.no_grad():
-        base_objects = best_objects(judge, generate(pipe, ["a shape in the center"] * args.seeds, seed=0, steps=args.steps))
+        solo[shape] = (colour, count / len(images))
+        print("alone", shape, colour, count / len(images), flush=True)
+    base_objects = best_objects(judge, solo_images("a shape"))
     thresholds, calibration = {}, {}
     for shape in SUBJECTS:
         def sim(objs, shape=shape):
@@ -336,12 +351,15 @@ def main() -> None:
             f"Adapters: DreamBooth-LoRA, default settings ({defaults()}{'; plus LoRA on the text encoders' if args.train_text_encoder else ''}), one per concept (star `sks`, heart `zwx`, cross `qpv`, zigzag "
             f"style `zxy`), trained on blue stars, red hearts, green crosses. Regions (for lora-composer): boxes around each "
             f"object's place, {BOXES}; the style's box is its subject's.\n\n{head}{body}\n{summary}"
-            "A subject is read two ways (the prompt never names its shape or colour; only its adapter can put it there). "
+            "A subject is read two ways (a prompt never names its shape, and one named by token not its colour either: only its adapter can put them there). "
             "**By identity** (the headline rates): an object is the composition's subject whose reference renders its "
             "judge embedding is most similar to, if that similarity clears the subject's threshold, calibrated on "
-            f"{args.seeds} solo images per adapter (\"a TOKEN shape in the center\", positives) against the base "
-            "model's objects and the other adapters' solo objects (negatives), at the best TPR - FPR: "
-            f"{calib}. **By colour** (the earlier reading): the colour its adapter draws alone: {alone}. "
+            f"{args.seeds} solo images per adapter at each place (\"a TOKEN shape on the left / in the center / on the "
+            "right\", positives; a subject drawn at the side comes out smaller and less like its references) against "
+            "the base model's objects and the other adapters' solo objects (negatives), at the best TPR - FPR, halfway between "
+            "the weakest positive kept and the next value below: "
+            f"{calib}. **By colour** (the earlier reading): the colour its adapter draws alone: {alone}; in the "
+            "described compositions the colour the prompt names. "
             "The style is read by the judge's style head in both. Grids of the first 10 seeds: "
             f"`{args.work}/grids/`.\n")
     print(text)
