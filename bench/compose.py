@@ -16,9 +16,10 @@ Each composition is sampled with 20 seeds per method. The judge reads every imag
 identity: an object is the composition's subject whose reference renders its judge embedding is most
 similar to, if that similarity clears the subject's threshold (calibrated first on 20 solo images per adapter
 at each place a composition uses, "a TOKEN shape on the left / in the center / on the right", against the base
-model's objects at those places and the other adapters' solo objects, at the best TPR - FPR, halfway between the weakest positive kept and the next value below). The older colour reading
-is reported beside it: a subject counts by the modal colour its adapter draws alone (in a described composition:
-by the colour the prompt names).
+model's objects at those places and the other adapters' solo objects, at the best TPR - FPR, halfway between
+the weakest positive kept and the next value below). The older colour reading is reported beside it: a
+subject counts by the modal colour its adapter draws alone (in a described composition: by the colour the
+prompt names).
 
 - **all present** (vanishing): every concept shows up somewhere (a subject by identity / by colour; the
   style by the style head);
@@ -53,7 +54,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dreambooth import defaults, references  # noqa: E402
+from dreambooth import COLOURS, defaults, references  # noqa: E402
 from report import git_revision, machine, write_section  # noqa: E402
 
 SUBJECTS = {"star": ("sks", "blue"), "heart": ("zwx", "red"), "cross": ("qpv", "green")}
@@ -95,8 +96,6 @@ COMPOSITIONS = [
 def prompt_of(items, style: bool, noun: bool = False, described: bool = False) -> str:
     """The composition's prompt (with tokens), or with class nouns only for the fidelity check; ``described``
     puts each subject's training colour before it."""
-    from dreambooth import COLOURS
-
     parts = [f"a {COLOURS[c] + ' ' if described else ''}{'' if noun else SUBJECTS[c][0] + ' '}shape {PHRASE[p]}"
              for c, p in items]
     text = " and ".join(parts)  # the grammar's form for several objects
@@ -183,8 +182,6 @@ def score(judge, images, items, style: bool, refs, thresholds, described: bool =
 
     readings = judge.read(images)
     fidelity_prompt = parse_prompt(prompt_of(items, style, noun=True, described=described))
-    from dreambooth import COLOURS
-
     # by colour: the colour the adapter draws alone, or in a described prompt the colour the prompt names
     colours = {c: COLOURS[c] if described else SUBJECTS[c][1] for c, _ in items}
     names = [c for c, _ in items]
