@@ -120,7 +120,6 @@ class DreamBooth:
     def _class_images(self, ctx: Context):
         from PIL import Image
 
-        from studio.plugin import base_model_hash
         from studio.sampling import generate
 
         cfg: DreamBoothConfig = ctx.cfg
@@ -131,7 +130,7 @@ class DreamBooth:
             else (
                 Path("runs/class-images")
                 # the weights' fingerprint, not only the folder's name: new weights in the same folder draw new images
-                / f"{Path(cfg.model).name}-{base_model_hash(ctx.pipe.unet)}"
+                / f"{Path(cfg.model).name}-{ctx.store['base_hash']}"
                 / hashlib.sha1(f"{prompt}|{ctx.resolution}".encode()).hexdigest()[:10]
             )
         )

@@ -378,11 +378,12 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
     ctx = Context(
         cfg, pipe, accelerator, run_dir, DDPMScheduler.from_config(pipe.scheduler.config), resolution, multiple
     )
-    trainer.prepare(ctx)
-
     from studio.plugin import base_model_hash
 
-    base_hash = base_model_hash(pipe.unet)  # before LoRA layers change the state dict's names
+    # the base weights' fingerprint, before LoRA layers change the state dict's names: the adapter's metadata, and
+    # trainers key caches on it (DreamBooth's class images)
+    base_hash = ctx.store["base_hash"] = base_model_hash(pipe.unet)
+    trainer.prepare(ctx)
     torch.manual_seed(cfg.seed)  # LoRA init
     targets = trainer.targets(ctx)
     components = [c for c, paths in targets.items() if paths]
