@@ -18,6 +18,7 @@ import typer
 
 from studio.eval.judge import DEFAULT_JUDGE
 from studio.families import EMBEDDED_MODEL
+from studio.world.recipe import PretrainConfig
 
 app = typer.Typer(help="Personalization studio for diffusion models.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -459,31 +460,34 @@ def world_render(
     typer.echo(f"wrote {out}")
 
 
+_RECIPE = PretrainConfig()  # the pretrain command's defaults
+
+
 @world_app.command("pretrain")
 def world_pretrain(
     out: Annotated[Path, typer.Option(help="Where to save the diffusers folder.")] = EMBEDDED_MODEL,
     work_dir: Annotated[Path, typer.Option(help="Checkpoints and caches; a rerun resumes from here.")] = Path("runs/pretrain"),
-    seed: int = 0,
-    n_scenes: Annotated[int, typer.Option(help="Rendered training scenes.")] = 50_000,
-    vae_steps: int = 4000,
-    unet_steps: int = 7000,
-    unet_batch: int = 32,
-    unet_lr: float = 5e-4,
-    checkpoint_every: int = 250,
-    monitor_every: Annotated[int, typer.Option(help="Log held-out prompt fidelity every N steps (0: never).")] = 1000,
+    seed: int = _RECIPE.seed,
+    n_scenes: Annotated[int, typer.Option(help="Rendered training scenes.")] = _RECIPE.n_scenes,
+    vae_steps: int = _RECIPE.vae_steps,
+    unet_steps: int = _RECIPE.unet_steps,
+    unet_batch: int = _RECIPE.unet_batch,
+    unet_lr: float = _RECIPE.unet_lr,
+    checkpoint_every: int = _RECIPE.checkpoint_every,
+    monitor_every: Annotated[int, typer.Option(help="Log held-out prompt fidelity every N steps (0: never).")] = _RECIPE.monitor_every,
     fresh: Annotated[bool, typer.Option(help="Delete the work dir first instead of resuming.")] = False,
-    zero_snr_from: Annotated[int, typer.Option(help="UNet step from which zero-terminal-SNR betas train (0: from the start, -1: never).")] = 3000,
-    standardize_latents: Annotated[bool, typer.Option(help="Variant: per-channel latent standardization inside the VAE.")] = False,
-    lr_ends: Annotated[str, typer.Option(help="Steps where the learning rate's cosine restarts, comma-separated (the shipped weights: 3000,5000); empty: only at --zero-snr-from.")] = "3000,5000",
-    object_weight: Annotated[float, typer.Option(help="Loss weight on and around objects relative to the background (1: plain loss).")] = 1.0,
-    text_probe_weight: Annotated[float, typer.Option(help="Weight of the text-probe loss that keeps attribute words apart in the text encoders' output (0: none).")] = 0.0,
+    zero_snr_from: Annotated[int, typer.Option(help="UNet step from which zero-terminal-SNR betas train (0: from the start, -1: never).")] = _RECIPE.zero_snr_from,
+    standardize_latents: Annotated[bool, typer.Option(help="Variant: per-channel latent standardization inside the VAE.")] = _RECIPE.standardize_latents,
+    lr_ends: Annotated[str, typer.Option(help="Steps where the learning rate's cosine restarts, comma-separated (the shipped weights' legs: 3000,5000,...); empty: one cosine over the run.")] = ",".join(map(str, _RECIPE.lr_ends)),
+    object_weight: Annotated[float, typer.Option(help="Loss weight on and around objects relative to the background (1: plain loss).")] = _RECIPE.object_weight,
+    text_probe_weight: Annotated[float, typer.Option(help="Weight of the text-probe loss that keeps attribute words apart in the text encoders' output (0: none).")] = _RECIPE.text_probe_weight,
     init_from: Annotated[Path | None, typer.Option(help="Continue from a model folder this recipe saved (e.g. the shipped weights): its tokenizer, VAE, text encoders and UNet, with UNet steps counted from 0 and a fresh optimizer.")] = None,
 ) -> None:
-    """Pretrain the embedded tiny SDXL on the synthetic world (resumable; the shipped weights took about 6 h on 2 CPU cores in resumed legs, listed in the model card)."""
+    """Pretrain the embedded tiny SDXL on the synthetic world (resumable). The defaults are the budget recipe: about 2 h on 2 CPU cores; the shipped weights ran longer legs (about 6 h), listed in the model card."""
     _setup_warnings()
     import shutil
 
-    from studio.world.pretrain import PretrainConfig, check_init_from, pretrain
+    from studio.world.pretrain import check_init_from, pretrain
 
     for name, value in (("--n-scenes", n_scenes), ("--vae-steps", vae_steps), ("--unet-steps", unet_steps),
                         ("--unet-batch", unet_batch), ("--checkpoint-every", checkpoint_every)):

@@ -20,13 +20,13 @@ def _cfg(tmp, name, unet_steps):
 
 
 def test_learning_rate_phases():
-    cfg = PretrainConfig(unet_steps=5000, zero_snr_from=3000, lr_ends=())
-    assert [cfg.lr_total(s) for s in (0, 2999, 3000, 4999)] == [3000, 3000, 5000, 5000]
-    shipped = PretrainConfig()  # the shipped weights' schedule: cosines to 3000, 5000 and 7000
-    assert [shipped.lr_total(s) for s in (0, 2999, 3000, 4999, 5000, 6999)] == [3000, 3000, 5000, 5000, 7000, 7000]
-    assert [cfg.zero_snr_at(s) for s in (0, 2999, 3000)] == [False, False, True]
+    budget = PretrainConfig()  # the default recipe: one cosine over the run, zero-terminal SNR from step 2000
+    assert [budget.lr_total(s) for s in (0, 1999, 2000, 8999)] == [9000] * 4
+    assert [budget.zero_snr_at(s) for s in (0, 1999, 2000)] == [False, False, True]
+    legs = PretrainConfig(unet_steps=7000, lr_ends=(3000, 5000))  # the shipped weights' legs to step 7000
+    assert [legs.lr_total(s) for s in (0, 2999, 3000, 4999, 5000, 6999)] == [3000, 3000, 5000, 5000, 7000, 7000]
     assert not PretrainConfig(zero_snr_from=-1).zero_snr_at(10**6) and PretrainConfig(zero_snr_from=0).zero_snr_at(0)
-    assert PretrainConfig(unet_steps=3000, zero_snr_from=-1, lr_ends=()).lr_total(10) == 3000
+    assert PretrainConfig(unet_steps=3000, lr_ends=(5000,)).lr_total(10) == 3000  # an end past the run is ignored
 
 
 def test_pretrain_resumes_to_the_same_weights(tmp_path):

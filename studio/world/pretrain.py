@@ -25,7 +25,6 @@ import math
 import random
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,70 +34,13 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from studio.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from studio.families import EMBEDDED_MODEL, encode_prompt_sdxl, sdxl_time_ids
+from studio.families import encode_prompt_sdxl, sdxl_time_ids
 from studio.world.concepts import BASE_SHAPES, BASE_STYLES, COLOUR_NAMES, COLOURS, IMAGE_SIZE, POSITIONS, SIZE_NAMES
 from studio.world.grammar import caption_scene, format_prompt, is_held_out
 from studio.world.model import build_schedulers, build_text_encoders, build_unet, build_vae, standardize_latents
+from studio.world.recipe import PretrainConfig
 from studio.world.render import Scene, render_array, sample_scene
 from studio.world.tokenizer import build_tokenizer
-
-
-@dataclass
-class PretrainConfig:
-    """Every knob of the recipe; saved as ``recipe.json`` next to the weights."""
-
-    out: str = str(EMBEDDED_MODEL)
-    work_dir: str = "runs/pretrain"
-    seed: int = 0
-    n_scenes: int = 50_000
-    vae_steps: int = 4000
-    vae_batch: int = 32
-    vae_lr: float = 2e-3
-    vae_kl_weight: float = 1e-6
-    vae_warmup: int = 100
-    unet_steps: int = 7000
-    unet_batch: int = 32
-    unet_lr: float = 5e-4
-    warmup: int = 200
-    cond_dropout: float = 0.1
-    min_snr_gamma: float = 5.0
-    ema_decay: float = 0.999
-    checkpoint_every: int = 250
-    monitor_every: int = 1000
-    # From this UNet step on: zero-terminal-SNR betas with trailing timesteps, and the min-SNR weight
-    # counted from SNR + 1 (so the pure-noise step is learned). Before it, SDXL's schedule. The
-    # learning rate follows a cosine to this step, then the cosine of the whole run from here on.
-    # 0: zero-SNR from the start; -1: never (the first shipped weights: 3000 steps, never).
-    zero_snr_from: int = 3000
-    # the learning rate's cosine restarts: up to each listed step it follows the cosine of a run that
-    # long, then the next (the shipped weights: to 3000, to 5000, to unet_steps). Empty: only the
-    # zero_snr_from switch.
-    lr_ends: tuple[int, ...] = (3000, 5000)
-    standardize_latents: bool = False  # variant: per-channel latent standardization folded into the VAE
-    # Loss weight of the latent pixels on and around objects, relative to the background (1: plain
-    # loss). Objects cover a tenth of a scene, and what tells shapes apart a small part of that, so
-    # the plain loss is dominated by backgrounds and colours; each sample's weights are normalised
-    # to mean 1, so the learning rate keeps its meaning.
-    object_weight: float = 1.0
-    # Weight of an auxiliary loss on the text encoders' output (0: none): at every shape, colour, style and
-    # size word of a caption, a cosine classifier (scale PROBE_SCALE, trained beside the model, not
-    # shipped) must name the word from the hidden state the UNet reads there. Trained only through the
-    # UNet, the encoders had let shape words collapse (at the shape word, "square" and "circle" differed
-    # by about 13% of the state's norm, colours by over 100%), so the UNet could not be told the shape.
-    text_probe_weight: float = 0.0
-    # A model folder this recipe saved (e.g. the shipped weights) to continue from instead of starting fresh: its
-    # tokenizer, VAE (and latent scale), text encoders and UNet are the starting point; UNet steps count from 0
-    # again, with a fresh optimizer. Empty: train everything from scratch.
-    init_from: str = ""
-
-    def zero_snr_at(self, step: int) -> bool:
-        return 0 <= self.zero_snr_from <= step
-
-    def lr_total(self, step: int) -> int:
-        """The length of the cosine the learning rate follows at ``step`` (see ``lr_ends``, ``zero_snr_from``)."""
-        ends = [*self.lr_ends] if self.lr_ends else ([self.zero_snr_from] if self.zero_snr_from > 0 else [])
-        return min([e for e in ends if step < e < self.unet_steps] + [self.unet_steps])
-
 
 PROBE_SCALE = 10.0
 
