@@ -465,8 +465,8 @@ _RECIPE = PretrainConfig()  # the pretrain command's defaults
 
 @world_app.command("pretrain")
 def world_pretrain(
-    out: Annotated[Path, typer.Option(help="Where to save the diffusers folder.")] = EMBEDDED_MODEL,
-    work_dir: Annotated[Path, typer.Option(help="Checkpoints and caches; a rerun resumes from here.")] = Path("runs/pretrain"),
+    out: Annotated[Path, typer.Option(help="Where to save the diffusers folder.")] = Path(_RECIPE.out),
+    work_dir: Annotated[Path, typer.Option(help="Checkpoints and caches; a rerun resumes from here.")] = Path(_RECIPE.work_dir),
     seed: int = _RECIPE.seed,
     n_scenes: Annotated[int, typer.Option(help="Rendered training scenes.")] = _RECIPE.n_scenes,
     vae_steps: int = _RECIPE.vae_steps,
