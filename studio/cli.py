@@ -469,6 +469,7 @@ def world_pretrain(
     work_dir: Annotated[Path, typer.Option(help="Checkpoints and caches; a rerun resumes from here.")] = Path(_RECIPE.work_dir),
     seed: int = _RECIPE.seed,
     n_scenes: Annotated[int, typer.Option(help="Rendered training scenes.")] = _RECIPE.n_scenes,
+    object_counts: Annotated[str, typer.Option(help="Each scene's object count is drawn from this comma-separated list (repeat a count to weight it).")] = ",".join(map(str, _RECIPE.object_counts)),
     vae_steps: int = _RECIPE.vae_steps,
     unet_steps: int = _RECIPE.unet_steps,
     unet_batch: int = _RECIPE.unet_batch,
@@ -487,7 +488,7 @@ def world_pretrain(
     _setup_warnings()
     import shutil
 
-    from studio.world.pretrain import check_init_from, pretrain
+    from studio.world.pretrain import check_init_from, check_work_dir, pretrain
 
     for name, value in (("--n-scenes", n_scenes), ("--vae-steps", vae_steps), ("--unet-steps", unet_steps),
                         ("--unet-batch", unet_batch), ("--checkpoint-every", checkpoint_every)):
@@ -501,7 +502,13 @@ def world_pretrain(
         ends = tuple(int(v) for v in lr_ends.split(",") if v.strip())
     except ValueError:
         _fail(f"--lr-ends {lr_ends!r}: give whole step numbers separated by commas, e.g. 3000,5000")
-    cfg = PretrainConfig(init_from=str(init_from or ""), lr_ends=ends, out=str(out), work_dir=str(work_dir), seed=seed, n_scenes=n_scenes, vae_steps=vae_steps,
+    try:
+        counts = tuple(int(v) for v in object_counts.split(",") if v.strip())
+    except ValueError:
+        counts = ()
+    if not counts or any(c not in (1, 2, 3) for c in counts):
+        _fail(f"--object-counts {object_counts!r}: give object counts of 1, 2 or 3 separated by commas, e.g. 1,2,2,3")
+    cfg = PretrainConfig(init_from=str(init_from or ""), lr_ends=ends, object_counts=counts, out=str(out), work_dir=str(work_dir), seed=seed, n_scenes=n_scenes, vae_steps=vae_steps,
                          unet_steps=unet_steps, unet_batch=unet_batch, unet_lr=unet_lr,
                          checkpoint_every=checkpoint_every, monitor_every=monitor_every,
                          zero_snr_from=zero_snr_from, standardize_latents=standardize_latents,
@@ -513,6 +520,10 @@ def world_pretrain(
             _fail(str(e))
     if fresh:
         shutil.rmtree(work_dir, ignore_errors=True)
+    try:
+        check_work_dir(cfg, work_dir)
+    except ValueError as e:
+        _fail(str(e))
     typer.echo(f"saved {pretrain(cfg)}")
 
 

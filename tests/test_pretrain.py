@@ -1,6 +1,8 @@
 """The pretraining recipe at toy size: it runs end to end and resumes to the same result."""
 
 import dataclasses
+import json
+import random
 
 import numpy as np
 import pytest
@@ -8,8 +10,17 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import load_file
 
-from studio.world.pretrain import PROBE_SCALE, PretrainConfig, object_masks, pretrain, probe_vocabulary, text_probe_loss
-from studio.world.render import Scene, WorldObject, render_array
+from studio.world.pretrain import (
+    PROBE_SCALE,
+    PretrainConfig,
+    _scenes,
+    check_work_dir,
+    object_masks,
+    pretrain,
+    probe_vocabulary,
+    text_probe_loss,
+)
+from studio.world.render import Scene, WorldObject, render_array, sample_scene
 
 
 def _cfg(tmp, name, unet_steps):
@@ -144,3 +155,21 @@ def test_pretrain_continues_from_a_saved_model(tmp_path):
     with pytest.raises(ValueError, match="init_from with standardize_latents"):
         pretrain(dataclasses.replace(cfg, standardize_latents=True, work_dir=str(tmp_path / "bad2")))
     assert not (tmp_path / "bad2").exists()  # refused before anything is written
+
+
+def test_object_counts_mix_the_scenes_and_the_default_keeps_the_old_draw():
+    # the default mix draws the very scenes the shipped weights and earlier runs rendered
+    rng = random.Random(0)
+    assert _scenes(PretrainConfig(n_scenes=300)) == [sample_scene(rng) for _ in range(300)]
+    counts = [len(s.objects) for s in _scenes(PretrainConfig(n_scenes=300, object_counts=(2, 3)))]
+    assert set(counts) == {2, 3}
+
+
+def test_a_work_dir_made_for_other_scenes_is_refused(tmp_path):
+    cfg = PretrainConfig(work_dir=str(tmp_path), n_scenes=48)
+    check_work_dir(cfg, tmp_path)  # nothing there yet
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    check_work_dir(dataclasses.replace(cfg, unet_steps=5), tmp_path)  # other training knobs resume as before
+    with pytest.raises(ValueError, match=r"n_scenes=48, object_counts=\[1, 1, 2, 2, 3\], not n_scenes=50, object_counts=\[2, 3\]"):
+        check_work_dir(dataclasses.replace(cfg, n_scenes=50, object_counts=(2, 3)), tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["n_scenes"] == 48  # left as it was

@@ -78,7 +78,21 @@ def _lr(step: int, total: int, base: float, warmup: int) -> float:
 
 def _scenes(cfg: PretrainConfig) -> list[Scene]:
     rng = random.Random(cfg.seed)
-    return [sample_scene(rng) for _ in range(cfg.n_scenes)]
+    return [sample_scene(rng, rng.choice(cfg.object_counts)) for _ in range(cfg.n_scenes)]
+
+
+def check_work_dir(cfg: PretrainConfig, work: Path) -> None:
+    """Refuse to resume in a work dir whose caches were made for other scenes (``PretrainConfig.DATA_KEYS``)."""
+    saved = work / "config.json"
+    if not saved.is_file():
+        return
+    old = json.loads(saved.read_text())
+    new = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as JSON lists, as saved
+    changed = [k for k in PretrainConfig.DATA_KEYS if k in old and old[k] != new[k]]
+    if changed:
+        raise ValueError(f"work dir {work}: its rendered scenes and caches were made with "
+                         + ", ".join(f"{k}={old[k]}" for k in changed) + ", not "
+                         + ", ".join(f"{k}={new[k]}" for k in changed) + "; start it afresh (--fresh) or use another work dir")
 
 
 def _render_all(cfg: PretrainConfig, work: Path, scenes: list[Scene]) -> torch.Tensor:
@@ -296,6 +310,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    check_work_dir(cfg, work)
     (work / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     log = (work / "log.txt").open("a")
     if source:

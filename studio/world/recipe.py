@@ -17,6 +17,9 @@ class PretrainConfig:
     work_dir: str = "runs/pretrain"
     seed: int = 0
     n_scenes: int = 50_000
+    # each rendered scene's object count is drawn from this list (repeat a count to weight it): 40% one object,
+    # 40% two, 20% three
+    object_counts: tuple[int, ...] = (1, 1, 2, 2, 3)
     vae_steps: int = 3000
     vae_batch: int = 32
     vae_lr: float = 2e-3
@@ -54,6 +57,9 @@ class PretrainConfig:
     # tokenizer, VAE (and latent scale), text encoders and UNet are the starting point; UNet steps count from 0
     # again, with a fresh optimizer. Empty: train everything from scratch.
     init_from: str = ""
+
+    # the knobs the rendered scenes, and so every cache in the work dir (images, VAE, latents), depend on
+    DATA_KEYS = ("seed", "n_scenes", "object_counts")
 
     def zero_snr_at(self, step: int) -> bool:
         return 0 <= self.zero_snr_from <= step
