@@ -18,6 +18,7 @@ import typer
 
 from studio.eval.judge import DEFAULT_JUDGE
 from studio.families import EMBEDDED_MODEL
+from studio.world.concepts import OBJECT_COUNTS
 from studio.world.recipe import PretrainConfig
 
 app = typer.Typer(help="Personalization studio for diffusion models.", no_args_is_help=True,
@@ -506,7 +507,7 @@ def world_pretrain(
         counts = tuple(int(v) for v in object_counts.split(",") if v.strip())
     except ValueError:
         counts = ()
-    if not counts or any(c not in (1, 2, 3) for c in counts):
+    if not counts or any(c not in OBJECT_COUNTS for c in counts):
         _fail(f"--object-counts {object_counts!r}: give object counts of 1, 2 or 3 separated by commas, e.g. 1,2,2,3")
     cfg = PretrainConfig(init_from=str(init_from or ""), lr_ends=ends, object_counts=counts, out=str(out), work_dir=str(work_dir), seed=seed, n_scenes=n_scenes, vae_steps=vae_steps,
                          unet_steps=unet_steps, unet_batch=unet_batch, unet_lr=unet_lr,

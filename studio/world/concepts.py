@@ -50,6 +50,8 @@ POSITIONS: dict[str, tuple[int, int]] = {
     "bottom right": (2, 2),
 }
 POSITION_NAMES: tuple[str, ...] = tuple(POSITIONS)
+# a random scene's object count is drawn from this list: 40% one object, 40% two, 20% three
+OBJECT_COUNTS: tuple[int, ...] = (1, 1, 2, 2, 3)
 POSITION_PHRASES: dict[str, str] = {
     "top left": "at the top left",
     "top": "at the top",

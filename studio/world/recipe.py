@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from studio.families import EMBEDDED_MODEL
+from studio.world.concepts import OBJECT_COUNTS
 
 
 @dataclass
@@ -17,9 +18,8 @@ class PretrainConfig:
     work_dir: str = "runs/pretrain"
     seed: int = 0
     n_scenes: int = 50_000
-    # each rendered scene's object count is drawn from this list (repeat a count to weight it): 40% one object,
-    # 40% two, 20% three
-    object_counts: tuple[int, ...] = (1, 1, 2, 2, 3)
+    # each rendered scene's object count is drawn from this list (repeat a count to weight it); default the world's
+    object_counts: tuple[int, ...] = OBJECT_COUNTS
     vae_steps: int = 3000
     vae_batch: int = 32
     vae_lr: float = 2e-3

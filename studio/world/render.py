@@ -26,6 +26,7 @@ from studio.world.concepts import (
     COLOURS,
     GRID,
     IMAGE_SIZE,
+    OBJECT_COUNTS,
     POSITION_NAMES,
     POSITIONS,
     SHAPES,
@@ -88,7 +89,7 @@ def sample_scene(
     styles: tuple[str, ...] = BASE_STYLES,
 ) -> Scene:
     """Draw a random scene of 1-3 objects at distinct positions over a background."""
-    n = n_objects if n_objects is not None else rng.choice((1, 1, 2, 2, 3))
+    n = n_objects if n_objects is not None else rng.choice(OBJECT_COUNTS)
     background = "white" if rng.random() < 0.4 else rng.choice(COLOUR_NAMES)
     positions = rng.sample(POSITION_NAMES, n)
     objects = []
