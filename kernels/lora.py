@@ -14,6 +14,9 @@ Three paths, one answer (tests hold them to the reference):
 - :func:`multi_lora_triton`: the dense form as Triton kernels (Punica/vLLM-style shrink and expand) for
   CUDA; correct under ``TRITON_INTERPRET=1`` on the CPU, which is how the tests check it.
 
+:func:`lora_linear` is the one-adapter form that training differentiates through (three GEMMs, the scale and
+the sum folded into the last).
+
 ``gates`` is one entry per adapter: a number, or a tensor broadcastable to ``x``'s token shape with a
 trailing 1 (``(B, N, 1)``), e.g. a region mask; or a :class:`TokenGates` made from such a list once and
 reused across calls (what the plugin does: a composer's gates for a layer are fixed during a run).
@@ -145,6 +148,17 @@ def multi_lora_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             continue
         out = out + (s * g) * F.linear(F.linear(x, d), u)
     return out
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor, up: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """One trainable adapter, ``x W^T + b + s (x A^T) B^T``, differentiable in every argument: the base GEMM,
+    the GEMM into rank space, and one ``addmm`` that applies the scale and adds onto the base output. The
+    training path (peft's layer spends a multiply, an add and their backward nodes per layer on the same sum)."""
+    _check(x, weight, [down], [up])
+    x2 = x.reshape(-1, x.shape[-1])
+    out = torch.addmm(F.linear(x2, weight, bias), x2 @ down.T, up.T, alpha=scale)
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 def _token_gates(gates, x: torch.Tensor, k: int) -> TokenGates | tuple[float, ...]:

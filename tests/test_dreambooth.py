@@ -225,6 +225,52 @@ def test_compiled_training_trains_what_eager_training_trains(tmp_path):
         torch.testing.assert_close(a.modules[k].down, b.modules[k].down, rtol=0, atol=1e-5)
 
 
+def test_routed_peft_layers_train_as_peft_does_and_fall_back_outside_training_state(monkeypatch):
+    from peft import LoraConfig, inject_adapter_in_model
+    from studio.kernels import lora as kernels_lora
+    from studio.trainers.loop import use_lora_linear
+
+    calls = []
+    real = kernels_lora.lora_linear
+    monkeypatch.setattr(kernels_lora, "lora_linear", lambda *a: calls.append(1) or real(*a))
+
+    def model(routed, dropout=0.0):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.GELU(), torch.nn.Linear(10, 7, bias=False))
+        inject_adapter_in_model(LoraConfig(r=3, lora_alpha=6, lora_dropout=dropout, target_modules=["0", "2"]), net)
+        for n, p in net.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p)  # B starts at zero: make the adapter act
+        if routed:
+            use_lora_linear(net)
+        return net
+
+    x = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(1))
+    peft_net, net = model(False), model(True)
+    out, ref = net(x), peft_net(x)
+    assert len(calls) == 2  # both layers took the routed path
+    torch.testing.assert_close(out, ref)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    for (name, p), (_, q) in zip(net.named_parameters(), peft_net.named_parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+    # outside the training state peft's own forward runs: disabled adapters give the base layers
+    net[0].enable_adapters(False)
+    net[2].enable_adapters(False)
+    base = net[2].base_layer(torch.nn.functional.gelu(net[0].base_layer(x)))
+    torch.testing.assert_close(net(x), base)
+    assert len(calls) == 2
+    # with dropout the routed forward steps aside too (training mode: dropout draws differ from a plain sum)
+    dropped = model(True, dropout=0.5).train()
+    torch.manual_seed(5)
+    a = dropped(x)
+    torch.manual_seed(5)
+    b = type(dropped[2]).forward(dropped[2], torch.nn.functional.gelu(type(dropped[0]).forward(dropped[0], x)))
+    torch.testing.assert_close(a, b)
+
+
 def test_dreambooth_adapter_metadata_and_use(tmp_path):
     from studio.trainers.dreambooth import DreamBooth
     from studio.trainers.loop import train

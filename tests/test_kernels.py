@@ -4,7 +4,7 @@ under TRITON_INTERPRET=1 (set in conftest.py, before anything imports triton).""
 
 import pytest
 import torch
-from studio.kernels.lora import Packed, multi_lora_fused, multi_lora_linear, multi_lora_reference
+from studio.kernels.lora import Packed, lora_linear, multi_lora_fused, multi_lora_linear, multi_lora_reference
 
 SHAPES = [  # (batch, tokens, d_in, d_out, ranks)
     (1, 1, 8, 8, [1]),
@@ -90,6 +90,27 @@ def test_no_adapters_is_the_base_layer_and_bad_shapes_are_named():
         multi_lora_reference(x, w, bias, [torch.zeros(2, 7)], ups, scales)
     with pytest.raises(ValueError, match="2 downs, 1 ups and 1 scales"):
         Packed.pack(downs * 2, ups, scales)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 8, 8, [1]), (2, 37, 33, 65, [7]), (3, 5, 17, 9, [64])])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_the_training_path_matches_the_reference_in_value_and_gradients(shape, with_bias):
+    x, w, bias, downs, ups, _ = _case(*shape)
+    bias = bias if with_bias else None
+    leaves = [t.clone().requires_grad_(True) for t in (x, w, downs[0], ups[0])] + ([bias.clone().requires_grad_(True)] if with_bias else [])
+    ref_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    out = lora_linear(leaves[0], leaves[1], leaves[4] if with_bias else None, leaves[2], leaves[3], 0.75)
+    ref = multi_lora_reference(ref_leaves[0], ref_leaves[1], ref_leaves[4] if with_bias else None, [ref_leaves[2]],
+                               [ref_leaves[3]], [0.75])
+    assert out.shape == ref.shape == (*x.shape[:-1], w.shape[0])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    out.backward(g)
+    ref.backward(g)
+    for a, b in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match=r"adapter 0: down \(2, 7\)"):
+        lora_linear(x, w, bias, torch.zeros(2, 7), torch.zeros(w.shape[0], 2), 1.0)
 
 
 def _boxes():

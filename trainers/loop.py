@@ -178,7 +178,9 @@ def _optimizer(params, cfg: TrainConfig):
         import warnings
 
         warnings.warn("--use-8bit-adam needs bitsandbytes and a CUDA GPU; using plain AdamW", stacklevel=2)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
+    # fused: one kernel for all parameters instead of a dozen ops each (the embedded model's LoRA: 5.1 -> 1.7 ms a step)
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4, fused=fused)
 
 
 def parse_basis(text: str) -> tuple[int, int]:
@@ -223,6 +225,38 @@ def fix_orthogonal_downs(model: torch.nn.Module, rank: int, seed: int, index: in
         layer.weight.requires_grad_(False)
 
 
+def _lora_linear_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A peft ``lora.Linear``'s forward through :func:`studio.kernels.lora.lora_linear` while the layer is in the
+    state training leaves it in (one active adapter, unmerged, no dropout or variant, one dtype or autocast);
+    peft's own forward otherwise. The same sum in fewer ops (``bench/lora_step.py``: with fused AdamW, 1.06x on a
+    training step of the embedded model)."""
+    from studio.kernels.lora import lora_linear
+
+    names = layer.active_adapters
+    name = names[0] if len(names) == 1 else None
+    base = layer.base_layer
+    if (name is None or args or kwargs or layer.merged or layer.disable_adapters or name not in layer.lora_A
+            or name in getattr(layer, "lora_variant", {}) or not isinstance(layer.lora_dropout[name], torch.nn.Identity)
+            or not isinstance(base, torch.nn.Linear)):
+        return type(layer).forward(layer, x, *args, **kwargs)
+    down, up = layer.lora_A[name].weight, layer.lora_B[name].weight
+    if not torch.is_autocast_enabled(x.device.type) and not x.dtype == base.weight.dtype == down.dtype == up.dtype:
+        return type(layer).forward(layer, x, *args, **kwargs)
+    return lora_linear(x, base.weight, base.bias, down, up, layer.scaling[name])
+
+
+def use_lora_linear(model: torch.nn.Module) -> None:
+    """Route every peft ``lora.Linear`` of ``model`` through :func:`_lora_linear_forward` (an instance attribute:
+    the layers, their parameters and their state-dict names stay peft's)."""
+    import types
+
+    from peft.tuners.lora import Linear
+
+    for module in model.modules():
+        if type(module) is Linear:
+            module.forward = types.MethodType(_lora_linear_forward, module)
+
+
 def inject_lora(ctx: Context, targets: dict[str, list[str]], rank: int, alpha: float) -> list[torch.nn.Parameter]:
     """The adapter on the target modules: peft LoRA (B starts at zero: the first step is the base
     model) or, with ``--adapter singlora``, one SingLoRA matrix per module (its ramp starts at 0)."""
@@ -245,6 +279,7 @@ def inject_lora(ctx: Context, targets: dict[str, list[str]], rank: int, alpha: f
             # peft directly, not ``model.add_adapter``: transformers' integration refuses peft releases older than
             # the one it was built against (transformers 5.24 wants peft 0.22, which the registry may not have)
             inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=paths, init_lora_weights=True), model)
+            use_lora_linear(model)
         if getattr(ctx.cfg, "orthogonal_basis", ""):
             fix_orthogonal_downs(model, rank, *parse_basis(ctx.cfg.orthogonal_basis))
             params += [p for n, p in model.named_parameters() if "lora_" in n and "lora_A" not in n]
