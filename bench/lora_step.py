@@ -24,14 +24,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import git_revision, machine, write_section  # noqa: E402
 
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-
 
 def main() -> None:
     import torch
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.lora import Linear as PeftLinear
+    from studio.trainers.dreambooth import UNET_TARGETS
     from studio.trainers.loop import use_lora_linear
 
     from studio.families import EMBEDDED_MODEL
@@ -43,7 +42,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_pretrained(str(EMBEDDED_MODEL), subfolder="unet").requires_grad_(False)
-    paths = [n for n, _ in unet.named_modules() if n.endswith(TARGETS)]
+    paths = [n for n, _ in unet.named_modules() if n.endswith(UNET_TARGETS)]
     inject_adapter_in_model(LoraConfig(r=8, lora_alpha=8, target_modules=paths), unet)
     params = [p.requires_grad_(True) for n, p in unet.named_parameters() if "lora_" in n]
     for p in params:  # B starts at zero; make the adapter act, as it does after the first steps

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from studio.kernels import lora as kernels_lora
 from tqdm.auto import tqdm
 
 from studio.adapters import Adapter, AdapterMeta, LoraWeights, save_adapter
@@ -230,8 +231,6 @@ def _lora_linear_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tenso
     state training leaves it in (one active adapter, unmerged, no dropout or variant, one dtype or autocast);
     peft's own forward otherwise. The same sum in fewer ops (``bench/lora_step.py``: with fused AdamW, 1.06x on a
     training step of the embedded model)."""
-    from studio.kernels.lora import lora_linear
-
     names = layer.active_adapters
     name = names[0] if len(names) == 1 else None
     base = layer.base_layer
@@ -242,7 +241,7 @@ def _lora_linear_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tenso
     down, up = layer.lora_A[name].weight, layer.lora_B[name].weight
     if not torch.is_autocast_enabled(x.device.type) and not x.dtype == base.weight.dtype == down.dtype == up.dtype:
         return type(layer).forward(layer, x, *args, **kwargs)
-    return lora_linear(x, base.weight, base.bias, down, up, layer.scaling[name])
+    return kernels_lora.lora_linear(x, base.weight, base.bias, down, up, layer.scaling[name])
 
 
 def use_lora_linear(model: torch.nn.Module) -> None:
