@@ -10,6 +10,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import load_file
 
+from studio.world.concepts import OBJECT_COUNTS
 from studio.world.pretrain import (
     PROBE_SCALE,
     PretrainConfig,
@@ -32,7 +33,7 @@ def _cfg(tmp, name, unet_steps):
 
 def test_learning_rate_phases():
     budget = PretrainConfig()  # the default recipe: one cosine over the run, zero-terminal SNR from step 2000
-    assert [budget.lr_total(s) for s in (0, 1999, 2000, 8999)] == [9000] * 4
+    assert [budget.lr_total(s) for s in (0, 1999, 2000, 9999)] == [10000] * 4
     assert [budget.zero_snr_at(s) for s in (0, 1999, 2000)] == [False, False, True]
     legs = PretrainConfig(unet_steps=7000, lr_ends=(3000, 5000))  # the shipped weights' legs to step 7000
     assert [legs.lr_total(s) for s in (0, 2999, 3000, 4999, 5000, 6999)] == [3000, 3000, 5000, 5000, 7000, 7000]
@@ -157,10 +158,10 @@ def test_pretrain_continues_from_a_saved_model(tmp_path):
     assert not (tmp_path / "bad2").exists()  # refused before anything is written
 
 
-def test_object_counts_mix_the_scenes_and_the_default_keeps_the_old_draw():
-    # the default mix draws the very scenes the shipped weights and earlier runs rendered
+def test_object_counts_mix_the_scenes_and_the_worlds_mix_keeps_the_old_draw():
+    # the world's own mix draws the very scenes the shipped weights and earlier runs rendered
     rng = random.Random(0)
-    assert _scenes(PretrainConfig(n_scenes=300)) == [sample_scene(rng) for _ in range(300)]
+    assert _scenes(PretrainConfig(n_scenes=300, object_counts=OBJECT_COUNTS)) == [sample_scene(rng) for _ in range(300)]
     counts = [len(s.objects) for s in _scenes(PretrainConfig(n_scenes=300, object_counts=(2, 3)))]
     assert set(counts) == {2, 3}
 
@@ -170,6 +171,6 @@ def test_a_work_dir_made_for_other_scenes_is_refused(tmp_path):
     check_work_dir(cfg, tmp_path)  # nothing there yet
     (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
     check_work_dir(dataclasses.replace(cfg, unet_steps=5), tmp_path)  # other training knobs resume as before
-    with pytest.raises(ValueError, match=r"n_scenes=48, object_counts=\[1, 1, 2, 2, 3\], not n_scenes=50, object_counts=\[2, 3\]"):
+    with pytest.raises(ValueError, match=r"n_scenes=48, object_counts=\[1, 2, 2, 3\], not n_scenes=50, object_counts=\[2, 3\]"):
         check_work_dir(dataclasses.replace(cfg, n_scenes=50, object_counts=(2, 3)), tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["n_scenes"] == 48  # left as it was
