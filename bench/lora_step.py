@@ -1,12 +1,14 @@
 """One LoRA training step, side by side in one process: peft's layer forward and the default AdamW (what
 diffusers' example script runs) against the studio's training path (peft's layers routed through
-``studio.kernels.lora.lora_linear``, fused AdamW).
+``studio.kernels.lora.lora_linear``, fused AdamW, and the attention of ``studio.trainers.attention``: fused
+projections).
 
 The step is the DreamBooth trainer's on the embedded model: rank-8 LoRA on every attention projection of the
-UNet (to_q, to_k, to_v, to_out.0), a batch of 8 (4 instance + 4 prior examples) at 64x64, fp32, UNet forward,
-MSE loss, backward, optimizer step. Inputs are random (the cost does not depend on the values). Every
-configuration is warmed up, then all run round-robin ``--repeats`` times ``--steps`` steps each; the table gives
-medians and ratios. The outputs and LoRA gradients of the two layer forwards are compared on the same input.
+UNet (to_q, to_k, to_v, to_out.0), a batch of 8 (4 instance + 4 prior examples) at 64x64, fp32,
+UNet forward, MSE loss, backward, optimizer step. Inputs are random (the cost does not depend on the values).
+Every configuration is warmed up, then all run round-robin ``--repeats`` times ``--steps`` steps each; the table
+gives medians and ratios. The outputs and LoRA gradients of each studio path are compared with peft's on the same
+input.
 
     python bench/lora_step.py
 
@@ -28,8 +30,10 @@ from report import git_revision, machine, write_section  # noqa: E402
 def main() -> None:
     import torch
     from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.lora import Linear as PeftLinear
+    from studio.trainers.attention import TrainingAttnProcessor, use_training_attention
     from studio.trainers.dreambooth import UNET_TARGETS
     from studio.trainers.loop import use_lora_linear
 
@@ -53,45 +57,52 @@ def main() -> None:
     batch, side = 8, cfg.sample_size
     x = torch.randn(batch, cfg.in_channels, side, side, generator=g)
     t = torch.randint(0, 1000, (batch,), generator=g)
-    text = torch.randn(batch, 77, cfg.cross_attention_dim, generator=g)
+    prompts = torch.randn(2, 77, cfg.cross_attention_dim, generator=g)  # the instance prompt and the class prompt
+    text = prompts[torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])]
+    use_training_attention(unet)  # the fused groups (the layers' weights become views: the same values for all)
     added = {"text_embeds": torch.randn(batch, cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim,
                                         generator=g),
              "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]).repeat(batch, 1)}
 
-    def route(studio: bool) -> None:
-        if studio:
-            use_lora_linear(unet)
-        else:
+    def route(path: str) -> None:  # peft, layers (lora_linear) or attention (lora_linear + the training attention)
+        if path == "peft":
             for layer in layers:
                 layer.__dict__.pop("forward", None)
+        else:
+            use_lora_linear(unet)
+        unet.set_attn_processor(TrainingAttnProcessor() if path == "attention" else AttnProcessor2_0())
 
-    def loss():
+    def loss(path: str):
         return (unet(x, t, text, added_cond_kwargs=added).sample - x).square().mean()
 
-    # the same sum: outputs and gradients of the two forwards
+    # the same sum: outputs and gradients of each path against peft's
     grads = {}
-    for studio in (False, True):
-        route(studio)
+    for path in ("peft", "layers", "attention"):
+        route(path)
         unet.zero_grad(set_to_none=True)
-        value = loss()
+        value = loss(path)
         value.backward()
-        grads[studio] = (value.detach(), [p.grad.clone() for p in params])
-    loss_diff = (grads[True][0] - grads[False][0]).abs().item()
-    grad_diff = max((a - b).abs().max().item() / (b.abs().max().item() or 1.0)
-                    for a, b in zip(grads[True][1], grads[False][1]))
+        grads[path] = (value.detach(), [p.grad.clone() for p in params])
+    diffs = {path: ((grads[path][0] - grads["peft"][0]).abs().item(),
+                    max((a - b).abs().max().item() / (b.abs().max().item() or 1.0)
+                        for a, b in zip(grads[path][1], grads["peft"][1]))) for path in ("layers", "attention")}
 
-    configs = {  # label: (studio route, optimizer)
-        "peft layer, AdamW (diffusers' script)": (False, torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)),
-        "peft layer, fused AdamW": (False, torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, fused=True)),
-        "studio: `lora_linear`, fused AdamW": (True, torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, fused=True)),
+    def adamw(fused: bool):
+        return torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, fused=fused)
+
+    configs = {  # label: (path, optimizer)
+        "peft layer, AdamW (diffusers' script)": ("peft", adamw(False)),
+        "peft layer, fused AdamW": ("peft", adamw(True)),
+        "studio: `lora_linear`, fused AdamW": ("layers", adamw(True)),
+        "studio: `lora_linear`, fused AdamW, training attention (the trainer's path)": ("attention", adamw(True)),
     }
 
     def run(label: str, steps: int) -> float:
-        studio, opt = configs[label]
-        route(studio)
+        path, opt = configs[label]
+        route(path)
         start = time.perf_counter()
         for _ in range(steps):
-            value = loss()
+            value = loss(path)
             opt.zero_grad(set_to_none=True)
             value.backward()
             opt.step()
@@ -114,8 +125,9 @@ def main() -> None:
         f"{git_revision()}; {machine()}). The embedded model's UNet, rank-8 LoRA on its {len(layers)} attention "
         f"projections, batch 8 at 64x64, fp32: forward, MSE loss, backward, optimizer step; {args.repeats} round-robin "
         f"repeats of {args.steps} steps after a warm-up, medians.\n\n{table}\n"
-        f"The two layer forwards on the same input: loss differs by {loss_diff:.1e}, LoRA gradients by at most "
-        f"{grad_diff:.1e} of each gradient's largest entry.\n"
+        + "".join(f"Against peft's path on the same input, `{path}` ({what}): loss differs by {diffs[path][0]:.1e}, LoRA "
+                  f"gradients by at most {diffs[path][1]:.1e} of each gradient's largest entry.\n"
+                  for path, what in (("layers", "lora_linear"), ("attention", "lora_linear and the training attention")))
     )
     print(text)
     write_section("lora-step", text)

@@ -191,7 +191,7 @@ def main() -> None:
         f"(convolutions, matmuls, attention); at this size LoRA on the 88 attention projections adds about a quarter "
         f"to the step, mostly the per-call cost of small GEMMs and elementwise ops and their backward. The studio "
         f"runs peft's LoRA layers through `studio.kernels.lora.lora_linear` (three GEMMs, the scale and the sum folded "
-        f"into one `addmm`) and steps fused AdamW (one kernel for all LoRA parameters); the script runs peft's layer "
+        f"into one `addmm`) and steps fused AdamW (one kernel for all LoRA parameters), and its UNet's attention runs each layer's projections that read one input as one base GEMM, one down GEMM and one up GEMM (`studio.trainers.attention`); the script runs peft's layer "
         f"forward and the default AdamW. `--compile` (`torch.compile`, inductor's fused C++ kernels) gains more, at "
         f"the cost of a one-time compilation (made before the timed runs, so in neither) and the compiler's "
         f"own memory.\n\n"

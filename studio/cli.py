@@ -483,6 +483,7 @@ def world_pretrain(
     lr_ends: Annotated[str, typer.Option(help="Steps where the learning rate's cosine restarts, comma-separated (the shipped weights' legs: 3000,5000,...); empty: one cosine over the run.")] = ",".join(map(str, _RECIPE.lr_ends)),
     object_weight: Annotated[float, typer.Option(help="Loss weight on and around objects relative to the background (1: plain loss).")] = _RECIPE.object_weight,
     text_probe_weight: Annotated[float, typer.Option(help="Weight of the text-probe loss that keeps attribute words apart in the text encoders' output (0: none).")] = _RECIPE.text_probe_weight,
+    caption_detail: Annotated[float, typer.Option(help="Chance that a training caption names an object's size, and separately its style (0 to 1; 0.5: the evaluation prompts' rate).")] = _RECIPE.caption_detail,
     init_from: Annotated[Path | None, typer.Option(help="Continue from a model folder this recipe saved (e.g. the shipped weights): its tokenizer, VAE, text encoders and UNet, with UNet steps counted from 0 and a fresh optimizer.")] = None,
 ) -> None:
     """Pretrain the embedded tiny SDXL on the synthetic world (resumable). The defaults are the budget recipe: about 2 h on 2 CPU cores; the shipped weights ran longer legs (about 6 h), listed in the model card."""
@@ -499,6 +500,8 @@ def world_pretrain(
         _fail(f"--object-weight must be positive, got {object_weight}")
     if text_probe_weight < 0:
         _fail(f"--text-probe-weight must be 0 (none) or positive, got {text_probe_weight}")
+    if not 0 <= caption_detail <= 1:
+        _fail(f"--caption-detail must be a chance between 0 and 1, got {caption_detail}")
     try:
         ends = tuple(int(v) for v in lr_ends.split(",") if v.strip())
     except ValueError:
@@ -513,7 +516,7 @@ def world_pretrain(
                          unet_steps=unet_steps, unet_batch=unet_batch, unet_lr=unet_lr,
                          checkpoint_every=checkpoint_every, monitor_every=monitor_every,
                          zero_snr_from=zero_snr_from, standardize_latents=standardize_latents,
-                         object_weight=object_weight, text_probe_weight=text_probe_weight)
+                         object_weight=object_weight, text_probe_weight=text_probe_weight, caption_detail=caption_detail)
     if init_from is not None:
         try:
             check_init_from(cfg)

@@ -39,6 +39,7 @@ def test_generate_writes_an_image_and_warns_once_on_unknown_words(tmp_path):
     (["world", "pretrain", "--init-from", "assets/models/tiny-sdxl-world", "--standardize-latents"],
      "error: init_from with standardize_latents"),
     (["world", "pretrain", "--object-counts", "1,4"], "error: --object-counts '1,4': give object counts of 1, 2 or 3"),
+    (["world", "pretrain", "--caption-detail", "1.5"], "error: --caption-detail must be a chance between 0 and 1, got 1.5"),
 ])
 def test_bad_input_gives_one_line_error(args, message, tmp_path):
     if args[:2] == ["world", "pretrain"]:  # nothing may be written: the work dir and the model folder stay absent

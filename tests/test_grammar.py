@@ -94,3 +94,24 @@ def test_captions_name_every_shape():
         scene, _ = sample_captioned_scene(rng, n_objects=3)
         prompt = caption_scene(scene, rng)
         assert [o.shape for o in prompt.objects] == [o.shape for o in scene.objects]
+
+
+def test_caption_detail_sets_how_often_size_and_style_are_named():
+    scenes = [sample_captioned_scene(random.Random(i))[0] for i in range(200)]
+
+    def named(detail):
+        rng = random.Random(5)
+        objects = [o for s in scenes for o in caption_scene(s, rng, detail).objects]
+        return sum(o.size is not None for o in objects) / len(objects), sum(o.style is not None for o in objects) / len(objects)
+
+    # the default is the evaluation prompts' rate, drawing the same captions as before the knob existed
+    default = [caption_scene(s, random.Random(i)) for i, s in enumerate(scenes)]
+    assert default == [caption_scene(s, random.Random(i), 0.5) for i, s in enumerate(scenes)]
+    assert all(0.4 < rate < 0.6 for rate in named(0.5))
+    from studio.eval.fidelity import (
+        held_out_prompts,  # the evaluation split's first prompts, as every score so far read them
+    )
+    assert held_out_prompts(2, 1) == ["a medium black rectangle, striped on a white background",
+                                      "a blue semicircle in the center, dotted on a green background"]
+    assert all(0.75 < rate < 0.85 for rate in named(0.8))
+    assert named(1.0) == (1.0, 1.0) and named(0.0) == (0.0, 0.0)

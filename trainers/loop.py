@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import torch
 from studio.kernels import lora as kernels_lora
+from studio.trainers.attention import trainable_lora, use_training_attention
 from tqdm.auto import tqdm
 
 from studio.adapters import Adapter, AdapterMeta, LoraWeights, save_adapter
@@ -228,20 +229,14 @@ def fix_orthogonal_downs(model: torch.nn.Module, rank: int, seed: int, index: in
 
 def _lora_linear_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """A peft ``lora.Linear``'s forward through :func:`studio.kernels.lora.lora_linear` while the layer is in the
-    state training leaves it in (one active adapter, unmerged, no dropout or variant, one dtype or autocast);
-    peft's own forward otherwise. The same sum in fewer ops (``bench/lora_step.py``: with fused AdamW, 1.06x on a
-    training step of the embedded model)."""
-    names = layer.active_adapters
-    name = names[0] if len(names) == 1 else None
+    state training leaves it in (:func:`studio.trainers.attention.trainable_lora`); peft's own forward otherwise.
+    The same sum in fewer ops (``bench/lora_step.py``: with fused AdamW, 1.06x on a training step of the embedded
+    model)."""
+    lora = None if args or kwargs else trainable_lora(layer)
+    if lora is None or (not torch.is_autocast_enabled(x.device.type) and x.dtype != layer.base_layer.weight.dtype):
+        return type(layer).forward(layer, x, *args, **kwargs)
     base = layer.base_layer
-    if (name is None or args or kwargs or layer.merged or layer.disable_adapters or name not in layer.lora_A
-            or name in getattr(layer, "lora_variant", {}) or not isinstance(layer.lora_dropout[name], torch.nn.Identity)
-            or not isinstance(base, torch.nn.Linear)):
-        return type(layer).forward(layer, x, *args, **kwargs)
-    down, up = layer.lora_A[name].weight, layer.lora_B[name].weight
-    if not torch.is_autocast_enabled(x.device.type) and not x.dtype == base.weight.dtype == down.dtype == up.dtype:
-        return type(layer).forward(layer, x, *args, **kwargs)
-    return kernels_lora.lora_linear(x, base.weight, base.bias, down, up, layer.scaling[name])
+    return kernels_lora.lora_linear(x, base.weight, base.bias, *lora)
 
 
 def use_lora_linear(model: torch.nn.Module) -> None:
@@ -423,6 +418,7 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
     components = [c for c, paths in targets.items() if paths]
     inject = getattr(trainer, "inject", inject_lora)  # a trainer may bring its own adapter layers
     params = inject(ctx, targets, cfg.rank, cfg.alpha or cfg.rank)
+    use_training_attention(pipe.unet)  # the UNet's attention with fused projections
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     opt = _optimizer(params, cfg)

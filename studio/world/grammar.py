@@ -167,20 +167,21 @@ def parse_prompt(text: str) -> ScenePrompt:
     return ScenePrompt(tuple(objects), background, tuple(unknown))
 
 
-def caption_scene(scene: Scene, rng: random.Random) -> ScenePrompt:
+def caption_scene(scene: Scene, rng: random.Random, detail: float = 0.5) -> ScenePrompt:
     """Name what ``scene`` shows, leaving out a random subset of attributes (never the shape).
 
-    Positions are always named when the scene has several objects of the same description, so the
-    caption is never ambiguous about which object is which.
+    ``detail`` is the chance that an object's size, and separately its style, is named (0.5: the evaluation
+    prompts' rate; pretraining may name them more often). Positions are always named when the scene has several
+    objects of the same description, so the caption is never ambiguous about which object is which.
     """
     multi = len(scene.objects) > 1
     objects = tuple(
         ObjectPrompt(
             shape=o.shape,
             colour=o.colour if rng.random() < 0.9 else None,
-            size=o.size if rng.random() < 0.5 else None,
+            size=o.size if rng.random() < detail else None,
             position=o.position if rng.random() < (0.8 if multi else 0.6) else None,
-            style=o.style if rng.random() < 0.5 else None,
+            style=o.style if rng.random() < detail else None,
         )
         for o in scene.objects
     )

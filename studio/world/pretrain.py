@@ -270,10 +270,11 @@ def _load_weights(source: Path, unet, te1, te2) -> None:
         model.load_state_dict(cls.from_pretrained(source / part).state_dict())
 
 
-def _caption(scene: Scene, rng: random.Random) -> str | None:
-    """A training caption for ``scene``: any caption outside the evaluation split."""
+def _caption(scene: Scene, rng: random.Random, detail: float) -> str | None:
+    """A training caption for ``scene``: any caption outside the evaluation split (``detail``: see
+    :func:`caption_scene`)."""
     for _ in range(20):
-        text = format_prompt(caption_scene(scene, rng), style_first=rng.random() < 0.3)
+        text = format_prompt(caption_scene(scene, rng, detail), style_first=rng.random() < 0.3)
         if not is_held_out(text):
             return text
     return None
@@ -368,7 +369,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         captions, idx = [], []
         while len(captions) < cfg.unet_batch:
             i = rng.randrange(len(scenes))
-            if (text := _caption(scenes[i], rng)) is not None:
+            if (text := _caption(scenes[i], rng, cfg.caption_detail)) is not None:
                 captions.append(text)
                 idx.append(i)
         zero_snr = cfg.zero_snr_at(step)

@@ -54,6 +54,10 @@ class PretrainConfig:
     # UNet, the encoders had let shape words collapse (at the shape word, "square" and "circle" differed
     # by about 13% of the state's norm, colours by over 100%), so the UNet could not be told the shape.
     text_probe_weight: float = 0.1
+    # The chance that a training caption names an object's size, and separately its style (0.5: the rate of the
+    # evaluation prompts, and of every run before this knob). Captions that leave them out teach the model to choose
+    # them itself; captions that name them are the only ones that teach the words.
+    caption_detail: float = 0.5
     # A model folder this recipe saved (e.g. the shipped weights) to continue from instead of starting fresh: its
     # tokenizer, VAE (and latent scale), text encoders and UNet are the starting point; UNet steps count from 0
     # again, with a fresh optimizer. Empty: train everything from scratch.
