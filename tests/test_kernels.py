@@ -220,3 +220,29 @@ def test_the_plugin_reuses_a_layers_gates_while_the_router_returns_the_same():
     assert stack.routed([mask, 0.5], x) is first
     assert stack.routed([mask.clone(), 0.5], x) is not first  # another tensor: built again
     assert stack.routed([1.0, 0.5], x) == [1.0, 0.5]  # plain weights pass through
+
+
+def test_checkout_root_on_sys_path_does_not_shadow_hugging_face_kernels():
+    """From the repository root (``python -m ...``, ``accelerate launch -m ...``) the folder kernels/ is on sys.path
+    under the name ``kernels``, which transformers imports when Hugging Face's package of that name is installed."""
+    import importlib.metadata
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    code = ("import sys, transformers.activations\n"
+            "try:\n    import kernels\nexcept ModuleNotFoundError:\n    print('absent')\n"
+            "else:\n    print(kernels.__file__)\n"
+            "import studio.kernels.lora as lora\nprint(lora.__file__)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.split()
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        assert first == "absent"
+    else:
+        assert Path(first).resolve().parent != root / "kernels"
+        assert "site-packages" in first or "dist-packages" in first
+    assert Path(second).resolve() == root / "kernels" / "lora.py"
