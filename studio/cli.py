@@ -539,26 +539,53 @@ def eval_prompts(
     steps: int = 25,
     guidance: float = 5.0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the scores as JSON.")] = None,
+    by: Annotated[str | None, typer.Option(
+        "--by", help="Also break one attribute down by value (shape, colour, size, position, style or background): "
+        "how often each value is shown, and what the judge read instead.")] = None,
 ) -> None:
-    """Prompt fidelity on held-out grammar prompts (never used in pretraining), read by the judge."""
+    """Prompt fidelity on held-out grammar prompts (never used in pretraining), read by the judge.
+
+    Example: studio eval prompts --n 200 --by colour
+    """
     _setup_warnings()
     if n < 1 or steps < 1:
         _fail(f"--n and --steps must be positive integers, got {n} and {steps}")
+    from studio.eval.fidelity import REPORTED
+
+    if by is not None and by not in REPORTED:
+        _fail(f"--by {by!r} is not an attribute; accepted: {', '.join(REPORTED)}")
     if not (model / "model_index.json").is_file():
         _fail(f"model folder not found or not a diffusers folder: {model}")
-    from studio.eval.fidelity import REPORTED, evaluate_prompts
+    from collections import Counter
+
+    from studio.eval.fidelity import evaluate_prompts
     from studio.families import load_pipeline
 
     t0 = time.time()
-    scores = evaluate_prompts(load_pipeline(model), n_prompts=n, seed=seed, steps=steps, guidance=guidance)
+    confusions: Counter = Counter()
+    scores = evaluate_prompts(load_pipeline(model), n_prompts=n, seed=seed, steps=steps, guidance=guidance, by=by,
+                              confusions=confusions)
     typer.echo("| prompts | n | prompt fidelity | " + " | ".join(REPORTED) + " |\n|---|---|---|" + "---|" * len(REPORTED))
-    for k in (key.split("_")[1] for key in scores if key.startswith("fidelity_")):
+    counts = [key.split("_")[1] for key in scores if key.startswith("fidelity_")]
+    for k in counts:
         shown = " | ".join(f"{scores[f'{a}_{k}']:.2f}" if f"{a}_{k}" in scores else "-" for a in REPORTED)
         typer.echo(f"| {k}-object | {n} | {scores[f'fidelity_{k}']:.3f} | {shown} |")
+    if by:
+        typer.echo(f"\n| prompts | {by} named | mentions | shown | read instead |\n|---|---|---|---|---|")
+        for k in counts:
+            for value in sorted({v for kk, v, _ in confusions if str(kk) == k}):
+                named = sum(c for (kk, v, _), c in confusions.items() if str(kk) == k and v == value)
+                misses = sorted(((c, r) for (kk, v, r), c in confusions.items() if str(kk) == k and v == value and r != value),
+                                reverse=True)
+                instead = ", ".join(f"{r} {c}" for c, r in misses) or "-"
+                typer.echo(f"| {k}-object | {value} | {named} | {scores[f'{by}={value}_{k}']:.2f} | {instead} |")
     typer.echo(f"({time.time() - t0:.0f} s)")
     if json_out:
         json_out.write_text(json.dumps({"model": str(model), "n": n, "seed": seed, "steps": steps,
-                                        "guidance": guidance, **scores}, indent=2))
+                                        "guidance": guidance, **scores,
+                                        **({"by": by, "confusions": [[k, v, r, c] for (k, v, r), c in
+                                                                     sorted(confusions.items())]} if by else {})},
+                                       indent=2))
 
 
 @eval_app.command("judge")

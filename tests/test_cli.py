@@ -1,8 +1,13 @@
+import json
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 from PIL import Image
+
+from studio.eval.fidelity import held_out_prompts
+from studio.world.grammar import parse_prompt
 
 STUDIO = [sys.executable, "-m", "studio.cli"]
 
@@ -34,6 +39,7 @@ def test_generate_writes_an_image_and_warns_once_on_unknown_words(tmp_path):
     (["generate", "a red circle", "--steps", "-3"], "error: --steps must be a positive integer, got -3"),
     (["generate", "a red circle", "--model", "/no/such/folder"], "error: model folder not found"),
     (["eval", "prompts", "--model", "/no/such/folder"], "error: model folder not found"),
+    (["eval", "prompts", "--by", "hue"], "error: --by 'hue' is not an attribute; accepted: shape, colour"),
     (["world", "render", "a red blob"], "error: unknown word(s)"),
     (["world", "pretrain", "--init-from", "/no/such/folder"], "error: init_from /no/such/folder: not a model folder saved by this recipe (no unet"),
     (["world", "pretrain", "--init-from", "assets/models/tiny-sdxl-world", "--standardize-latents"],
@@ -51,6 +57,25 @@ def test_bad_input_gives_one_line_error(args, message, tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith(message), r.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_eval_prompts_breaks_an_attribute_down_by_value(tmp_path):
+    out = tmp_path / "scores.json"
+    r = run("eval", "prompts", "--n", "4", "--steps", "3", "--by", "colour", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "| prompts | colour named | mentions | shown | read instead |" in r.stdout
+    scores = json.loads(out.read_text())
+    for k in (1, 2):
+        values = {key.split("=")[1].split("_")[0] for key in scores if key.startswith("colour=") and key.endswith(f"_{k}_n")}
+        mentions = sum(scores[f"colour={v}_{k}_n"] for v in values)
+        # the per-colour counts add up to the colour column, and every mention has one confusion entry
+        shown = sum(scores[f"colour={v}_{k}"] * scores[f"colour={v}_{k}_n"] for v in values)
+        assert shown == pytest.approx(scores[f"colour_{k}"] * mentions)
+        assert sum(c for kk, _, _, c in scores["confusions"] if kk == k) == mentions
+        named = Counter(o.colour for t in held_out_prompts(4, k, 0) for o in parse_prompt(t).objects if o.colour)
+        assert {v: scores[f"colour={v}_{k}_n"] for v in values} == dict(named)  # the same prompts as the scores
+        for kk, value, read, _ in scores["confusions"]:
+            assert value == read or kk != k or scores[f"colour={value}_{k}"] < 1
 
 
 def test_world_render_grid(tmp_path):

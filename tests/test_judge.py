@@ -3,7 +3,7 @@ import random
 import numpy as np
 import pytest
 
-from studio.eval.fidelity import attribute_hits, identity_similarity, prompt_fidelity
+from studio.eval.fidelity import _matched, _named_and_read, attribute_hits, identity_similarity, prompt_fidelity
 from studio.eval.judge import ObjectReading, SceneReading, evaluate_judge, load_judge
 from studio.world.concepts import HELD_OUT_SHAPES, HELD_OUT_STYLES
 from studio.world.grammar import parse_prompt
@@ -54,6 +54,26 @@ def test_prompt_fidelity_by_hand():
     assert attribute_hits(reading, three) == {"shape": (2, 3), "colour": (2, 3)}
     assert attribute_hits(SceneReading((), "black"), parse_prompt("a red circle on a white background")) == {
         "shape": (0, 1), "colour": (0, 1), "background": (0, 1)}
+
+
+def test_per_value_breakdown_follows_the_scored_assignment():
+    # what `studio eval prompts --by ATTR` counts: each mention's named value and what the matched object shows
+    reading = SceneReading((_obj("left", "circle", "red"), _obj("right", "square", "blue")), "white")
+
+    def named_and_read(by, text):
+        prompt = parse_prompt(text)
+        return list(_named_and_read(by, reading, prompt, _matched(reading, prompt)[1]))
+
+    two = "a red circle on the left and a green square on the right on a white background"
+    assert named_and_read("colour", two) == [("red", "red"), ("green", "blue")]
+    assert named_and_read("shape", "a blue square and a red circle") == [("square", "square"), ("circle", "circle")]
+    # the object left without a detected one reads "none"; attributes a prompt leaves out are not counted
+    three = "a red circle and a blue square and a green triangle"
+    assert named_and_read("colour", three) == [("red", "red"), ("blue", "blue"), ("green", "none")]
+    assert named_and_read("style", three) == []
+    assert named_and_read("background", two) == [("white", "white")]
+    assert named_and_read("background", three) == []
+    assert named_and_read("colour", "a purple circle") == [("purple", "red")]
 
 
 def test_identity_similarity_prefers_the_same_concept(judge):

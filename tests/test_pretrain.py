@@ -32,9 +32,9 @@ def _cfg(tmp, name, unet_steps):
 
 
 def test_learning_rate_phases():
-    budget = PretrainConfig()  # the default recipe: one cosine over the run, zero-terminal SNR from step 2000
-    assert [budget.lr_total(s) for s in (0, 1999, 2000, 9999)] == [10000] * 4
-    assert [budget.zero_snr_at(s) for s in (0, 1999, 2000)] == [False, False, True]
+    budget = PretrainConfig()  # the default recipe: one cosine over the run, zero-terminal SNR from step 3600
+    assert [budget.lr_total(s) for s in (0, 3599, 3600, 17999)] == [18000] * 4
+    assert [budget.zero_snr_at(s) for s in (0, 3599, 3600)] == [False, False, True]
     legs = PretrainConfig(unet_steps=7000, lr_ends=(3000, 5000))  # the shipped weights' legs to step 7000
     assert [legs.lr_total(s) for s in (0, 2999, 3000, 4999, 5000, 6999)] == [3000, 3000, 5000, 5000, 7000, 7000]
     assert not PretrainConfig(zero_snr_from=-1).zero_snr_at(10**6) and PretrainConfig(zero_snr_from=0).zero_snr_at(0)
