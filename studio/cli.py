@@ -574,11 +574,10 @@ def eval_prompts(
         typer.echo(f"\n| prompts | {by} named | mentions | shown | read instead |\n|---|---|---|---|---|")
         for k in counts:
             for value in sorted({v for kk, v, _ in confusions if str(kk) == k}):
-                named = sum(c for (kk, v, _), c in confusions.items() if str(kk) == k and v == value)
                 misses = sorted(((c, r) for (kk, v, r), c in confusions.items() if str(kk) == k and v == value and r != value),
                                 reverse=True)
                 instead = ", ".join(f"{r} {c}" for c, r in misses) or "-"
-                typer.echo(f"| {k}-object | {value} | {named} | {scores[f'{by}={value}_{k}']:.2f} | {instead} |")
+                typer.echo(f"| {k}-object | {value} | {scores[f'{by}={value}_{k}_n']} | {scores[f'{by}={value}_{k}']:.2f} | {instead} |")
     typer.echo(f"({time.time() - t0:.0f} s)")
     if json_out:
         json_out.write_text(json.dumps({"model": str(model), "n": n, "seed": seed, "steps": steps,

@@ -38,10 +38,13 @@ REPORTED = (*ATTRIBUTES, "background")
 
 def prompt_fidelity(reading: SceneReading, prompt: ScenePrompt) -> float:
     """Fraction of ``prompt``'s attributes that ``reading`` shows (1.0 for a prompt naming none)."""
+    return _fidelity(attribute_hits(reading, prompt), prompt)
+
+
+def _fidelity(hits: dict[str, tuple[int, int]], prompt: ScenePrompt) -> float:
+    """:func:`prompt_fidelity` from the prompt's :func:`attribute_hits`."""
     total = prompt.n_attributes()
-    if total == 0:
-        return 1.0
-    return sum(hit for hit, _ in attribute_hits(reading, prompt).values()) / total
+    return sum(hit for hit, _ in hits.values()) / total if total else 1.0
 
 
 def attribute_hits(reading: SceneReading, prompt: ScenePrompt) -> dict[str, tuple[int, int]]:
@@ -132,7 +135,7 @@ def evaluate_prompts(
             for reading, text in zip(judge.read(images), chunk):
                 prompt = parse_prompt(text)
                 hits, pairs = _matched(reading, prompt)
-                values.append(prompt_fidelity(reading, prompt))
+                values.append(_fidelity(hits, prompt))
                 for attribute, (hit, n) in hits.items():
                     shown[attribute] += hit
                     named[attribute] += n
