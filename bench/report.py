@@ -36,8 +36,8 @@ def git_revision() -> str:
         # the whole tree but the report itself (run from the repository's root: pathspecs are relative to it)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs/benchmarks.md"],
                                capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    except (OSError, subprocess.CalledProcessError):  # a copy without its history (a GPU machine's): as told, if told
+        return os.environ.get("STUDIO_REVISION", "unknown")
     return f"{rev} + uncommitted changes" if dirty else rev
 
 

@@ -7,8 +7,11 @@ Every configuration is warmed up once, then all are run round-robin ``--repeats`
 gives medians and ratios.
 
 Models: the embedded model's UNet at 64x64 (``embedded``); a full-size SDXL UNet built from SDXL's
-configuration with random weights at 512x512 (``sdxl``; speed needs no trained weights). Adapters:
-random LoRA on every attention projection (to_q, to_k, to_v, to_out.0), rank 16 or 64.
+configuration with random weights at 512x512, or ``--resolution`` (``sdxl``; speed needs no trained weights).
+Adapters: random LoRA on every attention projection (to_q, to_k, to_v, to_out.0), rank 16 or 64.
+``--device cuda`` runs it on the GPU (bf16 by default, timed between synchronizations), where the studio's
+layers run the Triton kernels; a ``studio, torch`` column then times the same layers on the torch path
+(cuBLAS GEMMs), so the dispatch can be checked.
 
 - ``studio, masked``: N adapters attached with ``studio.plugin`` and routed by a LoRA-Composer region
   gate (N vertical stripes), i.e. ``base(x) + sum_i m_i ⊙ s_i (x A_i^T) B_i^T`` in two GEMMs per layer, or,
@@ -23,13 +26,15 @@ between the studio's and peft's outputs (unmasked, same adapters).
 
     python bench/speed.py                         # embedded model, N = 1 2 4 8, ranks 16 64
     python bench/speed.py --models sdxl --repeats 3
+    python bench/speed.py --models sdxl --device cuda --resolution 1024
 
-Prints a table and writes the ``speed-<model>`` section of docs/benchmarks.md.
+Prints a table and writes the ``speed-<model>`` section of docs/benchmarks.md (``speed-<model>-cuda`` on the GPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import statistics
 import sys
@@ -52,7 +57,10 @@ SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
 )
 
 
-def build(model: str):
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def build(model: str, device: str = "cpu", dtype: str = "fp32", resolution: int = 512):
     """(unet, sample input kwargs, latent side)."""
     import torch
     from diffusers import UNet2DConditionModel
@@ -64,9 +72,10 @@ def build(model: str):
         unet = UNet2DConditionModel.from_pretrained(str(EMBEDDED_MODEL), subfolder="unet")
         side = 16
     else:
-        unet = UNet2DConditionModel(**SDXL_UNET)
-        side = 64
-    unet.eval().requires_grad_(False)
+        with torch.device(device):  # built where it runs: a full-size UNet's random init is slow on few cores
+            unet = UNet2DConditionModel(**SDXL_UNET)
+        side = resolution // 8
+    unet.eval().requires_grad_(False).to(device, getattr(torch, DTYPES[dtype]))
     cfg = unet.config
     batch = 2
     g = torch.Generator().manual_seed(1)
@@ -75,7 +84,22 @@ def build(model: str):
     inputs = dict(sample=torch.randn(batch, cfg.in_channels, side, side, generator=g), timestep=torch.tensor(500),
                   encoder_hidden_states=torch.randn(batch, 77, cfg.cross_attention_dim, generator=g),
                   added_cond_kwargs={"text_embeds": torch.randn(batch, pooled, generator=g), "time_ids": time_ids})
+    inputs = {k: (v.to(device, unet.dtype) if v.is_floating_point() else v.to(device)) if isinstance(v, torch.Tensor)
+              else {kk: vv.to(device, unet.dtype) for kk, vv in v.items()} for k, v in inputs.items()}
     return unet, inputs, side
+
+
+@contextlib.contextmanager
+def torch_path():
+    """The studio's layers on the torch path (cuBLAS GEMMs, or the segmented form) where they would run Triton."""
+    from studio.kernels import lora
+
+    real = lora.triton_available
+    lora.triton_available = lambda: False
+    try:
+        yield
+    finally:
+        lora.triton_available = real
 
 
 def random_adapters(unet, n: int, rank: int):
@@ -162,12 +186,14 @@ def measure_case(unet, inputs, side: int, rank: int, n: int, repeats: int, base_
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    cuda = unet.device.type == "cuda"
+
     def forward():
         with torch.no_grad():
             return unet(**inputs).sample
 
-    def counted_flops() -> int:
-        with FlopCounterMode(display=False) as counter:
+    def counted_flops() -> int:  # on the torch path: the flop counter does not see inside Triton kernels
+        with FlopCounterMode(display=False) as counter, torch_path():
             forward()
         return counter.get_total_flops()
 
@@ -189,14 +215,21 @@ def measure_case(unet, inputs, side: int, rank: int, n: int, repeats: int, base_
                     layer.lora_A[name].weight.copy_(down)
                     layer.lora_B[name].weight.copy_(up)
         unet.set_adapters(names, [1.0] * n)
+        unet.to(unet.dtype)  # peft keeps 16-bit models' adapters in fp32 (casting each input up): here in the model's dtype
 
     timings: dict[str, list[float]] = {"base": [], "studio": [], "peft": []}
+    if cuda:
+        timings["studio_torch"] = []
     if n == 1:
         timings.update(single=[], merged=[])
 
     def timed(label):
+        if cuda:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         forward()
+        if cuda:
+            torch.cuda.synchronize()
         timings[label].append(time.perf_counter() - t0)
 
     def peft(label):
@@ -206,7 +239,7 @@ def measure_case(unet, inputs, side: int, rank: int, n: int, repeats: int, base_
         finally:
             unet.unload_lora()  # peft's layers out: the UNet's own modules back
 
-    def studio(label, kept, fuse=False):
+    def studio(label, kept, fuse=False, torch_only=False):
         from studio.plugin import fuse as fuse_weights
         from studio.plugin import unfuse
 
@@ -214,7 +247,8 @@ def measure_case(unet, inputs, side: int, rank: int, n: int, repeats: int, base_
         if fuse:
             fuse_weights(kept.pipe)
         try:
-            timed(label)
+            with torch_path() if torch_only else contextlib.nullcontext():
+                timed(label)
         finally:
             if fuse:
                 unfuse(kept.pipe)
@@ -242,6 +276,8 @@ def measure_case(unet, inputs, side: int, rank: int, n: int, repeats: int, base_
     masked = Studio(unet, adapters, side, masked=True)
     masked.off()
     plan = [lambda: timed("base"), lambda: studio("studio", masked), lambda: peft("peft")]
+    if cuda:
+        plan.append(lambda: studio("studio_torch", masked, torch_only=True))
     if n == 1:
         single = Studio(unet, adapters, side, masked=False)
         single.off()
@@ -266,32 +302,47 @@ def measure_case(unet, inputs, side: int, rank: int, n: int, repeats: int, base_
 def section(model: str, args, rows: list, checks: list, total: int) -> str:
     """The benchmark's section of docs/benchmarks.md for the cases measured so far."""
     partial = f" (partial: {len(rows)} of {total} cases measured)" if len(rows) < total else ""
-    head = ("| rank | N | base ms | studio masked ms | peft ms | studio / base | FLOPs studio / base | peft / studio |"
-            " FLOPs counted / analytical | studio vs peft output |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    cuda = args.device == "cuda"
+    torch_col = (" studio torch path / base |", "---|") if cuda else ("", "")
+    head = (f"| rank | N | base ms | studio masked ms | peft ms | studio / base |{torch_col[0]} FLOPs studio / base | "
+            f"peft / studio | FLOPs counted / analytical | studio vs peft output |\n|---|---|---|---|---|---|{torch_col[1]}---|"
+            "---|---|---|\n")
     body = ""
     for (rank, n, med), (_, _, flop_ratio, diff, over_base) in zip(rows, checks):
+        torch_cell = f" {med['studio_torch'] / med['base']:.3f} |" if cuda else ""
         body += (f"| {rank} | {n} | {med['base'] * 1000:.1f} | {med['studio'] * 1000:.1f} | {med['peft'] * 1000:.1f} | "
-                 f"**{med['studio'] / med['base']:.3f}** | {over_base:.3f} | **{med['peft'] / med['studio']:.2f}x** | "
+                 f"**{med['studio'] / med['base']:.3f}** |{torch_cell} {over_base:.3f} | **{med['peft'] / med['studio']:.2f}x** | "
                  f"{flop_ratio:.4f} | {diff:.1e} |\n")
     singles = [(rank, med) for rank, n, med in rows if n == 1]
     single = "".join(f"- rank {rank}: one unmasked adapter, unfused {med['single'] * 1000:.1f} ms vs fused into the weights "
                      f"{med['merged'] * 1000:.1f} ms: **{med['single'] / med['merged']:.3f}x** (goal at most 1.05)\n"
                      for rank, med in singles)
-    where = "the embedded model's UNet, 64x64 (16x16 latents)" if model == "embedded" else "a full-size SDXL UNet (random weights), 512x512 (64x64 latents)"
+    res = args.resolution
+    where = ("the embedded model's UNet, 64x64 (16x16 latents)" if model == "embedded"
+             else f"a full-size SDXL UNet (random weights), {res}x{res} ({res // 8}x{res // 8} latents)")
     flags = f" --models {model}" + (f" --repeats {args.repeats}" if args.repeats != 7 else "")
+    flags += (f" --device {args.device}" if cuda else "") + (f" --dtype {args.dtype}" if args.dtype != default_dtype(args.device) else "")
+    flags += f" --resolution {res}" if model == "sdxl" and res != 512 else ""
     flags += (f" --ns {' '.join(map(str, args.ns))}" if args.ns != [1, 2, 4, 8] else "")
     flags += (f" --ranks {' '.join(map(str, args.ranks))}" if args.ranks != [16, 64] else "")
-    text = (f"## Sampling speed with N adapters: {model}{partial}\n\nCommand: `python bench/speed.py{flags}` (revision {git_revision()}; "
-            f"{machine()}). One denoising step (UNet forward, guidance batch 2) of {where}, fp32; medians of "
+    text = (f"## Sampling speed with N adapters: {model}{' on the GPU' if cuda else ''}{partial}\n\nCommand: `python bench/speed.py{flags}` (revision {git_revision()}; "
+            f"{machine()}). One denoising step (UNet forward, guidance batch 2) of {where}, {args.dtype}; medians of "
             f"{args.repeats} round-robin repeats after a warm-up. Adapters: random LoRA on every attention projection. "
             "`studio masked`: the plugin's fused path with a region gate per adapter (N vertical stripes; on layers where "
-            "it pays, each adapter on its stripe's tokens only); `peft`: the "
-            "same adapters as peft layers with `set_adapters`, unfused. Goals (issue 6): studio / base at most 1.10 at "
+            "it pays, each adapter on its stripe's tokens only)" + ("; on the GPU the Triton kernels, and `studio torch "
+            "path` the same layers on the torch path (cuBLAS)" if cuda else "") + "; `peft`: the "
+            "same adapters as peft layers with `set_adapters`, unfused" + (", in the model's dtype" if args.dtype != "fp32"
+            else "") + ". Goals (issue 6): studio / base at most 1.10 at "
             "N = 4; peft / studio at least 2x at N = 4; FLOPs within 1% of the analytical count.\n\n"
             f"{head}{body}\n{single}\n`FLOPs studio / base`: the masked multi-adapter forward's FLOPs over the base model's "
-            "(the time ratio's floor where compute bounds it). `studio vs peft output`: the largest difference between "
+            "(the time ratio's floor where compute bounds it)" + ("; counted on the torch path, since the flop counter does not see "
+            "inside Triton kernels" if cuda else "") + ". `studio vs peft output`: the largest difference between "
             "the two paths' outputs (unmasked, same adapters), relative to the output's largest value.\n")
     return text
+
+
+def default_dtype(device: str) -> str:
+    return "bf16" if device == "cuda" else "fp32"
 
 
 def main() -> None:
@@ -303,9 +354,18 @@ def main() -> None:
     parser.add_argument("--ns", nargs="*", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--ranks", nargs="*", type=int, default=[16, 64])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on cuda, fp32 on the cpu")
+    parser.add_argument("--resolution", type=int, default=512, help="the SDXL UNet's image side (default 512)")
     args = parser.parse_args()
+    args.dtype = args.dtype or default_dtype(args.device)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    if args.resolution % 64:
+        parser.error(f"--resolution {args.resolution}: give a multiple of 64")
+    suffix = "-cuda" if args.device == "cuda" else ""
     for model in args.models:
-        unet, inputs, side = build(model)
+        unet, inputs, side = build(model, args.device, args.dtype, args.resolution)
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             unet(**inputs)
         base_flops = counter.get_total_flops()
@@ -318,10 +378,10 @@ def main() -> None:
                 checks.append(check)
                 print(model, rank, n, {k: round(v * 1000, 1) for k, v in med.items()}, check, flush=True)
                 if len(rows) < total:  # a long grid keeps what it measured if it is stopped
-                    write_section(f"speed-{model}", section(model, args, rows, checks, total))
+                    write_section(f"speed-{model}{suffix}", section(model, args, rows, checks, total))
         text = section(model, args, rows, checks, total)
         print(text)
-        write_section(f"speed-{model}", text)
+        write_section(f"speed-{model}{suffix}", text)
 
 
 if __name__ == "__main__":

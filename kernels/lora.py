@@ -247,16 +247,36 @@ def triton_available() -> bool:
 _KERNELS: dict = {}
 
 
+def _configs(names: tuple[str, str]) -> list:
+    """Autotuned tile sizes on a GPU (tuned once per layer shape and rank, not per token count: a UNet's first call
+    tunes each of its layer shapes once); one small tile under the interpreter (the tests), where tuning only costs
+    time."""
+    import os
+
+    import triton
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({names[0]: 32, names[1]: 32})]
+    return [triton.Config({names[0]: m, names[1]: n}, num_warps=w)
+            for m, n, w in [(32, 32, 4), (64, 64, 4), (128, 64, 4), (128, 128, 8)]]
+
+
 def _kernels():
     if _KERNELS:
         return _KERNELS["shrink"], _KERNELS["expand"]
     import triton
     import triton.language as tl
 
+    @triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_K")), key=["K", "R", "GATED", "PRECISE"])
     @triton.jit
     def shrink(x_ptr, a_ptr, g_ptr, h_ptr, M, K, R, stride_xm, stride_am, stride_gm, stride_hm,
-               GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-        # h[m, r] = sum_k x[m, k] a[r, k], times g[m, r] (or g[r])
+               GATED: tl.constexpr, PRECISE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+        # h[m, r] = sum_k x[m, k] a[r, k], times g[m, r] (or g[r]), accumulated in fp32. PRECISE (fp32 inputs): the
+        # products in full fp32; else (bf16/fp16 inputs, which tf32 holds exactly) on the tensor cores in tf32.
+        # Widening in registers rather than a 16-bit dot: Triton's interpreter reads a 16-bit dot's operands as raw
+        # bits, so that form could not be tested on the CPU; the loads, the traffic that bounds a low-rank GEMM, are
+        # the same.
         pid_m, pid_r = tl.program_id(0), tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -265,18 +285,24 @@ def _kernels():
             rk = k0 + tl.arange(0, BLOCK_K)
             xs = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
             as_ = tl.load(a_ptr + rr[None, :] * stride_am + rk[:, None], mask=(rr[None, :] < R) & (rk[:, None] < K), other=0.0)
-            acc += tl.dot(xs.to(tl.float32), as_.to(tl.float32), input_precision="ieee")
+            if PRECISE:
+                acc += tl.dot(xs.to(tl.float32), as_.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(xs.to(tl.float32), as_.to(tl.float32), input_precision="tf32")
         if GATED:
             g = tl.load(g_ptr + rm[:, None] * stride_gm + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
         else:
             g = tl.load(g_ptr + rr, mask=rr < R, other=0.0)[None, :]
         acc = acc * g.to(tl.float32)
-        tl.store(h_ptr + rm[:, None] * stride_hm + rr[None, :], acc, mask=(rm[:, None] < M) & (rr[None, :] < R))
+        tl.store(h_ptr + rm[:, None] * stride_hm + rr[None, :], acc.to(h_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rr[None, :] < R))
 
+    @triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_N")), key=["N", "R", "PRECISE"])
     @triton.jit
-    def expand(h_ptr, b_ptr, o_ptr, M, N, R, stride_hm, stride_br, stride_om,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-        # o[m, n] += sum_r h[m, r] b[r, n]
+    def expand(h_ptr, b_ptr, base_ptr, o_ptr, M, N, R, stride_hm, stride_br, stride_om,
+               PRECISE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # o[m, n] = base[m, n] + sum_r h[m, r] b[r, n] (base and o of one layout; o is written, never read, so
+        # the autotuner may run it repeatedly)
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -285,11 +311,14 @@ def _kernels():
             rr = r0 + tl.arange(0, BLOCK_R)
             hs = tl.load(h_ptr + rm[:, None] * stride_hm + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
             bs = tl.load(b_ptr + rr[:, None] * stride_br + rn[None, :], mask=(rn[None, :] < N) & (rr[:, None] < R), other=0.0)
-            acc += tl.dot(hs.to(tl.float32), bs.to(tl.float32), input_precision="ieee")
+            if PRECISE:
+                acc += tl.dot(hs.to(tl.float32), bs.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(hs.to(tl.float32), bs.to(tl.float32), input_precision="tf32")
         mask = (rm[:, None] < M) & (rn[None, :] < N)
-        ptrs = o_ptr + rm[:, None] * stride_om + rn[None, :]
-        out = tl.load(ptrs, mask=mask, other=0.0)
-        tl.store(ptrs, (out.to(tl.float32) + acc).to(out.dtype), mask=mask)
+        offs = rm[:, None] * stride_om + rn[None, :]
+        base = tl.load(base_ptr + offs, mask=mask, other=0.0)
+        tl.store(o_ptr + offs, (base.to(tl.float32) + acc).to(o_ptr.dtype.element_ty), mask=mask)
 
     _KERNELS.update(shrink=shrink, expand=expand)
     return shrink, expand
@@ -298,7 +327,9 @@ def _kernels():
 def multi_lora_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: Packed,
                       gates: list | TokenGates | None = None) -> torch.Tensor:
     """The dense form of :func:`multi_lora_fused` with the shrink (x A^T, gated in rank space) and the expand
-    (times the scaled ups, added onto the base output) as Triton kernels."""
+    (times the scaled ups, added onto the base output) as Triton kernels. fp32 inputs are multiplied in full
+    fp32; bf16/fp16 ones in tf32 on the tensor cores (exact for 16-bit values), accumulated in fp32, rank space
+    held in the inputs' 16-bit type (as the torch path holds it)."""
     import triton
 
     shrink, expand = _kernels()
@@ -306,6 +337,7 @@ def multi_lora_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     M, K = x2.shape
     R, N = packed.down.shape[0], weight.shape[0]
+    precise = x2.dtype == torch.float32
     routed = _token_gates(gates, x, len(packed.ranks))
     gated = isinstance(routed, TokenGates)
     if gated:
@@ -314,14 +346,16 @@ def multi_lora_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         per = torch.tensor(routed, device=x.device, dtype=torch.float32)
         mult = per.repeat_interleave(torch.tensor(packed.ranks, device=x.device))
     g = mult.to(torch.float32).contiguous()
-    h = torch.empty(M, R, device=x.device, dtype=torch.float32)
+    h = torch.empty(M, R, device=x.device, dtype=x2.dtype)
     block_r = max(16, triton.next_power_of_2(min(R, 64)))
-    shrink[(triton.cdiv(M, 32), triton.cdiv(R, block_r))](
+    shrink[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r))](
         x2, packed.down, g, h, M, K, R, x2.stride(0), packed.down.stride(0), g.stride(0) if gated else 0, h.stride(0),
-        GATED=gated, BLOCK_M=32, BLOCK_R=block_r, BLOCK_K=32)
-    out = F.linear(x2, weight, bias).contiguous()
-    expand[(triton.cdiv(M, 32), triton.cdiv(N, 32))](
-        h, packed.up_t, out, M, N, R, h.stride(0), packed.up_t.stride(0), out.stride(0), BLOCK_M=32, BLOCK_N=32, BLOCK_R=16)
+        GATED=gated, PRECISE=precise, BLOCK_R=block_r)
+    base = F.linear(x2, weight, bias).contiguous()
+    out = torch.empty_like(base)
+    expand[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))](
+        h, packed.up_t, base, out, M, N, R, h.stride(0), packed.up_t.stride(0), out.stride(0), PRECISE=precise,
+        BLOCK_R=16)
     return out.reshape(*lead, N)
 
 

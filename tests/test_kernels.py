@@ -73,12 +73,19 @@ def test_every_path_matches_the_reference(shape, kind, path, monkeypatch):
 
 
 @pytest.mark.parametrize("shape", SHAPES[1:3])
-def test_fused_in_bf16_is_close_to_the_fp32_reference(shape):
+@pytest.mark.parametrize("path", ["fused", "triton"])
+def test_bf16_is_close_to_the_fp32_reference(shape, path):
+    """bf16 through the torch path and through the Triton kernels (their 16-bit branch: the products in bf16,
+    accumulated in fp32, rank space held in bf16)."""
+    from studio.kernels import lora
+
     xb, wb, bb, db, ub, scales = _case(*shape, dtype=torch.bfloat16)
     gates = _gates("regions", shape[0], shape[1], len(db))
     # the reference in fp32 on the same (bf16-rounded) inputs: what is left is bf16 arithmetic
     ref = multi_lora_reference(xb.float(), wb.float(), bb.float(), [d.float() for d in db], [u.float() for u in ub], scales, gates)
-    out = multi_lora_fused(xb, wb, bb, Packed.pack(db, ub, scales), [g.bfloat16() for g in gates])
+    run = lora.multi_lora_triton if path == "triton" else multi_lora_fused
+    with torch.no_grad():
+        out = run(xb, wb, bb, Packed.pack(db, ub, scales), [g.bfloat16() for g in gates])
     assert out.dtype == torch.bfloat16
     assert (out.float() - ref).abs().max() <= 2**-6 * ref.abs().max()
 
