@@ -11,7 +11,7 @@ OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$OUT/gpu.log"
-python3 - <<'PY' 2>&1 | tee -a "$OUT/gpu.log"
+python3 -P - <<'PY' 2>&1 | tee -a "$OUT/gpu.log"
 import torch
 from studio.kernels.lora import Packed, multi_lora_reference, multi_lora_triton
 print("torch", torch.__version__, "triton", __import__("triton").__version__)

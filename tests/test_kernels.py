@@ -253,3 +253,20 @@ def test_checkout_root_on_sys_path_does_not_shadow_hugging_face_kernels():
         assert Path(first).resolve().parent != root / "kernels"
         assert "site-packages" in first or "dist-packages" in first
     assert Path(second).resolve() == root / "kernels" / "lora.py"
+
+
+def test_flex_backend_matches_the_dense_mask():
+    """FlexAttention (compiled; on the CPU too in recent torch) on the tokens sorted by label, against SDPA with the
+    dense mask: regions that interleave token by token (stripes), both mask kinds, a key count off the block size."""
+    from studio.kernels.attention import isolation_mask, region_attention, regional_cross_mask
+
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    cols = torch.arange(16).repeat(16)
+    inside = torch.stack([cols < 6, (cols >= 4) & (cols < 11)])  # two overlapping stripes and a background
+    g = torch.Generator().manual_seed(0)
+    for mask, n_keys in [(isolation_mask(inside), 256), (regional_cross_mask(inside, [(0, 7, None), (7, 12, 0), (12, 19, 1)]), 19)]:
+        q = torch.randn(2, 3, 256, 16, generator=g)
+        k, v = (torch.randn(2, 3, n_keys, 16, generator=g) for _ in range(2))
+        out = region_attention(q, k, v, mask, backend="flex")
+        ref = region_attention(q, k, v, mask, backend="sdpa")
+        assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5), (out - ref).abs().max()
