@@ -117,7 +117,8 @@ def section(rows: list[dict], args) -> str:
     flags += f" --repeats {args.repeats}" if args.repeats != 7 else ""
     flags += f" --iters {args.iters}" if args.iters != default_iters(args.device) else ""
     flags += f" --ns {' '.join(map(str, args.ns))}" if args.ns != [2, 4] else ""
-    backend = ("FlexAttention (compiled) with the mask's block mask" if args.device == "cuda"
+    backend = ("FlexAttention (compiled) with the mask's block mask on the tokens sorted by label where the keys are at "
+               "least `FLEX_MIN_KEYS` (2048), SDPA with the dense boolean (Nq, Nk) mask below that" if args.device == "cuda"
                else "SDPA with the dense boolean mask (FlexAttention runs on CUDA only)")
     head = ("| layer | N boxes | query tokens | keys | heads | allowed share | region ms | sdpa ms | sdpa+additive ms |"
             " sdpa / region | additive / region | region vs exact |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")

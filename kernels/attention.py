@@ -6,11 +6,11 @@ a table ``allowed[query label, key label]``. That describes LoRA-Composer's regi
 its isolated self-attention, for any number of regions, without a call per region. :func:`region_attention`
 runs it:
 
-- on CUDA with FlexAttention (``torch.nn.attention.flex_attention``), the table read inside the kernel as a
+- on CUDA, for layers with many keys (``FLEX_MIN_KEYS``), with FlexAttention (``torch.nn.attention.flex_attention``), the table read inside the kernel as a
   block mask, on the tokens sorted by label (a gather in, one out) so that whole blocks are hidden and skipped
   or allowed without a mask lookup, rather than every block mixed;
 - else with ``scaled_dot_product_attention`` and the dense boolean mask (the table expanded to
-  ``(Nq, Nk)``);
+  ``(Nq, Nk)``, shared by the batch and the heads);
 - unmasked attention on CUDA goes to xformers' memory-efficient attention when xformers is installed.
 """
 
@@ -102,6 +102,13 @@ def regional_cross_mask(inside: torch.Tensor, segments: list[tuple[int, int, int
     return RegionMask(q_labels, k_labels, table)
 
 
+# FlexAttention where the keys are at least this many (SDXL's 64x64 self-attention at 1024x1024); with fewer (its
+# 32x32 level, the expanded prompts of cross-attention) SDPA with the dense boolean mask is faster, the mask being
+# small: on an H200, bf16, bench/attention.py measured 0.15-0.26 ms a call for FlexAttention at 1024 keys and less,
+# most of it the compiled call's fixed cost, against 0.04-0.12 ms for SDPA with a dense mask.
+FLEX_MIN_KEYS = 2048
+
+
 def _flex():
     try:
         from torch.nn.attention.flex_attention import flex_attention
@@ -129,7 +136,7 @@ def region_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Re
     :class:`RegionMask`, a boolean tensor broadcastable to ``(B, H, Nq, Nk)``, or None). ``backend``:
     auto, flex, sdpa or xformers."""
     if backend == "auto":
-        if q.is_cuda and isinstance(mask, RegionMask) and _flex() is not None:
+        if q.is_cuda and isinstance(mask, RegionMask) and k.shape[-2] >= FLEX_MIN_KEYS and _flex() is not None:
             backend = "flex"
         elif q.is_cuda and mask is None and _xformers() is not None:
             backend = "xformers"
