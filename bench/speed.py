@@ -9,9 +9,9 @@ gives medians and ratios.
 Models: the embedded model's UNet at 64x64 (``embedded``); a full-size SDXL UNet built from SDXL's
 configuration with random weights at 512x512, or ``--resolution`` (``sdxl``; speed needs no trained weights).
 Adapters: random LoRA on every attention projection (to_q, to_k, to_v, to_out.0), rank 16 or 64.
-``--device cuda`` runs it on the GPU (bf16 by default, timed between synchronizations), where the studio's
-layers run the Triton kernels; a ``studio, torch`` column then times the same layers on the torch path
-(cuBLAS GEMMs), so the dispatch can be checked.
+``--device cuda`` runs it on the GPU (bf16 by default, timed between synchronizations); a ``studio, triton``
+column then times the same layers on the Triton kernels beside the default path (``studio.kernels.lora.CUDA_PATH``),
+so the dispatch can be checked.
 
 - ``studio, masked``: N adapters attached with ``studio.plugin`` and routed by a LoRA-Composer region
   gate (N vertical stripes), i.e. ``base(x) + sum_i m_i ⊙ s_i (x A_i^T) B_i^T`` in two GEMMs per layer, or,
@@ -90,16 +90,16 @@ def build(model: str, device: str = "cpu", dtype: str = "fp32", resolution: int 
 
 
 @contextlib.contextmanager
-def torch_path():
-    """The studio's layers on the torch path (cuBLAS GEMMs, or the segmented form) where they would run Triton."""
+def cuda_path(path: str):
+    """The studio's layers on CUDA on ``path`` (torch: cuBLAS GEMMs or the segmented form; triton: the kernels)."""
     from studio.kernels import lora
 
-    real = lora.triton_available
-    lora.triton_available = lambda: False
+    real = lora.CUDA_PATH
+    lora.CUDA_PATH = path
     try:
         yield
     finally:
-        lora.triton_available = real
+        lora.CUDA_PATH = real
 
 
 def random_adapters(unet, n: int, rank: int):
@@ -193,7 +193,7 @@ def measure_case(unet, inputs, side: int, rank: int, n: int, repeats: int, base_
             return unet(**inputs).sample
 
     def counted_flops() -> int:  # on the torch path: the flop counter does not see inside Triton kernels
-        with FlopCounterMode(display=False) as counter, torch_path():
+        with FlopCounterMode(display=False) as counter, cuda_path("torch"):
             forward()
         return counter.get_total_flops()
 
@@ -219,7 +219,7 @@ def measure_case(unet, inputs, side: int, rank: int, n: int, repeats: int, base_
 
     timings: dict[str, list[float]] = {"base": [], "studio": [], "peft": []}
     if cuda:
-        timings["studio_torch"] = []
+        timings["studio_triton"] = []
     if n == 1:
         timings.update(single=[], merged=[])
 
@@ -239,7 +239,7 @@ def measure_case(unet, inputs, side: int, rank: int, n: int, repeats: int, base_
         finally:
             unet.unload_lora()  # peft's layers out: the UNet's own modules back
 
-    def studio(label, kept, fuse=False, torch_only=False):
+    def studio(label, kept, fuse=False, path=None):
         from studio.plugin import fuse as fuse_weights
         from studio.plugin import unfuse
 
@@ -247,7 +247,7 @@ def measure_case(unet, inputs, side: int, rank: int, n: int, repeats: int, base_
         if fuse:
             fuse_weights(kept.pipe)
         try:
-            with torch_path() if torch_only else contextlib.nullcontext():
+            with cuda_path(path) if path else contextlib.nullcontext():
                 timed(label)
         finally:
             if fuse:
@@ -277,7 +277,7 @@ def measure_case(unet, inputs, side: int, rank: int, n: int, repeats: int, base_
     masked.off()
     plan = [lambda: timed("base"), lambda: studio("studio", masked), lambda: peft("peft")]
     if cuda:
-        plan.append(lambda: studio("studio_torch", masked, torch_only=True))
+        plan.append(lambda: studio("studio_triton", masked, path="triton"))
     if n == 1:
         single = Studio(unet, adapters, side, masked=False)
         single.off()
@@ -303,13 +303,13 @@ def section(model: str, args, rows: list, checks: list, total: int) -> str:
     """The benchmark's section of docs/benchmarks.md for the cases measured so far."""
     partial = f" (partial: {len(rows)} of {total} cases measured)" if len(rows) < total else ""
     cuda = args.device == "cuda"
-    torch_col = (" studio torch path / base |", "---|") if cuda else ("", "")
+    torch_col = (" studio triton / base |", "---|") if cuda else ("", "")
     head = (f"| rank | N | base ms | studio masked ms | peft ms | studio / base |{torch_col[0]} FLOPs studio / base | "
             f"peft / studio | FLOPs counted / analytical | studio vs peft output |\n|---|---|---|---|---|---|{torch_col[1]}---|"
             "---|---|---|\n")
     body = ""
     for (rank, n, med), (_, _, flop_ratio, diff, over_base) in zip(rows, checks):
-        torch_cell = f" {med['studio_torch'] / med['base']:.3f} |" if cuda else ""
+        torch_cell = f" {med['studio_triton'] / med['base']:.3f} |" if cuda else ""
         body += (f"| {rank} | {n} | {med['base'] * 1000:.1f} | {med['studio'] * 1000:.1f} | {med['peft'] * 1000:.1f} | "
                  f"**{med['studio'] / med['base']:.3f}** |{torch_cell} {over_base:.3f} | **{med['peft'] / med['studio']:.2f}x** | "
                  f"{flop_ratio:.4f} | {diff:.1e} |\n")
@@ -329,8 +329,8 @@ def section(model: str, args, rows: list, checks: list, total: int) -> str:
             f"{machine()}). One denoising step (UNet forward, guidance batch 2) of {where}, {args.dtype}; medians of "
             f"{args.repeats} round-robin repeats after a warm-up. Adapters: random LoRA on every attention projection. "
             "`studio masked`: the plugin's fused path with a region gate per adapter (N vertical stripes; on layers where "
-            "it pays, each adapter on its stripe's tokens only)" + ("; on the GPU the Triton kernels, and `studio torch "
-            "path` the same layers on the torch path (cuBLAS)" if cuda else "") + "; `peft`: the "
+            "it pays, each adapter on its stripe's tokens only)" + ("; `studio triton`: the same layers on the Triton "
+            "kernels" if cuda else "") + "; `peft`: the "
             "same adapters as peft layers with `set_adapters`, unfused" + (", in the model's dtype" if args.dtype != "fp32"
             else "") + ". Goals (issue 6): studio / base at most 1.10 at "
             "N = 4; peft / studio at least 2x at N = 4; FLOPs within 1% of the analytical count.\n\n"

@@ -100,6 +100,10 @@ class Composer:
     needs_attention = False  # True: every UNet attention layer calls ``attention``
     merges = False  # True: ``merge`` returns one adapter and sampling is plain
     plain_pipeline_pass = False  # True: no adapter acts in the pipeline's own passes, text encoders included (``unet_output`` mixes)
+    # True: ``gate`` depends only on the layer and its input's shape, dtype and device during a run (not on the step,
+    # the latents or attention maps), so the run asks once per layer and shape and hands back the same list after
+    # (each layer's gates then cost a dictionary lookup a call). A composer whose gates change during a run sets False.
+    static_gates = True
 
     def prepare(self, run: Run) -> None:
         """Called once before sampling (encode per-concept prompts, build masks)."""
@@ -192,6 +196,7 @@ class Run:
         self.segments: list[tuple[int, int, int | None]] | None = None  # prompt-token spans -> concept, in expanded attention
         self.extra_unet_call = False  # a composer's own UNet call (not a pipeline step)
         self.state: dict = {}  # the composer's scratch space for this run
+        self._gates: dict = {}  # (layer, input shape, dtype, device, only) -> the gates handed out, for static_gates
 
     # -- where an input sits -------------------------------------------------------------------
     def spatial_hw(self, n: int) -> tuple[int, int]:
@@ -245,6 +250,16 @@ class Run:
 
     # -- the router ----------------------------------------------------------------------------
     def gates(self, stack, x: torch.Tensor) -> list:
+        """Every adapter's weight on ``stack`` for input ``x`` (numbers, or tensors over the output's tokens)."""
+        if not self.composer.static_gates or stack.text_input:  # a cross-attention key/value's follow the prompt's spans
+            return self._gates_for(stack, x)
+        key = (stack, x.shape, x.dtype, x.device, self.only)
+        out = self._gates.get(key)
+        if out is None:
+            out = self._gates[key] = self._gates_for(stack, x)
+        return out
+
+    def _gates_for(self, stack, x: torch.Tensor) -> list:
         out = []
         for name, weight in zip(stack.names, stack.weights):
             k = self.index.get(name)

@@ -29,6 +29,7 @@ NUM_TRAIN_TIMESTEPS = 1000
 
 class Gated(Composer):
     name = "gated"
+    static_gates = False  # the gates follow the timestep and each token's adapter responses
 
     def __init__(self, token_gates: bool = True, sharpness: float = 2.0, buckets: int = 4,
                  logits: torch.Tensor | None = None):

@@ -12,7 +12,8 @@ Three paths, one answer (tests hold them to the reference):
   rank-``r_i`` LoRA per adapter on its tokens, one scatter-add, so the extra work is about one rank-r LoRA
   over the image whatever N;
 - :func:`multi_lora_triton`: the dense form as Triton kernels (Punica/vLLM-style shrink and expand) for
-  CUDA; correct under ``TRITON_INTERPRET=1`` on the CPU, which is how the tests check it.
+  CUDA; correct under ``TRITON_INTERPRET=1`` on the CPU, which is how the tests check it, and on an H200 (bench/gpu.sh).
+  Not the default on CUDA (``CUDA_PATH``): there the torch path measured faster in most cases.
 
 :func:`lora_linear` is the one-adapter form that training differentiates through (three GEMMs, the scale and
 the sum folded into the last).
@@ -25,6 +26,7 @@ Gate tensors are read, never changed. :func:`multi_lora_linear` picks the path.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -359,12 +361,23 @@ def multi_lora_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return out.reshape(*lead, N)
 
 
+# The path multi_lora_linear takes on CUDA: "torch" (the fused path's cuBLAS GEMMs, or the segmented form) or
+# "triton" (the kernels above). torch by measurement: on an H200, SDXL at 1024x1024 in bf16, a denoising step with
+# the Triton kernels took 1.2 to 1.9 times as long as with the torch path in six of the seven cases measured (rank 16
+# and 64, N = 1 to 8), the exception rank 16, N = 8 (0.83x); docs/benchmarks.md, speed-sdxl-cuda. The environment
+# variable STUDIO_LORA_CUDA_PATH chooses at import.
+CUDA_PATH = os.environ.get("STUDIO_LORA_CUDA_PATH", "torch")
+if CUDA_PATH not in ("torch", "triton"):
+    raise ValueError(f"STUDIO_LORA_CUDA_PATH={CUDA_PATH!r}: choose torch or triton")
+
+
 def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: Packed | None,
                       gates: list | TokenGates | None = None) -> torch.Tensor:
     """``x W^T + b + sum_i s_i g_i (x A_i^T) B_i^T`` for the adapters in ``packed`` (:meth:`Packed.pack`, kept
-    between calls) by the fastest path here: Triton on CUDA when installed, else the fused path (two GEMMs, or segmented)."""
+    between calls) by the fused path (two GEMMs, or segmented), or on CUDA the Triton kernels where ``CUDA_PATH``
+    says so."""
     if packed is None or not packed.ranks:
         return F.linear(x, weight, bias)
-    if x.is_cuda and triton_available():
+    if x.is_cuda and CUDA_PATH == "triton" and triton_available():
         return multi_lora_triton(x, weight, bias, packed, gates)
     return multi_lora_fused(x, weight, bias, packed, gates)

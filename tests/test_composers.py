@@ -133,6 +133,30 @@ def _stack(pipe, leaf: str) -> LoraStack:
     return next(m for n, m in pipe.unet.named_modules() if isinstance(m, LoraStack) and n.endswith(leaf))
 
 
+def test_static_gates_are_asked_once_per_layer_and_shape(pipe, concepts):
+    """LoRA-Composer's gates depend on the layer and the input's shape only: the run asks the composer once and hands
+    back the same list (what the layer then reuses without comparing); restricting to one concept, or another
+    shape, is another entry. Composers whose gates change during a run are not cached."""
+    from studio.composers.clora import CLoRA
+    from studio.composers.gated import Gated
+
+    def same(a, b):
+        return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+    with composing(pipe, "lora-composer", PROMPT, concepts) as run:
+        stack = _stack(pipe, "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")
+        x = torch.randn(1, 64, stack.base.in_features)
+        first = run.gates(stack, x)
+        assert run.gates(stack, torch.randn_like(x)) is first
+        assert any(isinstance(g, torch.Tensor) for g in first)
+        assert all(same(a, b) for a, b in zip(first, run._gates_for(stack, x)))
+        with run.restricted(0):
+            only = run.gates(stack, x)
+        assert only is not first and only[1] == 0.0 and only[0] == concepts[0].weight
+        assert run.gates(stack, torch.randn(2, 64, stack.base.in_features)) is not first
+    assert not CLoRA.static_gates and not Gated.static_gates
+
+
 def test_region_gates_leave_the_outside_to_the_base_model(pipe, concepts):
     with composing(pipe, "lora-composer", PROMPT, concepts) as run:
         run.batch = 1

@@ -270,3 +270,15 @@ def test_flex_backend_matches_the_dense_mask():
         out = region_attention(q, k, v, mask, backend="flex")
         ref = region_attention(q, k, v, mask, backend="sdpa")
         assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5), (out - ref).abs().max()
+
+
+def test_a_bad_cuda_path_is_named_at_import():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "STUDIO_LORA_CUDA_PATH": "cutlass"}
+    run = subprocess.run([sys.executable, "-c", "import studio.kernels.lora"], env=env, capture_output=True, text=True,
+                         cwd="/")
+    assert run.returncode != 0
+    assert "STUDIO_LORA_CUDA_PATH='cutlass': choose torch or triton" in run.stderr
