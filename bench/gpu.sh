@@ -5,6 +5,13 @@
 # copy of that file go to $OUT (default gpu-out/). STUDIO_REVISION names the commit where the copy has no git history.
 #
 #     bash bench/gpu.sh                  # about 6 minutes on one H200
+#
+# Where the package is not installed (a bare GPU machine with torch, triton and peft but no diffusers, no network),
+# as it ran on this workplace's H200: carry wheels of diffusers and importlib_metadata, then
+#     pip install --no-index --no-deps --target /tmp/site WHEELS && mkdir -p /tmp/site/studio && cp -r studio/. /tmp/site/studio/ \
+#       && for w in trainers composers kernels ui assets; do ln -sfn $PWD/$w /tmp/site/studio/$w; done && export PYTHONPATH=/tmp/site
+# (the package-dir mapping of pyproject.toml, by hand). Python runs with -P or from bench/: this checkout's root on
+# sys.path would put kernels/ in the place of Hugging Face's kernels package.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
