@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Issue 6's GPU figures in one go, on a machine with CUDA (python3 with torch, triton, diffusers, peft and this
 # package importable): the Triton kernels against the reference on the GPU, then bench/attention.py and
-# bench/speed.py (SDXL at 1024x1024) on CUDA. Each benchmark writes its section of docs/benchmarks.md; logs and a
+# bench/speed.py (SDXL at 1024x1024) on CUDA, as CUDA graph replays and eagerly. Each benchmark writes its section of docs/benchmarks.md; logs and a
 # copy of that file go to $OUT (default gpu-out/). STUDIO_REVISION names the commit where the copy has no git history.
 #
-#     bash bench/gpu.sh                  # about 6 minutes on one H200
+#     bash bench/gpu.sh                  # about 10 minutes on one H200 (each part has a timeout)
 #
 # Where the package is not installed (a bare GPU machine with torch, triton and peft but no diffusers, no network),
 # as it ran on this workplace's H200: carry wheels of diffusers and importlib_metadata, then
@@ -41,6 +41,8 @@ for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, 2**-6)]:
               "ok" if err <= tol else f"OVER {tol:.0e}")
 PY
 timeout "${ATTENTION_TIMEOUT:-200}" python3 bench/attention.py --device cuda 2>&1 | tee "$OUT/attention.log"
+cp docs/benchmarks.md "$OUT/"
+timeout "${GRAPHS_TIMEOUT:-330}" python3 bench/speed.py --models sdxl --device cuda --resolution 1024 --repeats 5 --cuda-graphs 2>&1 | tee "$OUT/graphs.log"
 cp docs/benchmarks.md "$OUT/"
 timeout "${SPEED_TIMEOUT:-330}" python3 bench/speed.py --models sdxl --device cuda --resolution 1024 --repeats 5 2>&1 | tee "$OUT/speed.log"
 cp docs/benchmarks.md "$OUT/"

@@ -4,7 +4,8 @@ the base model, peft's multi-adapter path and merged weights, side by side in on
 What is timed is one denoising step: a UNet forward with a guidance batch of 2 (sampling is that,
 times the number of steps, plus one VAE decode; the ratios per step are what adapters change).
 Every configuration is warmed up once, then all are run round-robin ``--repeats`` times; the table
-gives medians and ratios.
+gives medians and ratios. ``--cuda-graphs`` (CUDA) instead captures each configuration's step in a CUDA graph and
+times its replays: what the step costs without Python and per-kernel launch costs.
 
 Models: the embedded model's UNet at 64x64 (``embedded``); a full-size SDXL UNet built from SDXL's
 configuration with random weights at 512x512, or ``--resolution`` (``sdxl``; speed needs no trained weights).
@@ -180,9 +181,28 @@ def lora_flops(stack, lead: tuple[int, ...], n: int, run) -> int:
     return sum(2 * m * (rank // n) * d for m in per)
 
 
-def measure_case(unet, inputs, side: int, rank: int, n: int, repeats: int, base_flops: int):
+def capture(forward):
+    """``forward`` captured in a CUDA graph (after two runs on a side stream, as torch's documentation does it):
+    its replay launches every kernel of the step at once, without Python or per-kernel launch costs."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            forward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        forward()
+    return graph
+
+
+def measure_case(unet, inputs, side: int, rank: int, n: int, repeats: int, base_flops: int, graphs: bool = False):
     """Median seconds per configuration for N adapters of one rank, and the (rank, N, FLOP ratio, output
-    difference) checks."""
+    difference) checks. ``graphs`` (CUDA): each configuration set up in turn, its step captured in a CUDA graph
+    and replayed ``repeats`` times, then taken down (a graph holds its configuration's weights, so configurations
+    cannot be swapped under it round-robin)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -223,23 +243,25 @@ def measure_case(unet, inputs, side: int, rank: int, n: int, repeats: int, base_
     if n == 1:
         timings.update(single=[], merged=[])
 
-    def timed(label):
+    def timed(label, run=forward):
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        forward()
+        run()
         if cuda:
             torch.cuda.synchronize()
         timings[label].append(time.perf_counter() - t0)
 
-    def peft(label):
+    @contextlib.contextmanager
+    def peft():
         peft_on()
         try:
-            timed(label)
+            yield
         finally:
             unet.unload_lora()  # peft's layers out: the UNet's own modules back
 
-    def studio(label, kept, fuse=False, path=None):
+    @contextlib.contextmanager
+    def studio(kept, fuse=False, path=None):
         from studio.plugin import fuse as fuse_weights
         from studio.plugin import unfuse
 
@@ -248,7 +270,7 @@ def measure_case(unet, inputs, side: int, rank: int, n: int, repeats: int, base_
             fuse_weights(kept.pipe)
         try:
             with cuda_path(path) if path else contextlib.nullcontext():
-                timed(label)
+                yield
         finally:
             if fuse:
                 unfuse(kept.pipe)
@@ -275,23 +297,34 @@ def measure_case(unet, inputs, side: int, rank: int, n: int, repeats: int, base_
     # which builds the packed adapters and the region gates (the warm-up round below)
     masked = Studio(unet, adapters, side, masked=True)
     masked.off()
-    plan = [lambda: timed("base"), lambda: studio("studio", masked), lambda: peft("peft")]
+    plan = {"base": contextlib.nullcontext, "studio": lambda: studio(masked), "peft": peft}  # label -> its setting
     if cuda:
-        plan.append(lambda: studio("studio_triton", masked, path="triton"))
+        plan["studio_triton"] = lambda: studio(masked, path="triton")
     if n == 1:
         single = Studio(unet, adapters, side, masked=False)
         single.off()
-        plan += [lambda: studio("single", single), lambda: studio("merged", single, fuse=True)]
+        plan.update(single=lambda: studio(single), merged=lambda: studio(single, fuse=True))
     factors[:] = [{key: (st.downs[i].weight, st.ups[i].weight) for key, st in masked.handle.stacks.items()}
                   for i in range(n)]
     del adapters
-    for step in plan:  # warm-up
-        step()
-    for v in timings.values():
-        v.clear()
-    for _ in range(repeats):
-        for step in plan:
-            step()
+    if graphs:
+        for label, setting in plan.items():
+            with setting():
+                graph = capture(forward)
+                for _ in range(repeats + 1):  # the first replay is the warm-up
+                    timed(label, graph.replay)
+                timings[label].pop(0)
+                del graph
+    else:
+        for label, setting in plan.items():  # warm-up
+            with setting():
+                timed(label)
+        for v in timings.values():
+            v.clear()
+        for _ in range(repeats):
+            for label, setting in plan.items():
+                with setting():
+                    timed(label)
     masked.close()
     if n == 1:
         single.close()
@@ -323,11 +356,13 @@ def section(model: str, args, rows: list, checks: list, total: int) -> str:
     flags = f" --models {model}" + (f" --repeats {args.repeats}" if args.repeats != 7 else "")
     flags += (f" --device {args.device}" if cuda else "") + (f" --dtype {args.dtype}" if args.dtype != default_dtype(args.device) else "")
     flags += f" --resolution {res}" if model == "sdxl" and res != 512 else ""
+    flags += " --cuda-graphs" if args.cuda_graphs else ""
     flags += (f" --ns {' '.join(map(str, args.ns))}" if args.ns != [1, 2, 4, 8] else "")
     flags += (f" --ranks {' '.join(map(str, args.ranks))}" if args.ranks != [16, 64] else "")
-    text = (f"## Sampling speed with N adapters: {model}{' on the GPU' if cuda else ''}{partial}\n\nCommand: `python bench/speed.py{flags}` (revision {git_revision()}; "
+    text = (f"## Sampling speed with N adapters: {model}{' on the GPU' if cuda else ''}{' (CUDA graphs)' if args.cuda_graphs else ''}{partial}\n\nCommand: `python bench/speed.py{flags}` (revision {git_revision()}; "
             f"{machine()}). One denoising step (UNet forward, guidance batch 2) of {where}, {args.dtype}; medians of "
-            f"{args.repeats} round-robin repeats after a warm-up. Adapters: random LoRA on every attention projection. "
+            + (f"{args.repeats} CUDA graph replays of each configuration's step, one configuration after another"
+               if args.cuda_graphs else f"{args.repeats} round-robin repeats") + " after a warm-up. Adapters: random LoRA on every attention projection. "
             "`studio masked`: the plugin's fused path with a region gate per adapter (N vertical stripes; on layers where "
             "it pays, each adapter on its stripe's tokens only)" + ("; `studio triton`: the same layers on the Triton "
             "kernels" if cuda else "") + "; `peft`: the "
@@ -357,13 +392,17 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on cuda, fp32 on the cpu")
     parser.add_argument("--resolution", type=int, default=512, help="the SDXL UNet's image side (default 512)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="CUDA: time each configuration's step as a CUDA graph replay (no per-call launch costs)")
     args = parser.parse_args()
     args.dtype = args.dtype or default_dtype(args.device)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
+    if args.cuda_graphs and args.device != "cuda":
+        parser.error("--cuda-graphs needs --device cuda")
     if args.resolution % 64:
         parser.error(f"--resolution {args.resolution}: give a multiple of 64")
-    suffix = "-cuda" if args.device == "cuda" else ""
+    suffix = ("-cuda" if args.device == "cuda" else "") + ("-graphs" if args.cuda_graphs else "")
     for model in args.models:
         unet, inputs, side = build(model, args.device, args.dtype, args.resolution)
         with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -373,7 +412,7 @@ def main() -> None:
         total = len(args.ranks) * len(args.ns)
         for rank in args.ranks:
             for n in args.ns:
-                med, check = measure_case(unet, inputs, side, rank, n, args.repeats, base_flops)
+                med, check = measure_case(unet, inputs, side, rank, n, args.repeats, base_flops, args.cuda_graphs)
                 rows.append((rank, n, med))
                 checks.append(check)
                 print(model, rank, n, {k: round(v * 1000, 1) for k, v in med.items()}, check, flush=True)
