@@ -6,8 +6,8 @@ a table ``allowed[query label, key label]``. That describes LoRA-Composer's regi
 its isolated self-attention, for any number of regions, without a call per region. :func:`region_attention`
 runs it:
 
-- on CUDA, for layers with many keys (``FLEX_MIN_KEYS``), with FlexAttention (``torch.nn.attention.flex_attention``), the table read inside the kernel as a
-  block mask, on the tokens sorted by label (a gather in, one out) so that whole blocks are hidden and skipped
+- on CUDA, for layers with many keys (``FLEX_MIN_KEYS``), with FlexAttention
+  (``torch.nn.attention.flex_attention``), the table read inside the kernel as a block mask, on the tokens sorted by label (a gather in, one out) so that whole blocks are hidden and skipped
   or allowed without a mask lookup, rather than every block mixed;
 - else with ``scaled_dot_product_attention`` and the dense boolean mask (the table expanded to
   ``(Nq, Nk)``, shared by the batch and the heads);
@@ -105,7 +105,7 @@ def regional_cross_mask(inside: torch.Tensor, segments: list[tuple[int, int, int
 # FlexAttention where the keys are at least this many (SDXL's 64x64 self-attention at 1024x1024); with fewer (its
 # 32x32 level, the expanded prompts of cross-attention) SDPA with the dense boolean mask is faster, the mask being
 # small: on an H200, bf16, bench/attention.py measured 0.15-0.26 ms a call for FlexAttention at 1024 keys and less,
-# most of it the compiled call's fixed cost, against 0.04-0.12 ms for SDPA with a dense mask.
+# most of it the compiled call's fixed cost, and 0.055-0.11 ms for SDPA with the dense boolean mask on those layers.
 FLEX_MIN_KEYS = 2048
 
 
