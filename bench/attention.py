@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import git_revision, machine, write_section  # noqa: E402
+from report import DTYPES, default_dtype, git_revision, machine, torch_dtype, write_section  # noqa: E402
 
 TEXT = 77  # tokens per prompt
 
@@ -80,7 +80,7 @@ def measure(kind: str, n: int, side: int, heads: int, args) -> dict:
     import torch.nn.functional as F
     from studio.kernels.attention import region_attention
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = torch_dtype(args.dtype)
     mask, n_keys = masks(kind, n, side)
     mask = mask.to(args.device)
     g = torch.Generator(device=args.device).manual_seed(0)
@@ -135,10 +135,6 @@ def section(rows: list[dict], args) -> str:
             "`region vs exact`: largest difference from the masked softmax in fp32.\n\n" + head + body)
 
 
-def default_dtype(device: str) -> str:
-    return "bf16" if device == "cuda" else "fp32"
-
-
 def default_iters(device: str) -> int:
     return 20 if device == "cuda" else 3
 
@@ -146,7 +142,7 @@ def default_iters(device: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on cuda, fp32 on the cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on cuda, fp32 on the cpu")
     parser.add_argument("--ns", nargs="*", type=int, default=[2, 4])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=64)

@@ -12,6 +12,20 @@ BENCHMARKS = ROOT / "docs" / "benchmarks.md"
 HEADER = "# Benchmarks\n\nEvery figure here is written by a script under `bench/`; each section names the command that\nreproduces it and the machine it ran on.\n"
 
 
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --dtype names -> torch's
+
+
+def default_dtype(device: str) -> str:
+    """The benchmarks' dtype where --dtype is not given: bf16 on CUDA (what sampling there uses), fp32 on the CPU."""
+    return "bf16" if device == "cuda" else "fp32"
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
 def machine() -> str:
     """One line describing this machine: CPU model, cores, torch version."""
     cpu = platform.processor() or platform.machine()

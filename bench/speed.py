@@ -44,7 +44,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import git_revision, machine, write_section  # noqa: E402
+from report import DTYPES, default_dtype, git_revision, machine, torch_dtype, write_section  # noqa: E402
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -56,9 +56,6 @@ SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
     use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816, norm_num_groups=32,
 )
-
-
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def build(model: str, device: str = "cpu", dtype: str = "fp32", resolution: int = 512):
@@ -76,7 +73,7 @@ def build(model: str, device: str = "cpu", dtype: str = "fp32", resolution: int 
         with torch.device(device):  # built where it runs: a full-size UNet's random init is slow on few cores
             unet = UNet2DConditionModel(**SDXL_UNET)
         side = resolution // 8
-    unet.eval().requires_grad_(False).to(device, getattr(torch, DTYPES[dtype]))
+    unet.eval().requires_grad_(False).to(device, torch_dtype(dtype))
     cfg = unet.config
     batch = 2
     g = torch.Generator().manual_seed(1)
@@ -336,15 +333,15 @@ def section(model: str, args, rows: list, checks: list, total: int) -> str:
     """The benchmark's section of docs/benchmarks.md for the cases measured so far."""
     partial = f" (partial: {len(rows)} of {total} cases measured)" if len(rows) < total else ""
     cuda = args.device == "cuda"
-    torch_col = (" studio triton / base |", "---|") if cuda else ("", "")
-    head = (f"| rank | N | base ms | studio masked ms | peft ms | studio / base |{torch_col[0]} FLOPs studio / base | "
-            f"peft / studio | FLOPs counted / analytical | studio vs peft output |\n|---|---|---|---|---|---|{torch_col[1]}---|"
+    triton_col = (" studio triton / base |", "---|") if cuda else ("", "")
+    head = (f"| rank | N | base ms | studio masked ms | peft ms | studio / base |{triton_col[0]} FLOPs studio / base | "
+            f"peft / studio | FLOPs counted / analytical | studio vs peft output |\n|---|---|---|---|---|---|{triton_col[1]}---|"
             "---|---|---|\n")
     body = ""
     for (rank, n, med), (_, _, flop_ratio, diff, over_base) in zip(rows, checks):
-        torch_cell = f" {med['studio_triton'] / med['base']:.3f} |" if cuda else ""
+        triton_cell = f" {med['studio_triton'] / med['base']:.3f} |" if cuda else ""
         body += (f"| {rank} | {n} | {med['base'] * 1000:.1f} | {med['studio'] * 1000:.1f} | {med['peft'] * 1000:.1f} | "
-                 f"**{med['studio'] / med['base']:.3f}** |{torch_cell} {over_base:.3f} | **{med['peft'] / med['studio']:.2f}x** | "
+                 f"**{med['studio'] / med['base']:.3f}** |{triton_cell} {over_base:.3f} | **{med['peft'] / med['studio']:.2f}x** | "
                  f"{flop_ratio:.4f} | {diff:.1e} |\n")
     singles = [(rank, med) for rank, n, med in rows if n == 1]
     single = "".join(f"- rank {rank}: one unmasked adapter, unfused {med['single'] * 1000:.1f} ms vs fused into the weights "
@@ -374,10 +371,6 @@ def section(model: str, args, rows: list, checks: list, total: int) -> str:
             "inside Triton kernels" if cuda else "") + ". `studio vs peft output`: the largest difference between "
             "the two paths' outputs (unmasked, same adapters), relative to the output's largest value.\n")
     return text
-
-
-def default_dtype(device: str) -> str:
-    return "bf16" if device == "cuda" else "fp32"
 
 
 def main() -> None:

@@ -253,8 +253,6 @@ def _configs(names: tuple[str, str]) -> list:
     """Autotuned tile sizes on a GPU (tuned once per layer shape and rank, not per token count: a UNet's first call
     tunes each of its layer shapes once); one small tile under the interpreter (the tests), where tuning only costs
     time."""
-    import os
-
     import triton
 
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -269,13 +267,13 @@ def _kernels():
     import triton
     import triton.language as tl
 
-    @triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_K")), key=["K", "R", "GATED", "PRECISE"])
+    @triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_K")), key=["K", "R", "GATED", "PRECISION"])
     @triton.jit
     def shrink(x_ptr, a_ptr, g_ptr, h_ptr, M, K, R, stride_xm, stride_am, stride_gm, stride_hm,
-               GATED: tl.constexpr, PRECISE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+               GATED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_K: tl.constexpr):
-        # h[m, r] = sum_k x[m, k] a[r, k], times g[m, r] (or g[r]), accumulated in fp32. PRECISE (fp32 inputs): the
-        # products in full fp32; else (bf16/fp16 inputs, which tf32 holds exactly) on the tensor cores in tf32.
+        # h[m, r] = sum_k x[m, k] a[r, k], times g[m, r] (or g[r]), accumulated in fp32. PRECISION "ieee" (fp32
+        # inputs): the products in full fp32; "tf32" (bf16/fp16 inputs, which tf32 holds exactly): on the tensor cores.
         # Widening in registers rather than a 16-bit dot: Triton's interpreter reads a 16-bit dot's operands as raw
         # bits, so that form could not be tested on the CPU; the loads, the traffic that bounds a low-rank GEMM, are
         # the same.
@@ -287,10 +285,7 @@ def _kernels():
             rk = k0 + tl.arange(0, BLOCK_K)
             xs = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
             as_ = tl.load(a_ptr + rr[None, :] * stride_am + rk[:, None], mask=(rr[None, :] < R) & (rk[:, None] < K), other=0.0)
-            if PRECISE:
-                acc += tl.dot(xs.to(tl.float32), as_.to(tl.float32), input_precision="ieee")
-            else:
-                acc += tl.dot(xs.to(tl.float32), as_.to(tl.float32), input_precision="tf32")
+            acc += tl.dot(xs.to(tl.float32), as_.to(tl.float32), input_precision=PRECISION)
         if GATED:
             g = tl.load(g_ptr + rm[:, None] * stride_gm + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
         else:
@@ -299,10 +294,10 @@ def _kernels():
         tl.store(h_ptr + rm[:, None] * stride_hm + rr[None, :], acc.to(h_ptr.dtype.element_ty),
                  mask=(rm[:, None] < M) & (rr[None, :] < R))
 
-    @triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_N")), key=["N", "R", "PRECISE"])
+    @triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_N")), key=["N", "R", "PRECISION"])
     @triton.jit
     def expand(h_ptr, b_ptr, base_ptr, o_ptr, M, N, R, stride_hm, stride_br, stride_om,
-               PRECISE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+               PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # o[m, n] = base[m, n] + sum_r h[m, r] b[r, n] (base and o of one layout; o is written, never read, so
         # the autotuner may run it repeatedly)
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
@@ -313,10 +308,7 @@ def _kernels():
             rr = r0 + tl.arange(0, BLOCK_R)
             hs = tl.load(h_ptr + rm[:, None] * stride_hm + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
             bs = tl.load(b_ptr + rr[:, None] * stride_br + rn[None, :], mask=(rn[None, :] < N) & (rr[:, None] < R), other=0.0)
-            if PRECISE:
-                acc += tl.dot(hs.to(tl.float32), bs.to(tl.float32), input_precision="ieee")
-            else:
-                acc += tl.dot(hs.to(tl.float32), bs.to(tl.float32), input_precision="tf32")
+            acc += tl.dot(hs.to(tl.float32), bs.to(tl.float32), input_precision=PRECISION)
         mask = (rm[:, None] < M) & (rn[None, :] < N)
         offs = rm[:, None] * stride_om + rn[None, :]
         base = tl.load(base_ptr + offs, mask=mask, other=0.0)
@@ -339,7 +331,7 @@ def multi_lora_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     M, K = x2.shape
     R, N = packed.down.shape[0], weight.shape[0]
-    precise = x2.dtype == torch.float32
+    precision = "ieee" if x2.dtype == torch.float32 else "tf32"
     routed = _token_gates(gates, x, len(packed.ranks))
     gated = isinstance(routed, TokenGates)
     if gated:
@@ -352,11 +344,11 @@ def multi_lora_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     block_r = max(16, triton.next_power_of_2(min(R, 64)))
     shrink[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r))](
         x2, packed.down, g, h, M, K, R, x2.stride(0), packed.down.stride(0), g.stride(0) if gated else 0, h.stride(0),
-        GATED=gated, PRECISE=precise, BLOCK_R=block_r)
+        GATED=gated, PRECISION=precision, BLOCK_R=block_r)
     base = F.linear(x2, weight, bias).contiguous()
     out = torch.empty_like(base)
     expand[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))](
-        h, packed.up_t, base, out, M, N, R, h.stride(0), packed.up_t.stride(0), out.stride(0), PRECISE=precise,
+        h, packed.up_t, base, out, M, N, R, h.stride(0), packed.up_t.stride(0), out.stride(0), PRECISION=precision,
         BLOCK_R=16)
     return out.reshape(*lead, N)
 
