@@ -64,6 +64,17 @@ def main() -> None:
                                         generator=g),
              "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]).repeat(batch, 1)}
 
+    # the floor: the same UNet without LoRA, the backward reaching each adapted projection's output as with LoRA
+    plain = UNet2DConditionModel.from_pretrained(str(EMBEDDED_MODEL), subfolder="unet").requires_grad_(False)
+    plain.set_attn_processor(AttnProcessor2_0())
+
+    def needs_grad(module, args, output):
+        return output if output.requires_grad else output.requires_grad_(True)
+
+    for name, module in plain.named_modules():
+        if name in paths:
+            module.register_forward_hook(needs_grad)
+
     def route(path: str) -> None:  # peft, layers (lora_linear) or attention (lora_linear + the training attention)
         if path == "peft":
             for layer in layers:
@@ -73,6 +84,8 @@ def main() -> None:
         unet.set_attn_processor(TrainingAttnProcessor() if path == "attention" else AttnProcessor2_0())
 
     def loss(path: str):
+        if path == "floor":
+            return (plain(x, t, text, added_cond_kwargs=added).sample - x).square().mean()
         return (unet(x, t, text, added_cond_kwargs=added).sample - x).square().mean()
 
     # the same sum: outputs and gradients of each path against peft's
@@ -95,17 +108,21 @@ def main() -> None:
         "peft layer, fused AdamW": ("peft", adamw(True)),
         "studio: `lora_linear`, fused AdamW": ("layers", adamw(True)),
         "studio: `lora_linear`, fused AdamW, training attention (the trainer's path)": ("attention", adamw(True)),
+        "floor: the UNet without LoRA, forward and backward (no adapter, no optimizer)": ("floor", None),
     }
 
     def run(label: str, steps: int) -> float:
         path, opt = configs[label]
-        route(path)
+        if opt is not None:
+            route(path)
         start = time.perf_counter()
         for _ in range(steps):
             value = loss(path)
-            opt.zero_grad(set_to_none=True)
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
             value.backward()
-            opt.step()
+            if opt is not None:
+                opt.step()
         return (time.perf_counter() - start) / steps
 
     for label in configs:
@@ -119,6 +136,7 @@ def main() -> None:
     table = "| step | ms per step (median) | vs peft layer + AdamW |\n|---|---|---|\n"
     for label, v in times.items():
         table += f"| {label} | {statistics.median(v) * 1000:.1f} | **{base / statistics.median(v):.2f}x** |\n"
+    studio, floor = (statistics.median(times[label]) for label in list(configs)[-2:])
     text = (
         f"## One LoRA training step: peft's layer and AdamW against the studio's training path\n\n"
         f"Command: `python bench/lora_step.py --repeats {args.repeats} --steps {args.steps}` (revision "
@@ -128,6 +146,11 @@ def main() -> None:
         + "".join(f"Against peft's path on the same input, `{path}` ({what}): loss differs by {diffs[path][0]:.1e}, LoRA "
                   f"gradients by at most {diffs[path][1]:.1e} of each gradient's largest entry.\n"
                   for path, what in (("layers", "lora_linear"), ("attention", "lora_linear and the training attention")))
+        + f"\nThe floor (the same UNet without LoRA, its backward reaching every adapted projection's output): "
+        f"{floor * 1000:.1f} ms. The studio's path costs {(studio - floor) * 1000:.1f} ms a step over it "
+        f"({studio / floor:.2f}x the floor); peft's layer with AdamW {(base - floor) * 1000:.1f} ms "
+        f"({base / floor:.2f}x). A trainer that keeps this arithmetic (eager, fp32) is at most "
+        f"{base / floor:.2f}x faster than peft's path on this step, however cheap its LoRA.\n"
     )
     print(text)
     write_section("lora-step", text)
