@@ -37,12 +37,17 @@ masks from its cross-attention maps; step size 20), ``clora-gates`` (one pass, e
 ``lora-composer-r0.5`` (half the global prompt's output kept inside the boxes), ``lora-composer-pos``
 (replace_ratio 1, each region prompt is the global prompt's clause naming the concept: "a sks shape on the left";
 the studio's default), ``gated`` (training-free token gates), ``gated-fit`` (gates trained 100 steps on the
-concepts' own images first; that time is not counted), ``orthogonal``.
+concepts' own images first; that time is not counted), ``orthogonal``. Not run by default: ``clora-colour``
+(CLoRA whose concepts, in a described composition, watch their colour word too: ``words`` "sks blue shape"
+instead of "sks shape"), ``clora-exclusive`` (CLoRA with each pixel of overlapping masks given to the concept
+whose normalised map is highest, instead of shared).
 
     python bench/compose.py                       # all methods, 20 seeds
     python bench/compose.py --seeds 4 --methods naive lora-composer
+    python bench/compose.py --methods naive clora clora-colour --compositions "star + heart + cross, described"
 
-Prints a table and writes the ``compose`` section of docs/benchmarks.md.
+Prints a table and writes the ``compose`` section of docs/benchmarks.md (not with ``--compositions``: a part
+of the table does not replace the whole).
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ VARIANTS = {  # method name in the table -> (composer, options)
     "clora-s200": ("clora", {"step_size": 200.0}),
     "clora-gates": ("clora", {"mixing": "gates"}),  # one pass, each adapter gated by its mask inside the UNet
     "clora-clause": ("clora", {"clause_words": True}),
+    "clora-exclusive": ("clora", {"exclusive": True}),  # each pixel to one concept: the highest normalised map
     "clora-clause-s200": ("clora", {"clause_words": True, "step_size": 200.0}),
     "lora-composer": ("lora-composer", {"positional_prompts": False}),  # the official: the concept's own prompt
     "lora-composer-r0.5": ("lora-composer", {"replace_ratio": 0.5, "positional_prompts": False}),
@@ -232,7 +238,17 @@ def main() -> None:
     parser.add_argument("--train-text-encoder", action="store_true",
                         help="train the adapters with LoRA on the text encoders too (in their own --work folder)")
     parser.add_argument("--clora-step", type=float, default=None, help="CLoRA's latent step size (default: the composer's)")
+    parser.add_argument("--compositions", nargs="*", default=None, metavar="NAME",
+                        help="run only these compositions (by name, e.g. 'star + heart + cross, described'); the"
+                             " table is then printed, not written to docs/benchmarks.md")
     args = parser.parse_args()
+    names = [c[0] for c in COMPOSITIONS]
+    unknown = [n for n in args.compositions or [] if n not in names]
+    if unknown:
+        raise SystemExit(f"--compositions: unknown {unknown}; choose from {names}")
+    bad = [m for m in args.methods if m not in METHODS and m not in VARIANTS and m != "clora-colour"]
+    if bad:
+        raise SystemExit(f"--methods: unknown {bad}; choose from {METHODS + list(VARIANTS) + ['clora-colour']}")
     torch.manual_seed(0)
     work = Path(args.work)
     files = train_concepts(work, {"train_text_encoder": True} if args.train_text_encoder else None)
@@ -282,6 +298,8 @@ def main() -> None:
         print("identity", shape, f"threshold {t:.3f} TPR {tpr:.2f} FPR {fpr:.2f}", flush=True)
     rows = []
     for name, items, style, described in COMPOSITIONS:
+        if args.compositions is not None and name not in args.compositions:
+            continue
         concepts = [Concept.load(files[c], name=c, region=BOXES[p]) for c, p in items]
         if style:  # the style's region is its subject's box
             concepts.append(Concept.load(files[STYLE], name=STYLE, region=BOXES[items[0][1]], words=STYLE_TOKEN,
@@ -296,12 +314,18 @@ def main() -> None:
                 composer.fit(pipe, concepts, folders, steps=100)
             elif method in VARIANTS:
                 composer = get_composer(VARIANTS[method][0], **VARIANTS[method][1])
+            elif method == "clora-colour":  # CLoRA watching the colour word too where the prompt names one
+                composer = get_composer("clora")
             else:
                 composer = get_composer(method, **({"step_size": args.clora_step} if method == "clora" and args.clora_step else {}))
             t0 = time.time()
             images = []
+            used = concepts
+            if method == "clora-colour" and described:
+                used = [Concept.load(files[c], name=c, region=BOXES[p], words=f"{SUBJECTS[c][0]} {COLOURS[c]} shape")
+                        for c, p in items]
             for start in range(0, args.seeds, 10):
-                images += compose(pipe, composer, prompt, concepts, seed=start, num=min(10, args.seeds - start),
+                images += compose(pipe, composer, prompt, used, seed=start, num=min(10, args.seeds - start),
                                   steps=args.steps, batch_size=10)
             seconds = (time.time() - t0) / len(images)
             r = score(judge, images, items, style, refs, thresholds, described)
@@ -360,7 +384,8 @@ def main() -> None:
             "The style is read by the judge's style head in both. Grids of the first 10 seeds: "
             f"`{args.work}/grids/`.\n")
     print(text)
-    write_section("compose", text)
+    if args.compositions is None:
+        write_section("compose", text)
 
 
 if __name__ == "__main__":

@@ -86,7 +86,8 @@ class CLoRA(Composer):
 
     def __init__(self, step_size: float = 20.0, update_fraction: float = 0.5, threshold: float = 0.4,
                  temperature: float = 0.5, latent_update: bool = True, clause_words: bool = False,
-                 mixing: str = "noise"):
+                 mixing: str = "noise", exclusive: bool = False):
+        self.exclusive = exclusive
         self.step_size, self.update_fraction, self.clause_words = step_size, update_fraction, clause_words
         self.threshold, self.temperature, self.latent_update = threshold, temperature, latent_update
         if mixing not in ("noise", "gates"):
@@ -151,7 +152,11 @@ class CLoRA(Composer):
         concept = concept.detach().float()
         flat = concept.flatten(2)
         lo, hi = flat.amin(-1)[..., None, None], flat.amax(-1)[..., None, None]
-        return ((concept - lo) > self.threshold * (hi - lo)).float()
+        norm = (concept - lo) / (hi - lo).clamp_min(1e-8)
+        masks = norm > self.threshold
+        if self.exclusive:  # each pixel to the concept whose normalised map is highest there: no shared pixels
+            masks &= F.one_hot(norm.argmax(1), norm.shape[1]).permute(0, 3, 1, 2).bool()
+        return masks.float()
 
     def loss(self, run: Run, maps: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         flat = maps.flatten(2).float()

@@ -362,6 +362,15 @@ def test_clora_masks_on_a_hand_built_case():
     assert masks.tolist() == [[[[1.0, 0.0], [0.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]]]
 
 
+def test_clora_exclusive_masks_give_an_overlapping_pixel_to_the_higher_map():
+    concept = torch.tensor([[[[1.0, 0.8, 0.0]], [[0.0, 0.9, 1.0]]]])  # (B, K, h, w): both pass 0.4 in the middle
+    assert CLoRA(threshold=0.4).threshold_masks(concept).tolist() == [[[[1.0, 1.0, 0.0]], [[0.0, 1.0, 1.0]]]]
+    assert CLoRA(threshold=0.4, exclusive=True).threshold_masks(concept).tolist() == [[[[1.0, 0.0, 0.0]],
+                                                                                       [[0.0, 1.0, 1.0]]]]
+    flat = torch.zeros(1, 2, 1, 3)  # a flat map is nowhere: no mask, exclusive or not
+    assert CLoRA(exclusive=True).threshold_masks(flat).sum() == 0
+
+
 def test_concepts_sharing_a_name_are_numbered(pipe, concepts):
     twins = [Concept(c.adapter, "sks", c.prompt, c.words, c.region) for c in concepts]
     with composing(pipe, "naive", PROMPT, twins) as run:
