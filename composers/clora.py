@@ -22,7 +22,8 @@ The prompt names every concept ("a sks1 shape on the left and a sks2 shape on th
   map's minimum.
 
 ``clause_words=True`` widens each concept's tokens to the content words of the prompt's clause that names it
-("sks shape left").
+("sks shape left"). ``exclusive=True`` gives a pixel where masks overlap to the concept whose normalised map is
+highest there instead of sharing it. Neither changed the composition benchmark's rates (docs/benchmarks.md).
 
 What the masks need: words whose maps lie on their object. Identifiers split into characters, and on the
 embedded model so does the class noun "shape": their maps are flat at every head, with or without the adapter
