@@ -78,6 +78,7 @@ VARIANTS = {  # method name in the table -> (composer, options)
     "clora-gates": ("clora", {"mixing": "gates"}),  # one pass, each adapter gated by its mask inside the UNet
     "clora-clause": ("clora", {"clause_words": True}),
     "clora-exclusive": ("clora", {"exclusive": True}),  # each pixel to one concept: the highest normalised map
+    "clora-colour": ("clora", {}),  # its concepts' words take their colour where the prompt names one (below)
     "clora-clause-s200": ("clora", {"clause_words": True, "step_size": 200.0}),
     "lora-composer": ("lora-composer", {"positional_prompts": False}),  # the official: the concept's own prompt
     "lora-composer-r0.5": ("lora-composer", {"replace_ratio": 0.5, "positional_prompts": False}),
@@ -246,9 +247,9 @@ def main() -> None:
     unknown = [n for n in args.compositions or [] if n not in names]
     if unknown:
         raise SystemExit(f"--compositions: unknown {unknown}; choose from {names}")
-    bad = [m for m in args.methods if m not in METHODS and m not in VARIANTS and m != "clora-colour"]
+    bad = [m for m in args.methods if m not in METHODS and m not in VARIANTS]
     if bad:
-        raise SystemExit(f"--methods: unknown {bad}; choose from {METHODS + list(VARIANTS) + ['clora-colour']}")
+        raise SystemExit(f"--methods: unknown {bad}; choose from {list(dict.fromkeys(METHODS + list(VARIANTS)))}")
     torch.manual_seed(0)
     work = Path(args.work)
     files = train_concepts(work, {"train_text_encoder": True} if args.train_text_encoder else None)
@@ -314,8 +315,6 @@ def main() -> None:
                 composer.fit(pipe, concepts, folders, steps=100)
             elif method in VARIANTS:
                 composer = get_composer(VARIANTS[method][0], **VARIANTS[method][1])
-            elif method == "clora-colour":  # CLoRA watching the colour word too where the prompt names one
-                composer = get_composer("clora")
             else:
                 composer = get_composer(method, **({"step_size": args.clora_step} if method == "clora" and args.clora_step else {}))
             t0 = time.time()

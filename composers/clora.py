@@ -88,8 +88,8 @@ class CLoRA(Composer):
     def __init__(self, step_size: float = 20.0, update_fraction: float = 0.5, threshold: float = 0.4,
                  temperature: float = 0.5, latent_update: bool = True, clause_words: bool = False,
                  mixing: str = "noise", exclusive: bool = False):
-        self.exclusive = exclusive
         self.step_size, self.update_fraction, self.clause_words = step_size, update_fraction, clause_words
+        self.exclusive = exclusive
         self.threshold, self.temperature, self.latent_update = threshold, temperature, latent_update
         if mixing not in ("noise", "gates"):
             raise ValueError(f"CLoRA mixing {mixing!r}: choose noise (one pass per LoRA, the official) or gates (one pass)")
