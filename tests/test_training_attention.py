@@ -99,3 +99,46 @@ def test_another_processor_is_left_alone():
     unet.set_attn_processor(AttnProcessor())
     assert not use_training_attention(unet)
     assert all(type(p) is AttnProcessor for p in unet.attn_processors.values())
+
+
+@pytest.mark.parametrize("order", [[0, 0, 0, 1, 1, 1], [0, 1, 0, 1, 1, 0]])
+def test_a_prompt_repeated_in_the_batch_is_projected_once_with_the_same_result(order, monkeypatch):
+    rows = []
+    real = attention.fused_projections
+    monkeypatch.setattr(attention, "fused_projections", lambda x, *a: rows.append(x.shape[:-1].numel()) or real(x, *a))
+    reference = _unet(["to_q", "to_k", "to_v", "to_out.0"])
+    fused = copy.deepcopy(reference)
+    use_lora_linear(fused)
+    assert use_training_attention(fused)
+    x, t, embeds, added = _batch()
+    embeds = embeds[:2][torch.tensor(order)]  # two prompts, each three times: in runs, or interleaved
+    assert attention.distinct_examples(embeds).run == (3 if order == sorted(order) else 0)
+    ref = reference(x, t, embeds, added_cond_kwargs=added).sample
+    out = fused(x, t, embeds, added_cond_kwargs=added).sample
+    assert sorted(set(rows)) == [6 * 16, 2 * 77, 6 * 64] and rows.count(2 * 77) == 11  # every cross k/v on 2 prompts
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    ref.square().mean().backward()
+    out.square().mean().backward()
+    a, b = _grads(reference), _grads(fused)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
+    # a hook on a cross-attention projection sees every example's prompt, as with diffusers' processor
+    seen = []
+    fused.up_blocks[0].attentions[0].transformer_blocks[0].attn2.to_v.register_forward_hook(
+        lambda module, args, out: seen.append(args[0].shape[0]))
+    fused(x, t, embeds, added_cond_kwargs=added)
+    assert seen == [6]
+
+
+def test_distinct_examples_only_where_it_is_the_same_arithmetic():
+    prompts = torch.randn(3, 77, 8)
+    assert attention.distinct_examples(prompts).inverse is None  # all differ
+    repeated = prompts[torch.tensor([0, 0, 1, 1, 2])]
+    answer = attention.distinct_examples(repeated)
+    assert answer.run == 0 and answer.inverse.tolist() == [0, 0, 1, 1, 2] and torch.equal(answer.rows, prompts)
+    assert attention.distinct_examples(repeated) is answer  # one comparison per tensor
+    repeated.add_(0)  # changed in place: compared again
+    assert attention.distinct_examples(repeated) is not answer
+    trained = repeated.clone().requires_grad_(True)  # a text encoder that trains: left whole
+    assert attention.distinct_examples(trained).rows is trained

@@ -5,8 +5,9 @@ training passes (:func:`use_training_attention`). Projections that read the same
 self-attention's q, k and v read the hidden states, cross-attention's k and v read the prompt. Their frozen base
 weights become row blocks of one tensor (the layers' own weights are views of it, so no memory is added), their
 LoRA downs are concatenated at every call (a few rows: the gradient reaches each), and their ups act as one
-block-diagonal GEMM. Three base GEMMs, three downs and three ups become three calls, forward and backward
-(``bench/lora_step.py`` measures what that buys).
+block-diagonal GEMM. Three base GEMMs, three downs and three ups become three calls, forward and backward.
+Cross-attention's keys and values are projected once per distinct prompt of the batch
+(:func:`distinct_examples`). ``bench/lora_step.py`` measures what each buys.
 
 Layers or states it does not reproduce exactly (an attention mask, group or spatial norms, a projection with
 hooks such as SingLoRA's or the content/style trainer's per-example routing, a peft layer that is merged,
@@ -14,6 +15,9 @@ disabled, has dropout or several adapters) run each layer's own forward, as diff
 """
 
 from __future__ import annotations
+
+import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -131,19 +135,70 @@ class TrainingAttnProcessor:
         batch = hidden_states.shape[0]
         if cross:
             query = attn.to_q(hidden_states)
-            fused = _fused(attn, cross, encoder_hidden_states)
-            key, value = fused or (attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states))
+            prompts = distinct_examples(encoder_hidden_states)
+            fused = _fused(attn, cross, prompts.rows)
+            if fused is None:  # the layers' own forwards (a hook may act per example): every example's prompt
+                prompts = Prompts(encoder_hidden_states, None, 0)
+                fused = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+            key, value = fused
+            if prompts.run:  # each prompt's examples in one run: their queries as one sequence against its keys
+                query = query.reshape(prompts.rows.shape[0], -1, query.shape[-1])
+            elif prompts.inverse is not None:  # each example's keys and values from its prompt's row
+                key, value = (torch.index_select(t, 0, prompts.inverse) for t in (key, value))
         else:
             fused = _fused(attn, cross, hidden_states)
             query, key, value = fused or (attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states))
         head_dim = key.shape[-1] // attn.heads
-        q, k, v = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        q, k, v = (t.view(t.shape[0], -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+
+class Prompts(NamedTuple):
+    """A batch of prompt embeddings as its distinct rows (:func:`distinct_examples`)."""
+
+    rows: torch.Tensor  # the distinct examples, in the order they first occur (the batch itself where all differ)
+    inverse: torch.Tensor | None  # each example's row in ``rows``; None where ``rows`` is the batch
+    run: int  # where each row's examples lie in one run and all runs are as long, that length; else 0
+
+
+_DISTINCT: dict = {}  # the last prompt batch looked at: a weak reference to it, its version and shape, the answer
+
+
+def distinct_examples(x: torch.Tensor) -> Prompts:
+    """``x`` (batch first) as its distinct examples: a training batch holds a few prompts many times (DreamBooth:
+    the instance prompt, then the class prompt), and each cross-attention layer projects every example's prompt to
+    keys and values. Projecting each distinct prompt once is the same arithmetic, row for row; where the examples
+    of each prompt lie in one run of equal length, their queries then attend as one sequence to their prompt's keys
+    (attention is per query row, so that too is the same arithmetic), else each example's keys are gathered. The
+    batch itself where every example differs, where ``x`` requires a gradient (a text encoder that trains) or
+    under ``torch.compile``. The answer for one tensor is kept while it is unchanged, so the layers of one UNet
+    pass compare the rows once."""
+    if x.requires_grad or x.shape[0] < 2 or torch.compiler.is_compiling():
+        return Prompts(x, None, 0)
+    seen = _DISTINCT.get("ref")
+    if seen is not None and seen() is x and _DISTINCT["version"] == x._version and _DISTINCT["shape"] == x.shape:
+        return _DISTINCT["answer"]
+    firsts: list[int] = []
+    inverse = []
+    for i in range(x.shape[0]):
+        match = next((j for j, f in enumerate(firsts) if torch.equal(x[i], x[f])), None)
+        if match is None:
+            firsts.append(i)
+            match = len(firsts) - 1
+        inverse.append(match)
+    if len(firsts) == x.shape[0]:
+        answer = Prompts(x, None, 0)
+    else:
+        run = x.shape[0] // len(firsts)
+        grouped = inverse == [i // run for i in range(x.shape[0])]
+        answer = Prompts(x[firsts], torch.tensor(inverse, device=x.device), run if grouped else 0)
+    _DISTINCT.update(ref=weakref.ref(x), version=x._version, shape=x.shape, answer=answer)
+    return answer
 
 
 def _fused(attn, cross: bool, x: torch.Tensor) -> list[torch.Tensor] | None:
