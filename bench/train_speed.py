@@ -38,7 +38,7 @@ from dreambooth import references  # noqa: E402
 from report import git_revision, machine, write_section  # noqa: E402
 
 WRAP = (
-    "import resource, shutil, subprocess, sys, time\n"
+    "import resource, subprocess, sys, time\n"
     "gpu = sys.argv[1] == 'cuda'\n"
     "t = time.perf_counter(); p = subprocess.Popen(sys.argv[2:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)\n"
     "peak = 0\n"
@@ -48,7 +48,8 @@ WRAP = (
     "    except subprocess.TimeoutExpired:\n"
     "        rows = subprocess.run(['nvidia-smi', '--query-compute-apps=pid,used_memory', '--format=csv,noheader,nounits'],\n"
     "                              capture_output=True, text=True).stdout.splitlines()\n"
-    "        peak = max([peak] + [int(r.split(',')[1]) for r in rows if r.split(',')[0].strip() == str(p.pid)])\n"
+    "        peak = max([peak] + [int(r.split(',')[1]) for r in rows if r.split(',')[0].strip() == str(p.pid)\n"
+    "                             and r.split(',')[1].strip().isdigit()])\n"
     "err = p.stderr.read(); code = p.wait()\n"
     "t = time.perf_counter() - t\n"
     "sys.stderr.write(err[-4000:] if code else '')\n"
