@@ -134,6 +134,7 @@ def test_a_prompt_repeated_in_the_batch_is_projected_once_with_the_same_result(o
 def test_distinct_examples_only_where_it_is_the_same_arithmetic():
     prompts = torch.randn(3, 77, 8)
     assert attention.distinct_examples(prompts).inverse is None  # all differ
+    assert attention.distinct_examples(prompts).rows is prompts  # the same answer from what was kept
     repeated = prompts[torch.tensor([0, 0, 1, 1, 2])]
     answer = attention.distinct_examples(repeated)
     assert answer.run == 0 and answer.inverse.tolist() == [0, 0, 1, 1, 2] and torch.equal(answer.rows, prompts)

@@ -182,7 +182,7 @@ def distinct_examples(x: torch.Tensor) -> Prompts:
         return Prompts(x, None, 0)
     last = _DISTINCT.get("last")  # one tuple, read once: another thread may replace it meanwhile
     if last is not None and last[0]() is x and last[1] == x._version and last[2] == x.shape:
-        return last[3]
+        return last[3] or Prompts(x, None, 0)
     firsts: list[int] = []
     inverse = []
     for i in range(x.shape[0]):
@@ -197,7 +197,8 @@ def distinct_examples(x: torch.Tensor) -> Prompts:
         run = x.shape[0] // len(firsts)
         grouped = inverse == [i // run for i in range(x.shape[0])]
         answer = Prompts(x[firsts], torch.tensor(inverse, device=x.device), run if grouped else 0)
-    _DISTINCT["last"] = (weakref.ref(x), x._version, x.shape, answer)
+    # kept: the distinct rows (a copy), not ``x`` itself (None where every example differs)
+    _DISTINCT["last"] = (weakref.ref(x), x._version, x.shape, answer if answer.inverse is not None else None)
     return answer
 
 
