@@ -40,7 +40,9 @@ the studio's default), ``gated`` (training-free token gates), ``gated-fit`` (gat
 concepts' own images first; that time is not counted), ``orthogonal``. Not run by default: ``clora-colour``
 (CLoRA whose concepts, in a described composition, watch their colour word too: ``words`` "sks blue shape"
 instead of "sks shape"), ``clora-exclusive`` (CLoRA with each pixel of overlapping masks given to the concept
-whose normalised map is highest, instead of shared).
+whose normalised map is highest, instead of shared), ``clora-clause-exclusive`` (each concept's tokens widened to its
+clause's content words, "sks shape left", and each pixel given to one concept). ``--attention-loss W`` trains the
+subjects' adapters with that attention-loss weight (in their own ``--work`` folder) and writes its own section.
 
     python bench/compose.py                       # all methods, 20 seeds
     python bench/compose.py --seeds 4 --methods naive lora-composer
@@ -80,6 +82,7 @@ VARIANTS = {  # method name in the table -> (composer, options)
     "clora-exclusive": ("clora", {"exclusive": True}),  # each pixel to one concept: the highest normalised map
     "clora-colour": ("clora", {}),  # its concepts' words take their colour where the prompt names one (below)
     "clora-clause-s200": ("clora", {"clause_words": True, "step_size": 200.0}),
+    "clora-clause-exclusive": ("clora", {"clause_words": True, "exclusive": True}),
     "lora-composer": ("lora-composer", {"positional_prompts": False}),  # the official: the concept's own prompt
     "lora-composer-r0.5": ("lora-composer", {"replace_ratio": 0.5, "positional_prompts": False}),
     "lora-composer-pos": ("lora-composer", {}),  # the studio's default: the global prompt's clause naming the concept
@@ -109,8 +112,9 @@ def prompt_of(items, style: bool, noun: bool = False, described: bool = False) -
     return text + (f", {STYLE_TOKEN}" if style and not noun else "")
 
 
-def train_concepts(work: Path, extra: dict | None = None) -> dict[str, Path]:
-    """Train (or reuse) every concept's adapter (default settings, updated by ``extra``); returns name -> adapter file."""
+def train_concepts(work: Path, extra: dict | None = None, subject_extra: dict | None = None) -> dict[str, Path]:
+    """Train (or reuse) every concept's adapter (default settings, updated by ``extra``, and for the subjects by
+    ``subject_extra`` too); returns name -> adapter file."""
     from studio.trainers.config import build_config
     from studio.trainers.dreambooth import DreamBooth, DreamBoothConfig
     from studio.trainers.loop import train
@@ -125,7 +129,7 @@ def train_concepts(work: Path, extra: dict | None = None) -> dict[str, Path]:
             references(shape, run / "data")
             train(DreamBooth(), build_config(DreamBoothConfig, {}, {"data": str(run / "data"), "output": str(run / "run"),
                                                                     "token": token, "class_data": str(work / "class"),
-                                                                    **(extra or {})}))
+                                                                    **(extra or {}), **(subject_extra or {})}))
         files[shape] = run / "run" / "adapter.safetensors"
     run = work / STYLE
     if not (run / "run" / "adapter.safetensors").is_file():
@@ -238,6 +242,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--train-text-encoder", action="store_true",
                         help="train the adapters with LoRA on the text encoders too (in their own --work folder)")
+    parser.add_argument("--attention-loss", type=float, default=0.0,
+                        help="train the subjects' adapters with this attention-loss weight (their token's"
+                             " cross-attention map pulled onto the subject), in their own --work folder")
     parser.add_argument("--clora-step", type=float, default=None, help="CLoRA's latent step size (default: the composer's)")
     parser.add_argument("--compositions", nargs="*", default=None, metavar="NAME",
                         help="run only these compositions (by name, e.g. 'star + heart + cross, described'); the"
@@ -252,7 +259,8 @@ def main() -> None:
         raise SystemExit(f"--methods: unknown {bad}; choose from {list(dict.fromkeys(METHODS + list(VARIANTS)))}")
     torch.manual_seed(0)
     work = Path(args.work)
-    files = train_concepts(work, {"train_text_encoder": True} if args.train_text_encoder else None)
+    files = train_concepts(work, {"train_text_encoder": True} if args.train_text_encoder else None,
+                           {"attention_loss": args.attention_loss} if args.attention_loss else None)
     judge = load_judge()
     pipe = load_pipeline(EMBEDDED_MODEL)
     pipe.set_progress_bar_config(disable=True)
@@ -362,13 +370,15 @@ def main() -> None:
     flags = "" if args.seeds == 20 else f" --seeds {args.seeds}"
     flags += f" --clora-step {args.clora_step}" if args.clora_step else ""
     flags += " --train-text-encoder" if args.train_text_encoder else ""
+    flags += f" --attention-loss {args.attention_loss:g}" if args.attention_loss else ""
     flags += f" --work {args.work}" if args.work != "runs/bench-compose" else ""
     alone = ", ".join(f"{shape} {colour} ({rate:.2f} of images alone)" for shape, (colour, rate) in solo.items())
     calib = ", ".join(f"{shape} {t:.3f} (finds {tpr:.2f} of its solo objects, {fpr:.2f} of the others)"
                       for shape, (t, tpr, fpr) in calibration.items())
-    text = (f"## Composition: several concepts in one image\n\nCommand: `python bench/compose.py{flags}` (revision "
+    title = "Composition: several concepts in one image" + (", adapters trained with the attention loss" if args.attention_loss else "")
+    text = (f"## {title}\n\nCommand: `python bench/compose.py{flags}` (revision "
             f"{git_revision()}; {machine()}). {args.seeds} seeds per composition and method, {args.steps} steps, guidance 5. "
-            f"Adapters: DreamBooth-LoRA, default settings ({defaults()}{'; plus LoRA on the text encoders' if args.train_text_encoder else ''}), one per concept (star `sks`, heart `zwx`, cross `qpv`, zigzag "
+            f"Adapters: DreamBooth-LoRA, default settings ({defaults()}{'; plus LoRA on the text encoders' if args.train_text_encoder else ''}{f'; the subjects with --attention-loss {args.attention_loss:g}' if args.attention_loss else ''}), one per concept (star `sks`, heart `zwx`, cross `qpv`, zigzag "
             f"style `zxy`), trained on blue stars, red hearts, green crosses. Regions (for lora-composer): boxes around each "
             f"object's place, {BOXES}; the style's box is its subject's.\n\n{head}{body}\n{summary}"
             "A subject is read two ways (a prompt never names its shape, and one named by token not its colour either: only its adapter can put them there). "
@@ -384,7 +394,7 @@ def main() -> None:
             f"`{args.work}/grids/`.\n")
     print(text)
     if args.compositions is None:
-        write_section("compose", text)
+        write_section("compose-attention-loss" if args.attention_loss else "compose", text)
 
 
 if __name__ == "__main__":

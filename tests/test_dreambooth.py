@@ -152,6 +152,9 @@ def test_empty_or_unreadable_data_is_a_clear_error(tmp_path):
         (["--data", "{stars}", "--steps", "-1"], "--steps must be a positive integer"),
         (["--data", "{stars}", "--orthogonal-basis", "7"], "--orthogonal-basis '7': give SEED:INDEX"),
         (["--data", "{stars}", "--compile", "--compile-backend", "nope"], "--compile-backend 'nope' is not a torch.compile"),
+        (["--data", "{stars}", "--attention-loss", "-1"], "--attention-loss must be 0 (off) or positive"),
+        (["--data", "{stars}", "--attention-loss", "1", "--instance-prompt", "a star"],
+         "star0.png: its prompt 'a star' does not hold the token 'sks'"),
     ],
 )
 def test_bad_training_input_gives_one_line_error_and_writes_no_adapter(tmp_path, args, message):

@@ -90,6 +90,9 @@ def test_train_config_is_the_cli_schema_and_bad_settings_are_named(tmp_path):
         ws.train_config("dreambooth", "quick", "stars", "x", rank=999)
     with pytest.raises(InputError, match="run name '../x' is refused"):
         ws.train_config("dreambooth", "quick", "stars", "../x")
+    assert ws.train_config("dreambooth", "quick", "stars", "al", attention_loss=1.0)["attention_loss"] == 1.0
+    with pytest.raises(InputError, match="--attention-loss is not supported by the content-style trainer"):
+        ws.train_config("content-style", "quick", "stars", "x", style_dataset="stars", attention_loss=1.0)
 
 
 def _wait(ws: Workspace, name: str, until, timeout: float = 240):

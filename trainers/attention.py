@@ -9,6 +9,10 @@ block-diagonal GEMM. Three base GEMMs, three downs and three ups become three ca
 Cross-attention's keys and values are projected once per distinct prompt of the batch
 (:func:`distinct_examples`). ``bench/lora_step.py`` measures what each buys.
 
+A :class:`CrossAttentionMaps` given to the processor (:func:`attention_maps`) records, for the examples a trainer
+names, how much attention their queries give chosen prompt tokens in every cross-attention layer, with the
+gradient: the attention loss (``--attention-loss``) pulls an identifier's map onto its subject.
+
 Layers or states it does not reproduce exactly (an attention mask, group or spatial norms, a projection with
 hooks such as SingLoRA's or the content/style trainer's per-example routing, a peft layer that is merged,
 disabled, has dropout or several adapters) run each layer's own forward, as diffusers' processor does.
@@ -119,8 +123,56 @@ def fused_projections(x: torch.Tensor, group: _Group, loras: list[tuple | None])
 _GROUPS = {False: ("qkv", ("to_q", "to_k", "to_v")), True: ("kv", ("to_k", "to_v"))}
 
 
+class CrossAttentionMaps:
+    """Cross-attention maps of chosen tokens, recorded during training passes with their gradient.
+
+    Before a UNet pass, :meth:`watch` names the pass's prompt batch (the ``encoder_hidden_states`` tensor it is
+    called with), the examples to read (``rows``) and per example a weight per prompt token (``(len(rows), T)``,
+    e.g. 1 on the identifier's tokens, divided by their number). In each cross-attention layer of at most
+    ``max_queries`` query positions, each such example's map is then its softmax attention probabilities, averaged
+    over heads, weighted by the token weights: ``(len(rows), queries)``, appended to :attr:`maps`. After the pass
+    :meth:`close` stops the appending; layers that run again in the backward pass (gradient checkpointing) compute
+    the same values, which a checkpoint needs, and drop them."""
+
+    def __init__(self, max_queries: int = 1024):
+        self.max_queries = max_queries
+        self.maps: list[torch.Tensor] = []
+        self._watched: tuple | None = None  # (weakref to the prompt batch, rows, token weights)
+        self.closed = True
+
+    def watch(self, prompts: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> None:
+        self._watched = (weakref.ref(prompts), rows, weights)
+        self.maps, self.closed = [], False
+
+    def close(self) -> None:
+        self.closed = True
+
+    def clear(self) -> None:
+        self.maps, self._watched, self.closed = [], None, True
+
+    def record(self, encoder_hidden_states: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+               inverse: torch.Tensor | None, heads: int) -> None:
+        """``query`` (batch, queries, inner) and ``key`` (one row per example, or per distinct prompt with
+        ``inverse`` mapping examples to rows) of one cross-attention layer."""
+        watched = self._watched
+        if watched is None or watched[0]() is not encoder_hidden_states or query.shape[1] > self.max_queries:
+            return
+        _, rows, weights = watched
+        keys = key.index_select(0, inverse.index_select(0, rows)) if inverse is not None else key.index_select(0, rows)
+        head_dim = key.shape[-1] // heads
+        q = query.index_select(0, rows).view(len(rows), -1, heads, head_dim).transpose(1, 2)
+        k = keys.view(len(rows), -1, heads, head_dim).transpose(1, 2)
+        probs = torch.softmax((q @ k.transpose(-1, -2)).float() * head_dim**-0.5, dim=-1).mean(1)  # (rows, queries, T)
+        maps = (probs @ weights.to(probs)[:, :, None])[..., 0]
+        if not self.closed:
+            self.maps.append(maps)
+
+
 class TrainingAttnProcessor:
     """diffusers' SDPA attention with fused projections (see the module's text)."""
+
+    def __init__(self):
+        self.maps: CrossAttentionMaps | None = None  # a recorder of cross-attention maps (the attention loss)
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
@@ -141,6 +193,8 @@ class TrainingAttnProcessor:
                 prompts = Prompts(encoder_hidden_states, None, 0)
                 fused = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
             key, value = fused
+            if self.maps is not None:
+                self.maps.record(encoder_hidden_states, query, key, prompts.inverse, attn.heads)
             if prompts.run:  # each prompt's examples in one run: their queries as one sequence against its keys
                 query = query.reshape(prompts.rows.shape[0], -1, query.shape[-1])
             elif prompts.inverse is not None:  # each example's keys and values from its prompt's row
@@ -233,3 +287,16 @@ def use_training_attention(unet: torch.nn.Module) -> bool:
                 attn._studio_groups = {kind: _Group([p[0] for p in parts])}
     unet.set_attn_processor(TrainingAttnProcessor())
     return True
+
+
+def attention_maps(unet: torch.nn.Module, max_queries: int = 1024) -> CrossAttentionMaps:
+    """A recorder of cross-attention maps (:class:`CrossAttentionMaps`) given to ``unet``'s training attention
+    (:func:`use_training_attention`, installed first); a clear error where another processor runs."""
+    processors = list(getattr(unet, "attn_processors", {}).values())
+    if not processors or not all(isinstance(p, TrainingAttnProcessor) for p in processors):
+        raise ValueError("--attention-loss reads cross-attention maps through the studio's training attention, which"
+                         " replaces diffusers' default attention processor; this UNet runs another processor")
+    recorder = CrossAttentionMaps(max_queries)
+    for p in {id(p): p for p in processors}.values():
+        p.maps = recorder
+    return recorder

@@ -63,6 +63,8 @@ class ContentStyleConfig(DreamBoothConfig):
             raise ValueError("--train-text-encoder is not supported by the content-style trainer")
         if self.adapter != "lora":
             raise ValueError("--adapter: the content-style trainer trains LoRA pairs (use --orthogonal to fix the downs)")
+        if self.attention_loss:
+            raise ValueError("--attention-loss is not supported by the content-style trainer (DreamBooth and B-LoRA)")
 
 
 class Router:
@@ -168,7 +170,7 @@ class ContentStyle(DreamBooth):
             owners.append(BOTH)
         router: Router = ctx.store["router"]
 
-        def route(members: list[int]) -> None:  # before each UNet pass: who owns which example
+        def route(members: list[int], embeds=None) -> None:  # before each UNet pass: who owns which example
             router.owner = torch.cat([torch.full((cfg.batch_size,), owners[i]) for i in members]).to(ctx.accelerator.device)
 
         losses = denoise_losses(ctx, parts, g, before_pass=route)

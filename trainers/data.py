@@ -5,6 +5,10 @@ sides that the model can take (kohya's and ai-toolkit's aspect-ratio bucketing).
 original size and crop offset for SDXL's micro-conditioning. Without buckets every image is
 centre-cropped to a square.
 
+A mask of the subject may lie beside an image as ``<name>.mask.png`` (white: the subject), cropped and scaled
+with its image; the attention loss (``--attention-loss``) reads it, or, without one, the pixels that differ
+from the image's plain background (:func:`subject_mask`). Mask files are not training images.
+
     >>> from studio.trainers.data import buckets
     >>> buckets(64, 16)
     [(48, 80), (64, 64), (80, 48)]
@@ -49,6 +53,7 @@ class TrainImage:
     original_size: tuple[int, int]  # (height, width) as loaded, EXIF orientation applied
     crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized image
     caption: str | None = None  # from a sidecar ``<name>.txt`` (kohya's convention), if there is one
+    mask: Image.Image | None = None  # from a sidecar ``<name>.mask.png`` (mode L, the image's crop), if there is one
 
     @property
     def size(self) -> tuple[int, int]:
@@ -76,16 +81,52 @@ def nearest_bucket(width: int, height: int, choices: list[tuple[int, int]]) -> t
     return min(choices, key=lambda b: (round(abs(math.log(b[0] / b[1]) - aspect), 9), abs(math.log(b[0] / b[1]))))
 
 
-def fit_bucket(image: Image.Image, bucket: tuple[int, int]) -> TrainImage:
-    """Scale ``image`` to cover ``bucket`` (width, height) and centre-crop it."""
+def fit_bucket(image: Image.Image, bucket: tuple[int, int], mask: Image.Image | None = None) -> TrainImage:
+    """Scale ``image`` to cover ``bucket`` (width, height) and centre-crop it (and ``mask``, of the image's
+    size, the same way)."""
     w, h = image.size
     bw, bh = bucket
     scale = max(bw / w, bh / h)
     rw, rh = max(bw, round(w * scale)), max(bh, round(h * scale))
     resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC
     top, left = (rh - bh) // 2, (rw - bw) // 2
-    resized = image.resize((rw, rh), resample)
-    return TrainImage(resized.crop((left, top, left + bw, top + bh)), (h, w), (top, left))
+    box = (left, top, left + bw, top + bh)
+    item = TrainImage(image.resize((rw, rh), resample).crop(box), (h, w), (top, left))
+    if mask is not None:
+        item.mask = mask.resize((rw, rh), Image.Resampling.BILINEAR).crop(box)
+    return item
+
+
+def mask_file(path: Path) -> Path | None:
+    """The sidecar mask of the image at ``path`` (``<name>.mask.<image suffix>``), if there is one."""
+    return next((m for suffix in sorted(IMAGE_SUFFIXES) if (m := path.with_name(f"{path.stem}.mask{suffix}")).is_file()),
+                None)
+
+
+def is_mask_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.stem.lower().endswith(".mask")
+
+
+def subject_mask(item: TrainImage, name: str = "image", threshold: float = 40.0) -> torch.Tensor:
+    """Where the subject is in ``item`` as ``(height, width)`` floats in [0, 1]: its sidecar mask, else the
+    pixels that differ from the background by more than ``threshold`` (of 255) in some channel, the background
+    being the median colour of the image's border (a subject shot on a plain backdrop, as DreamBooth's
+    references usually are). A mask that covers almost nothing or almost everything is refused, naming the
+    image: the background is not plain, or the mask is wrong."""
+    if item.mask is not None:
+        mask = np.asarray(item.mask, dtype=np.float32) / 255
+        source = "its mask file"
+    else:
+        a = np.asarray(item.image.convert("RGB"), dtype=np.float32)
+        border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+        mask = (np.abs(a - np.median(border, axis=0)).max(-1) > threshold).astype(np.float32)
+        source = "the pixels that differ from its border's colour"
+    share = float(mask.mean())
+    if not 0.005 <= share <= 0.95:
+        raise ValueError(f"{name}: the subject's mask ({source}) covers {share:.1%} of the image; accepted: 0.5% to"
+                         f" 95%. Put a mask beside it as {Path(name).stem}.mask.png (white: the subject) or shoot the"
+                         " subject on a plain background")
+    return torch.from_numpy(mask)
 
 
 def load_images(folder: str | Path, size: int, multiple: int = 0) -> tuple[list[TrainImage], list[Path]]:
@@ -101,19 +142,30 @@ def load_images(folder: str | Path, size: int, multiple: int = 0) -> tuple[list[
     choices = buckets(size, multiple) if multiple else [(size, size)]
     images, used = [], []
     for path in files:
-        if path.suffix.lower() in SIDECAR_SUFFIXES:
+        if path.suffix.lower() in SIDECAR_SUFFIXES or is_mask_file(path):
             continue
         try:
             with Image.open(path) as im:
                 im.load()
                 rgb = to_rgb(im)
-            item = fit_bucket(rgb, nearest_bucket(*rgb.size, choices))
-            if (text := path.with_suffix(".txt")).is_file():
-                item.caption = text.read_text(encoding="utf-8", errors="replace").strip() or None
-            images.append(item)
-            used.append(path)
         except (UnidentifiedImageError, OSError, ValueError) as e:
             warnings.warn(f"skipping {path.name}: not a readable image ({type(e).__name__})", stacklevel=2)
+            continue
+        mask = None
+        if (found := mask_file(path)) is not None:  # a bad mask is an error, not a skipped image
+            try:
+                with Image.open(found) as m:
+                    mask = ImageOps.exif_transpose(m).convert("L")
+            except (UnidentifiedImageError, OSError) as e:
+                raise ValueError(f"mask {found}: not a readable image ({type(e).__name__})") from None
+            if mask.size != rgb.size:
+                raise ValueError(f"mask {found} is {mask.size[0]}x{mask.size[1]} and its image {path.name}"
+                                 f" {rgb.size[0]}x{rgb.size[1]}; accepted: a mask of its image's size")
+        item = fit_bucket(rgb, nearest_bucket(*rgb.size, choices), mask)
+        if (text := path.with_suffix(".txt")).is_file():
+            item.caption = text.read_text(encoding="utf-8", errors="replace").strip() or None
+        images.append(item)
+        used.append(path)
     if not images:
         raise ValueError(f"no readable images in {folder} (accepted: {', '.join(sorted(IMAGE_SUFFIXES))})")
     return images, used

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from studio.trainers.attention import CrossAttentionMaps, attention_maps
 from studio.trainers.config import build_config, command_from_config, read_config_file, run_command
-from studio.trainers.data import group_by_size, load_images, to_tensor
+from studio.trainers.data import group_by_size, load_images, subject_mask, to_tensor
 from studio.trainers.loop import Cancelled, Context, TrainConfig, _help, denoise_losses, shard, train
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -45,6 +46,12 @@ class DreamBoothConfig(TrainConfig):
         default=True, metadata=_help("Use a sidecar NAME.txt beside an image as its prompt (kohya's convention).")
     )
     train_text_encoder: bool = field(default=False, metadata=_help("Also put LoRA on the text encoders."))
+    attention_loss: float = field(
+        default=0.0,
+        metadata=_help("Weight of an attention loss (Break-A-Scene): the token's cross-attention map is pulled onto"
+                       " the subject (a mask NAME.mask.png beside an image, else the pixels that differ from its plain"
+                       " background), so that composers which read the map (CLoRA) find the subject; 0: off."),
+    )
 
     def check(self) -> None:
         super().check()
@@ -52,6 +59,11 @@ class DreamBoothConfig(TrainConfig):
             raise ValueError("--data is required: a folder with 3 to 10 images of the subject")
         if not self.token.strip() or not self.class_noun.strip():
             raise ValueError("--token and --class-noun must not be empty")
+        if self.attention_loss < 0:
+            raise ValueError(f"--attention-loss must be 0 (off) or positive, got {self.attention_loss}")
+        if self.attention_loss and self.compile:
+            raise ValueError("--attention-loss does not work with --compile (its maps are recorded outside the"
+                             " compiled graph); drop one of them")
 
 
 def _encode(pipe, prompts: list[str]) -> dict[str, Any]:
@@ -91,6 +103,12 @@ class DreamBooth:
             )
             for (w, h), idx in groups.items()
         ]
+        if cfg.attention_loss:  # per bucket: the subjects' masks, and per example the token's weight per position
+            ctx.store["attend"] = [
+                (torch.stack([subject_mask(images[i], files[i].name) for i in idx]),
+                 torch.stack([token_weights(pipe.tokenizer, captions[i], cfg.token, files[i].name) for i in idx]))
+                for idx in groups.values()
+            ]
         ctx.store["buckets"] = {f"{w}x{h}": len(idx) for (w, h), idx in groups.items()}
         ctx.store["n_images"] = len(images)
         ctx.store["n_captions"] = sum(c != prompt for c in captions)
@@ -194,7 +212,9 @@ class DreamBooth:
         lat, ids, texts = groups[chosen]
         idx = torch.tensor([rng.randrange(len(lat)) for _ in range(n)])
         mine = idx[shard(ctx, n)]
-        return lat[idx], self._cond(ctx, [texts[i] for i in mine], ids[mine])
+        cond = self._cond(ctx, [texts[i] for i in mine], ids[mine])
+        cond["drawn"] = (chosen, mine)  # which bucket and examples (this process's), for what the trainer keeps per image
+        return lat[idx], cond
 
     def loss(self, ctx: Context, step: int, micro: int, g: torch.Generator, rng: random.Random) -> torch.Tensor:
         cfg: DreamBoothConfig = ctx.cfg
@@ -205,8 +225,23 @@ class DreamBooth:
             idx = torch.tensor([rng.randrange(len(cls)) for _ in range(n)])
             parts.append((cls[idx], self._cond(ctx, [ctx.store["prompts"]["class"]] * cfg.batch_size)))
         # one UNet pass for both when the sizes agree (the class images are square; a bucket may not be)
-        losses = denoise_losses(ctx, parts, g)
-        return losses[0] + cfg.prior_weight * losses[1] if cfg.prior_preservation else losses[0]
+        if not cfg.attention_loss:
+            losses = denoise_losses(ctx, parts, g)
+            return losses[0] + cfg.prior_weight * losses[1] if cfg.prior_preservation else losses[0]
+        maps: CrossAttentionMaps = ctx.store["maps"]
+        chosen, mine = parts[0][1]["drawn"]
+        masks, weights = (t[mine].to(ctx.accelerator.device) for t in ctx.store["attend"][chosen])
+
+        def watch(members: list[int], embeds: torch.Tensor) -> None:  # the instance examples lead their pass
+            if members[0] == 0:
+                maps.watch(embeds, torch.arange(len(mine), device=embeds.device), weights)
+
+        try:
+            losses = denoise_losses(ctx, parts, g, before_pass=watch)
+        finally:
+            maps.close()
+        total = losses[0] + cfg.prior_weight * losses[1] if cfg.prior_preservation else losses[0]
+        return total + cfg.attention_loss * attention_loss(maps.maps, masks, parts[0][0].shape[-2:])
 
     def metadata(self, ctx: Context) -> dict[str, Any]:
         cfg: DreamBoothConfig = ctx.cfg
@@ -220,8 +255,49 @@ class DreamBooth:
                 "instance_prompt": ctx.store["prompts"]["instance"],
                 "captioned": ctx.store["n_captions"],
                 "prior_preservation": cfg.prior_preservation,
+                **({"attention_loss": cfg.attention_loss} if cfg.attention_loss else {}),
             },
         }
+
+    def after_inject(self, ctx: Context) -> None:
+        """With the attention loss: a recorder of the token's cross-attention maps in the training attention."""
+        if ctx.cfg.attention_loss:
+            ctx.store["maps"] = attention_maps(ctx.pipe.unet)
+
+
+def token_weights(tokenizer, prompt: str, token: str, name: str = "prompt") -> torch.Tensor:
+    """A weight per prompt position (the tokenizer's length): 1 / n on the n positions of ``token`` in
+    ``prompt``, 0 elsewhere; an error naming ``name`` where the prompt does not hold the token."""
+    from studio.composers.base import token_positions
+
+    positions = token_positions(tokenizer, prompt, [token])[0]
+    if not positions:
+        raise ValueError(f"{name}: its prompt {prompt!r} does not hold the token {token!r}, whose attention"
+                         " --attention-loss trains; name the token in every caption")
+    w = torch.zeros(tokenizer.model_max_length)
+    w[positions] = 1.0 / len(positions)
+    return w
+
+
+def attention_loss(maps: list[torch.Tensor], masks: torch.Tensor, latent_size) -> torch.Tensor:
+    """Break-A-Scene's attention loss: for each recorded layer's maps (examples, queries), each example's map
+    divided by its maximum against its subject's mask (examples, H, W) averaged to the layer's grid; the mean
+    squared error, averaged over layers."""
+    import torch.nn.functional as F
+
+    if not maps:
+        raise ValueError("--attention-loss recorded no cross-attention map: the UNet's cross-attention layers did"
+                         " not run the studio's training attention (an attention mask or a norm it does not"
+                         " reproduce) or all have more than 1024 query positions")
+    h, w = latent_size
+    total = masks.new_zeros(())
+    for m in maps:
+        factor = round((h * w / m.shape[-1]) ** 0.5)
+        grid = m.view(m.shape[0], h // factor, w // factor)
+        grid = grid / grid.amax(dim=(1, 2), keepdim=True).clamp_min(1e-8)
+        target = F.adaptive_avg_pool2d(masks[:, None].float(), grid.shape[-2:])[:, 0]
+        total = total + F.mse_loss(grid.float(), target.to(grid.device))
+    return total / len(maps)
 
 
 def run_trainer(trainer, config_class, config_file, overrides: dict[str, Any]) -> Path:

@@ -333,7 +333,8 @@ def denoise_losses(ctx: Context, parts: list[tuple[torch.Tensor, dict[str, Any]]
                    reduction: str = "mean", before_pass=None) -> list[torch.Tensor]:
     """:func:`denoise_loss` of several global batches (e.g. instance and prior examples), drawn from
     ``g`` in order; those with the same latent size go through the UNet as one batch.
-    ``before_pass(indices)`` is called before each UNet pass with the parts it concatenates, in order."""
+    ``before_pass(indices, embeds)`` is called before each UNet pass with the parts it concatenates, in order, and
+    the prompt embeddings the pass is given."""
     sched = ctx.noise_scheduler
     if sched.config.prediction_type not in ("v_prediction", "epsilon"):
         raise ValueError(f"prediction type {sched.config.prediction_type!r} is not supported (epsilon, v_prediction)")
@@ -359,7 +360,7 @@ def denoise_losses(ctx: Context, parts: list[tuple[torch.Tensor, dict[str, Any]]
         if prepared[members[0]][2].get("added") is not None:
             added = {k: torch.cat([prepared[i][2]["added"][k] for i in members]) for k in prepared[members[0]][2]["added"]}
         if before_pass is not None:
-            before_pass(members)
+            before_pass(members, embeds)
         pred = unet(noisy, t, embeds, added_cond_kwargs=added).sample
         start = 0
         for i in members:
@@ -419,6 +420,8 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
     inject = getattr(trainer, "inject", inject_lora)  # a trainer may bring its own adapter layers
     params = inject(ctx, targets, cfg.rank, cfg.alpha or cfg.rank)
     use_training_attention(pipe.unet)  # the UNet's attention with fused projections
+    if hasattr(trainer, "after_inject"):  # e.g. DreamBooth's attention loss: a recorder in that attention
+        trainer.after_inject(ctx)
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     opt = _optimizer(params, cfg)

@@ -134,6 +134,8 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
                                 steps = gr.Number(label="Steps (0: preset)", value=0, precision=0, elem_id="train-steps")
                                 rank = gr.Number(label="Rank (0: preset)", value=0, precision=0)
                                 lr = gr.Number(label="Learning rate (0: preset)", value=0)
+                                attention = gr.Number(label="Attention loss (0: off; for composing with CLoRA)", value=0,
+                                                      elem_id="attention-loss")
                         with gr.Row():
                             start = gr.Button("Start training", variant="primary", elem_id="start-training")
                             cancel = gr.Button("Cancel", elem_id="cancel-training")
@@ -228,17 +230,19 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
         add_dataset.click(on_add_dataset, [uploads, dataset_name], [dataset, style_dataset, train_status])
 
         @_guarded
-        def on_start(dataset_, style_, trainer_, preset_, token_, noun_, name_, steps_, rank_, lr_):
+        def on_start(dataset_, style_, trainer_, preset_, token_, noun_, name_, steps_, rank_, lr_, attention_):
             if not dataset_:
                 raise InputError("no dataset: upload images and add them, or pick a dataset")
             name_ = name_.strip() or f"{token_}-{dataset_}"
             overrides = {"token": token_.strip(), "class_noun": noun_.strip(), "steps": int(steps_ or 0) or None,
-                         "rank": int(rank_ or 0) or None, "lr": float(lr_ or 0) or None}
+                         "rank": int(rank_ or 0) or None, "lr": float(lr_ or 0) or None,
+                         "attention_loss": float(attention_ or 0) or None}
             cfg = ws.train_config(trainer_, preset_, dataset_, name_, style_dataset=style_ or "", **overrides)
             name = ws.start_run(cfg)
             return name, gr.update(choices=ws.runs(), value=name), ws.headless(name)
 
-        start.click(on_start, [dataset, style_dataset, trainer, preset, token, class_noun, run_name, steps, rank, lr],
+        start.click(on_start, [dataset, style_dataset, trainer, preset, token, class_noun, run_name, steps, rank, lr,
+                               attention],
                     [current, runs, headless])
 
         @_guarded
