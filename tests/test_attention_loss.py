@@ -237,3 +237,59 @@ def test_attention_loss_is_refused_where_it_cannot_act(tmp_path):
     cfg = build_config(ContentStyleConfig, {}, {"data": str(tmp_path), "style_data": str(tmp_path), "attention_loss": 1.0})
     with pytest.raises(ValueError, match="--attention-loss is not supported by the content-style trainer"):
         cfg.check()
+
+
+def test_cut_mix_scenes_put_the_subject_on_each_side_beside_a_class_image(tmp_path):
+    from studio.trainers.dreambooth import cut_mix_scenes, place_mask
+
+    _image(tmp_path / "a.png", size=(64, 64), box=(16, 16, 48, 48), background=(255, 255, 255))
+    images, _ = load_images(tmp_path, 64)
+    cls = Image.new("RGB", (64, 64), (200, 0, 0))  # a class image: all red
+    scenes, prompts, boxes = cut_mix_scenes(images, ["a sks shape"], [cls], "shape", 64, random.Random(0))
+    assert prompts == ["a sks shape on the left and a shape on the right", "a sks shape on the right and a shape on the left"]
+    left, right = (np.asarray(s, dtype=np.int16) for s in scenes)
+    assert (left[32, 48] == (200, 0, 0)).all() and (right[32, 16] == (200, 0, 0)).all()  # the class image's half
+    assert (left[32, 16] == (20, 60, 200)).all() and (right[32, 48] == (20, 60, 200)).all()  # the subject's centre
+    assert (left[2, 2] == 255).all()  # the canvas: the subject image's border colour
+    assert [b for _, b in boxes] == [(0, 16, 32, 32), (32, 16, 32, 32)]
+    mask = place_mask(subject_mask(images[0]), boxes[1][1], 64)  # the subject's mask, where it went
+    assert mask[:, :32].max() == 0 and mask[16:48, 32:].sum() == pytest.approx(16 * 16)
+
+
+def test_cut_mix_needs_class_images_and_a_share(tmp_path):
+    from studio.trainers.config import build_config
+    from studio.trainers.dreambooth import DreamBoothConfig
+
+    for values, message in (({"cut_mix": 1.5}, "--cut-mix is a share of steps, 0 to 1"),
+                            ({"cut_mix": 0.5, "prior_preservation": False}, "--cut-mix pairs the subject with class")):
+        with pytest.raises(ValueError, match=message):
+            build_config(DreamBoothConfig, {}, {"data": str(tmp_path), **values}).check()
+
+
+def test_a_cut_mix_run_trains_on_its_scenes(tmp_path, monkeypatch):
+    from studio.trainers import dreambooth
+    from studio.trainers.config import build_config
+    from studio.trainers.dreambooth import DreamBooth, DreamBoothConfig
+    from studio.trainers.loop import train
+
+    from studio.adapters import load_adapter
+
+    data = tmp_path / "stars"
+    data.mkdir()
+    for i in range(2):
+        _image(data / f"star{i}.png", size=(64, 64), box=(20 + 4 * i, 20, 44 + 4 * i, 44), background=(255, 255, 255))
+    drawn = []
+    real = DreamBooth._draw
+    monkeypatch.setattr(DreamBooth, "_draw", lambda self, ctx, groups, *a: drawn.append(groups is ctx.store.get("cut_mix"))
+                        or real(self, ctx, groups, *a))
+    seen = []
+    real_loss = dreambooth.attention_loss
+    monkeypatch.setattr(dreambooth, "attention_loss", lambda maps, masks, size: seen.append(masks.sum((1, 2)))
+                        or real_loss(maps, masks, size))
+    cfg = build_config(DreamBoothConfig, {}, {"data": str(data), "output": str(tmp_path / "run"), "steps": 3,
+                                              "batch_size": 2, "num_class_images": 2, "class_data": str(tmp_path / "cls"),
+                                              "checkpoint_every": 0, "attention_loss": 1.0, "cut_mix": 1.0})
+    meta = load_adapter(train(DreamBooth(), cfg)).meta
+    assert meta.dataset["cut_mix"] == 1.0 and drawn == [True] * 3
+    # each scene's target: the subject's mask (24x24 pixels in its 64-pixel image) at half size: 12x12
+    assert all(torch.allclose(s, torch.full_like(s, 12 * 12)) for s in seen), seen
