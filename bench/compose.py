@@ -42,8 +42,7 @@ concepts' own images first; that time is not counted), ``orthogonal``. Not run b
 instead of "sks shape"), ``clora-exclusive`` (CLoRA with each pixel of overlapping masks given to the concept
 whose normalised map is highest, instead of shared), ``clora-clause-exclusive`` (each concept's tokens widened to its
 clause's content words, "sks shape left", and each pixel given to one concept). ``--attention-loss W`` trains the
-subjects' adapters with that attention-loss weight and ``--cut-mix P`` with that share of cut-mix steps (in their own
-``--work`` folder); each such run writes its own section.
+subjects' adapters with that attention-loss weight (in their own ``--work`` folder) and writes its own section.
 
     python bench/compose.py                       # all methods, 20 seeds
     python bench/compose.py --seeds 4 --methods naive lora-composer
@@ -246,9 +245,6 @@ def main() -> None:
     parser.add_argument("--attention-loss", type=float, default=0.0,
                         help="train the subjects' adapters with this attention-loss weight (their token's"
                              " cross-attention map pulled onto the subject), in their own --work folder")
-    parser.add_argument("--cut-mix", type=float, default=0.0,
-                        help="train the subjects' adapters with this share of cut-mix steps (the subject beside a class"
-                             " image), in their own --work folder")
     parser.add_argument("--clora-step", type=float, default=None, help="CLoRA's latent step size (default: the composer's)")
     parser.add_argument("--compositions", nargs="*", default=None, metavar="NAME",
                         help="run only these compositions (by name, e.g. 'star + heart + cross, described'); the"
@@ -264,8 +260,7 @@ def main() -> None:
     torch.manual_seed(0)
     work = Path(args.work)
     files = train_concepts(work, {"train_text_encoder": True} if args.train_text_encoder else None,
-                           {**({"attention_loss": args.attention_loss} if args.attention_loss else {}),
-                            **({"cut_mix": args.cut_mix} if args.cut_mix else {})})
+                           {"attention_loss": args.attention_loss} if args.attention_loss else None)
     judge = load_judge()
     pipe = load_pipeline(EMBEDDED_MODEL)
     pipe.set_progress_bar_config(disable=True)
@@ -376,17 +371,14 @@ def main() -> None:
     flags += f" --clora-step {args.clora_step}" if args.clora_step else ""
     flags += " --train-text-encoder" if args.train_text_encoder else ""
     flags += f" --attention-loss {args.attention_loss:g}" if args.attention_loss else ""
-    flags += f" --cut-mix {args.cut_mix:g}" if args.cut_mix else ""
     flags += f" --work {args.work}" if args.work != "runs/bench-compose" else ""
     alone = ", ".join(f"{shape} {colour} ({rate:.2f} of images alone)" for shape, (colour, rate) in solo.items())
     calib = ", ".join(f"{shape} {t:.3f} (finds {tpr:.2f} of its solo objects, {fpr:.2f} of the others)"
                       for shape, (t, tpr, fpr) in calibration.items())
-    trained = [what for what, on in (("the attention loss", args.attention_loss), ("cut-mix scenes", args.cut_mix)) if on]
-    title = "Composition: several concepts in one image" + (", adapters trained with " + " and ".join(trained) if trained else "")
-    section = "compose" + ("-attention-loss" if args.attention_loss else "") + ("-cut-mix" if args.cut_mix else "")
+    title = "Composition: several concepts in one image" + (", adapters trained with the attention loss" if args.attention_loss else "")
     text = (f"## {title}\n\nCommand: `python bench/compose.py{flags}` (revision "
             f"{git_revision()}; {machine()}). {args.seeds} seeds per composition and method, {args.steps} steps, guidance 5. "
-            f"Adapters: DreamBooth-LoRA, default settings ({defaults()}{'; plus LoRA on the text encoders' if args.train_text_encoder else ''}{f'; the subjects with --attention-loss {args.attention_loss:g}' if args.attention_loss else ''}{f'; the subjects with --cut-mix {args.cut_mix:g}' if args.cut_mix else ''}), one per concept (star `sks`, heart `zwx`, cross `qpv`, zigzag "
+            f"Adapters: DreamBooth-LoRA, default settings ({defaults()}{'; plus LoRA on the text encoders' if args.train_text_encoder else ''}{f'; the subjects with --attention-loss {args.attention_loss:g}' if args.attention_loss else ''}), one per concept (star `sks`, heart `zwx`, cross `qpv`, zigzag "
             f"style `zxy`), trained on blue stars, red hearts, green crosses. Regions (for lora-composer): boxes around each "
             f"object's place, {BOXES}; the style's box is its subject's.\n\n{head}{body}\n{summary}"
             "A subject is read two ways (a prompt never names its shape, and one named by token not its colour either: only its adapter can put them there). "
@@ -402,7 +394,7 @@ def main() -> None:
             f"`{args.work}/grids/`.\n")
     print(text)
     if args.compositions is None:
-        write_section(section, text)
+        write_section("compose-attention-loss" if args.attention_loss else "compose", text)
 
 
 if __name__ == "__main__":

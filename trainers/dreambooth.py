@@ -52,13 +52,6 @@ class DreamBoothConfig(TrainConfig):
                        " the subject (a mask NAME.mask.png beside an image, else the pixels that differ from its plain"
                        " background), so that composers which read the map (CLoRA) find the subject; 0: off."),
     )
-    cut_mix: float = field(
-        default=0.0,
-        metadata=_help("Share of steps whose instance examples are cut-mix scenes (SVDiff's Cut-Mix): the subject at"
-                       " half size on one side, a class image on the other, the prompt naming both with their sides"
-                       " ('a sks shape on the left and a shape on the right'); teaches the token to stay on its object"
-                       " beside another, for composing. Needs prior preservation; 0: off."),
-    )
 
     def check(self) -> None:
         super().check()
@@ -68,11 +61,6 @@ class DreamBoothConfig(TrainConfig):
             raise ValueError("--token and --class-noun must not be empty")
         if self.attention_loss < 0:
             raise ValueError(f"--attention-loss must be 0 (off) or positive, got {self.attention_loss}")
-        if not 0 <= self.cut_mix <= 1:
-            raise ValueError(f"--cut-mix is a share of steps, 0 to 1; got {self.cut_mix}")
-        if self.cut_mix and not self.prior_preservation:
-            raise ValueError("--cut-mix pairs the subject with class images: it needs prior preservation (drop"
-                             " --no-prior-preservation)")
         if self.attention_loss and self.compile:
             raise ValueError("--attention-loss does not work with --compile (its maps are recorded outside the"
                              " compiled graph); drop one of them")
@@ -126,25 +114,12 @@ class DreamBooth:
         ctx.store["n_captions"] = sum(c != prompt for c in captions)
         ctx.store["files"] = [f.name for f in files]
         ctx.store["prompts"] = {"instance": prompt, "class": f"a {cfg.class_noun}"}
-        scene_prompts: list[str] = []
         if cfg.prior_preservation:
             class_images = self._class_images(ctx)
             ctx.store["class"] = self._latents(pipe, class_images)
-            if cfg.cut_mix:
-                scenes, scene_prompts, scene_masks = cut_mix_scenes(images, captions, class_images, cfg.class_noun,
-                                                                    ctx.resolution, random.Random(cfg.seed))
-                ids = torch.tensor([[ctx.resolution, ctx.resolution, 0, 0, ctx.resolution, ctx.resolution]] * len(scenes),
-                                   dtype=torch.float32)
-                ctx.store["cut_mix"] = [(self._latents(pipe, scenes), ids, scene_prompts)]
-                if cfg.attention_loss:
-                    ctx.store["attend_cut_mix"] = [(
-                        torch.stack([place_mask(subject_mask(images[i], files[i].name), box, ctx.resolution)
-                                     for i, box in scene_masks]),
-                        torch.stack([token_weights(pipe.tokenizer, p, cfg.token, "a cut-mix scene") for p in scene_prompts]))]
         if not cfg.train_text_encoder:
             with torch.no_grad():
-                ctx.store["cond"] = {p: _encode(pipe, [p])
-                                     for p in {*captions, *scene_prompts, *ctx.store["prompts"].values()}}
+                ctx.store["cond"] = {p: _encode(pipe, [p]) for p in {*captions, *ctx.store["prompts"].values()}}
 
     @staticmethod
     def instance_prompt(cfg: DreamBoothConfig) -> str:
@@ -244,8 +219,7 @@ class DreamBooth:
     def loss(self, ctx: Context, step: int, micro: int, g: torch.Generator, rng: random.Random) -> torch.Tensor:
         cfg: DreamBoothConfig = ctx.cfg
         n = cfg.batch_size * ctx.accelerator.num_processes  # the global batch; denoise_loss takes our share
-        source = "cut_mix" if cfg.cut_mix and rng.random() < cfg.cut_mix else "instance"  # no draw when off
-        parts = [self._draw(ctx, ctx.store[source], rng, n)]
+        parts = [self._draw(ctx, ctx.store["instance"], rng, n)]
         if cfg.prior_preservation:
             cls = ctx.store["class"]
             idx = torch.tensor([rng.randrange(len(cls)) for _ in range(n)])
@@ -256,8 +230,7 @@ class DreamBooth:
             return losses[0] + cfg.prior_weight * losses[1] if cfg.prior_preservation else losses[0]
         maps: CrossAttentionMaps = ctx.store["maps"]
         chosen, mine = parts[0][1]["drawn"]
-        attend = ctx.store["attend_cut_mix" if source == "cut_mix" else "attend"]
-        masks, weights = (t[mine].to(ctx.accelerator.device) for t in attend[chosen])
+        masks, weights = (t[mine].to(ctx.accelerator.device) for t in ctx.store["attend"][chosen])
 
         def watch(members: list[int], embeds: torch.Tensor) -> None:  # the instance examples lead their pass
             if members[0] == 0:
@@ -283,7 +256,6 @@ class DreamBooth:
                 "captioned": ctx.store["n_captions"],
                 "prior_preservation": cfg.prior_preservation,
                 **({"attention_loss": cfg.attention_loss} if cfg.attention_loss else {}),
-                **({"cut_mix": cfg.cut_mix} if cfg.cut_mix else {}),
             },
         }
 
@@ -291,46 +263,6 @@ class DreamBooth:
         """With the attention loss: a recorder of the token's cross-attention maps in the training attention."""
         if ctx.cfg.attention_loss:
             ctx.store["maps"] = attention_maps(ctx.pipe.unet)
-
-
-def cut_mix_scenes(images, captions: list[str], class_images, class_noun: str, size: int, rng: random.Random):
-    """Two scenes per training image (SVDiff's Cut-Mix, with a class image as the other concept): on a ``size``
-    square of the image's border colour, the image scaled to fit half the width on one side and a class image
-    (drawn by ``rng``) on the other, each vertically centred; the prompt is the image's caption followed by its side
-    and the class on the other ("a sks shape on the left and a shape on the right"). Returns the scenes, their
-    prompts and, per scene, ``(image index, (left, top, width, height))`` where the subject went."""
-    import numpy as np
-    from PIL import Image
-
-    half = size // 2
-    scenes, prompts, boxes = [], [], []
-    for i, item in enumerate(images):
-        im = item.image.convert("RGB")
-        a = np.asarray(im)
-        colour = tuple(int(c) for c in np.median(np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]]), axis=0))
-        scale = min(half / im.width, size / im.height)
-        w, h = max(1, round(im.width * scale)), max(1, round(im.height * scale))
-        subject = im.resize((w, h), Image.Resampling.LANCZOS)
-        for side, other in (("left", "right"), ("right", "left")):
-            canvas = Image.new("RGB", (size, size), colour)
-            x = (half - w) // 2 + (0 if side == "left" else half)
-            canvas.paste(subject, (x, (size - h) // 2))
-            cls = class_images[rng.randrange(len(class_images))].convert("RGB").resize((half, half))
-            canvas.paste(cls, (half if side == "left" else 0, (size - half) // 2))
-            scenes.append(canvas)
-            prompts.append(f"{captions[i]} on the {side} and a {class_noun} on the {other}")
-            boxes.append((i, (x, (size - h) // 2, w, h)))
-    return scenes, prompts, boxes
-
-
-def place_mask(mask: torch.Tensor, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
-    """``mask`` (H, W) scaled into ``box`` (left, top, width, height) of a ``size`` square of zeros."""
-    import torch.nn.functional as F
-
-    left, top, w, h = box
-    out = torch.zeros(size, size)
-    out[top : top + h, left : left + w] = F.interpolate(mask[None, None].float(), size=(h, w), mode="area")[0, 0]
-    return out
 
 
 def token_weights(tokenizer, prompt: str, token: str, name: str = "prompt") -> torch.Tensor:
