@@ -41,7 +41,8 @@ concepts' own images first; that time is not counted), ``orthogonal``. Not run b
 (CLoRA whose concepts, in a described composition, watch their colour word too: ``words`` "sks blue shape"
 instead of "sks shape"), ``clora-exclusive`` (CLoRA with each pixel of overlapping masks given to the concept
 whose normalised map is highest, instead of shared), ``clora-clause-exclusive`` (each concept's tokens widened to its
-clause's content words, "sks shape left", and each pixel given to one concept). ``--attention-loss W`` trains the
+clause's content words, "sks shape left", and each pixel given to one concept), ``clora-layout`` (masks from the base
+pass's maps of each concept's placing words, "left"). ``--attention-loss W`` trains the
 subjects' adapters with that attention-loss weight (in their own ``--work`` folder) and writes its own section.
 
     python bench/compose.py                       # all methods, 20 seeds
@@ -83,6 +84,7 @@ VARIANTS = {  # method name in the table -> (composer, options)
     "clora-colour": ("clora", {}),  # its concepts' words take their colour where the prompt names one (below)
     "clora-clause-s200": ("clora", {"clause_words": True, "step_size": 200.0}),
     "clora-clause-exclusive": ("clora", {"clause_words": True, "exclusive": True}),
+    "clora-layout": ("clora", {"layout": True}),  # masks from the base pass's maps of each clause's placing words
     "lora-composer": ("lora-composer", {"positional_prompts": False}),  # the official: the concept's own prompt
     "lora-composer-r0.5": ("lora-composer", {"replace_ratio": 0.5, "positional_prompts": False}),
     "lora-composer-pos": ("lora-composer", {}),  # the studio's default: the global prompt's clause naming the concept

@@ -24,6 +24,9 @@ The prompt names every concept ("a sks1 shape on the left and a sks2 shape on th
 ``clause_words=True`` widens each concept's tokens to the content words of the prompt's clause that names it
 ("sks shape left"). ``exclusive=True`` gives a pixel where masks overlap to the concept whose normalised map is
 highest there instead of sharing it. Neither changed the composition benchmark's rates (docs/benchmarks.md).
+``layout=True`` (the studio's, not the paper's) takes the masks from the base pass instead: the maps of the words that
+place each concept in the global prompt (its clause's content words other than its own, "left"), for models whose
+identifiers' maps do not say where a concept goes; measured in docs/benchmarks.md (``clora-layout``).
 
 What the masks need: words whose maps lie on their object. Identifiers split into characters, and on the
 embedded model so does the class noun "shape": their maps are flat at every head, with or without the adapter
@@ -87,13 +90,15 @@ class CLoRA(Composer):
 
     def __init__(self, step_size: float = 20.0, update_fraction: float = 0.5, threshold: float = 0.4,
                  temperature: float = 0.5, latent_update: bool = True, clause_words: bool = False,
-                 mixing: str = "noise", exclusive: bool = False):
+                 mixing: str = "noise", exclusive: bool = False, layout: bool = False):
         self.step_size, self.update_fraction, self.clause_words = step_size, update_fraction, clause_words
-        self.exclusive = exclusive
+        self.exclusive, self.layout = exclusive, layout
         self.threshold, self.temperature, self.latent_update = threshold, temperature, latent_update
         if mixing not in ("noise", "gates"):
             raise ValueError(f"CLoRA mixing {mixing!r}: choose noise (one pass per LoRA, the official) or gates (one pass)")
         self.mixing = mixing
+        if layout and mixing != "noise":
+            raise ValueError("CLoRA layout masks come from the base pass of mixing='noise'")
         self.plain_pipeline_pass = mixing == "noise"
 
     def prepare(self, run: Run) -> None:
@@ -106,16 +111,24 @@ class CLoRA(Composer):
             run.state["lora_cond"] = [run.encode([p], only=k) for k, p in enumerate(prompts)]
             words = concept_words(run, self.clause_words)
             run.state["lora_tokens"] = [token_positions(run.pipe.tokenizer, p, words) for p in prompts]
+        if self.layout:  # each concept's clause words that are not its own (its place: "left"), in the global prompt
+            own = [set(c.words.lower().split()) for c in run.concepts]
+            placing = [" ".join(w for w in ws.split() if w.lower() not in o)
+                       for ws, o in zip(concept_words(run, clause_words=True), own)]
+            found = token_positions(run.pipe.tokenizer, run.prompt, placing)
+            run.state["layout_tokens"] = [f if f else t for f, t in zip(found, run.state["tokens"])]
 
     def pass_tokens(self, run: Run) -> list[list[int]]:
         """Each concept's token positions in the prompt of the pass being run."""
         k = run.state.get("pass")
+        if k is None and self.layout and self.mixing == "noise":
+            return run.state["layout_tokens"]  # the base pass: the words that place each concept
         return run.state["tokens"] if k is None else run.state["lora_tokens"][k]
 
     def attention(self, run: Run, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
         n_tokens = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[2] * hidden_states.shape[3]
         read = encoder_hidden_states is not None and min(h_w := run.spatial_hw(n_tokens)) == run.map_size()
-        if self.mixing == "noise" and run.state.get("pass") is None:
+        if self.mixing == "noise" and run.state.get("pass") is None and not self.layout:
             read = False  # the pipeline's own pass is the base model's: its maps are not the concepts'
         if not read:
             return default_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
@@ -202,9 +215,14 @@ class CLoRA(Composer):
         if self.mixing != "noise":
             return None
         b = run.batch
+        base_maps = self.token_maps(run) if self.layout and run.state["maps"] else None  # the pipeline's own pass
         with torch.no_grad():
             preds, maps, labels = self.lora_passes(run, latents[-b:], t)
-        masks = self.pass_masks(run, maps, labels)
+        if base_maps is not None:
+            masks = self.threshold_masks(self.concept_maps(base_maps, self.labels(run, base_maps.device,
+                                                                                  run.state["layout_tokens"]), len(preds)))
+        else:
+            masks = self.pass_masks(run, maps, labels)
         run.state["masks"] = masks
         return torch.cat([sample[:-b], self.mix(sample[-b:], preds, masks)])
 

@@ -465,3 +465,23 @@ def test_clora_passes_run_one_adapter_each_and_the_pipeline_pass_none(pipe, conc
         assert run.state["masks"].shape == (1, 2, 8, 8)
     assert image.size == (64, 64)
     assert seen == [(False, []), (True, [0]), (True, [1])] * 2  # per step: the base, then one pass per concept
+
+
+def test_clora_layout_masks_come_from_the_base_pass_maps_of_the_placing_words(pipe, concepts, monkeypatch):
+    from studio.composers.base import token_positions
+
+    composer = CLoRA(latent_update=False, layout=True)
+    monkeypatch.setattr(composer, "pass_masks", lambda *a: pytest.fail("the concepts' passes gave the masks"))
+    read = []
+    real = composer.concept_maps
+    monkeypatch.setattr(composer, "concept_maps", lambda maps, labels, n: read.append((maps.shape, labels.tolist()))
+                        or real(maps, labels, n))
+    with composing(pipe, composer, PROMPT, concepts) as run:
+        left, right = token_positions(pipe.tokenizer, PROMPT, ["left", "right"])
+        assert run.state["layout_tokens"] == [left, right]  # "a sks shape on the left": the word that places it
+        pipe(prompt=[PROMPT], guidance_scale=5.0, **run.pipe_kwargs(0, 1, 2))
+        assert run.state["masks"].shape == (1, 2, 8, 8)
+    labels = [0] * len(left) + [1] * len(right)
+    assert read == [((1, len(labels), 8, 8), labels)] * 2  # per step: the base pass's maps of those words
+    with pytest.raises(ValueError, match="layout masks come from the base pass"):
+        CLoRA(layout=True, mixing="gates")
