@@ -147,9 +147,6 @@ class CrossAttentionMaps:
     def close(self) -> None:
         self.closed = True
 
-    def clear(self) -> None:
-        self.maps, self._watched, self.closed = [], None, True
-
     def record(self, encoder_hidden_states: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
                inverse: torch.Tensor | None, heads: int) -> None:
         """``query`` (batch, queries, inner) and ``key`` (one row per example, or per distinct prompt with
