@@ -121,7 +121,7 @@ class CLoRA(Composer):
     def pass_tokens(self, run: Run) -> list[list[int]]:
         """Each concept's token positions in the prompt of the pass being run."""
         k = run.state.get("pass")
-        if k is None and self.layout and self.mixing == "noise":
+        if k is None and self.layout:
             return run.state["layout_tokens"]  # the base pass: the words that place each concept
         return run.state["tokens"] if k is None else run.state["lora_tokens"][k]
 
