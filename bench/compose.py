@@ -43,7 +43,9 @@ instead of "sks shape"), ``clora-exclusive`` (CLoRA with each pixel of overlappi
 whose normalised map is highest, instead of shared), ``clora-clause-exclusive`` (each concept's tokens widened to its
 clause's content words, "sks shape left", and each pixel given to one concept), ``clora-layout`` (masks from the base
 pass's maps of each concept's placing words, "left"). ``--attention-loss W`` trains the
-subjects' adapters with that attention-loss weight (in their own ``--work`` folder) and writes its own section.
+subjects' adapters with that attention-loss weight (in their own ``--work`` folder) and writes its own section;
+so do ``--subject-steps N`` (the subjects' adapters trained N steps instead of the default) and ``--subjects A B C``
+(three other held-out shapes in the roles of star, heart and cross; ``--subjects crescent heart cross``).
 
     python bench/compose.py                       # all methods, 20 seeds
     python bench/compose.py --seeds 4 --methods naive lora-composer
@@ -65,7 +67,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dreambooth import COLOURS, defaults, references  # noqa: E402
 from report import git_revision, machine, write_section  # noqa: E402
 
-SUBJECTS = {"star": ("sks", "blue"), "heart": ("zwx", "red"), "cross": ("qpv", "green")}
+TOKENS = ["sks", "zwx", "qpv"]  # the first, second and third subject's identifiers
+SUBJECTS = {"star": ("sks", "blue"), "heart": ("zwx", "red"), "cross": ("qpv", "green")}  # --subjects replaces it
+DEFAULT_SUBJECTS = dict(SUBJECTS)
+
+
+def subject_dir(work: Path, shape: str) -> Path:
+    """The subject's folder (references and adapter); a shape under another token than the default trains apart."""
+    token = SUBJECTS[shape][0]
+    return work / (shape if DEFAULT_SUBJECTS.get(shape, (None,))[0] == token else f"{shape}-{token}")
 STYLE, STYLE_TOKEN = "zigzag", "zxy"
 STYLE_SHAPES = [("circle", "orange"), ("square", "cyan"), ("triangle", "pink"), ("diamond", "yellow")]
 # regions are boxes around where each object goes (the layout a user draws), leaving background to the
@@ -94,15 +104,23 @@ VARIANTS = {  # method name in the table -> (composer, options)
 # composition names each subject with the colour of its training images ("a blue sks shape on the left"), as a
 # user names a subject with a word the base model knows ("a sks dog"): on the embedded model only such words
 # (colours, base shapes) have cross-attention maps that lie on their object, which CLoRA's masks need
-COMPOSITIONS = [
-    ("star + heart", [("star", "left"), ("heart", "right")], False, False),
-    ("cross + heart", [("cross", "left"), ("heart", "right")], False, False),
-    ("star + heart + cross", [("star", "left"), ("heart", "center"), ("cross", "right")], False, False),
-    ("star + zigzag style", [("star", "center")], True, False),
-    ("star + heart, described", [("star", "left"), ("heart", "right")], False, True),
-    ("cross + heart, described", [("cross", "left"), ("heart", "right")], False, True),
-    ("star + heart + cross, described", [("star", "left"), ("heart", "center"), ("cross", "right")], False, True),
+ROLES = [  # (name pattern, [(subject index, place)], style?, described?)
+    ("{0} + {1}", [(0, "left"), (1, "right")], False, False),
+    ("{2} + {1}", [(2, "left"), (1, "right")], False, False),
+    ("{0} + {1} + {2}", [(0, "left"), (1, "center"), (2, "right")], False, False),
+    ("{0} + zigzag style", [(0, "center")], True, False),
+    ("{0} + {1}, described", [(0, "left"), (1, "right")], False, True),
+    ("{2} + {1}, described", [(2, "left"), (1, "right")], False, True),
+    ("{0} + {1} + {2}, described", [(0, "left"), (1, "center"), (2, "right")], False, True),
 ]
+
+
+def compositions_of(shapes: list[str]) -> list:
+    return [(name.format(*shapes), [(shapes[i], place) for i, place in items], style, described)
+            for name, items, style, described in ROLES]
+
+
+COMPOSITIONS = compositions_of(list(SUBJECTS))
 
 
 def prompt_of(items, style: bool, noun: bool = False, described: bool = False) -> str:
@@ -126,7 +144,7 @@ def train_concepts(work: Path, extra: dict | None = None, subject_extra: dict | 
 
     files = {}
     for shape, (token, _) in SUBJECTS.items():
-        run = work / shape
+        run = subject_dir(work, shape)
         if not (run / "run" / "adapter.safetensors").is_file():
             references(shape, run / "data")
             train(DreamBooth(), build_config(DreamBoothConfig, {}, {"data": str(run / "data"), "output": str(run / "run"),
@@ -247,11 +265,23 @@ def main() -> None:
     parser.add_argument("--attention-loss", type=float, default=0.0,
                         help="train the subjects' adapters with this attention-loss weight (their token's"
                              " cross-attention map pulled onto the subject), in their own --work folder")
+    parser.add_argument("--subject-steps", type=int, default=None,
+                        help="train the subjects' adapters for this many steps instead of the default, in their own"
+                             " --work folder")
     parser.add_argument("--clora-step", type=float, default=None, help="CLoRA's latent step size (default: the composer's)")
     parser.add_argument("--compositions", nargs="*", default=None, metavar="NAME",
                         help="run only these compositions (by name, e.g. 'star + heart + cross, described'); the"
                              " table is then printed, not written to docs/benchmarks.md")
+    parser.add_argument("--subjects", nargs=3, default=list(SUBJECTS), metavar="SHAPE",
+                        help=f"the three held-out shapes (tokens {', '.join(TOKENS)} in this order; default:"
+                             f" {' '.join(SUBJECTS)}); other subjects than the default train in their own folders")
     args = parser.parse_args()
+    global COMPOSITIONS
+    if len(set(args.subjects)) != 3 or any(s not in COLOURS for s in args.subjects):
+        raise SystemExit(f"--subjects: three different shapes from {sorted(COLOURS)}; got {args.subjects}")
+    SUBJECTS.clear()
+    SUBJECTS.update({shape: (token, COLOURS[shape]) for shape, token in zip(args.subjects, TOKENS)})
+    COMPOSITIONS = compositions_of(args.subjects)
     names = [c[0] for c in COMPOSITIONS]
     unknown = [n for n in args.compositions or [] if n not in names]
     if unknown:
@@ -259,16 +289,20 @@ def main() -> None:
     bad = [m for m in args.methods if m not in METHODS and m not in VARIANTS]
     if bad:
         raise SystemExit(f"--methods: unknown {bad}; choose from {list(dict.fromkeys(METHODS + list(VARIANTS)))}")
+    if (args.attention_loss or args.subject_steps or args.train_text_encoder) and args.work == parser.get_default("work"):
+        raise SystemExit("--attention-loss, --subject-steps and --train-text-encoder train other adapters than the"
+                         " default: give them their own --work folder (the default one holds the default adapters)")
     torch.manual_seed(0)
     work = Path(args.work)
     files = train_concepts(work, {"train_text_encoder": True} if args.train_text_encoder else None,
-                           {"attention_loss": args.attention_loss} if args.attention_loss else None)
+                           {**({"attention_loss": args.attention_loss} if args.attention_loss else {}),
+                            **({"steps": args.subject_steps} if args.subject_steps else {})} or None)
     judge = load_judge()
     pipe = load_pipeline(EMBEDDED_MODEL)
     pipe.set_progress_bar_config(disable=True)
     refs = {}
     for shape in SUBJECTS:
-        emb = judge.identity_embedding(references(shape, work / shape / "data"))
+        emb = judge.identity_embedding(references(shape, subject_dir(work, shape) / "data"))
         refs[shape] = emb.numpy()
     # each subject as its adapter draws it alone: its colour (the colour reading) and its objects' identity
     # similarities (the identity reading's positives); the base model's objects and the other subjects' are negatives
@@ -321,7 +355,7 @@ def main() -> None:
 
             if method == "gated-fit":  # gates trained for 100 steps on the concepts' own images (time not counted)
                 composer = get_composer("gated")
-                folders = [work / c.name / "data" for c in concepts]
+                folders = [(subject_dir(work, c.name) if c.name in SUBJECTS else work / c.name) / "data" for c in concepts]
                 composer.fit(pipe, concepts, folders, steps=100)
             elif method in VARIANTS:
                 composer = get_composer(VARIANTS[method][0], **VARIANTS[method][1])
@@ -373,15 +407,20 @@ def main() -> None:
     flags += f" --clora-step {args.clora_step}" if args.clora_step else ""
     flags += " --train-text-encoder" if args.train_text_encoder else ""
     flags += f" --attention-loss {args.attention_loss:g}" if args.attention_loss else ""
+    flags += f" --subject-steps {args.subject_steps}" if args.subject_steps else ""
     flags += f" --work {args.work}" if args.work != "runs/bench-compose" else ""
+    custom = list(SUBJECTS) != list(DEFAULT_SUBJECTS)
+    flags += f" --subjects {' '.join(SUBJECTS)}" if custom else ""
     alone = ", ".join(f"{shape} {colour} ({rate:.2f} of images alone)" for shape, (colour, rate) in solo.items())
     calib = ", ".join(f"{shape} {t:.3f} (finds {tpr:.2f} of its solo objects, {fpr:.2f} of the others)"
                       for shape, (t, tpr, fpr) in calibration.items())
-    title = "Composition: several concepts in one image" + (", adapters trained with the attention loss" if args.attention_loss else "")
+    title = ("Composition: several concepts in one image" + (f" ({', '.join(SUBJECTS)})" if custom else "")
+             + (", adapters trained with the attention loss" if args.attention_loss else "")
+             + (f", subjects' adapters trained {args.subject_steps} steps" if args.subject_steps else ""))
     text = (f"## {title}\n\nCommand: `python bench/compose.py{flags}` (revision "
             f"{git_revision()}; {machine()}). {args.seeds} seeds per composition and method, {args.steps} steps, guidance 5. "
-            f"Adapters: DreamBooth-LoRA, default settings ({defaults()}{'; plus LoRA on the text encoders' if args.train_text_encoder else ''}{f'; the subjects with --attention-loss {args.attention_loss:g}' if args.attention_loss else ''}), one per concept (star `sks`, heart `zwx`, cross `qpv`, zigzag "
-            f"style `zxy`), trained on blue stars, red hearts, green crosses. Regions (for lora-composer): boxes around each "
+            f"Adapters: DreamBooth-LoRA, default settings ({defaults()}{'; plus LoRA on the text encoders' if args.train_text_encoder else ''}{f'; the subjects with --attention-loss {args.attention_loss:g}' if args.attention_loss else ''}{f'; the subjects {args.subject_steps} steps' if args.subject_steps else ''}), one per concept ({', '.join(f'{c} `{t}`' for c, (t, _) in SUBJECTS.items())}, zigzag "
+            f"style `zxy`), trained on {', '.join(f'{COLOURS[c]} {c}' + ('es' if c.endswith('s') else 's') for c in SUBJECTS)}. Regions (for lora-composer): boxes around each "
             f"object's place, {BOXES}; the style's box is its subject's.\n\n{head}{body}\n{summary}"
             "A subject is read two ways (a prompt never names its shape, and one named by token not its colour either: only its adapter can put them there). "
             "**By identity** (the headline rates): an object is the composition's subject whose reference renders its "
@@ -396,7 +435,9 @@ def main() -> None:
             f"`{args.work}/grids/`.\n")
     print(text)
     if args.compositions is None:
-        write_section("compose-attention-loss" if args.attention_loss else "compose", text)
+        write_section("compose" + ("-" + "-".join(SUBJECTS) if custom else "")
+                      + ("-attention-loss" if args.attention_loss else "")
+                      + (f"-steps{args.subject_steps}" if args.subject_steps else ""), text)
 
 
 if __name__ == "__main__":

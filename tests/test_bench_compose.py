@@ -24,3 +24,20 @@ def test_threshold_with_overlap_keeps_the_best_tpr_minus_fpr():
 
 def test_threshold_without_anything_below_is_the_lowest_positive():
     assert bench_compose.youden_threshold([0.5, 0.7], []) == (0.5, 1.0, 0.0)
+
+
+def test_other_subjects_take_the_roles_and_train_apart_from_the_default_adapters(tmp_path):
+    comps = bench_compose.compositions_of(["crescent", "heart", "cross"])
+    assert [c[0] for c in comps][:3] == ["crescent + heart", "cross + heart", "crescent + heart + cross"]
+    assert comps[2][1] == [("crescent", "left"), ("heart", "center"), ("cross", "right")]
+    assert [c[0] for c in bench_compose.compositions_of(["star", "heart", "cross"])] == [c[0] for c in bench_compose.COMPOSITIONS]
+    saved = dict(bench_compose.SUBJECTS)
+    try:
+        bench_compose.SUBJECTS.clear()
+        bench_compose.SUBJECTS.update({"heart": ("sks", "red"), "star": ("zwx", "blue"), "cross": ("qpv", "green")})
+        # the heart under the star's token is not the default heart adapter; the cross keeps its token and folder
+        assert bench_compose.subject_dir(tmp_path, "heart") == tmp_path / "heart-sks"
+        assert bench_compose.subject_dir(tmp_path, "cross") == tmp_path / "cross"
+    finally:
+        bench_compose.SUBJECTS.clear()
+        bench_compose.SUBJECTS.update(saved)
