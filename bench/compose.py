@@ -31,8 +31,11 @@ prompt names).
   shape on the right"), i.e. the positions;
 - **s / image**: sampling time per image, batches of 10.
 
-Methods: ``naive``, ``clora`` (the official form: one pass per LoRA with its own prompt, noise predictions mixed by
-masks from its cross-attention maps; step size 20), ``clora-gates`` (one pass, each adapter gated by its mask inside the UNet),
+Methods: ``naive``, ``clora`` (the official form: one pass per LoRA with its own prompt, noise predictions of both
+guidance halves mixed by masks from its cross-attention maps; step size 20), ``clora-prompt-half`` (only the prompt
+half mixed, the negative half the base model's: the studio's form until 2026-12-04; not run by default),
+``clora-layout`` (the studio's variant: masks from the base pass's maps of each concept's placing words, "left"),
+``clora-gates`` (one pass, each adapter gated by its mask inside the UNet),
 ``clora-s200`` (step size 200; not run by default), ``lora-composer`` (replace_ratio 1, the official default),
 ``lora-composer-r0.5`` (half the global prompt's output kept inside the boxes), ``lora-composer-pos``
 (replace_ratio 1, each region prompt is the global prompt's clause naming the concept: "a sks shape on the left";
@@ -41,8 +44,8 @@ concepts' own images first; that time is not counted), ``orthogonal``. Not run b
 (CLoRA whose concepts, in a described composition, watch their colour word too: ``words`` "sks blue shape"
 instead of "sks shape"), ``clora-exclusive`` (CLoRA with each pixel of overlapping masks given to the concept
 whose normalised map is highest, instead of shared), ``clora-clause-exclusive`` (each concept's tokens widened to its
-clause's content words, "sks shape left", and each pixel given to one concept), ``clora-layout`` (masks from the base
-pass's maps of each concept's placing words, "left"). ``--attention-loss W`` trains the
+clause's content words, "sks shape left", and each pixel given to one concept), ``clora-layout-prompt-half``.
+``--attention-loss W`` trains the
 subjects' adapters with that attention-loss weight (in their own ``--work`` folder) and writes its own section;
 so do ``--subject-steps N`` (the subjects' adapters trained N steps instead of the default) and ``--subjects A B C``
 (three other held-out shapes in the roles of star, heart and cross; ``--subjects crescent heart cross``).
@@ -84,7 +87,7 @@ BOXES = {"left": (0.0, 0.2, 0.4, 0.8), "center": (0.3, 0.2, 0.7, 0.8), "right": 
 COLUMNS = {"left": {"top left", "left", "bottom left"}, "center": {"top", "center", "bottom"},
            "right": {"top right", "right", "bottom right"}}
 PHRASE = {"left": "on the left", "center": "in the center", "right": "on the right"}
-METHODS = ["naive", "clora", "clora-gates", "lora-composer", "lora-composer-r0.5", "lora-composer-pos", "gated",
+METHODS = ["naive", "clora", "clora-layout", "clora-gates", "lora-composer", "lora-composer-r0.5", "lora-composer-pos", "gated",
            "gated-fit", "orthogonal"]
 VARIANTS = {  # method name in the table -> (composer, options)
     "clora-s200": ("clora", {"step_size": 200.0}),
@@ -94,7 +97,9 @@ VARIANTS = {  # method name in the table -> (composer, options)
     "clora-colour": ("clora", {}),  # its concepts' words take their colour where the prompt names one (below)
     "clora-clause-s200": ("clora", {"clause_words": True, "step_size": 200.0}),
     "clora-clause-exclusive": ("clora", {"clause_words": True, "exclusive": True}),
-    "clora-layout": ("clora", {"layout": True}),  # masks from the base pass's maps of each clause's placing words
+    "clora-layout": ("clora", {"layout": True}),
+    "clora-prompt-half": ("clora", {"guided": False}),  # the negative half stays the base model's
+    "clora-layout-prompt-half": ("clora", {"layout": True, "guided": False}),  # masks from the base pass's maps of each clause's placing words
     "lora-composer": ("lora-composer", {"positional_prompts": False}),  # the official: the concept's own prompt
     "lora-composer-r0.5": ("lora-composer", {"replace_ratio": 0.5, "positional_prompts": False}),
     "lora-composer-pos": ("lora-composer", {}),  # the studio's default: the global prompt's clause naming the concept

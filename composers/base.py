@@ -192,6 +192,7 @@ class Run:
         self.index = {c.name: k for k, c in enumerate(concepts)}  # adapter name on the pipeline -> concept
         self.step = -1  # index of the denoising step the UNet is in
         self.timestep = None
+        self.pipeline_kwargs: dict = {}  # the keyword arguments of the pipeline's own UNet call this step
         self.only: int | None = None  # while set, only this concept's adapter acts (encoding its prompt)
         self.segments: list[tuple[int, int, int | None]] | None = None  # prompt-token spans -> concept, in expanded attention
         self.extra_unet_call = False  # a composer's own UNet call (not a pipeline step)
@@ -305,6 +306,7 @@ class Run:
         if not self.extra_unet_call:
             self.step += 1
             self.timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+            self.pipeline_kwargs = kwargs  # the pipeline's own conditioning (both guidance halves), for pipeline_rows
             if self.composer.plain_pipeline_pass:  # the pipeline's own pass is the base model's
                 self._only_before, self.only = self.only, -1
         return None
@@ -368,6 +370,27 @@ class Run:
                 return self.pipe.unet(latents, t, **self.conditioning(latents.shape[0], cond)).sample
         finally:
             self.extra_unet_call = False
+
+    def pipeline_rows(self, x: torch.Tensor, t, rows: slice, only: int | None = None) -> torch.Tensor:
+        """The UNet on ``x`` (already its input) at ``t`` with the conditioning rows ``rows`` of the pipeline's own
+        pass this step (``slice(0, n)``: the negative half of a guidance batch), only concept ``only``'s adapter
+        acting; outside the step count."""
+        kwargs = {}
+        for key, value in self.pipeline_kwargs.items():
+            if key in ("sample", "timestep"):
+                continue
+            if key == "added_cond_kwargs" and value is not None:
+                value = {k: v[rows] for k, v in value.items()}
+            elif isinstance(value, torch.Tensor) and value.ndim and key != "timestep_cond":
+                value = value[rows]
+            kwargs[key] = value
+        self.extra_unet_call = True
+        try:
+            with self.restricted(only) if only is not None else contextlib.nullcontext():
+                out = self.pipe.unet(x, t, **kwargs)
+        finally:
+            self.extra_unet_call = False
+        return out[0] if isinstance(out, tuple) else out.sample
 
     def _unet_post_hook(self, module, args, kwargs, output):
         if self.extra_unet_call:

@@ -6,8 +6,11 @@ The prompt names every concept ("a sks1 shape on the left and a sks2 shape on th
 - **passes** (``mixing="noise"``, the official form and the default): at every step the pipeline's own pass is
   the base model's (no adapter), and concept k gets a pass of its own with only its adapter and its own prompt,
   the global prompt without the other concepts' identifiers ("a sks1 shape on the left and a shape on the
-  right"); the prompt half of the noise prediction is the base's where no mask is set and concept k's inside
-  its mask (shared where masks overlap). ``mixing="gates"`` is the studio's earlier one-pass form: each
+  right"); the noise prediction is the base's where no mask is set and concept k's inside its mask (shared where
+  masks overlap), in both halves of the guidance batch: concept k's pass runs on the negative half too (the
+  pipeline's negative conditioning, its adapter acting), as the official code runs each LoRA on the whole guidance
+  batch. ``guided=False`` mixes the prompt half only (the studio's form until 2026-12-04, one pass fewer per
+  concept): the negative half stays the base's, so guidance multiplies each adapter's whole effect inside its mask. ``mixing="gates"`` is the studio's earlier one-pass form: each
   adapter's layers gated by its mask inside the pipeline's single pass.
 - **attention maps**: the cross-attention probabilities of each concept's tokens in its pass, averaged over
   heads and over the layers at :meth:`Run.map_size` (the official code's 16x16 layers for SD1.5 at 512 px),
@@ -90,8 +93,9 @@ class CLoRA(Composer):
 
     def __init__(self, step_size: float = 20.0, update_fraction: float = 0.5, threshold: float = 0.4,
                  temperature: float = 0.5, latent_update: bool = True, clause_words: bool = False,
-                 mixing: str = "noise", exclusive: bool = False, layout: bool = False):
+                 mixing: str = "noise", exclusive: bool = False, layout: bool = False, guided: bool = True):
         self.step_size, self.update_fraction, self.clause_words = step_size, update_fraction, clause_words
+        self.guided = guided
         self.exclusive, self.layout = exclusive, layout
         self.threshold, self.temperature, self.latent_update = threshold, temperature, latent_update
         if mixing not in ("noise", "gates"):
@@ -128,7 +132,7 @@ class CLoRA(Composer):
     def attention(self, run: Run, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
         n_tokens = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[2] * hidden_states.shape[3]
         read = encoder_hidden_states is not None and min(h_w := run.spatial_hw(n_tokens)) == run.map_size()
-        if self.mixing == "noise" and run.state.get("pass") is None and not self.layout:
+        if self.mixing == "noise" and run.state.get("pass") is None and not self.layout or run.state.get("pass") == "negative":
             read = False  # the pipeline's own pass is the base model's: its maps are not the concepts'
         if not read:
             return default_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
@@ -224,7 +228,17 @@ class CLoRA(Composer):
         else:
             masks = self.pass_masks(run, maps, labels)
         run.state["masks"] = masks
-        return torch.cat([sample[:-b], self.mix(sample[-b:], preds, masks)])
+        negative = sample[:-b]
+        if self.guided and len(negative):  # each concept's negative half with its adapter too, mixed by the same masks
+            try:
+                run.state["pass"] = "negative"
+                with torch.no_grad():
+                    negatives = [run.pipeline_rows(latents[:-b], t, slice(0, len(negative)), only=k)
+                                 for k in range(len(preds))]
+            finally:
+                run.state["pass"] = None
+            negative = self.mix(negative, negatives, masks)
+        return torch.cat([negative, self.mix(sample[-b:], preds, masks)])
 
     def edit_latents(self, run: Run, i: int, t, latents: torch.Tensor) -> torch.Tensor:
         n_update = round(self.update_fraction * len(run.pipe.scheduler.timesteps))

@@ -464,7 +464,46 @@ def test_clora_passes_run_one_adapter_each_and_the_pipeline_pass_none(pipe, conc
             hook.remove()
         assert run.state["masks"].shape == (1, 2, 8, 8)
     assert image.size == (64, 64)
-    assert seen == [(False, []), (True, [0]), (True, [1])] * 2  # per step: the base, then one pass per concept
+    # per step: the base, then one pass per concept on the prompt half and one on the negative half
+    assert seen == [(False, []), (True, [0]), (True, [1]), (True, [0]), (True, [1])] * 2
+
+
+def _sample(output):
+    return output[0] if isinstance(output, tuple) else output.sample
+
+
+def test_clora_guided_mixes_both_guidance_halves_from_the_concepts_passes(pipe, concepts):
+    # the official form: each concept's pass on the negative half too (the pipeline's negative conditioning, its
+    # adapter only), mixed by the same masks; the prompt half as before
+    calls, final = [], []
+    holder = {}
+
+    def raw(module, args, kwargs, output):  # registered first: every UNet call's own output
+        run = holder["run"]
+        calls.append((run.extra_unet_call, run.only, args[0].clone(), kwargs["encoder_hidden_states"].clone(),
+                       _sample(output).clone()))
+
+    first = pipe.unet.register_forward_hook(raw, with_kwargs=True)
+    try:
+        with composing(pipe, CLoRA(latent_update=False, guided=True), PROMPT, concepts) as run:
+            holder["run"] = run
+            last = pipe.unet.register_forward_hook(lambda m, a, k, out: final.append((run.extra_unet_call, _sample(out).clone())),
+                                                   with_kwargs=True)
+            try:
+                pipe(prompt=[PROMPT], guidance_scale=5.0, **run.pipe_kwargs(0, 1, 1))
+            finally:
+                last.remove()
+            masks = run.state["masks"]
+    finally:
+        first.remove()
+    (_, _, x, cond, base), (_, o0, _, _, p0), (_, o1, _, _, p1), (e2, o2, x2, c2, n0), (e3, o3, x3, c3, n1) = calls
+    assert [c[0] for c in calls] == [False, True, True, True, True] and [o0, o1, o2, o3] == [0, 1, 0, 1]
+    for xk, ck in ((x2, c2), (x3, c3)):  # the negative passes: the pipeline's negative rows of input and conditioning
+        assert torch.equal(xk, x[:1]) and torch.equal(ck, cond[:1])
+    mixed = [out for extra, out in final if not extra][0]
+    torch.testing.assert_close(mixed[:1], CLoRA.mix(base[:1], [n0, n1], masks))
+    torch.testing.assert_close(mixed[1:], CLoRA.mix(base[1:], [p0, p1], masks))
+    assert not torch.allclose(mixed[:1], base[:1])  # the masks are set somewhere: the negative half did change
 
 
 def test_clora_layout_masks_come_from_the_base_pass_maps_of_the_placing_words(pipe, concepts, monkeypatch):
