@@ -74,11 +74,6 @@ TOKENS = ["sks", "zwx", "qpv"]  # the first, second and third subject's identifi
 SUBJECTS = {"star": ("sks", "blue"), "heart": ("zwx", "red"), "cross": ("qpv", "green")}  # --subjects replaces it
 DEFAULT_SUBJECTS = dict(SUBJECTS)
 
-
-def subject_dir(work: Path, shape: str) -> Path:
-    """The subject's folder (references and adapter); a shape under another token than the default trains apart."""
-    token = SUBJECTS[shape][0]
-    return work / (shape if DEFAULT_SUBJECTS.get(shape, (None,))[0] == token else f"{shape}-{token}")
 STYLE, STYLE_TOKEN = "zigzag", "zxy"
 STYLE_SHAPES = [("circle", "orange"), ("square", "cyan"), ("triangle", "pink"), ("diamond", "yellow")]
 # regions are boxes around where each object goes (the layout a user draws), leaving background to the
@@ -127,6 +122,11 @@ def compositions_of(shapes: list[str]) -> list:
 
 COMPOSITIONS = compositions_of(list(SUBJECTS))
 
+
+def subject_dir(work: Path, shape: str) -> Path:
+    """The subject's folder (references and adapter); a shape under another token than the default trains apart."""
+    token = SUBJECTS[shape][0]
+    return work / (shape if DEFAULT_SUBJECTS.get(shape, (None,))[0] == token else f"{shape}-{token}")
 
 def prompt_of(items, style: bool, noun: bool = False, described: bool = False) -> str:
     """The composition's prompt (with tokens), or with class nouns only for the fidelity check; ``described``

@@ -364,12 +364,7 @@ class Run:
         or only concept ``only``'s. ``scaled``: the latents are already the UNet's input (:meth:`model_input`)."""
         if not scaled:
             latents = self.pipe.scheduler.scale_model_input(latents, t)
-        self.extra_unet_call = True
-        try:
-            with self.restricted(only) if only is not None else contextlib.nullcontext():
-                return self.pipe.unet(latents, t, **self.conditioning(latents.shape[0], cond)).sample
-        finally:
-            self.extra_unet_call = False
+        return self._extra_call(latents, t, self.conditioning(latents.shape[0], cond), only)
 
     def pipeline_rows(self, x: torch.Tensor, t, rows: slice, only: int | None = None) -> torch.Tensor:
         """The UNet on ``x`` (already its input) at ``t`` with the conditioning rows ``rows`` of the pipeline's own
@@ -384,6 +379,10 @@ class Run:
             elif isinstance(value, torch.Tensor) and value.ndim and key != "timestep_cond":
                 value = value[rows]
             kwargs[key] = value
+        return self._extra_call(x, t, kwargs, only)
+
+    def _extra_call(self, x: torch.Tensor, t, kwargs: dict, only: int | None) -> torch.Tensor:
+        """A composer's own UNet call (not counted as a step), only concept ``only``'s adapter acting if given."""
         self.extra_unet_call = True
         try:
             with self.restricted(only) if only is not None else contextlib.nullcontext():

@@ -496,7 +496,7 @@ def test_clora_guided_mixes_both_guidance_halves_from_the_concepts_passes(pipe, 
             masks = run.state["masks"]
     finally:
         first.remove()
-    (_, _, x, cond, base), (_, o0, _, _, p0), (_, o1, _, _, p1), (e2, o2, x2, c2, n0), (e3, o3, x3, c3, n1) = calls
+    (_, _, x, cond, base), (_, o0, _, _, p0), (_, o1, _, _, p1), (_, o2, x2, c2, n0), (_, o3, x3, c3, n1) = calls
     assert [c[0] for c in calls] == [False, True, True, True, True] and [o0, o1, o2, o3] == [0, 1, 0, 1]
     for xk, ck in ((x2, c2), (x3, c3)):  # the negative passes: the pipeline's negative rows of input and conditioning
         assert torch.equal(xk, x[:1]) and torch.equal(ck, cond[:1])
