@@ -36,7 +36,8 @@ guidance halves mixed by masks from its cross-attention maps; step size 20), ``c
 half mixed, the negative half the base model's: the studio's form until 2026-12-04; not run by default),
 ``clora-layout`` (the studio's variant: masks from the base pass's maps of each concept's placing words, "left"),
 ``clora-gates`` (one pass, each adapter gated by its mask inside the UNet),
-``clora-s200`` (step size 200; not run by default), ``lora-composer`` (replace_ratio 1, the official default),
+``clora-s200`` (step size 200; not run by default), ``clora-refine`` and ``clora-refine-s100`` (the paper's
+iterative refinement: 10 updates at steps 0, 20% and 40% of the schedule, step size 20 or 100; not run by default), ``lora-composer`` (replace_ratio 1, the official default),
 ``lora-composer-r0.5`` (half the global prompt's output kept inside the boxes), ``lora-composer-pos``
 (replace_ratio 1, each region prompt is the global prompt's clause naming the concept: "a sks shape on the left";
 the studio's default), ``gated`` (training-free token gates), ``gated-fit`` (gates trained 100 steps on the
@@ -93,6 +94,9 @@ VARIANTS = {  # method name in the table -> (composer, options)
     "clora-clause-s200": ("clora", {"clause_words": True, "step_size": 200.0}),
     "clora-clause-exclusive": ("clora", {"clause_words": True, "exclusive": True}),
     "clora-layout": ("clora", {"layout": True}),
+    # the paper's iterative refinement (Attend-and-Excite's schedule: steps 0, 10 and 20 of 50): 10 updates there
+    "clora-refine": ("clora", {"refine_steps": (0.0, 0.2, 0.4), "refine_iterations": 10}),
+    "clora-refine-s100": ("clora", {"refine_steps": (0.0, 0.2, 0.4), "refine_iterations": 10, "step_size": 100.0}),
     "clora-prompt-half": ("clora", {"guided": False}),  # the negative half stays the base model's
     "clora-layout-prompt-half": ("clora", {"layout": True, "guided": False}),  # masks from the base pass's maps of each clause's placing words
     "lora-composer": ("lora-composer", {"positional_prompts": False}),  # the official: the concept's own prompt

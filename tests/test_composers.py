@@ -259,6 +259,36 @@ def test_clora_latent_step_lowers_the_contrastive_loss(pipe, concepts, mixing):
             pass
 
 
+def test_clora_refinement_repeats_the_update_at_its_steps_only(pipe, concepts):
+    assert CLoRA(refine_steps=(0.0, 0.2, 0.4)).refine_at(50) == {0, 10, 20}  # the paper's steps of 50
+    assert CLoRA(refine_steps=(0.0, 0.2, 0.4)).refine_at(25) == {0, 5, 10}
+    for bad in ({"refine_steps": (1.0,)}, {"refine_iterations": 0}):
+        with pytest.raises(ValueError, match="refine_steps .*fractions of the schedule in \\[0, 1\\)"):
+            CLoRA(**bad)
+    composer = CLoRA(update_fraction=1.0, refine_steps=(0.0, 0.5), refine_iterations=3)
+    with composing(pipe, composer, PROMPT, concepts) as run:
+        run.batch = 1
+        pipe.scheduler.set_timesteps(10)
+        latents = torch.randn(1, pipe.unet.config.in_channels, 16, 16, generator=torch.Generator().manual_seed(0))
+        t = pipe.scheduler.timesteps[3]
+        latents = latents * float(pipe.scheduler.sigmas[3])
+        x = run.model_input(latents, t)[0]
+        composer.step_size = 1e-5 * float(x.norm())  # small steps: each one lowers the loss
+        composer.edit_latents(run, 3, t, latents)  # not a refinement step: one update
+        assert len(run.state["losses"]) == 1 and "refined" not in run.state
+        run.state["losses"] = []
+        refined = composer.edit_latents(run, 5, t, latents)  # 5 of 10: three refinement updates, then the step's own
+        losses = run.state["losses"]
+        assert run.state["refined"] == [5] and len(losses) == 4
+        assert losses[0] > losses[1] > losses[2] > losses[3]  # each update taken where the previous one left
+        moved = float((refined - latents).norm())
+        run.state["losses"] = []
+        composer.refine_target = losses[0] + 1.0  # already below the target: no refinement update
+        once = composer.edit_latents(run, 5, t, latents)
+        assert len(run.state["losses"]) == 2
+        assert float((once - latents).norm()) < moved
+
+
 def test_lora_composer_needs_regions_and_reinitialises_inside_them(pipe, concepts):
     no_region = [Concept(c.adapter, c.name, c.prompt, c.words, None) for c in concepts]
     with pytest.raises(ValueError, match="needs a region for every concept; none for sks, zwx"):
