@@ -17,7 +17,9 @@ identity: an object is the composition's subject whose reference renders its jud
 similar to, if that similarity clears the subject's threshold (calibrated first on 20 solo images per adapter
 at each place a composition uses, "a TOKEN shape on the left / in the center / on the right", against the base
 model's objects at those places and the other adapters' solo objects, at the best TPR - FPR, halfway between
-the weakest positive kept and the next value below). The older colour reading is reported beside it: a
+the weakest positive kept and the next value below; for the described compositions, on described prompts, "a red zwx
+shape on the left", against the base model's "a red shape on the left" for every subject's colour: the base model
+alone draws a red shape that reads as the heart by the undescribed threshold). The older colour reading is reported beside it: a
 subject counts by the modal colour its adapter draws alone (in a described composition: by the colour the
 prompt names).
 
@@ -206,6 +208,22 @@ def youden_threshold(positives: list[float], negatives: list[float]) -> tuple[fl
     return ((best[0] + max(below)) / 2 if below else best[0]), best[1], best[2]
 
 
+def calibrate(refs, positives: dict, negatives: list, label: str = "") -> tuple[dict, dict]:
+    """Each subject's identity threshold (``youden_threshold``): its own objects in ``positives`` against the
+    ``negatives`` (the base model's objects) and the other subjects' objects; returns (thresholds, subject ->
+    (threshold, TPR, FPR))."""
+    thresholds, calibration = {}, {}
+    for shape in positives:
+        def sim(objs, shape=shape):
+            return [similarity(refs[shape], o.embedding) for o in objs]
+
+        others = sim(negatives) + [x for other in positives if other != shape for x in sim(positives[other])]
+        t, tpr, fpr = youden_threshold(sim(positives[shape]), others)
+        thresholds[shape], calibration[shape] = t, (t, tpr, fpr)
+        print("identity", label, shape, f"threshold {t:.3f} TPR {tpr:.2f} FPR {fpr:.2f}", flush=True)
+    return thresholds, calibration
+
+
 def identity_of(obj, names, refs, thresholds):
     """Which of ``names`` the object is by identity: the subject whose references it is most similar to, if that
     similarity clears the subject's threshold; else None."""
@@ -341,15 +359,22 @@ def main() -> None:
         solo[shape] = (colour, count / len(images))
         print("alone", shape, colour, count / len(images), flush=True)
     base_objects = best_objects(judge, solo_images("a shape"))
-    thresholds, calibration = {}, {}
-    for shape in SUBJECTS:
-        def sim(objs, shape=shape):
-            return [similarity(refs[shape], o.embedding) for o in objs]
-
-        negatives = sim(base_objects) + [x for other in SUBJECTS if other != shape for x in sim(solo_objects[other])]
-        t, tpr, fpr = youden_threshold(sim(solo_objects[shape]), negatives)
-        thresholds[shape], calibration[shape] = t, (t, tpr, fpr)
-        print("identity", shape, f"threshold {t:.3f} TPR {tpr:.2f} FPR {fpr:.2f}", flush=True)
+    thresholds, calibration = calibrate(refs, solo_objects, base_objects)
+    # a described composition names each subject's colour, and the base model alone draws "a red shape" that the
+    # identity embedding holds close to the heart's red references: its thresholds are calibrated on described
+    # prompts, the adapters' ("a red zwx shape ...") against the base model's drawing of every subject's colour
+    # ("a red shape ...") and the other adapters' described objects, so that a subject counts only where it is drawn
+    # more like its adapter than the colour alone makes it
+    runs_described = any(d and (args.compositions is None or n in args.compositions) for n, _, _, d in COMPOSITIONS)
+    thresholds_described, calibration_described = {}, {}
+    if runs_described:
+        described_objects = {}
+        for shape, (token, _) in SUBJECTS.items():
+            attach(pipe, [files[shape]])
+            described_objects[shape] = best_objects(judge, solo_images(f"a {COLOURS[shape]} {token} shape"))
+            detach(pipe)
+        base_described = [o for shape in SUBJECTS for o in best_objects(judge, solo_images(f"a {COLOURS[shape]} shape"))]
+        thresholds_described, calibration_described = calibrate(refs, described_objects, base_described, "described")
     rows = []
     for name, items, style, described in COMPOSITIONS:
         if args.compositions is not None and name not in args.compositions:
@@ -380,7 +405,7 @@ def main() -> None:
                 images += compose(pipe, composer, prompt, used, seed=start, num=min(10, args.seeds - start),
                                   steps=args.steps, batch_size=10)
             seconds = (time.time() - t0) / len(images)
-            r = score(judge, images, items, style, refs, thresholds, described)
+            r = score(judge, images, items, style, refs, thresholds_described if described else thresholds, described)
             rows.append((name, method, r, seconds))
             print(name, method, {k: round(v, 3) for k, v in r.items()}, f"{seconds:.2f} s/img", flush=True)
             from studio.sampling import image_grid
@@ -423,6 +448,14 @@ def main() -> None:
     alone = ", ".join(f"{shape} {colour} ({rate:.2f} of images alone)" for shape, (colour, rate) in solo.items())
     calib = ", ".join(f"{shape} {t:.3f} (finds {tpr:.2f} of its solo objects, {fpr:.2f} of the others)"
                       for shape, (t, tpr, fpr) in calibration.items())
+    described_text = "" if not calibration_described else (
+        " In the described compositions the thresholds are calibrated the same way on described prompts (\"a blue sks"
+        " shape on the left\", ...) against the base model's objects for every subject's colour (\"a blue shape on the"
+        " left\", ...) and the other adapters' described objects, so that a subject counts only where it is drawn more"
+        " like its adapter than its colour alone makes it (the base model's \"a red shape\" reads as the heart by the"
+        " undescribed threshold): " + ", ".join(
+            f"{shape} {t:.3f} (finds {tpr:.2f} of its described solo objects, {fpr:.2f} of the others)"
+            for shape, (t, tpr, fpr) in calibration_described.items()) + ".")
     title = ("Composition: several concepts in one image" + (f" ({', '.join(SUBJECTS)})" if custom else "")
              + (", adapters trained with the attention loss" if args.attention_loss else "")
              + (f", subjects' adapters trained {args.subject_steps} steps" if args.subject_steps else ""))
@@ -438,7 +471,7 @@ def main() -> None:
             "right\", positives; a subject drawn at the side comes out smaller and less like its references) against "
             "the base model's objects and the other adapters' solo objects (negatives), at the best TPR - FPR, halfway between "
             "the weakest positive kept and the next value below: "
-            f"{calib}. **By colour** (the earlier reading): the colour its adapter draws alone: {alone}; in the "
+            f"{calib}.{described_text} **By colour** (the earlier reading): the colour its adapter draws alone: {alone}; in the "
             "described compositions the colour the prompt names. "
             "The style is read by the judge's style head in both. Grids of the first 10 seeds: "
             f"`{args.work}/grids/`.\n")

@@ -26,6 +26,26 @@ def test_threshold_without_anything_below_is_the_lowest_positive():
     assert bench_compose.youden_threshold([0.5, 0.7], []) == (0.5, 1.0, 0.0)
 
 
+def test_calibration_holds_each_subject_against_the_base_objects_and_the_other_subjects():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    refs = {"a": np.array([[1.0, 0.0]]), "b": np.array([[0.0, 1.0]])}
+    obj = lambda x, y: SimpleNamespace(embedding=np.array([x, y]))  # noqa: E731
+    positives = {"a": [obj(0.9, 0.1), obj(0.8, 0.2)], "b": [obj(0.1, 0.95), obj(0.6, 0.7)]}
+    base = [obj(0.5, 0.5)]
+    thresholds, calibration = bench_compose.calibrate(refs, positives, base)
+    # a: its own 0.9, 0.8 against the base's 0.5 and b's objects' 0.1, 0.6: halfway between 0.8 and 0.6
+    assert thresholds["a"] == pytest.approx(0.7) and calibration["a"][1:] == (1.0, 0.0)
+    # b: its own 0.95, 0.7 against 0.5 and a's objects' 0.1, 0.2: halfway between 0.7 and 0.5
+    assert thresholds["b"] == pytest.approx(0.6) and calibration["b"][1:] == (1.0, 0.0)
+    # base objects more like a's references than a's own weakest raise a's threshold above them (TPR 1 with FPR 3/5
+    # at 0.8 loses to TPR 1/2 with FPR 0 at 0.9)
+    thresholds, calibration = bench_compose.calibrate(refs, positives, [obj(0.85, 0.0)] * 3)
+    assert thresholds["a"] == pytest.approx((0.9 + 0.85) / 2) and calibration["a"][1:] == (0.5, 0.0)
+
+
 def test_other_subjects_take_the_roles_and_train_apart_from_the_default_adapters(tmp_path):
     comps = bench_compose.compositions_of(["crescent", "heart", "cross"])
     assert [c[0] for c in comps][:3] == ["crescent + heart", "cross + heart", "crescent + heart + cross"]
