@@ -18,7 +18,9 @@ so the dispatch can be checked.
   gate (N vertical stripes), i.e. ``base(x) + sum_i m_i ⊙ s_i (x A_i^T) B_i^T`` in two GEMMs per layer, or,
   on layers where it pays (``studio.kernels.lora.use_segments``), each adapter on its stripe's tokens only;
 - ``peft``: the same adapters as peft LoRA layers on the UNet, ``set_adapters`` with weights, unfused;
-- ``merged``: one adapter fused into the weights (for N = 1: the unfused single adapter against it).
+- ``merged``: one adapter fused into the weights (for N = 1: the unfused single adapter against it);
+- ``general path``: the studio's layers with ``LoraStack.prepared`` off, every call through the general dispatch
+  (``multi_lora_linear``) instead of the prepared call a layer keeps after its first (``LinearPlan``, ``GatedPlan``).
 
 Also: the FLOPs of the studio's masked forward (``torch.utils.flop_counter``) against the analytical
 count (base FLOPs + ``2 M R (d_in + d_out)`` per adapted layer with M tokens, or ``2 sum_k M_k r (d_in + d_out)``
@@ -234,11 +236,11 @@ def measure_case(unet, inputs, side: int, rank: int, n: int, repeats: int, base_
         unet.set_adapters(names, [1.0] * n)
         unet.to(unet.dtype)  # peft keeps 16-bit models' adapters in fp32 (casting each input up): here in the model's dtype
 
-    timings: dict[str, list[float]] = {"base": [], "studio": [], "peft": []}
+    timings: dict[str, list[float]] = {"base": [], "studio": [], "studio_general": [], "peft": []}
     if cuda:
         timings["studio_triton"] = []
     if n == 1:
-        timings.update(single=[], merged=[])
+        timings.update(single=[], single_general=[], merged=[])
 
     def timed(label, run=forward):
         if cuda:
@@ -258,17 +260,19 @@ def measure_case(unet, inputs, side: int, rank: int, n: int, repeats: int, base_
             unet.unload_lora()  # peft's layers out: the UNet's own modules back
 
     @contextlib.contextmanager
-    def studio(kept, fuse=False, path=None):
+    def studio(kept, fuse=False, path=None, prepared=True):
+        from studio.plugin import LoraStack, unfuse
         from studio.plugin import fuse as fuse_weights
-        from studio.plugin import unfuse
 
         kept.on()
         if fuse:
             fuse_weights(kept.pipe)
+        LoraStack.prepared = prepared
         try:
             with cuda_path(path) if path else contextlib.nullcontext():
                 yield
         finally:
+            LoraStack.prepared = True
             if fuse:
                 unfuse(kept.pipe)
             kept.off()
@@ -294,13 +298,15 @@ def measure_case(unet, inputs, side: int, rank: int, n: int, repeats: int, base_
     # which builds the packed adapters and the region gates (the warm-up round below)
     masked = Studio(unet, adapters, side, masked=True)
     masked.off()
-    plan = {"base": contextlib.nullcontext, "studio": lambda: studio(masked), "peft": peft}  # label -> its setting
+    plan = {"base": contextlib.nullcontext, "studio": lambda: studio(masked),  # label -> its setting
+            "studio_general": lambda: studio(masked, prepared=False), "peft": peft}
     if cuda:
         plan["studio_triton"] = lambda: studio(masked, path="triton")
     if n == 1:
         single = Studio(unet, adapters, side, masked=False)
         single.off()
-        plan.update(single=lambda: studio(single), merged=lambda: studio(single, fuse=True))
+        plan.update(single=lambda: studio(single), single_general=lambda: studio(single, prepared=False),
+                    merged=lambda: studio(single, fuse=True))
     factors[:] = [{key: (st.downs[i].weight, st.ups[i].weight) for key, st in masked.handle.stacks.items()}
                   for i in range(n)]
     del adapters
@@ -335,17 +341,18 @@ def section(model: str, args, rows: list, checks: list, total: int) -> str:
     cuda = args.device == "cuda"
     triton_col = (" studio triton / base |", "---|") if cuda else ("", "")
     head = (f"| rank | N | base ms | studio masked ms | peft ms | studio / base |{triton_col[0]} FLOPs studio / base | "
-            f"peft / studio | FLOPs counted / analytical | studio vs peft output |\n|---|---|---|---|---|---|{triton_col[1]}---|"
-            "---|---|---|\n")
+            f"peft / studio | general path / studio | FLOPs counted / analytical | studio vs peft output |\n"
+            f"|---|---|---|---|---|---|{triton_col[1]}---|---|---|---|---|\n")
     body = ""
     for (rank, n, med), (_, _, flop_ratio, diff, over_base) in zip(rows, checks):
         triton_cell = f" {med['studio_triton'] / med['base']:.3f} |" if cuda else ""
         body += (f"| {rank} | {n} | {med['base'] * 1000:.1f} | {med['studio'] * 1000:.1f} | {med['peft'] * 1000:.1f} | "
                  f"**{med['studio'] / med['base']:.3f}** |{triton_cell} {over_base:.3f} | **{med['peft'] / med['studio']:.2f}x** | "
-                 f"{flop_ratio:.4f} | {diff:.1e} |\n")
+                 f"{med['studio_general'] / med['studio']:.2f}x | {flop_ratio:.4f} | {diff:.1e} |\n")
     singles = [(rank, med) for rank, n, med in rows if n == 1]
     single = "".join(f"- rank {rank}: one unmasked adapter, unfused {med['single'] * 1000:.1f} ms vs fused into the weights "
-                     f"{med['merged'] * 1000:.1f} ms: **{med['single'] / med['merged']:.3f}x** (goal at most 1.05)\n"
+                     f"{med['merged'] * 1000:.1f} ms: **{med['single'] / med['merged']:.3f}x** (goal at most 1.05; the "
+                     f"general path {med['single_general'] * 1000:.1f} ms, {med['single_general'] / med['merged']:.3f}x)\n"
                      for rank, med in singles)
     res = args.resolution
     where = ("the embedded model's UNet, 64x64 (16x16 latents)" if model == "embedded"
@@ -364,7 +371,8 @@ def section(model: str, args, rows: list, checks: list, total: int) -> str:
             "it pays, each adapter on its stripe's tokens only)" + ("; `studio triton`: the same layers on the Triton "
             "kernels" if cuda else "") + "; `peft`: the "
             "same adapters as peft layers with `set_adapters`, unfused" + (", in the model's dtype" if args.dtype != "fp32"
-            else "") + ". Goals (issue 6): studio / base at most 1.10 at "
+            else "") + "; `general path / studio`: the same studio layers with `LoraStack.prepared` off (every call "
+            "through the general dispatch, as before the prepared calls) over the default. Goals (issue 6): studio / base at most 1.10 at "
             "N = 4; peft / studio at least 2x at N = 4; FLOPs within 1% of the analytical count.\n\n"
             f"{head}{body}\n{single}\n`FLOPs studio / base`: the masked multi-adapter forward's FLOPs over the base model's "
             "(the time ratio's floor where compute bounds it)" + ("; counted on the torch path, since the flop counter does not see "

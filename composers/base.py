@@ -252,9 +252,12 @@ class Run:
     # -- the router ----------------------------------------------------------------------------
     def gates(self, stack, x: torch.Tensor) -> list:
         """Every adapter's weight on ``stack`` for input ``x`` (numbers, or tensors over the output's tokens)."""
-        if not self.composer.static_gates or stack.text_input:  # a cross-attention key/value's follow the prompt's spans
+        if not self.composer.static_gates:
             return self._gates_for(stack, x)
-        key = (stack, x.shape, x.dtype, x.device, self.only)
+        # the same list for the same question, so that the layer can keep a prepared call; a cross-attention
+        # key/value's gates follow the prompt's spans of the pass (``segments``), part of the question
+        spans = tuple(self.segments) if stack.text_input and self.segments is not None else None
+        key = (stack, x.shape, x.dtype, x.device, self.only, spans)
         out = self._gates.get(key)
         if out is None:
             out = self._gates[key] = self._gates_for(stack, x)

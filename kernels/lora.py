@@ -15,6 +15,11 @@ Three paths, one answer (tests hold them to the reference):
   CUDA; correct under ``TRITON_INTERPRET=1`` on the CPU, which is how the tests check it, and on an H200 (bench/gpu.sh).
   Not the default on CUDA (``CUDA_PATH``): there the torch path measured faster in most cases.
 
+:class:`LinearPlan` and :class:`GatedPlan` are :func:`multi_lora_fused`'s numeric-gate and dense token-gate forms
+prepared once for a layer (the plugin's layer keeps one while its weights or its router's gates stay the same):
+the same ops, without the per-call dispatch and checks, which cost more than the GEMMs on small layers and are
+what a launch-bound GPU waits on.
+
 :func:`lora_linear` is the one-adapter form that training differentiates through (three GEMMs, the scale and
 the sum folded into the last).
 
@@ -26,6 +31,7 @@ Gate tensors are read, never changed. :func:`multi_lora_linear` picks the path.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -161,6 +167,75 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     x2 = x.reshape(-1, x.shape[-1])
     out = torch.addmm(F.linear(x2, weight, bias), x2 @ down.T, up.T, alpha=scale)
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+class LinearPlan:
+    """One layer's adapters at fixed per-adapter weights, prepared for repeated calls: ``x W^T + b + (x A^T) U``
+    with every adapter's down stacked (``A``) and its up times its scale and weight (``U``), as three ops and no
+    per-call bookkeeping. What the plugin calls per layer while nothing routes its adapters (sampling with fixed
+    weights); the same arithmetic as :func:`multi_lora_fused` with numeric gates."""
+
+    __slots__ = ("weight", "bias", "down_t", "up", "weights", "device", "dtype", "d_out")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: Packed, weights: list[float]):
+        self.weight, self.bias = weight, bias
+        self.down_t, self.up = packed.down.T, packed.weighted_up(tuple(float(w) for w in weights))
+        self.weights, self.device, self.dtype = list(weights), packed.down.device, packed.down.dtype
+        self.d_out = weight.shape[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        base = F.linear(x2, self.weight, self.bias)
+        if torch.is_grad_enabled():
+            out = torch.addmm(base, x2 @ self.down_t, self.up)
+        else:
+            out = torch.addmm(base, x2 @ self.down_t, self.up, out=base)
+        return out.view(*x.shape[:-1], self.d_out)
+
+
+class GatedPlan:
+    """One layer's adapters under fixed per-token gates (a composer's region masks, the same for a whole run), for
+    inputs of one shape, prepared for repeated calls while sampling: the dense form of :func:`multi_lora_fused`
+    (the gates multiplied in rank space) as four ops and no per-call bookkeeping. :meth:`build` gives ``None``
+    where :func:`multi_lora_fused` would take its segmented form instead."""
+
+    __slots__ = ("weight", "bias", "down_t", "up_t", "gate", "h_shape", "out_shape", "shape", "dtype", "device",
+                 "gates")
+
+    @classmethod
+    def build(cls, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: Packed,
+              routed: TokenGates, gates: list) -> GatedPlan | None:
+        lead, k, R = x.shape[:-1], len(packed.ranks), packed.down.shape[0]
+        tokens = math.prod(lead)
+        if _big_enough(tokens, packed, x.shape[-1], weight.shape[0]) and routed.segments(lead).density <= SEGMENT_DENSITY:
+            return None
+        plan = cls.__new__(cls)
+        plan.weight, plan.bias, plan.down_t, plan.up_t = weight, bias, packed.down.T, packed.up_t
+        if packed.ranks == (packed.ranks[0],) * k:  # as multi_lora_fused: each adapter's gate over its rank columns
+            plan.h_shape, plan.gate = (*lead, k, packed.ranks[0]), routed.matrix.unsqueeze(-1)
+        else:
+            plan.h_shape, plan.gate = (*lead, R), routed.over_ranks(packed.ranks)
+        plan.out_shape, plan.shape = (*lead, weight.shape[0]), x.shape
+        plan.dtype, plan.device, plan.gates = x.dtype, x.device, gates
+        return plan
+
+    def fits(self, x: torch.Tensor, gates: list) -> bool:
+        """Whether this plan computes the layer for ``x`` under ``gates`` (the very list it was built for)."""
+        return (gates is self.gates and x.shape == self.shape and x.dtype == self.dtype and x.device == self.device
+                and not torch.is_grad_enabled())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        base = F.linear(x2, self.weight, self.bias)
+        h = x2 @ self.down_t
+        h.view(self.h_shape).mul_(self.gate)
+        return torch.addmm(base, h, self.up_t, out=base).view(self.out_shape)
+
+
+def plan_fits(x: torch.Tensor, packed: Packed) -> bool:
+    """Whether a :class:`LinearPlan` computes what :func:`multi_lora_linear` would for ``x`` (by the same path):
+    anywhere but on CUDA with the Triton kernels chosen."""
+    return bool(packed.ranks) and not (x.is_cuda and CUDA_PATH == "triton" and triton_available())
 
 
 def _token_gates(gates, x: torch.Tensor, k: int) -> TokenGates | tuple[float, ...]:

@@ -24,7 +24,7 @@ from torch import nn
 
 from studio.adapters import Adapter, load_adapter
 from studio.adapters.form import module_path
-from studio.kernels.lora import Packed, TokenGates, multi_lora_linear
+from studio.kernels.lora import GatedPlan, LinearPlan, Packed, TokenGates, multi_lora_linear, plan_fits
 
 WEIGHT_RANGE = (-2.0, 2.0)
 
@@ -45,6 +45,8 @@ def pipeline_family(pipe) -> str:
 class LoraStack(nn.Module):
     """A base layer plus any number of low-rank updates, each with its own weight."""
 
+    prepared = True  # keep a prepared call after the first (LinearPlan / GatedPlan); False: every call the general path
+
     def __init__(self, base: nn.Linear | nn.Conv2d, path: str):
         super().__init__()
         self.base = base
@@ -60,6 +62,8 @@ class LoraStack(nn.Module):
         self.router = None
         self._packed = None  # the adapters stacked for the fused kernel (studio.kernels.lora.Packed), rebuilt on change
         self._routed = None  # (key, the router's gates, their TokenGates): reused while the router returns the same gates
+        self._plan = None  # a LinearPlan for fixed weights (no router), rebuilt on any change
+        self._gated = None  # a GatedPlan for the router's fixed gates (a composer's masks during a run)
         self.text_input = False  # True for a cross-attention key/value projection (its input is the prompt's tokens)
 
     def add(self, name: str, down: torch.Tensor, up: torch.Tensor, scale: float, weight: float) -> None:
@@ -83,7 +87,7 @@ class LoraStack(nn.Module):
         self.names.append(name)
         self.scales.append(scale)
         self.weights.append(weight)
-        self._packed = self._routed = None
+        self._packed = self._routed = self._plan = self._gated = None
 
     def delta(self) -> torch.Tensor:
         total = torch.zeros_like(self.base.weight, dtype=torch.float32)
@@ -117,11 +121,26 @@ class LoraStack(nn.Module):
         return self._routed[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self._plan  # the last call's prepared form, while nothing changed since: no per-call bookkeeping
+        if (plan is not None and self.router is None and self.fused_from is None and self.prepared
+                and plan.weights == self.weights and plan.device == x.device and plan.dtype == x.dtype):
+            return plan(x)
         if self.fused_from is not None or not self.downs:
             return self.base(x)
         weights = self.weights if self.router is None else self.router.gates(self, x)
+        gated = self._gated
+        if gated is not None and self.router is not None and self.prepared and gated.fits(x, weights):
+            return gated(x)
         if isinstance(self.base, nn.Linear):  # every adapter in two GEMMs (studio.kernels), gates in rank space
-            return multi_lora_linear(x, self.base.weight, self.base.bias, self.packed(), self.routed(weights, x))
+            packed = self.packed()
+            seen = self._routed is not None and self._routed[1] is weights  # the router's gates of the last call again
+            routed = self.routed(weights, x)
+            if plan_fits(x, packed):
+                if self.router is None:
+                    self._plan = LinearPlan(self.base.weight, self.base.bias, packed, weights)
+                elif seen and isinstance(routed, TokenGates) and not torch.is_grad_enabled():
+                    self._gated = GatedPlan.build(x, self.base.weight, self.base.bias, packed, routed, weights)
+            return multi_lora_linear(x, self.base.weight, self.base.bias, packed, routed)
         out = self.base(x)
         for d, u, s, w in zip(self.downs, self.ups, self.scales, weights):
             if isinstance(w, torch.Tensor):
@@ -286,7 +305,7 @@ def remove(pipe, names: list[str]) -> None:
             _put(getattr(pipe, canonical.partition(".")[0]), stack.path, stack.base)
             del handle.stacks[canonical]
             continue
-        stack._packed = stack._routed = None
+        stack._packed = stack._routed = stack._plan = stack._gated = None
         stack.downs = nn.ModuleList([stack.downs[i] for i in keep])
         stack.ups = nn.ModuleList([stack.ups[i] for i in keep])
         for attr in ("names", "scales", "weights"):

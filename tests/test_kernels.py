@@ -229,6 +229,103 @@ def test_the_plugin_reuses_a_layers_gates_while_the_router_returns_the_same():
     assert stack.routed([1.0, 0.5], x) == [1.0, 0.5]  # plain weights pass through
 
 
+class _Router:
+    """A composer's router that hands back one list of gates per layer and input shape, as a run does."""
+
+    def __init__(self, gates):
+        self.gates_list, self.calls = gates, 0
+
+    def gates(self, stack, x):
+        self.calls += 1
+        return self.gates_list
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_plugins_prepared_calls_give_the_reference_and_follow_every_change(shape):
+    """The plugin's layer prepares its call after the first (``LinearPlan`` for fixed weights, ``GatedPlan`` for a
+    router's fixed gates): the same output as the reference, and a change of weights, gates, input shape or dtype,
+    fusing or grad mode gets a fresh answer, not the plan's."""
+    from studio.kernels.lora import GatedPlan, LinearPlan
+
+    from studio.plugin import LoraStack
+
+    b, n, d_in, d_out, ranks = shape
+    x, w, bias, downs, ups, scales = _case(b, n, d_in, d_out, ranks)
+    stack = LoraStack(torch.nn.Linear(d_in, d_out), "layer")
+    with torch.no_grad():
+        stack.base.weight.copy_(w)
+        stack.base.bias.copy_(bias)
+    for i, (d, u, s) in enumerate(zip(downs, ups, scales)):
+        stack.add(f"a{i}", d, u, s, 1.0)
+    k = len(ranks)
+    with torch.no_grad():
+        for _ in range(3):  # the first call prepares, the later ones run the plan
+            out = stack(x)
+            torch.testing.assert_close(out, multi_lora_reference(x, w, bias, downs, ups, scales), atol=1e-5, rtol=1e-5)
+        assert isinstance(stack._plan, LinearPlan)
+        stack.weights = [0.5 * (i + 1) for i in range(k)]  # set_weights hands the layer a new list
+        torch.testing.assert_close(stack(x), multi_lora_reference(x, w, bias, downs, ups, scales, stack.weights),
+                                   atol=1e-5, rtol=1e-5)
+        stack.weights[0] = 2.0  # changed in place: the plan sees it too
+        torch.testing.assert_close(stack(x), multi_lora_reference(x, w, bias, downs, ups, scales, stack.weights),
+                                   atol=1e-5, rtol=1e-5)
+        stack.fused_from = stack.base.weight.clone()  # fused (the base weight would hold the update): the base layer
+        torch.testing.assert_close(stack(x), torch.nn.functional.linear(x, w, bias))
+        stack.fused_from = None
+        wider = torch.cat([x, x[:1]])  # another batch size
+        torch.testing.assert_close(stack(wider), multi_lora_reference(wider, w, bias, downs, ups, scales, stack.weights),
+                                   atol=1e-5, rtol=1e-5)
+    x.requires_grad_(True)  # grad mode: out of place, and the input's gradient reaches x
+    stack(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    x = x.detach()
+
+    g = torch.Generator().manual_seed(3)
+    masks = [(torch.rand(1, n, 1, generator=g) > 0.5).float() for _ in range(k)]
+    router = stack.router = _Router(masks)
+    with torch.no_grad():
+        for _ in range(3):  # the second call (the same list again) prepares, the third runs the plan
+            torch.testing.assert_close(stack(x), multi_lora_reference(x, w, bias, downs, ups, scales, masks),
+                                       atol=1e-5, rtol=1e-5)
+        assert isinstance(stack._gated, GatedPlan) and router.calls == 3
+        router.gates_list = other = [1.0 - m for m in masks]  # new gates (another run): not the plan's
+        for _ in range(3):
+            torch.testing.assert_close(stack(x), multi_lora_reference(x, w, bias, downs, ups, scales, other),
+                                       atol=1e-5, rtol=1e-5)
+        assert stack._gated.gates is other
+    stack.router = None
+    with torch.no_grad():
+        torch.testing.assert_close(stack(x), multi_lora_reference(x, w, bias, downs, ups, scales, stack.weights),
+                                   atol=1e-5, rtol=1e-5)
+        stack.to(torch.bfloat16)  # the model in another dtype: packed again for it, not the fp32 plan
+        ref = multi_lora_reference(x, w, bias, downs, ups, scales, stack.weights)
+        assert (stack(x.to(torch.bfloat16)).float() - ref).abs().max() < 0.05 * ref.abs().max()
+        assert stack._plan.dtype == torch.bfloat16
+
+
+def test_no_gated_plan_where_the_segmented_form_runs(monkeypatch):
+    import studio.kernels.lora as lora
+
+    from studio.plugin import LoraStack
+
+    monkeypatch.setattr(lora, "SEGMENT_MIN_WORK", 0)
+    monkeypatch.setattr(lora, "SEGMENT_MIN_RANK", 0)
+    x, w, bias, downs, ups, scales = _case(1, 8, 12, 10, [3, 3])
+    stack = LoraStack(torch.nn.Linear(12, 10), "layer")
+    with torch.no_grad():
+        stack.base.weight.copy_(w)
+        stack.base.bias.copy_(bias)
+    for i, (d, u, s) in enumerate(zip(downs, ups, scales)):
+        stack.add(f"a{i}", d, u, s, 1.0)
+    masks = [(torch.arange(8) < 4).float().view(1, 8, 1), (torch.arange(8) >= 4).float().view(1, 8, 1)]  # halves
+    stack.router = _Router(masks)
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(stack(x), multi_lora_reference(x, w, bias, downs, ups, scales, masks),
+                                       atol=1e-5, rtol=1e-5)
+    assert stack._gated is None  # each adapter on its own tokens: the general path's segmented form
+
+
 def test_checkout_root_on_sys_path_does_not_shadow_hugging_face_kernels():
     """From the repository root (``python -m ...``, ``accelerate launch -m ...``) the folder kernels/ is on sys.path
     under the name ``kernels``, which transformers imports when Hugging Face's package of that name is installed."""
