@@ -135,7 +135,7 @@ class LoraStack(nn.Module):
             packed = self.packed()
             seen = self._routed is not None and self._routed[1] is weights  # the router's gates of the last call again
             routed = self.routed(weights, x)
-            if plan_fits(x, packed):
+            if self.prepared and plan_fits(x, packed):
                 if self.router is None:
                     self._plan = LinearPlan(self.base.weight, self.base.bias, packed, weights)
                 elif seen and isinstance(routed, TokenGates) and not torch.is_grad_enabled():
