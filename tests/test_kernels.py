@@ -263,6 +263,14 @@ def test_the_plugins_prepared_calls_give_the_reference_and_follow_every_change(s
             out = stack(x)
             torch.testing.assert_close(out, multi_lora_reference(x, w, bias, downs, ups, scales), atol=1e-5, rtol=1e-5)
         assert isinstance(stack._plan, LinearPlan)
+        plan = stack._plan
+        LoraStack.prepared = False  # the general path on every call, and no plan built for it
+        try:
+            stack.weights = [1.0] * k
+            torch.testing.assert_close(stack(x), multi_lora_reference(x, w, bias, downs, ups, scales), atol=1e-5, rtol=1e-5)
+            assert stack._plan is plan
+        finally:
+            LoraStack.prepared = True
         stack.weights = [0.5 * (i + 1) for i in range(k)]  # set_weights hands the layer a new list
         torch.testing.assert_close(stack(x), multi_lora_reference(x, w, bias, downs, ups, scales, stack.weights),
                                    atol=1e-5, rtol=1e-5)
