@@ -279,14 +279,14 @@ class CLoRA(Composer):
         if self.latent_update and i < n_update:
             x, factor = run.model_input(latents, t)
             x = x.detach()
+            loss, grad, maps = self.loss_grad(run, x, t)
             if i in self.refine_at(n):  # Attend-and-Excite's iterative refinement: update until the loss is low
                 for _ in range(self.refine_iterations):
-                    loss, grad, _maps = self.loss_grad(run, x, t)
                     if self.refine_target is not None and float(loss) <= self.refine_target:
                         break
                     x = x - self.step_size * grad
+                    loss, grad, maps = self.loss_grad(run, x, t)
                 run.state.setdefault("refined", []).append(i)
-            loss, grad, maps = self.loss_grad(run, x, t)
             latents = (x - self.step_size * grad) * factor
             if self.mixing == "gates":
                 run.state["masks"] = self.masks(run, maps)

@@ -205,16 +205,12 @@ class GatedPlan:
     @classmethod
     def build(cls, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: Packed,
               routed: TokenGates, gates: list) -> GatedPlan | None:
-        lead, k, R = x.shape[:-1], len(packed.ranks), packed.down.shape[0]
-        tokens = math.prod(lead)
-        if _big_enough(tokens, packed, x.shape[-1], weight.shape[0]) and routed.segments(lead).density <= SEGMENT_DENSITY:
+        lead = x.shape[:-1]
+        if _segments_if_paying(routed, lead, packed, x.shape[-1], weight.shape[0]) is not None:
             return None
         plan = cls.__new__(cls)
         plan.weight, plan.bias, plan.down_t, plan.up_t = weight, bias, packed.down.T, packed.up_t
-        if packed.ranks == (packed.ranks[0],) * k:  # as multi_lora_fused: each adapter's gate over its rank columns
-            plan.h_shape, plan.gate = (*lead, k, packed.ranks[0]), routed.matrix.unsqueeze(-1)
-        else:
-            plan.h_shape, plan.gate = (*lead, R), routed.over_ranks(packed.ranks)
+        plan.h_shape, plan.gate = _rank_gates(packed, routed, lead)
         plan.out_shape, plan.shape = (*lead, weight.shape[0]), x.shape
         plan.dtype, plan.device, plan.gates = x.dtype, x.device, gates
         return plan
@@ -263,6 +259,23 @@ def use_segments(tokens: int, packed: Packed, d_in: int, d_out: int, density: fl
     return _big_enough(tokens, packed, d_in, d_out) and density <= SEGMENT_DENSITY
 
 
+def _segments_if_paying(routed: TokenGates, lead: tuple[int, ...], packed: Packed, d_in: int, d_out: int) -> Segments | None:
+    """The gates' segments where the segmented form runs (big enough and sparse enough), else None."""
+    if not _big_enough(math.prod(lead), packed, d_in, d_out):  # checked first: building segments costs
+        return None
+    seg = routed.segments(lead)
+    return seg if seg.density <= SEGMENT_DENSITY else None
+
+
+def _rank_gates(packed: Packed, routed: TokenGates, lead: tuple[int, ...]) -> tuple[tuple[int, ...], torch.Tensor]:
+    """How the rank-space activations ``(tokens, R)`` are viewed and what they are multiplied by: with equal ranks a
+    ``(..., K)`` gate broadcast over each adapter's columns, else the gates repeated over the rank columns."""
+    k = len(packed.ranks)
+    if packed.ranks == (packed.ranks[0],) * k:
+        return (*lead, k, packed.ranks[0]), routed.matrix.unsqueeze(-1)
+    return (*lead, packed.down.shape[0]), routed.over_ranks(packed.ranks)
+
+
 def multi_lora_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: Packed,
                      gates: list | TokenGates | None = None) -> torch.Tensor:
     """Two GEMMs for all adapters (``h = (x A^T) * gates`` in rank space, ``out = base + h (s B)^T``), or the
@@ -278,15 +291,11 @@ def multi_lora_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         up = packed.weighted_up(routed)
         out = _add_mm(base, h, up, inplace)
         return out.reshape(*lead, weight.shape[0])
-    if inplace and _big_enough(x2.shape[0], packed, x2.shape[1], weight.shape[0]):  # then the segments' density
-        seg = routed.segments(lead)
-        if seg.density <= SEGMENT_DENSITY:
-            return _segmented(x2, base, packed, seg).reshape(*lead, weight.shape[0])
+    if inplace and (seg := _segments_if_paying(routed, lead, packed, x2.shape[1], weight.shape[0])) is not None:
+        return _segmented(x2, base, packed, seg).reshape(*lead, weight.shape[0])
     h = x2 @ packed.down.T
-    if packed.ranks == (packed.ranks[0],) * k:  # equal ranks: a (..., K) gate broadcast over each adapter's columns
-        hv, g = h.view(*lead, k, packed.ranks[0]), routed.matrix.unsqueeze(-1)
-    else:
-        hv, g = h.view(*lead, R), routed.over_ranks(packed.ranks)
+    h_shape, g = _rank_gates(packed, routed, lead)
+    hv = h.view(h_shape)
     h = (hv.mul_(g) if inplace else hv * g).reshape(-1, R)
     out = _add_mm(base, h, packed.up_t, inplace)
     return out.reshape(*lead, weight.shape[0])
