@@ -155,6 +155,11 @@ def test_empty_or_unreadable_data_is_a_clear_error(tmp_path):
         (["--data", "{stars}", "--attention-loss", "-1"], "--attention-loss must be 0 (off) or positive"),
         (["--data", "{stars}", "--attention-loss", "1", "--instance-prompt", "a star"],
          "star0.png: its prompt 'a star' does not hold the token 'sks'"),
+        (["--data", "{stars}", "--lora-layers", "to_q,nope"], "--lora-layers 'nope': no such layer in the UNet"),
+        (["--data", "{stars}", "--lora-layers", " , "], "--lora-layers ' , ': give module name endings"),
+        (["--data", "{stars}", "--lora-layers", "to_q,conv1", "--adapter", "singlora"],
+         "SingLoRA takes linear layers only"),
+        (["--data", "{stars}", "--lora-layers", "norm1"], "'norm1' names down_blocks.0.resnets.0.norm1, a GroupNorm"),
     ],
 )
 def test_bad_training_input_gives_one_line_error_and_writes_no_adapter(tmp_path, args, message):
@@ -322,6 +327,44 @@ def test_dreambooth_adapter_metadata_and_use(tmp_path):
     after = np.asarray(generate(pipe, ["a sks shape"], steps=4)[0]).astype(int)
     detach(pipe)
     assert np.abs(after - before).max() > 0
+
+
+def test_lora_layers_put_lora_on_linears_and_convolutions_that_load_and_export(tmp_path):
+    """--lora-layers (diffusers' comma-separated module endings) reaches the transformer blocks' other linears and
+    the ResNet convolutions (kohya's LoCon); the conv pairs train, survive a kohya round trip and act in the plugin."""
+    from studio.trainers.dreambooth import DreamBooth, unet_targets
+    from studio.trainers.loop import train
+
+    from studio.adapters import save_adapter
+    from studio.families import EMBEDDED_MODEL, load_pipeline
+    from studio.plugin import attach, detach
+
+    data = star_folder(tmp_path / "stars")
+    layers = "to_q,ff.net.2,conv1"
+    cfg = build_config(DreamBoothConfig, {}, {"data": str(data), "output": str(tmp_path / "run"), "steps": 3,
+                                               "batch_size": 2, "rank": 4, "num_class_images": 2, "lr": 5e-3,
+                                               "class_data": str(tmp_path / "class"), "lora_layers": layers})
+    adapter = load_adapter(train(DreamBooth(), cfg))
+    pipe = load_pipeline(EMBEDDED_MODEL)
+    expected = unet_targets(pipe.unet, tuple(layers.split(",")))
+    assert sorted(k.split(".", 1)[1] for k in adapter.modules) == sorted(expected)
+    convs = {k: w for k, w in adapter.modules.items() if k.endswith("conv1")}
+    assert convs and all(w.down.ndim == 4 and w.up.shape[2:] == (1, 1) for w in convs.values())
+    assert any(k.endswith("ff.net.2") for k in adapter.modules)
+    assert max(float(w.up.abs().max()) for w in convs.values()) > 0  # B starts at zero: trained
+    back = load_adapter(save_adapter(adapter, tmp_path / "kohya.safetensors", layout="kohya"))
+    assert back.modules.keys() == adapter.modules.keys()
+    assert all(torch.equal(back.modules[k].delta(), w.delta()) for k, w in adapter.modules.items())
+    conv_name = next(iter(convs)).split(".", 1)[1]
+    conv = pipe.unet.get_submodule(conv_name)
+    x = torch.randn(1, conv.in_channels, 8, 8)
+    with torch.no_grad():
+        before = conv(x)
+        attach(pipe, [tmp_path / "kohya.safetensors"])
+        after = pipe.unet.get_submodule(conv_name)(x)
+        detach(pipe)
+        expect = before + torch.nn.functional.conv2d(x, convs["unet." + conv_name].delta(), padding=conv.padding)
+    assert torch.allclose(after, expect, atol=1e-5)
 
 
 def test_text_encoder_lora_trains_on_both_encoders(tmp_path):

@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from studio.trainers.config import command_from_config, run_command
-from studio.trainers.dreambooth import UNET_TARGETS, DreamBooth, DreamBoothConfig, run_trainer
+from studio.trainers.dreambooth import DreamBooth, DreamBoothConfig, parse_layers, run_trainer, unet_targets
 from studio.trainers.loop import Context, _help
 
 from studio.adapters import Adapter, save_adapter
@@ -90,15 +89,9 @@ class BLoRA(DreamBooth):
 
     def targets(self, ctx: Context) -> dict[str, list[str]]:
         content, style = blocks(ctx)
-        return {
-            "unet": [
-                n
-                for n, m in ctx.pipe.unet.named_modules()
-                if isinstance(m, torch.nn.Linear)
-                and n.startswith((content + ".", style + "."))
-                and any(n.endswith("." + t) for t in UNET_TARGETS)
-            ]
-        }
+        cfg = ctx.cfg
+        return {"unet": unet_targets(ctx.pipe.unet, parse_layers(cfg.lora_layers), within=(content, style),
+                                     linear_only=cfg.adapter == "singlora")}
 
     def metadata(self, ctx: Context) -> dict[str, Any]:
         content, style = blocks(ctx)

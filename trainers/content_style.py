@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from studio.trainers.config import command_from_config, run_command
 from studio.trainers.data import group_by_size, load_images
-from studio.trainers.dreambooth import UNET_TARGETS, DreamBooth, DreamBoothConfig, run_trainer
+from studio.trainers.dreambooth import DreamBooth, DreamBoothConfig, parse_layers, run_trainer, unet_targets
 from studio.trainers.loop import Context, _help, denoise_losses, orthonormal_rows
 
 from studio.adapters import Adapter, AdapterMeta, LoraWeights, save_adapter
@@ -145,9 +145,7 @@ class ContentStyle(DreamBooth):
         ctx.store["router"] = Router()
 
     def targets(self, ctx: Context) -> dict[str, list[str]]:
-        unet = ctx.pipe.unet
-        return {"unet": [n for n, m in unet.named_modules()
-                         if isinstance(m, torch.nn.Linear) and any(n.endswith("." + t) for t in UNET_TARGETS)]}
+        return {"unet": unet_targets(ctx.pipe.unet, parse_layers(ctx.cfg.lora_layers), linear_only=True)}
 
     def inject(self, ctx: Context, targets: dict[str, list[str]], rank: int, alpha: float) -> list[torch.nn.Parameter]:
         cfg: ContentStyleConfig = ctx.cfg

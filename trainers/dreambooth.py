@@ -29,6 +29,41 @@ from studio.trainers.loop import Cancelled, Context, TrainConfig, _help, denoise
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+# what --lora-layers names beside the attention projections (kohya's LoCon trains the convolutions too)
+WIDE_TARGETS = (*UNET_TARGETS, "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "conv1", "conv2")
+
+
+def unet_targets(unet: torch.nn.Module, layers: tuple[str, ...], within: tuple[str, ...] = (),
+                 linear_only: bool = False) -> list[str]:
+    """The UNet's module paths that end with one of ``layers`` (``to_q``, ``ff.net.2``, ``conv1`` ...), under one
+    of the prefixes ``within`` if given; every entry must name a LoRA-able layer (Linear, or Conv2d unless
+    ``linear_only``), else a ValueError names it."""
+    kinds = (torch.nn.Linear,) if linear_only else (torch.nn.Linear, torch.nn.Conv2d)
+    found: dict[str, list[str]] = {t: [] for t in layers}
+    for n, m in unet.named_modules():
+        if within and not n.startswith(tuple(w + "." for w in within)):
+            continue
+        for t in layers:
+            if n.endswith("." + t):
+                if not isinstance(m, kinds):
+                    what = "Linear" if linear_only else "Linear or Conv2d"
+                    raise ValueError(f"--lora-layers {t!r} names {n}, a {type(m).__name__}; accepted: {what} layers"
+                                     f" (this trainer), e.g. {', '.join(WIDE_TARGETS if not linear_only else UNET_TARGETS)}")
+                found[t].append(n)
+    missing = [t for t, paths in found.items() if not paths]
+    if missing:
+        raise ValueError(f"--lora-layers {', '.join(map(repr, missing))}: no such layer in the UNet"
+                         f"{' blocks ' + ', '.join(within) if within else ''}; accepted: module name endings such as"
+                         f" {', '.join(WIDE_TARGETS)}")
+    return [n for n, _ in unet.named_modules() if any(n in paths for paths in found.values())]
+
+
+def parse_layers(text: str) -> tuple[str, ...]:
+    """``--lora-layers``' comma-separated list (diffusers' example scripts' form)."""
+    layers = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    if not layers:
+        raise ValueError(f"--lora-layers {text!r}: give module name endings separated by commas, e.g. {','.join(UNET_TARGETS)}")
+    return layers
 
 
 @dataclass
@@ -46,6 +81,12 @@ class DreamBoothConfig(TrainConfig):
         default=True, metadata=_help("Use a sidecar NAME.txt beside an image as its prompt (kohya's convention).")
     )
     train_text_encoder: bool = field(default=False, metadata=_help("Also put LoRA on the text encoders."))
+    lora_layers: str = field(
+        default=",".join(UNET_TARGETS),
+        metadata=_help("The UNet layers that get LoRA: module name endings, comma-separated (as diffusers' --lora_layers);"
+                       " add ff.net.0.proj,ff.net.2,proj_in,proj_out for the transformer blocks' other linears,"
+                       " conv1,conv2 for the ResNet convolutions (kohya's LoCon)."),
+    )
     attention_loss: float = field(
         default=0.0,
         metadata=_help("Weight of an attention loss (Break-A-Scene): the token's cross-attention map is pulled onto"
@@ -61,6 +102,10 @@ class DreamBoothConfig(TrainConfig):
             raise ValueError("--token and --class-noun must not be empty")
         if self.attention_loss < 0:
             raise ValueError(f"--attention-loss must be 0 (off) or positive, got {self.attention_loss}")
+        layers = parse_layers(self.lora_layers)
+        if self.adapter == "singlora" and any("conv" in t for t in layers):
+            raise ValueError(f"--lora-layers {self.lora_layers!r} with --adapter singlora: SingLoRA takes linear"
+                             " layers only; drop the convolutions or use --adapter lora")
         if self.attention_loss and self.compile:
             raise ValueError("--attention-loss does not work with --compile (its maps are recorded outside the"
                              " compiled graph); drop one of them")
@@ -177,7 +222,7 @@ class DreamBooth:
                 if isinstance(m, torch.nn.Linear) and any(n.endswith("." + t) for t in leaves)
             ]
 
-        out = {"unet": pick(pipe.unet, UNET_TARGETS)}
+        out = {"unet": unet_targets(pipe.unet, parse_layers(cfg.lora_layers), linear_only=cfg.adapter == "singlora")}
         if cfg.train_text_encoder:
             for c in ("text_encoder", "text_encoder_2"):
                 if getattr(pipe, c, None) is not None:
