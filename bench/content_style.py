@@ -17,6 +17,7 @@ subspaces, captions).
 
     python bench/content_style.py                       # every method
     python bench/content_style.py --methods naive blora
+    python bench/content_style.py --model runs/pretrain/model   # another world's weights (class images per model)
 
 Prints a table and writes the ``content-style`` section of docs/benchmarks.md.
 """
@@ -81,6 +82,7 @@ def main() -> None:
     from studio.sampling import generate
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(EMBEDDED_MODEL), help="a local diffusers folder (default: the embedded model)")
     parser.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
     parser.add_argument("--work", default="runs/bench-content-style")
     parser.add_argument("--n", type=int, default=10)
@@ -89,8 +91,9 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(args.work)
     judge = load_judge()
-    pipe = load_pipeline(EMBEDDED_MODEL)
-    common = {"steps": args.steps, "lr": args.lr, "checkpoint_every": 0, "class_data": str(work / "class")}
+    pipe = load_pipeline(args.model)
+    common = {"model": args.model, "steps": args.steps, "lr": args.lr, "checkpoint_every": 0,
+              "class_data": str(work / "class" / Path(args.model).name)}
 
     def dreambooth(data: Path, out: Path, prompt: str, token: str, captions: bool) -> Path:
         return train(DreamBooth(), build_config(DreamBoothConfig, {}, {
@@ -159,7 +162,7 @@ def main() -> None:
         for style in STYLES:
             grid.append(f"| {shape} x {style} | " + " | ".join(
                 f"{r['cells'][(shape, style)][0]:.1f} / {r['cells'][(shape, style)][1]:.1f}" for r in results.values()) + " |")
-    flags = "".join(f" --{k} {v}" for k, v in (("steps", args.steps), ("lr", args.lr), ("n", args.n))
+    flags = "".join(f" --{k} {v}" for k, v in (("model", args.model), ("steps", args.steps), ("lr", args.lr), ("n", args.n))
                     if v != parser.get_default(k))
     flags += " --methods " + " ".join(args.methods) if args.methods != METHODS else ""
     text = (f"## Content x style: combining a subject adapter with a style adapter\n\nCommand: `python bench/content_style.py{flags}` "

@@ -110,7 +110,7 @@ def main() -> None:
     table = ["| VAE | style | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     table += [f"| {label} | {style} | " + " | ".join(f"{row[c]:.2f}" for c in cols) + " |" for label, style, row in rows]
     flags = "".join(f" --vae {v}" for v in args.vae)
-    for key in ("styles", "steps", "lr", "lora_layers", "style_word", "seeds", "section"):
+    for key in ("model", "styles", "steps", "lr", "lora_layers", "style_word", "seeds", "work", "section"):
         value, default = getattr(args, key), parser.get_default(key)
         if value != default:
             flags += f" --{key.replace('_', '-')} " + (" ".join(value) if isinstance(value, list) else str(value))

@@ -55,7 +55,8 @@ def unet_targets(unet: torch.nn.Module, layers: tuple[str, ...], within: tuple[s
         raise ValueError(f"--lora-layers {', '.join(map(repr, missing))}: no such layer in the UNet"
                          f"{' blocks ' + ', '.join(within) if within else ''}; accepted: module name endings such as"
                          f" {', '.join(WIDE_TARGETS)}")
-    return [n for n, _ in unet.named_modules() if any(n in paths for paths in found.values())]
+    chosen = {n for paths in found.values() for n in paths}
+    return [n for n, _ in unet.named_modules() if n in chosen]
 
 
 def parse_layers(text: str) -> tuple[str, ...]:
