@@ -93,6 +93,10 @@ def test_train_config_is_the_cli_schema_and_bad_settings_are_named(tmp_path):
     assert ws.train_config("dreambooth", "quick", "stars", "al", attention_loss=1.0)["attention_loss"] == 1.0
     with pytest.raises(InputError, match="--attention-loss is not supported by the content-style trainer"):
         ws.train_config("content-style", "quick", "stars", "x", style_dataset="stars", attention_loss=1.0)
+    assert ws.train_config("dreambooth", "quick", "stars", "lc", lora_layers="to_q,conv1")["lora_layers"] == "to_q,conv1"
+    assert ws.train_config("dreambooth", "quick", "stars", "df")["lora_layers"] == "to_q,to_k,to_v,to_out.0"
+    with pytest.raises(InputError, match="SingLoRA takes linear layers only"):
+        ws.train_config("dreambooth", "quick", "stars", "x", lora_layers="to_q,conv1", adapter="singlora")
 
 
 def _wait(ws: Workspace, name: str, until, timeout: float = 240):

@@ -136,6 +136,9 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
                                 lr = gr.Number(label="Learning rate (0: preset)", value=0)
                                 attention = gr.Number(label="Attention loss (0: off; for composing with CLoRA)", value=0,
                                                       elem_id="attention-loss")
+                            layers = gr.Textbox(label="LoRA layers (empty: the attention projections; e.g. add"
+                                                      " ff.net.0.proj,ff.net.2,conv1,conv2 for kohya's LoCon)", value="",
+                                                elem_id="lora-layers")
                         with gr.Row():
                             start = gr.Button("Start training", variant="primary", elem_id="start-training")
                             cancel = gr.Button("Cancel", elem_id="cancel-training")
@@ -230,19 +233,19 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
         add_dataset.click(on_add_dataset, [uploads, dataset_name], [dataset, style_dataset, train_status])
 
         @_guarded
-        def on_start(dataset_, style_, trainer_, preset_, token_, noun_, name_, steps_, rank_, lr_, attention_):
+        def on_start(dataset_, style_, trainer_, preset_, token_, noun_, name_, steps_, rank_, lr_, attention_, layers_):
             if not dataset_:
                 raise InputError("no dataset: upload images and add them, or pick a dataset")
             name_ = name_.strip() or f"{token_}-{dataset_}"
             overrides = {"token": token_.strip(), "class_noun": noun_.strip(), "steps": int(steps_ or 0) or None,
                          "rank": int(rank_ or 0) or None, "lr": float(lr_ or 0) or None,
-                         "attention_loss": float(attention_ or 0) or None}
+                         "attention_loss": float(attention_ or 0) or None, "lora_layers": (layers_ or "").strip() or None}
             cfg = ws.train_config(trainer_, preset_, dataset_, name_, style_dataset=style_ or "", **overrides)
             name = ws.start_run(cfg)
             return name, gr.update(choices=ws.runs(), value=name), ws.headless(name)
 
         start.click(on_start, [dataset, style_dataset, trainer, preset, token, class_noun, run_name, steps, rank, lr,
-                               attention],
+                               attention, layers],
                     [current, runs, headless])
 
         @_guarded
