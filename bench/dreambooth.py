@@ -105,8 +105,13 @@ def main() -> None:
     parser.add_argument("--work", default="runs/bench-dreambooth")
     parser.add_argument("--captions", action="store_true",
                         help="give each reference a caption file naming its context ('a large blue sks shape in the center on a white background')")
+    parser.add_argument("--lora-layers", default="", help="the trainer's --lora-layers (default: its own, the attention"
+                        " projections); writes the section dreambooth-layers")
     args = parser.parse_args()
     section, title = ("dreambooth-captions", " (references with caption files)") if args.captions else ("dreambooth", "")
+    if args.lora_layers:
+        section, title = section + "-layers", title + f" (LoRA layers `{args.lora_layers}`)"
+    overrides = {"lora_layers": args.lora_layers} if args.lora_layers else None
     judge = load_judge()
     pipe = load_pipeline(EMBEDDED_MODEL)
     rows = []
@@ -116,7 +121,7 @@ def main() -> None:
             data.mkdir(parents=True, exist_ok=True)
             for i in range(4):
                 (data / f"{shape}{i}.txt").write_text(f"a large {COLOURS[shape]} sks shape in the center on a white background")
-        r = score_concept(shape, Path(args.work) / shape, pipe, judge, class_data=Path(args.work) / "class")
+        r = score_concept(shape, Path(args.work) / shape, pipe, judge, overrides, class_data=Path(args.work) / "class")
         rows.append((shape, r["identity_base"], r["identity"], r["fidelity_base"], r["fidelity"], r["shape_read"], r["seconds"]))
         print(rows[-1], flush=True)
     head = "| concept | identity, base | identity, adapter | fidelity, base | fidelity, adapter | judge reads the shape (of 10) | train s |\n|---|---|---|---|---|---|---|\n"
@@ -125,7 +130,7 @@ def main() -> None:
     mean = [sum(r[i] for r in rows) / n for i in (1, 2, 3, 4)]
     summary = (f"Means over the {n} concepts: identity {mean[0]:.3f} -> {mean[1]:.3f} ({mean[1] - mean[0]:+.3f}); prompt fidelity "
                f"{mean[2]:.3f} -> {mean[3]:.3f} ({mean[3] - mean[2]:+.3f}; the issue asks for at most 0.05 below the base model).")
-    flag = " --captions" if args.captions else ""
+    flag = (" --captions" if args.captions else "") + (f" --lora-layers {args.lora_layers}" if args.lora_layers else "")
     text = (f"## DreamBooth-LoRA on the held-out shapes{title}\n\nCommand: `python bench/dreambooth.py{flag}` (revision "
             f"{git_revision()}; {machine()}). Default settings ({defaults()}); 4 references per concept; 10 new prompts; base model prompted "
             f"with the class noun.\n\n{head}{body}\n{summary}\n\n{NOTE}\n")
