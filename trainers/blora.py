@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.trainers.config import command_from_config, run_command
-from studio.trainers.dreambooth import DreamBooth, DreamBoothConfig, parse_layers, run_trainer, unet_targets
+from studio.trainers.dreambooth import DreamBooth, DreamBoothConfig, run_trainer
 from studio.trainers.loop import Context, _help
 
 from studio.adapters import Adapter, save_adapter
@@ -89,9 +89,7 @@ class BLoRA(DreamBooth):
 
     def targets(self, ctx: Context) -> dict[str, list[str]]:
         content, style = blocks(ctx)
-        cfg = ctx.cfg
-        return {"unet": unet_targets(ctx.pipe.unet, parse_layers(cfg.lora_layers), within=(content, style),
-                                     linear_only=cfg.adapter == "singlora")}
+        return {"unet": self.unet_lora_targets(ctx, within=(content, style))}
 
     def metadata(self, ctx: Context) -> dict[str, Any]:
         content, style = blocks(ctx)

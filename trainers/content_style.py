@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from studio.trainers.config import command_from_config, run_command
 from studio.trainers.data import group_by_size, load_images
-from studio.trainers.dreambooth import DreamBooth, DreamBoothConfig, parse_layers, run_trainer, unet_targets
+from studio.trainers.dreambooth import DreamBooth, DreamBoothConfig, run_trainer
 from studio.trainers.loop import Context, _help, denoise_losses, orthonormal_rows
 
 from studio.adapters import Adapter, AdapterMeta, LoraWeights, save_adapter
@@ -122,6 +122,7 @@ def combined(content: LoraWeights, style: LoraWeights) -> LoraWeights:
 
 class ContentStyle(DreamBooth):
     name = "content-style"
+    linear_only = True  # attach_pair's branches are linear; the targets are DreamBooth's (no text encoders here)
 
     def prepare(self, ctx: Context) -> None:
         cfg: ContentStyleConfig = ctx.cfg
@@ -143,9 +144,6 @@ class ContentStyle(DreamBooth):
         with torch.no_grad():
             ctx.store["cond"].update({p: _encode(ctx.pipe, [p]) for p in set(captions) - set(ctx.store["cond"])})
         ctx.store["router"] = Router()
-
-    def targets(self, ctx: Context) -> dict[str, list[str]]:
-        return {"unet": unet_targets(ctx.pipe.unet, parse_layers(ctx.cfg.lora_layers), linear_only=True)}
 
     def inject(self, ctx: Context, targets: dict[str, list[str]], rank: int, alpha: float) -> list[torch.nn.Parameter]:
         cfg: ContentStyleConfig = ctx.cfg

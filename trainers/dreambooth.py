@@ -130,6 +130,14 @@ def _encode(pipe, prompts: list[str]) -> dict[str, Any]:
 
 class DreamBooth:
     name = "dreambooth"
+    linear_only = False  # a trainer whose branches are linear-only (the content/style pair) sets this
+
+    def unet_lora_targets(self, ctx: Context, within: tuple[str, ...] = ()) -> list[str]:
+        """The UNet layers ``--lora-layers`` names (under the blocks ``within``, if given); convolutions refused
+        where the adapter or the trainer takes linears only."""
+        cfg = ctx.cfg
+        return unet_targets(ctx.pipe.unet, parse_layers(cfg.lora_layers), within,
+                            linear_only=self.linear_only or cfg.adapter == "singlora")
 
     def prepare(self, ctx: Context) -> None:
         cfg: DreamBoothConfig = ctx.cfg
@@ -223,7 +231,7 @@ class DreamBooth:
                 if isinstance(m, torch.nn.Linear) and any(n.endswith("." + t) for t in leaves)
             ]
 
-        out = {"unet": unet_targets(pipe.unet, parse_layers(cfg.lora_layers), linear_only=cfg.adapter == "singlora")}
+        out = {"unet": self.unet_lora_targets(ctx)}
         if cfg.train_text_encoder:
             for c in ("text_encoder", "text_encoder_2"):
                 if getattr(pipe, c, None) is not None:
