@@ -485,12 +485,15 @@ def world_pretrain(
     text_probe_weight: Annotated[float, typer.Option(help="Weight of the text-probe loss that keeps attribute words apart in the text encoders' output (0: none).")] = _RECIPE.text_probe_weight,
     caption_detail: Annotated[float, typer.Option(help="Chance that a training caption names an object's size, and separately its style (0 to 1; 0.5: the evaluation prompts' rate).")] = _RECIPE.caption_detail,
     init_from: Annotated[Path | None, typer.Option(help="Continue from a model folder this recipe saved (e.g. the shipped weights): its tokenizer, VAE, text encoders and UNet, with UNet steps counted from 0 and a fresh optimizer.")] = None,
+    textures: Annotated[int, typer.Option(help="How many named generic textures (the catalogue's first N, each called by a made-up word) the scenes also show (0: none).")] = _RECIPE.textures,
+    texture_rate: Annotated[float, typer.Option(help="With --textures: the chance that an object wears a named texture instead of its style.")] = _RECIPE.texture_rate,
+    vae_from: Annotated[Path | None, typer.Option(help="Use this diffusers AutoencoderKL folder as the VAE instead of training one (e.g. the refined VAE of bench/codec.py --refine).")] = None,
 ) -> None:
     """Pretrain the embedded tiny SDXL on the synthetic world (resumable). The defaults are the budget recipe: about 2 h on 2 CPU cores; the shipped weights ran longer legs (about 6 h), listed in the model card."""
     _setup_warnings()
     import shutil
 
-    from studio.world.pretrain import check_init_from, check_work_dir, pretrain
+    from studio.world.pretrain import check_init_from, check_vae_from, check_work_dir, pretrain, texture_words
 
     for name, value in (("--n-scenes", n_scenes), ("--vae-steps", vae_steps), ("--unet-steps", unet_steps),
                         ("--unet-batch", unet_batch), ("--checkpoint-every", checkpoint_every)):
@@ -516,12 +519,18 @@ def world_pretrain(
                          unet_steps=unet_steps, unet_batch=unet_batch, unet_lr=unet_lr,
                          checkpoint_every=checkpoint_every, monitor_every=monitor_every,
                          zero_snr_from=zero_snr_from, standardize_latents=standardize_latents,
-                         object_weight=object_weight, text_probe_weight=text_probe_weight, caption_detail=caption_detail)
-    if init_from is not None:
-        try:
+                         object_weight=object_weight, text_probe_weight=text_probe_weight, caption_detail=caption_detail,
+                         textures=textures, texture_rate=texture_rate, vae_from=str(vae_from or ""))
+    if not 0 <= texture_rate <= 1:
+        _fail(f"--texture-rate must be a chance between 0 and 1, got {texture_rate}")
+    try:
+        texture_words(textures)
+        if init_from is not None:
             check_init_from(cfg)
-        except (ValueError, FileNotFoundError) as e:
-            _fail(str(e))
+        if vae_from is not None:
+            check_vae_from(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
     if fresh:
         shutil.rmtree(work_dir, ignore_errors=True)
     try:

@@ -46,6 +46,12 @@ def test_generate_writes_an_image_and_warns_once_on_unknown_words(tmp_path):
      "error: init_from with standardize_latents"),
     (["world", "pretrain", "--object-counts", "1,4"], "error: --object-counts '1,4': give object counts of 1, 2 or 3"),
     (["world", "pretrain", "--caption-detail", "1.5"], "error: --caption-detail must be a chance between 0 and 1, got 1.5"),
+    (["world", "pretrain", "--textures", "99"], "error: textures: 99 asked for; accepted: 0 to 14"),
+    (["world", "pretrain", "--texture-rate", "-0.1"], "error: --texture-rate must be a chance between 0 and 1, got -0.1"),
+    (["world", "pretrain", "--vae-from", "/no/such/folder"], "error: vae_from /no/such/folder: not a diffusers AutoencoderKL"),
+    (["world", "pretrain", "--vae-from", "assets/models/tiny-sdxl-world/unet"], "error: vae_from assets/models/tiny-sdxl-world/unet: its"),
+    (["world", "pretrain", "--vae-from", "assets/models/tiny-sdxl-world/vae", "--init-from", "assets/models/tiny-sdxl-world"],
+     "error: vae_from with init_from"),
 ])
 def test_bad_input_gives_one_line_error(args, message, tmp_path):
     if args[:2] == ["world", "pretrain"]:  # nothing may be written: the work dir and the model folder stay absent

@@ -174,3 +174,49 @@ def test_a_work_dir_made_for_other_scenes_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"n_scenes=48, object_counts=\[1, 2, 2, 3\], not n_scenes=50, object_counts=\[2, 3\]"):
         check_work_dir(dataclasses.replace(cfg, n_scenes=50, object_counts=(2, 3)), tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["n_scenes"] == 48  # left as it was
+
+
+def test_texture_words_and_captions():
+    from studio.world.grammar import VOCABULARY, parse_prompt
+    from studio.world.pretrain import RESERVED_WORDS, _caption, _scene_textures, texture_words
+    from studio.world.render import TEXTURE_CATALOGUE
+
+    words = texture_words(len(TEXTURE_CATALOGUE), seed=0)
+    assert [(t.kind, t.period, t.angle) for t in words] == list(TEXTURE_CATALOGUE)
+    names = [t.word for t in words]
+    assert len(set(names)) == len(names) and not set(names) & (RESERVED_WORDS | set(VOCABULARY))
+    assert texture_words(3, seed=0) == words[:3] and [t.word for t in texture_words(3, seed=1)] != names[:3]
+    with pytest.raises(ValueError, match="textures: 15 asked for; accepted: 0 to 14"):
+        texture_words(15)
+    cfg = PretrainConfig(n_scenes=200, textures=4, texture_rate=0.5)
+    scenes = _scenes(cfg)
+    picks = _scene_textures(cfg, scenes)
+    worn = [t for p in picks if p for t in p if t]
+    assert 0.35 < len(worn) / sum(len(s.objects) for s in scenes) < 0.65 and {t.word for t in worn} == set(names[:4])
+    assert _scene_textures(dataclasses.replace(cfg, textures=0), scenes) == [None] * 200
+    # an object in a named texture is always called by its word, where the style goes; the others as before
+    i = next(i for i, p in enumerate(picks) if p and None in p)
+    for seed in range(10):
+        caption = parse_prompt(_caption(scenes[i], random.Random(seed), 0.0, picks[i]))
+        assert sorted(caption.unknown) == sorted(t.word for t in picks[i] if t)
+        assert all(o.style is None for o in caption.objects)  # detail 0: no style word for the others
+
+
+def test_pretrain_with_named_textures_and_a_given_vae(tmp_path):
+    from studio.world.pretrain import check_vae_from
+
+    vae_dir = tmp_path / "vae"
+    StableDiffusionXLPipeline.from_pretrained(str(pretrain(_cfg(tmp_path, "src", 1))), local_files_only=True).vae.save_pretrained(vae_dir)
+    model = pretrain(dataclasses.replace(_cfg(tmp_path, "tex", 2), textures=3, texture_rate=0.5, vae_from=str(vae_dir)))
+    a, b = load_file(str(vae_dir / "diffusion_pytorch_model.safetensors")), load_file(str(model / "vae/diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the VAE stage did not run
+    assert json.loads((model / "recipe.json").read_text())["config"]["textures"] == 3
+    # bad input is refused before the work dir is written
+    for bad, message in ((dataclasses.replace(_cfg(tmp_path, "bad", 1), textures=20), "textures: 20 asked for"),
+                         (dataclasses.replace(_cfg(tmp_path, "bad", 1), texture_rate=1.5), "texture_rate must be a chance"),
+                         (dataclasses.replace(_cfg(tmp_path, "bad", 1), vae_from=str(tmp_path)), "not a diffusers AutoencoderKL")):
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            pretrain(bad)
+        assert not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match="vae_from with init_from"):
+        check_vae_from(dataclasses.replace(_cfg(tmp_path, "bad", 1), vae_from=str(vae_dir), init_from=str(model)))

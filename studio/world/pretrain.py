@@ -3,8 +3,9 @@
 Stages, each resumable (``studio world pretrain`` picks up where a killed run stopped):
 
 1. ``tokenizer``: the CLIP BPE tokenizer learned from the caption grammar.
-2. ``render``: ``n_scenes`` random scenes of the base concepts (never the held-out ones).
-3. ``vae``: the KL autoencoder, trained on 32x32 crops around objects (it is fully convolutional).
+2. ``render``: ``n_scenes`` random scenes of the base concepts (never the held-out ones); with ``textures``, some
+   objects wear a named generic texture instead of their style (:func:`texture_words`), called by its word.
+3. ``vae``: the KL autoencoder, trained on 32x32 crops around objects (it is fully convolutional), or ``vae_from``.
 4. ``latents``: every scene encoded once; the latent scale is set to 1/std (or, with
    ``standardize_latents``, each channel is standardized inside the VAE's 1x1 convolutions).
 5. ``unet``: UNet and both text encoders jointly, v-prediction with min-SNR weighting (SDXL's betas
@@ -36,10 +37,10 @@ from tqdm.auto import tqdm
 from studio.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from studio.families import encode_prompt_sdxl, sdxl_time_ids
 from studio.world.concepts import BASE_SHAPES, BASE_STYLES, COLOUR_NAMES, COLOURS, IMAGE_SIZE, POSITIONS, SIZE_NAMES
-from studio.world.grammar import caption_scene, format_prompt, is_held_out
+from studio.world.grammar import VOCABULARY, caption_scene, format_prompt, is_held_out
 from studio.world.model import build_schedulers, build_text_encoders, build_unet, build_vae, standardize_latents
 from studio.world.recipe import PretrainConfig
-from studio.world.render import Scene, render_array, sample_scene
+from studio.world.render import TEXTURE_CATALOGUE, Scene, Texture, render_array, sample_scene
 from studio.world.tokenizer import build_tokenizer
 
 PROBE_SCALE = 10.0
@@ -81,6 +82,37 @@ def _scenes(cfg: PretrainConfig) -> list[Scene]:
     return [sample_scene(rng, rng.choice(cfg.object_counts)) for _ in range(cfg.n_scenes)]
 
 
+# identifiers the studio's defaults and benches give new concepts: never a texture's word
+RESERVED_WORDS = frozenset({"sks", "zxy", "zwx", "qpv"})
+_CONSONANTS = "bcdfghjklmnpqrstvwxz"
+
+
+def texture_words(n: int, seed: int = 0) -> tuple[Texture, ...]:
+    """The first ``n`` textures of the catalogue, each named by a made-up three-consonant word (as the studio's
+    identifiers are: "sks", "zxy"), none a grammar word or a reserved identifier; the same ``seed``, the same words."""
+    if not 0 <= n <= len(TEXTURE_CATALOGUE):
+        raise ValueError(f"textures: {n} asked for; accepted: 0 to {len(TEXTURE_CATALOGUE)}, the catalogue's size")
+    rng = random.Random(seed * 7_777 + 1)
+    words: list[str] = []
+    while len(words) < n:
+        word = "".join(rng.choice(_CONSONANTS) for _ in range(3))
+        if word not in RESERVED_WORDS and word not in VOCABULARY and word not in words:
+            words.append(word)
+    return tuple(Texture(w, *spec) for w, spec in zip(words, TEXTURE_CATALOGUE))
+
+
+def _scene_textures(cfg: PretrainConfig, scenes: list[Scene]) -> list[tuple[Texture | None, ...] | None]:
+    """Per scene, the named texture each object wears (``None``: its style), or ``None`` for a scene with none."""
+    if not cfg.textures:
+        return [None] * len(scenes)
+    catalogue, rng = texture_words(cfg.textures, cfg.seed), random.Random(cfg.seed * 31 + 7)
+    out = []
+    for scene in scenes:
+        picks = tuple(rng.choice(catalogue) if rng.random() < cfg.texture_rate else None for _ in scene.objects)
+        out.append(picks if any(picks) else None)
+    return out
+
+
 def check_work_dir(cfg: PretrainConfig, work: Path) -> None:
     """Refuse to resume in a work dir whose caches were made for other scenes (``PretrainConfig.DATA_KEYS``)."""
     saved = work / "config.json"
@@ -95,11 +127,12 @@ def check_work_dir(cfg: PretrainConfig, work: Path) -> None:
                          + ", ".join(f"{k}={new[k]}" for k in changed) + "; start it afresh (--fresh) or use another work dir")
 
 
-def _render_all(cfg: PretrainConfig, work: Path, scenes: list[Scene]) -> torch.Tensor:
+def _render_all(cfg: PretrainConfig, work: Path, scenes: list[Scene], textures: list) -> torch.Tensor:
     path = work / "images.safetensors"
     if path.is_file():
         return load_file(str(path))["images"]
-    arr = np.stack([render_array(s, seed=cfg.seed * 1_000_003 + i) for i, s in enumerate(tqdm(scenes, desc="render"))])
+    arr = np.stack([render_array(s, seed=cfg.seed * 1_000_003 + i, textures=textures[i])
+                    for i, s in enumerate(tqdm(scenes, desc="render"))])
     images = torch.from_numpy(arr)
     save_file({"images": images}, str(path.with_suffix(".tmp")))
     path.with_suffix(".tmp").replace(path)
@@ -250,13 +283,32 @@ def check_init_from(cfg: PretrainConfig) -> Path:
     return source
 
 
-def _use_source_vae(source: Path, work: Path) -> None:
-    """Put ``source``'s VAE where the recipe's VAE stage finds a finished VAE, so that stage is skipped."""
+def check_vae_from(cfg: PretrainConfig) -> Path:
+    """``cfg.vae_from`` as a path, refused (before anything is written) unless it is a diffusers AutoencoderKL folder
+    of the embedded model's architecture, or when it comes with ``init_from`` (which keeps its source's VAE)."""
+    from diffusers import AutoencoderKL
+
+    if cfg.init_from:
+        raise ValueError("vae_from with init_from: a continuation keeps its source's VAE; accepted: one or the other")
+    folder = Path(cfg.vae_from)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"vae_from {folder}: not a diffusers AutoencoderKL folder (no config.json)")
+    config, reference = AutoencoderKL.load_config(folder), build_vae().config
+    differ = [k for k in ("latent_channels", "block_out_channels", "down_block_types")
+              if list(np.atleast_1d(config.get(k))) != list(np.atleast_1d(reference[k]))]
+    if differ:
+        raise ValueError(f"vae_from {folder}: its {', '.join(differ)} differ from the embedded model's VAE")
+    return folder
+
+
+def _use_vae(folder: Path, work: Path) -> None:
+    """Put the VAE of the diffusers folder ``folder`` where the recipe's VAE stage finds a finished VAE, so that stage
+    is skipped."""
     from diffusers import AutoencoderKL
 
     final = work / "vae-final.safetensors"
     if not final.is_file():
-        save_file(AutoencoderKL.from_pretrained(source / "vae").state_dict(), str(final.with_suffix(".tmp")))
+        save_file(AutoencoderKL.from_pretrained(folder).state_dict(), str(final.with_suffix(".tmp")))
         final.with_suffix(".tmp").replace(final)
 
 
@@ -270,11 +322,17 @@ def _load_weights(source: Path, unet, te1, te2) -> None:
         model.load_state_dict(cls.from_pretrained(source / part).state_dict())
 
 
-def _caption(scene: Scene, rng: random.Random, detail: float) -> str | None:
+def _caption(scene: Scene, rng: random.Random, detail: float, textures: tuple[Texture | None, ...] | None = None,
+             ) -> str | None:
     """A training caption for ``scene``: any caption outside the evaluation split (``detail``: see
-    :func:`caption_scene`)."""
+    :func:`caption_scene`). An object that wears a named texture (``textures``) is always called by its word, where
+    a style word goes."""
     for _ in range(20):
-        text = format_prompt(caption_scene(scene, rng, detail), style_first=rng.random() < 0.3)
+        prompt = caption_scene(scene, rng, detail)
+        if textures is not None:
+            prompt = dataclasses.replace(prompt, objects=tuple(
+                o if t is None else dataclasses.replace(o, style=t.word) for o, t in zip(prompt.objects, textures)))
+        text = format_prompt(prompt, style_first=rng.random() < 0.3)
         if not is_held_out(text):
             return text
     return None
@@ -307,6 +365,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
     from transformers import CLIPTokenizer
 
     source = check_init_from(cfg) if cfg.init_from else None
+    vae_folder = source / "vae" if source else (check_vae_from(cfg) if cfg.vae_from else None)
+    if not 0 <= cfg.texture_rate <= 1:
+        raise ValueError(f"texture_rate must be a chance between 0 and 1, got {cfg.texture_rate}")
+    texture_words(cfg.textures, cfg.seed)  # refuses a count the catalogue does not have, before anything is written
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     work = Path(cfg.work_dir)
@@ -314,11 +376,12 @@ def pretrain(cfg: PretrainConfig) -> Path:
     check_work_dir(cfg, work)
     (work / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     log = (work / "log.txt").open("a")
-    if source:
-        _use_source_vae(source, work)
+    if vae_folder is not None:
+        _use_vae(vae_folder, work)
     tok = CLIPTokenizer.from_pretrained(source / "tokenizer") if source else build_tokenizer(work / "tokenizer")
     scenes = _scenes(cfg)
-    images = _render_all(cfg, work, scenes)
+    textures = _scene_textures(cfg, scenes)
+    images = _render_all(cfg, work, scenes, textures)
     vae = _train_vae(cfg, work, images, scenes)
     latents = _encode_all(work, vae, images)
     masks = object_masks(images, scenes, IMAGE_SIZE // latents.shape[-1]) if cfg.object_weight != 1 else None
@@ -369,7 +432,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         captions, idx = [], []
         while len(captions) < cfg.unet_batch:
             i = rng.randrange(len(scenes))
-            if (text := _caption(scenes[i], rng, cfg.caption_detail)) is not None:
+            if (text := _caption(scenes[i], rng, cfg.caption_detail, textures[i])) is not None:
                 captions.append(text)
                 idx.append(i)
         zero_snr = cfg.zero_snr_at(step)

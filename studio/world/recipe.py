@@ -65,9 +65,19 @@ class PretrainConfig:
     # tokenizer, VAE (and latent scale), text encoders and UNet are the starting point; UNet steps count from 0
     # again, with a fresh optimizer. Empty: train everything from scratch.
     init_from: str = ""
+    # How many of the catalogue's named generic textures (studio.world.render.TEXTURE_CATALOGUE: horizontal gratings,
+    # dot lattices, a grid, brightness tiles; none the judge reads as a held-out style) the scenes also show, each
+    # called by a made-up word in the captions where a style word goes (0: none, the budget recipe and the shipped
+    # weights). Why: an adapter cannot teach the base-styles-only UNet a held-out style from a few images
+    # (bench/style_probe.py); a UNet that binds many textures to words may learn a new one as it learns a new word.
+    textures: int = 0
+    texture_rate: float = 0.25  # the chance that an object wears a named texture instead of its style
+    # A diffusers AutoencoderKL folder to use as the VAE instead of training one (e.g. the shipped VAE refined on
+    # generic textures, ``bench/codec.py --refine 3000``); the latent scale is still set from the latents.
+    vae_from: str = ""
 
     # the knobs the rendered scenes, and so every cache in the work dir (images, VAE, latents), depend on
-    DATA_KEYS = ("seed", "n_scenes", "object_counts")
+    DATA_KEYS = ("seed", "n_scenes", "object_counts", "textures", "texture_rate", "vae_from")
 
     def zero_snr_at(self, step: int) -> bool:
         return 0 <= self.zero_snr_from <= step
