@@ -7,8 +7,11 @@ cosine with the mean spectrum of renders of the same prompt in each named textur
 ``striped`` and ``dotted``; a crop whose luminance hardly varies reads ``flat``. Per texture word, ``--seeds``
 samples of ``"a large {colour} circle in the center on a white background, {word}"`` for four colours; a sample
 counts when its nearest reference is the named texture (``as named``) or a texture of the same kind (``same
-kind``). The ``renders`` column is the reading's ceiling: the renders of those prompts, read the same way. A model
-that never saw the words (the shipped weights) is the floor.
+kind``). The ``renders`` column is the reading's ceiling: the renders of those prompts, read the same way; per
+model, ``through its VAE`` is the same renders encoded and decoded by the model's VAE (what its UNet could at best
+draw). A model that never saw the words (the shipped weights) is the floor. Two control rows prompt the base styles
+``striped`` and ``dotted`` by their own words, which every model was trained on: they show the reading works on
+samples.
 
     python bench/world_textures.py --model runs/world-textures
     python bench/world_textures.py --model runs/world-textures --model assets/models/tiny-sdxl-world
@@ -26,6 +29,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import git_revision, machine, write_section  # noqa: E402
@@ -33,6 +37,7 @@ from report import git_revision, machine, write_section  # noqa: E402
 COLOURS = ("red", "blue", "green", "orange")
 SENTENCE = "a large {colour} circle in the center on a white background, {word}"
 CROP = (slice(26, 38), slice(26, 38))
+CONTROLS = ("striped", "dotted")  # base styles every model knows by word
 FLAT_STD = 6.0  # luminance std (0-255) below which a crop reads flat
 
 
@@ -72,6 +77,8 @@ def references(textures, per_colour: int = 4, seed: int = 0) -> tuple[list[str],
 
 
 def main() -> None:
+    from codec import through
+
     from studio.families import EMBEDDED_MODEL, load_pipeline
     from studio.sampling import generate
     from studio.world.pretrain import texture_words
@@ -89,29 +96,44 @@ def main() -> None:
 
     names, refs = references(textures)
     kind = {t.word: t.kind for t in textures} | {"striped": "striped", "dotted": "dotted", "flat": "flat"}
+    words = [t.word for t in textures] + list(CONTROLS)
 
     def rates(images: list, word: str) -> tuple[float, float]:
         reads = [read(im, names, refs) for im in images]
         return (sum(r == word for r in reads) / len(reads), sum(kind[r] == kind[word] for r in reads) / len(reads))
 
-    # the ceiling: fresh renders of the prompts (other seeds than the references')
-    rows = {t.word: {"renders": rates([render(object_scene(c), 10**6 + s, textures=(t,)) for c in COLOURS
-                                       for s in range(args.seeds)], t.word)} for t in textures}
+    def renders(word: str) -> list:
+        """Fresh renders of the word's prompts (other seeds than the references')."""
+        t = next((t for t in textures if t.word == word), None)
+        return [render(object_scene(c, "flat" if t else word), 10**6 + s, textures=(t,) if t else None)
+                for c in COLOURS for s in range(args.seeds)]
+
+    rows = {w: {"renders": rates(renders(w), w)} for w in words}
     for model in args.model:
         pipe = load_pipeline(model)
-        for t in textures:
-            prompts = [SENTENCE.format(colour=c, word=t.word) for c in COLOURS] * args.seeds
-            rows[t.word][model] = rates(generate(pipe, prompts, seed=0), t.word)
-            print(model, t.word, rows[t.word][model], flush=True)
+        for w in words:
+            ims = renders(w)
+            rec, _ = through(pipe.vae, np.stack([np.asarray(im.convert("RGB")) for im in ims]))
+            rows[w][f"{model} vae"] = rates([Image.fromarray(r) for r in rec], w)
+            prompts = [SENTENCE.format(colour=c, word=w) for c in COLOURS] * args.seeds
+            rows[w][model] = rates(generate(pipe, prompts, seed=0), w)
+            print(model, w, rows[w][f"{model} vae"], rows[w][model], flush=True)
 
-    cols = ["renders", *args.model]
-    table = ["| word | texture | " + " | ".join(f"{c}: as named / same kind" if c == "renders" else f"`{c}`: as named / same kind"
-                                                for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    cols = ["renders"] + [c for m in args.model for c in (f"{m} vae", m)]
+
+    def head(c: str) -> str:
+        if c == "renders":
+            return "renders: as named / same kind"
+        return f"`{c[:-4]}` through its VAE" if c.endswith(" vae") else f"`{c}`: as named / same kind"
+
+    table = ["| word | texture | " + " | ".join(head(c) for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
     for t in textures:
         desc = f"{t.kind} {t.period:g} px" + (f", {np.degrees(t.angle):.1f} deg" if t.kind == "grating" else "")
         table.append(f"| {t.word} | {desc} | " + " | ".join("{:.2f} / {:.2f}".format(*rows[t.word][c]) for c in cols) + " |")
     table.append("| mean | | " + " | ".join("{:.2f} / {:.2f}".format(*np.mean([rows[t.word][c] for t in textures], axis=0))
                                             for c in cols) + " |")
+    for w in CONTROLS:
+        table.append(f"| {w} (control) | the base style | " + " | ".join("{:.2f} / {:.2f}".format(*rows[w][c]) for c in cols) + " |")
     flags = "".join(f" --model {m}" for m in args.model) + (f" --seeds {args.seeds}" if args.seeds != 3 else "")
     text = (f"## Named textures: does the pretrained model draw each texture by its word?\n\nCommand: "
             f"`python bench/world_textures.py{flags}` (revision {git_revision()}; {machine()}). Words of "
@@ -119,7 +141,10 @@ def main() -> None:
             f"(\"{SENTENCE.format(colour=COLOURS[0], word=textures[0].word)}\", {len(COLOURS)} colours, "
             f"{args.seeds} seeds), read by the spectrum of the object's middle against renders of every named texture "
             f"and of striped and dotted (chance about 1/{len(names)}). The shipped model "
-            f"`{EMBEDDED_MODEL.relative_to(EMBEDDED_MODEL.parents[2])}` never saw these words.\n\n" + "\n".join(table) + "\n")
+            f"`{EMBEDDED_MODEL.relative_to(EMBEDDED_MODEL.parents[2])}` never saw these words. "
+            f"Per model, the renders through its VAE (posterior mode), read the same way, are what its UNet could at best "
+            f"draw; the control rows prompt the base styles striped and dotted by their own words.\n\n"
+            + "\n".join(table) + "\n")
     print(text)
     write_section("world-textures", text)
 
