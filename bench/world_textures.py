@@ -10,8 +10,8 @@ counts when its nearest reference is the named texture (``as named``) or a textu
 kind``). The ``renders`` column is the reading's ceiling: the renders of those prompts, read the same way; per
 model, ``through its VAE`` is the same renders encoded and decoded by the model's VAE (what its UNet could at best
 draw). A model that never saw the words (the shipped weights) is the floor. Two control rows prompt the base styles
-``striped`` and ``dotted`` by their own words, which every model was trained on: they show the reading works on
-samples.
+``striped`` and ``dotted`` by their own words, which every model was trained on: what a word the model was taught
+reads as, beside the texture words.
 
     python bench/world_textures.py --model runs/world-textures
     python bench/world_textures.py --model runs/world-textures --model assets/models/tiny-sdxl-world
@@ -71,7 +71,7 @@ def references(textures, per_colour: int = 4, seed: int = 0) -> tuple[list[str],
     renders = {t.word: [render(object_scene(c), rng.randrange(10**6), textures=(t,)) for c in COLOURS
                         for _ in range(per_colour)] for t in textures}
     renders.update({s: [render(object_scene(c, s), rng.randrange(10**6)) for c in COLOURS for _ in range(per_colour)]
-                    for s in ("striped", "dotted")})
+                    for s in CONTROLS})
     refs = np.stack([np.mean([spectrum(im) for im in ims], axis=0) for ims in renders.values()])
     return list(renders), refs / np.linalg.norm(refs, axis=1, keepdims=True)
 
@@ -95,7 +95,7 @@ def main() -> None:
     textures = texture_words(config["textures"], config.get("seed", 0))
 
     names, refs = references(textures)
-    kind = {t.word: t.kind for t in textures} | {"striped": "striped", "dotted": "dotted", "flat": "flat"}
+    kind = {t.word: t.kind for t in textures} | {s: s for s in (*CONTROLS, "flat")}
     words = [t.word for t in textures] + list(CONTROLS)
 
     def rates(images: list, word: str) -> tuple[float, float]:
@@ -108,12 +108,12 @@ def main() -> None:
         return [render(object_scene(c, "flat" if t else word), 10**6 + s, textures=(t,) if t else None)
                 for c in COLOURS for s in range(args.seeds)]
 
-    rows = {w: {"renders": rates(renders(w), w)} for w in words}
+    fresh = {w: renders(w) for w in words}
+    rows = {w: {"renders": rates(fresh[w], w)} for w in words}
     for model in args.model:
         pipe = load_pipeline(model)
         for w in words:
-            ims = renders(w)
-            rec, _ = through(pipe.vae, np.stack([np.asarray(im.convert("RGB")) for im in ims]))
+            rec, _ = through(pipe.vae, np.stack([np.asarray(im.convert("RGB")) for im in fresh[w]]))
             rows[w][f"{model} vae"] = rates([Image.fromarray(r) for r in rec], w)
             prompts = [SENTENCE.format(colour=c, word=w) for c in COLOURS] * args.seeds
             rows[w][model] = rates(generate(pipe, prompts, seed=0), w)
