@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import git_revision, machine, write_section  # noqa: E402
 
-IMAGES = [("star", "checkered", "blue"), ("heart", "zigzag", "red"), ("cross", "wavy", "green")]
+IMAGES = [("star", "shadowed", "blue"), ("heart", "ringed", "red"), ("cross", "halved", "green")]
 
 
 def reference(shape: str, style: str, colour: str, folder: Path, n: int = 1):

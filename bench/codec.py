@@ -11,6 +11,7 @@ ceiling for anything sampled through it).
     python bench/codec.py                     # the embedded model's VAE, 50 scenes per concept
     python bench/codec.py --vae runs/x/vae    # another VAE folder (e.g. an experiment)
     python bench/codec.py --refine 3000       # also the VAE refined on generic textures, side by side
+    python bench/codec.py --compare runs/codec/vae-refined-3000 --section structural   # an earlier refinement
 
 ``--refine N`` fine-tunes the VAE for N steps with :func:`studio.world.pretrain.refine_vae` (generic
 textures, latents of the base scenes anchored; saved under ``runs/codec/``) and reads every concept
@@ -18,7 +19,7 @@ through both; it also scores the embedded pipeline's prompt fidelity with each V
 seeds and UNet), which shows whether the denoiser is still served by the refined codec.
 
 Prints a table and writes the ``codec`` section of docs/benchmarks.md (only for the embedded
-model's VAE).
+model's VAE; ``--section NAME``: the section ``codec-NAME``, for a variant).
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--refine", type=int, default=0, help="also refine the VAE for this many steps (0: no)")
     parser.add_argument("--fidelity-n", type=int, default=100, help="prompts per object count for the fidelity check")
+    parser.add_argument("--compare", default="", help="also read through this VAE folder (e.g. an earlier --refine's)")
+    parser.add_argument("--section", default="", help="write the section codec-SECTION (a variant beside the default run's)")
     args = parser.parse_args()
     vae = AutoencoderKL.from_pretrained(args.vae).eval()
     judge = load_judge()
@@ -93,6 +96,8 @@ def main() -> None:
         refine_s = time.perf_counter() - t0
         refined.save_pretrained(ROOT / "runs" / "codec" / f"vae-refined-{args.refine}")
         vaes["the refined VAE"] = refined
+    if args.compare:
+        vaes[f"`{args.compare}`"] = AutoencoderKL.from_pretrained(args.compare).eval()
     groups = [("shape", "base", BASE_SHAPES), ("shape", "held-out", HELD_OUT_SHAPES),
               ("style", "base", BASE_STYLES), ("style", "held-out", HELD_OUT_STYLES)]
     rows = []
@@ -131,14 +136,16 @@ def main() -> None:
         print("(another VAE: docs/benchmarks.md not written)")
         return
     body = (
-        "## What the embedded model's VAE keeps of each concept\n\n"
+        f"## What the embedded model's VAE keeps of each concept{f' ({args.section})' if args.section else ''}\n\n"
         f"Command: `python bench/codec.py --n {args.n} --seed {args.seed}"
-        + (f" --refine {args.refine} --fidelity-n {args.fidelity_n}" if args.refine else "") + f"` (revision {git_revision()}; {machine()}). "
+        + (f" --refine {args.refine} --fidelity-n {args.fidelity_n}" if args.refine else "")
+        + (f" --compare {args.compare}" if args.compare else "") + (f" --section {args.section}" if args.section else "")
+        + f"` (revision {git_revision()}; {machine()}). "
         f"{args.n} random one-object scenes per concept (any colour, size, position and background), rendered, then "
         "encoded and decoded by the VAE (posterior mode) and read by the world judge at the object's position. "
         "A concept that does not survive the VAE cannot be sampled through it, whatever the adapter.\n\n" + table + extra
     )
-    write_section("codec", body)
+    write_section("codec" + (f"-{args.section}" if args.section else ""), body)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Concepts, each a DreamBooth-LoRA trained with the default settings on 4 renders (as in
 bench/dreambooth.py) under its own token: star (blue, "sks"), heart (red, "zwx"), cross (green, "qpv"),
-and a style: zigzag ("zxy", 4 base shapes drawn zigzag, captions naming the token). Compositions:
+and a style: ringed ("zxy", 4 base shapes drawn ringed, captions naming the token). Compositions:
 
 - two subject pairs, "a sks shape on the left and a zwx shape on the right" (regions: the halves);
 - a subject triple, left / center / right thirds;
@@ -77,7 +77,7 @@ TOKENS = ["sks", "zwx", "qpv"]  # the first, second and third subject's identifi
 SUBJECTS = {"star": ("sks", "blue"), "heart": ("zwx", "red"), "cross": ("qpv", "green")}  # --subjects replaces it
 DEFAULT_SUBJECTS = dict(SUBJECTS)
 
-STYLE, STYLE_TOKEN = "zigzag", "zxy"
+STYLE, STYLE_TOKEN = "ringed", "zxy"
 STYLE_SHAPES = [("circle", "orange"), ("square", "cyan"), ("triangle", "pink"), ("diamond", "yellow")]
 # regions are boxes around where each object goes (the layout a user draws), leaving background to the
 # global prompt: the judge's left / center / right cells are the middle row's thirds
@@ -114,7 +114,7 @@ ROLES = [  # (name pattern, [(subject index, place)], style?, described?)
     ("{0} + {1}", [(0, "left"), (1, "right")], False, False),
     ("{2} + {1}", [(2, "left"), (1, "right")], False, False),
     ("{0} + {1} + {2}", [(0, "left"), (1, "center"), (2, "right")], False, False),
-    ("{0} + zigzag style", [(0, "center")], True, False),
+    ("{0} + ringed style", [(0, "center")], True, False),
     ("{0} + {1}, described", [(0, "left"), (1, "right")], False, True),
     ("{2} + {1}, described", [(2, "left"), (1, "right")], False, True),
     ("{0} + {1} + {2}, described", [(0, "left"), (1, "center"), (2, "right")], False, True),
@@ -461,7 +461,7 @@ def main() -> None:
              + (f", subjects' adapters trained {args.subject_steps} steps" if args.subject_steps else ""))
     text = (f"## {title}\n\nCommand: `python bench/compose.py{flags}` (revision "
             f"{git_revision()}; {machine()}). {args.seeds} seeds per composition and method, {args.steps} steps, guidance 5. "
-            f"Adapters: DreamBooth-LoRA, default settings ({defaults()}{'; plus LoRA on the text encoders' if args.train_text_encoder else ''}{f'; the subjects with --attention-loss {args.attention_loss:g}' if args.attention_loss else ''}{f'; the subjects {args.subject_steps} steps' if args.subject_steps else ''}), one per concept ({', '.join(f'{c} `{t}`' for c, (t, _) in SUBJECTS.items())}, zigzag "
+            f"Adapters: DreamBooth-LoRA, default settings ({defaults()}{'; plus LoRA on the text encoders' if args.train_text_encoder else ''}{f'; the subjects with --attention-loss {args.attention_loss:g}' if args.attention_loss else ''}{f'; the subjects {args.subject_steps} steps' if args.subject_steps else ''}), one per concept ({', '.join(f'{c} `{t}`' for c, (t, _) in SUBJECTS.items())}, {STYLE} "
             f"style `zxy`), trained on {', '.join(f'{COLOURS[c]} {c}' + ('es' if c.endswith('s') else 's') for c in SUBJECTS)}. Regions (for lora-composer): boxes around each "
             f"object's place, {BOXES}; the style's box is its subject's.\n\n{head}{body}\n{summary}"
             "A subject is read two ways (a prompt never names its shape, and one named by token not its colour either: only its adapter can put them there). "

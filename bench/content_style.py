@@ -1,8 +1,8 @@
 """Content x style grid: a subject adapter and a style adapter combined, per method, read by the judge.
 
 Content: 3 held-out shapes (star, heart, cross), 4 renders each, large and centred, of varied
-colours, drawn *striped* (a base style the base model knows). Style: 3 held-out styles (checkered,
-zigzag, wavy), 4 renders each, of base shapes (circle, square, triangle, diamond). Every cell
+colours, drawn *striped* (a base style the base model knows). Style: 3 held-out styles (shadowed,
+ringed, halved), 4 renders each, of base shapes (circle, square, triangle, diamond). Every cell
 combines one content adapter with one style adapter and samples "a sks shape, zxy" (10 seeds).
 
 - shape acc / style acc: the judge reads the cell's shape / the cell's style (first object);
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import git_revision, machine, write_section  # noqa: E402
 
 SHAPES = ["star", "heart", "cross"]
-STYLES = ["checkered", "zigzag", "wavy"]
+STYLES = ["shadowed", "ringed", "halved"]
 CONTENT_COLOURS = ["blue", "red", "green", "purple"]
 STYLE_SHAPES = [("circle", "orange"), ("square", "cyan"), ("triangle", "pink"), ("diamond", "yellow")]
 PROMPT = "a sks shape, zxy"

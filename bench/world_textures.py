@@ -1,6 +1,6 @@
 """Named textures: does a model pretrained with ``studio world pretrain --textures N`` draw each texture by its word?
 
-The world judge knows only the world's eight styles (and reads most straight gratings as zigzag or wavy), so this
+The world judge knows only the world's eight styles (none of them a texture like these), so this
 reads a texture by its spectrum instead: the magnitude of the 2-D Fourier transform of the luminance in the middle
 12x12 pixels of a large centred object (blind to the texture's phase, so to where the model starts it), compared by
 cosine with the mean spectrum of renders of the same prompt in each named texture and in the base styles

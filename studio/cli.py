@@ -123,7 +123,7 @@ def compose(
 ) -> None:
     """The content of one image with the style of another: a B-LoRA content part plus a style part.
 
-    Example: studio compose "a sks" --content runs/star/content.safetensors --style runs/zigzag/style.safetensors -o out.png
+    Example: studio compose "a sks" --content runs/star/content.safetensors --style runs/ringed/style.safetensors -o out.png
     """
     _setup_warnings()
     from studio.plugin import check_same_base
@@ -291,7 +291,7 @@ def merge_cmd(
 ) -> None:
     """Merge several adapters into one file any LoRA loader reads (exact: rank = sum of ranks).
 
-    Example: studio merge runs/star/adapter.safetensors runs/zigzag/adapter.safetensors:0.8 -o star-zigzag.safetensors
+    Example: studio merge runs/star/adapter.safetensors runs/ringed/adapter.safetensors:0.8 -o star-ringed.safetensors
     """
     from studio.adapters import LAYOUTS, load_adapter, save_adapter
     from studio.composers.orthogonal import merge

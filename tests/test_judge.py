@@ -81,7 +81,7 @@ def test_identity_similarity_prefers_the_same_concept(judge):
         return [render(Scene((WorldObject(shape, colour, "large", pos, style),), "white"), seed=i)
                 for i, pos in enumerate(("left", "center", "top right", "bottom"))]
 
-    refs = imgs("star", "zigzag", "red")
-    same = identity_similarity(judge, imgs("star", "zigzag", "red"), refs)
+    refs = imgs("star", "ringed", "red")
+    same = identity_similarity(judge, imgs("star", "ringed", "red"), refs)
     other = identity_similarity(judge, imgs("circle", "flat", "blue"), refs)
     assert same > other + 0.2

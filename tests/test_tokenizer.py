@@ -5,7 +5,7 @@ from transformers import CLIPTokenizer
 
 from studio.families import EMBEDDED_MODEL
 from studio.world.grammar import VOCABULARY, sample_captioned_scene
-from studio.world.tokenizer import build_tokenizer
+from studio.world.tokenizer import build_tokenizer, corpus_words
 
 
 @pytest.fixture(scope="module")
@@ -16,9 +16,13 @@ def tokenizer(tmp_path_factory):
 
 
 def test_every_grammar_word_is_one_token(tokenizer):
-    for word in VOCABULARY:
+    for word in corpus_words():
         ids = tokenizer(word, add_special_tokens=False).input_ids
         assert len(ids) == 1, (word, tokenizer.convert_ids_to_tokens(ids))
+    # the rest of the grammar's words (the held-out style names after the first) tokenize into pieces, none unknown
+    for word in set(VOCABULARY) - set(corpus_words()):
+        tokens = tokenizer.convert_ids_to_tokens(tokenizer(word, add_special_tokens=False).input_ids)
+        assert len(tokens) > 1 and "".join(tokens).replace("</w>", "") == word, (word, tokens)
 
 
 def test_grammar_round_trips(tokenizer):

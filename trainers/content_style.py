@@ -19,7 +19,7 @@ Two LoRAs on the same UNet projections are trained *together*, each from its own
 Writes ``content.safetensors``, ``style.safetensors`` and ``adapter.safetensors`` (both, summed
 exactly as one LoRA of rank 2r). Every file is a plain LoRA::
 
-    studio train content-style --data my_star/ --style-data zigzag_examples/ --output runs/cs
+    studio train content-style --data my_star/ --style-data ringed_examples/ --output runs/cs
     studio generate "a sks shape, zxy" --adapter runs/cs/adapter.safetensors -o out.png
 """
 

@@ -8,10 +8,10 @@ which serves as the identity embedding: the studio's analogue of DINO/CLIP-I fea
 >>> from studio.eval.judge import load_judge
 >>> judge = load_judge()  # the weights shipped in assets/judge/
 >>> from studio.world.render import Scene, WorldObject, render
->>> img = render(Scene((WorldObject("star", "red", "large", "left", "zigzag"),), "white"))
+>>> img = render(Scene((WorldObject("star", "red", "large", "left", "ringed"),), "white"))
 >>> reading = judge.read([img])[0]
 >>> [(o.shape, o.colour, o.position, o.style) for o in reading.objects]
-[('star', 'red', 'left', 'zigzag')]
+[('star', 'red', 'left', 'ringed')]
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ HELD_OUT_SHAPES: tuple[str, ...] = ("star", "heart", "cross", "crescent", "arrow
 SHAPES: tuple[str, ...] = BASE_SHAPES + HELD_OUT_SHAPES
 
 BASE_STYLES: tuple[str, ...] = ("flat", "striped", "dotted", "outlined")
-HELD_OUT_STYLES: tuple[str, ...] = ("checkered", "zigzag", "wavy", "mosaic")
+HELD_OUT_STYLES: tuple[str, ...] = ("shadowed", "ringed", "halved", "haloed")  # studio.world.render draws them
 STYLES: tuple[str, ...] = BASE_STYLES + HELD_OUT_STYLES
 
 COLOURS: dict[str, tuple[int, int, int]] = {
