@@ -3,7 +3,11 @@
 Content: 3 held-out shapes (star, heart, cross), 4 renders each, large and centred, of varied
 colours, drawn *striped* (a base style the base model knows). Style: 3 held-out styles (shadowed,
 ringed, halved), 4 renders each, of base shapes (circle, square, triangle, diamond). Every cell
-combines one content adapter with one style adapter and samples "a sks shape, zxy" (10 seeds).
+combines one content adapter with one style adapter and samples the grid prompt, the sentence form of
+both adapters' captions with no shape named: "a large {colour} sks shape in the center on a white
+background, zxy", ``{colour}`` a different world colour for each of the 10 seeds (one prompt gives
+nearly the same image whatever the seed, so a fixed prompt would be about one draw per cell).
+``--prompt`` changes it; it must hold both tokens, ``{colour}`` is optional.
 
 - shape acc / style acc: the judge reads the cell's shape / the cell's style (first object);
 - leakage: the content adapter alone (same prompt) draws stripes, its images' style; the style
@@ -12,8 +16,10 @@ combines one content adapter with one style adapter and samples "a sks shape, zx
 Methods: ``naive`` (two plain DreamBooth LoRAs, prompts "a sks shape" and "a shape, zxy", summed),
 ``naive+captions`` (the same trained on the images' captions, which name what the base model knows),
 ``blora`` (content part of a B-LoRA of the content images + style part of a B-LoRA of the style
-images), ``content-style`` (the decoupled trainer: joint training with routed gradients, orthogonal
-subspaces, captions).
+images), ``content-style`` (the decoupled trainer with ``--orthogonal``: joint training with routed gradients,
+fixed orthogonal down-projections, captions), ``content-style-free`` (the same with ``--no-orthogonal``, the
+trainer's default: both adapters' down-projections train too), ``ziplora`` (the ``naive+captions`` adapters merged per cell by the decoupled trainer's ZipLoRA
+mode: learned per-column merge coefficients, ``--zip-steps`` at lr 0.01, the paper's settings).
 
     python bench/content_style.py                       # every method
     python bench/content_style.py --methods naive blora
@@ -36,8 +42,14 @@ SHAPES = ["star", "heart", "cross"]
 STYLES = ["shadowed", "ringed", "halved"]
 CONTENT_COLOURS = ["blue", "red", "green", "purple"]
 STYLE_SHAPES = [("circle", "orange"), ("square", "cyan"), ("triangle", "pink"), ("diamond", "yellow")]
-PROMPT = "a sks shape, zxy"
-METHODS = ["naive", "naive+captions", "blora", "content-style"]
+PROMPT = "a large {colour} sks shape in the center on a white background, zxy"
+GRID_COLOURS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink", "black", "gray")  # not white
+
+
+def grid_prompts(template: str, n: int) -> list[str]:
+    """``n`` prompts: ``template`` with ``{colour}`` filled by the grid's colours in turn."""
+    return [template.replace("{colour}", GRID_COLOURS[i % len(GRID_COLOURS)]) for i in range(n)]
+METHODS = ["naive", "naive+captions", "blora", "content-style", "content-style-free", "ziplora"]
 
 
 def render_folder(folder: Path, items: list[tuple[str, str]], seed: int) -> Path:
@@ -88,7 +100,11 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=10)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--lr", type=float, default=1e-3, help="above the trainers' default, so each adapter learns enough to be read")
+    parser.add_argument("--zip-steps", type=int, default=100, help="ZipLoRA merge steps per cell (lr 0.01)")
+    parser.add_argument("--prompt", default=PROMPT, help="the prompt every cell and every adapter alone is sampled with")
     args = parser.parse_args()
+    if not {"sks", "zxy"} <= set(args.prompt.replace(",", " ").split()):
+        parser.error(f"--prompt {args.prompt!r} must name both identifiers, sks (content) and zxy (style)")
     work = Path(args.work)
     judge = load_judge()
     pipe = load_pipeline(args.model)
@@ -107,7 +123,7 @@ def main() -> None:
     def sample(adapters) -> list:
         with torch.no_grad():
             attach(pipe, adapters)
-            images = generate(pipe, [PROMPT] * args.n, seed=0)
+            images = generate(pipe, grid_prompts(args.prompt, args.n), seed=0)
             detach(pipe)
         return [r.objects[0] if r.objects else None for r in judge.read(images)]
 
@@ -123,24 +139,31 @@ def main() -> None:
         for shape in SHAPES:
             data = content_images(shape, work)
             out = work / method / f"content-{shape}"
-            if method in ("naive", "naive+captions"):
-                content_ad[shape] = dreambooth(data, out, "a {token} {class_noun}", "sks", method == "naive+captions")
+            if method in ("naive", "naive+captions", "ziplora"):
+                content_ad[shape] = dreambooth(data, out, "a {token} {class_noun}", "sks", method != "naive")
             elif method == "blora":
                 content_ad[shape] = split(load_adapter(blora(data, out, "a sks shape") / "adapter.safetensors"), *BLOCKS["sdxl"])[0]
         for style in STYLES:
             data = style_images(style, work)
             out = work / method / f"style-{style}"
-            if method in ("naive", "naive+captions"):
-                style_ad[style] = dreambooth(data, out, "a {class_noun}, zxy", "zxy", method == "naive+captions")
+            if method in ("naive", "naive+captions", "ziplora"):
+                style_ad[style] = dreambooth(data, out, "a {class_noun}, zxy", "zxy", method != "naive")
             elif method == "blora":
                 style_ad[style] = split(load_adapter(blora(data, out, "a shape, zxy") / "adapter.safetensors"), *BLOCKS["sdxl"])[1]
         for shape in SHAPES:
             for style in STYLES:
-                if method == "content-style":
+                if method.startswith("content-style"):
                     run = work / method / f"{shape}-{style}"
                     train(ContentStyle(), build_config(ContentStyleConfig, {}, {
                         **common, "data": str(content_images(shape, work)), "style_data": str(style_images(style, work)),
-                        "output": str(run)}))
+                        "output": str(run), "orthogonal": method == "content-style"}))
+                    c, s = run / "content.safetensors", run / "style.safetensors"
+                elif method == "ziplora":
+                    run = work / method / f"{shape}-{style}"
+                    train(ContentStyle(), build_config(ContentStyleConfig, {}, {
+                        **common, "data": str(content_images(shape, work)), "style_data": str(style_images(style, work)),
+                        "output": str(run), "content_adapter": str(content_ad[shape]), "style_adapter": str(style_ad[style]),
+                        "lr": 0.01, "steps": args.zip_steps}))
                     c, s = run / "content.safetensors", run / "style.safetensors"
                 else:
                     c, s = content_ad[shape], style_ad[style]
@@ -162,11 +185,12 @@ def main() -> None:
         for style in STYLES:
             grid.append(f"| {shape} x {style} | " + " | ".join(
                 f"{r['cells'][(shape, style)][0]:.1f} / {r['cells'][(shape, style)][1]:.1f}" for r in results.values()) + " |")
-    flags = "".join(f" --{k} {v}" for k, v in (("model", args.model), ("steps", args.steps), ("lr", args.lr), ("n", args.n))
-                    if v != parser.get_default(k))
+    flags = "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k in ("model", "steps", "lr", "n", "zip_steps")
+                    if getattr(args, k) != parser.get_default(k))
+    flags += f' --prompt "{args.prompt}"' if args.prompt != PROMPT else ""
     flags += " --methods " + " ".join(args.methods) if args.methods != METHODS else ""
     text = (f"## Content x style: combining a subject adapter with a style adapter\n\nCommand: `python bench/content_style.py{flags}` "
-            f"(revision {git_revision()}; {machine()}). {args.steps} steps per adapter at lr {args.lr:g}; prompt \"{PROMPT}\"; {args.n} seeds "
+            f"(revision {git_revision()}; {machine()}). {args.steps} steps per adapter at lr {args.lr:g}; prompt \"{args.prompt}\" ({{colour}}: {', '.join(GRID_COLOURS[:args.n])}, one per seed); {args.n} seeds "
             f"per cell. Content images: each held-out shape striped, 4 colours; style images: base shapes in each held-out "
             f"style. Leakage: each adapter alone with the same prompt.\n\n" + "\n".join(summary) +
             "\n\nPer cell, shape acc / style acc:\n\n" + "\n".join(grid) + "\n")

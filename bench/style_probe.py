@@ -9,7 +9,7 @@ the trainer's prior preservation; then the judge reads the first object's style 
 
 - ``own captions``: the four training captions (does the adapter reproduce its images?);
 - ``new pairs``: the same sentence with four other shape/colour pairs (does the style travel?);
-- ``grid prompt``: ``"a sks shape, zxy"``, the grid's prompt, without a content adapter;
+- ``grid prompt``: the grid's prompt (``content_style.PROMPT``), without a content adapter;
 - ``no adapter``: the base model on the new pairs (the judge's false reading of the style).
 
 Rows per VAE: the model's own, and each ``--vae`` (a diffusers AutoencoderKL folder, e.g. the output
@@ -31,12 +31,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from content_style import STYLE_SHAPES, STYLES, style_images  # noqa: E402
+from content_style import PROMPT, STYLE_SHAPES, STYLES, grid_prompts, style_images  # noqa: E402
 from report import git_revision, machine, write_section  # noqa: E402
 
 NEW_PAIRS = [("circle", "blue"), ("square", "red"), ("triangle", "green"), ("diamond", "purple")]
 SENTENCE = "a large {colour} {shape} in the center on a white background, {word}"
-GRID_PROMPT = "a sks shape, {word}"
 
 
 def model_with_vae(model: Path, vae: Path, work: Path) -> Path:
@@ -77,7 +76,7 @@ def main() -> None:
     judge = load_judge()
     own = [SENTENCE.format(colour=c, shape=s, word=word) for s, c in STYLE_SHAPES]
     new = [SENTENCE.format(colour=c, shape=s, word=word) for s, c in NEW_PAIRS]
-    prompt_sets = {"own captions": own, "new pairs": new, "grid prompt": [GRID_PROMPT.format(word=word)] * 4}
+    prompt_sets = {"own captions": own, "new pairs": new, "grid prompt": [p.replace("zxy", word) for p in grid_prompts(PROMPT, 4)]}
 
     def rate(pipe, prompts: list[str], style: str) -> float:
         with torch.no_grad():
@@ -120,7 +119,7 @@ def main() -> None:
             f"{args.lr:g}, layers `{args.lora_layers}`) from the content x style grid's four style images, captioned "
             f"\"{own[0]}\" and so on; the judge reads the first object's style in {args.seeds} samples of each prompt: "
             f"the four training captions (own captions), four other shape/colour pairs (new pairs), the grid's prompt "
-            f"\"{GRID_PROMPT.format(word=word)}\" (grid prompt), and the new pairs without the adapter (no adapter).\n\n"
+            f"\"{PROMPT.replace('zxy', word)}\" with four colours (grid prompt), and the new pairs without the adapter (no adapter).\n\n"
             + "\n".join(table) + "\n")
     print(text)
     write_section("style-probe" + (f"-{args.section}" if args.section else ""), text)

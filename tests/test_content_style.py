@@ -11,13 +11,15 @@ from studio.trainers.content_style import (
     ContentStyleConfig,
     Router,
     attach_pair,
+    attach_zip,
     combined,
+    merge_penalty,
     orthonormal_rows,
 )
 from studio.trainers.loop import train
 from test_dreambooth import star_folder
 
-from studio.adapters import load_adapter
+from studio.adapters import load_adapter, save_adapter
 from studio.adapters.form import LoraWeights
 
 
@@ -95,4 +97,79 @@ def test_same_token_for_content_and_style_is_refused(tmp_path):
     r = subprocess.run([sys.executable, "-m", "studio.cli", "train", "content-style", "--data", str(content), "--style-data",
                         str(content), "--style-token", "sks", "--output", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--token and --style-token are both 'sks'" in r.stderr
+    assert not (tmp_path / "run" / "adapter.safetensors").exists()
+
+
+def test_ziplora_merge_by_hand():
+    """ΔW = ΔW_c·diag(m_c) + ΔW_s·diag(m_s); the teacher gives each example its own adapter alone; the penalty is |cos|."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 2)
+    c = LoraWeights(down=torch.tensor([[1.0, 2.0, 0.0]]), up=torch.tensor([[1.0], [1.0]]), alpha=2.0)  # scale 2
+    s = LoraWeights(down=torch.tensor([[0.0, 1.0, 1.0]]), up=torch.tensor([[0.0], [3.0]]), alpha=1.0)  # scale 1
+    router = Router()
+    params = attach_zip(layer, {"content": c, "style": s}, router)
+    assert [tuple(p.shape) for p in params] == [(3,), (3,)] and all(p.tolist() == [1.0, 1.0, 1.0] for p in params)
+    with torch.no_grad():
+        layer.lora_content_merge.copy_(torch.tensor([1.0, 0.5, 0.0]))
+        layer.lora_style_merge.copy_(torch.tensor([0.0, 0.5, 1.0]))
+    # by hand: ΔW_c = 2·[[1,2,0],[1,2,0]] → columns scaled [1,.5,0]: [[2,2,0],[2,2,0]];
+    #          ΔW_s = [[0,0,0],[0,3,3]]   → columns scaled [0,.5,1]: [[0,0,0],[0,1.5,3]]
+    delta = torch.tensor([[2.0, 2.0, 0.0], [2.0, 3.5, 3.0]])
+    x = torch.tensor([[1.0, 1.0, 1.0], [0.0, 2.0, -1.0]])
+    torch.testing.assert_close(layer(x), x @ (layer.weight + delta).T + layer.bias)
+    router.owner = torch.tensor([0, 1])  # teacher: example 0 sees the content LoRA alone, example 1 the style LoRA
+    alone = layer(x)
+    router.owner = None
+    torch.testing.assert_close(alone[0], x[0] @ (layer.weight + c.delta()).T + layer.bias)
+    torch.testing.assert_close(alone[1], x[1] @ (layer.weight + s.delta()).T + layer.bias)
+    # |cos([1,.5,0], [0,.5,1])| = .25 / 1.25 = 0.2
+    torch.testing.assert_close(merge_penalty(layer), torch.tensor(0.2))
+    layer(x).sum().backward()
+    assert layer.lora_content_merge.grad is not None and layer.lora_style_merge.grad is not None
+
+
+def test_ziplora_run_merges_two_trained_loras(tmp_path):
+    content = star_folder(tmp_path / "content", 2)
+    style = star_folder(tmp_path / "style", 1)
+    (style / "star0.txt").write_text("a large blue star in the center on a white background, zxy")
+    common = {"data": str(content), "style_data": str(style), "steps": 2, "batch_size": 1, "rank": 2,
+              "num_class_images": 1, "class_data": str(tmp_path / "class"), "checkpoint_every": 0, "lr": 1e-2}
+    train(ContentStyle(), build_config(ContentStyleConfig, {}, {**common, "output": str(tmp_path / "joint")}))
+    src = {r: tmp_path / "joint" / f"{r}.safetensors" for r in ROLES}
+    cfg = build_config(ContentStyleConfig, {}, {**common, "output": str(tmp_path / "zip"), "lr": 0.1,
+                                                "content_adapter": str(src["content"]), "style_adapter": str(src["style"])})
+    train(ContentStyle(), cfg)
+    assert cfg.prior_preservation is False  # the targets are the adapters' own predictions
+    both, c, s = (load_adapter(tmp_path / "zip" / f"{n}.safetensors") for n in ("adapter", "content", "style"))
+    assert both.meta.extra["merge"] == "ziplora" and c.meta.extra["part"] == "content"
+    for role, merged in (("content", c), ("style", s)):
+        source = load_adapter(src[role])
+        assert set(merged.modules) == set(source.modules)
+        moved = 0
+        for k, w in merged.modules.items():
+            sw = source.modules[k]
+            torch.testing.assert_close(w.up, sw.up)  # only the downs' columns are rescaled
+            m = w.down / sw.down.where(sw.down.abs() > 1e-6, torch.ones_like(sw.down))
+            per_column = m[0].where(sw.down[0].abs() > 1e-6, torch.ones_like(m[0]))
+            torch.testing.assert_close(w.down, sw.down * per_column, rtol=1e-4, atol=1e-6)
+            moved += int((per_column - 1).abs().max() > 1e-4)
+        assert moved > 0, f"no {role} merge coefficient moved from 1"
+    for k in both.modules:
+        torch.testing.assert_close(both.modules[k].delta(), c.modules[k].delta() + s.modules[k].delta())
+
+
+def test_ziplora_refuses_adapters_of_different_base_models(tmp_path):
+    content = star_folder(tmp_path / "content", 1)
+    a = tmp_path / "a.safetensors"
+    b = tmp_path / "b.safetensors"
+    w = {"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": LoraWeights(torch.zeros(1, 4), torch.zeros(4, 1), 1.0)}
+    from studio.adapters import Adapter, AdapterMeta
+    save_adapter(Adapter(w, AdapterMeta(base_model="one", base_hash="aaaa")), a)
+    save_adapter(Adapter(w, AdapterMeta(base_model="two", base_hash="bbbb")), b)
+    base = [sys.executable, "-m", "studio.cli", "train", "content-style", "--data", str(content), "--style-data",
+            str(content), "--output", str(tmp_path / "run")]
+    r = subprocess.run([*base, "--content-adapter", str(a), "--style-adapter", str(b)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and str(a) in r.stderr and str(b) in r.stderr and "aaaa" in r.stderr and "bbbb" in r.stderr
+    r = subprocess.run([*base, "--content-adapter", str(a)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--content-adapter and --style-adapter go together" in r.stderr
     assert not (tmp_path / "run" / "adapter.safetensors").exists()

@@ -8,19 +8,28 @@ Two LoRAs on the same UNet projections are trained *together*, each from its own
   (prior-preservation examples teach both to leave the class alone). Routing is exact: a
   non-owning adapter's branch is evaluated with detached weights, so its value is the same and
   only the owner's weights get the gradient.
-- **separate subspaces** (``--orthogonal``, on by default; Orthogonal Adaptation, Po et al. 2024, and
-  Break-for-Make's split subspaces): each adapter's down-projection is a fixed slice of one random
-  orthonormal basis per layer, content and style slices disjoint, and only the up-projections
-  train. Then ``ΔW_c ΔW_sᵀ = 0``: the two updates read orthogonal input directions.
+- **separate subspaces** (``--orthogonal``; off by default, as the content x style grid of docs/benchmarks.md
+  reads worse with it; Orthogonal Adaptation, Po et al. 2024, and Break-for-Make's split subspaces): each
+  adapter's down-projection is a fixed slice of one random orthonormal basis per layer, content and
+  style slices disjoint, and only the up-projections train. Then ``ΔW_c ΔW_sᵀ = 0``: the two updates read orthogonal input directions.
 - captions: a sidecar ``NAME.txt`` is an image's prompt (kohya's convention), so what the base model
   already knows (a circle's shape in a style image, "striped" in a content image) can be named
   and is not learned into the wrong adapter.
+
+With ``--content-adapter`` and ``--style-adapter`` (two LoRAs trained apart, e.g. two DreamBooth runs) it
+trains no new adapter but **ZipLoRA's learned merge** (Shah et al. 2023): per layer, one coefficient per
+input column for each adapter, ``ΔW = ΔW_c·diag(m_c) + ΔW_s·diag(m_s)``, from ``m = 1``, fitted so the merged
+model predicts on the content images' captions what the content adapter alone predicts and on the style
+images' what the style adapter alone predicts, with ``--merge-penalty``·Σ_layers |cos(m_c, m_s)| pushing the two
+to use different columns. The paper's settings: ``--lr 0.01 --steps 100``. Prior preservation does not apply.
 
 Writes ``content.safetensors``, ``style.safetensors`` and ``adapter.safetensors`` (both, summed
 exactly as one LoRA of rank 2r). Every file is a plain LoRA::
 
     studio train content-style --data my_star/ --style-data ringed_examples/ --output runs/cs
     studio generate "a sks shape, zxy" --adapter runs/cs/adapter.safetensors -o out.png
+    studio train content-style --data my_star/ --style-data ringed_examples/ --output runs/zip \
+        --content-adapter runs/star/adapter.safetensors --style-adapter runs/ringed/adapter.safetensors --lr 0.01 --steps 100
 """
 
 from __future__ import annotations
@@ -49,7 +58,14 @@ class ContentStyleConfig(DreamBoothConfig):
     style_data: str = field(default="", metadata=_help("Folder of style images (one image is enough)."))
     style_token: str = field(default="zxy", metadata=_help("Identifier token for the style."))
     style_prompt: str = field(default="", metadata=_help("Style images' prompt; default 'a {class_noun}, {style_token}'."))
-    orthogonal: bool = field(default=True, metadata=_help("Disjoint fixed orthonormal down-projections; only ups train."))
+    orthogonal: bool = field(default=False, metadata=_help(
+        "Disjoint fixed orthonormal down-projections; only ups train (off: both adapters' downs and ups train, which"
+        " read better on the content x style grid of docs/benchmarks.md)."))
+    content_adapter: str = field(default="", metadata=_help(
+        "ZipLoRA: a trained content LoRA (.safetensors); with --style-adapter, learn how to merge the two instead of"
+        " training new adapters."))
+    style_adapter: str = field(default="", metadata=_help("ZipLoRA: a trained style LoRA (.safetensors)."))
+    merge_penalty: float = field(default=0.01, metadata=_help("ZipLoRA: weight of Σ_layers |cos(m_content, m_style)|."))
 
     def check(self) -> None:
         super().check()
@@ -65,6 +81,20 @@ class ContentStyleConfig(DreamBoothConfig):
             raise ValueError("--adapter: the content-style trainer trains LoRA pairs (use --orthogonal to fix the downs)")
         if self.attention_loss:
             raise ValueError("--attention-loss is not supported by the content-style trainer (DreamBooth and B-LoRA)")
+        if bool(self.content_adapter) != bool(self.style_adapter):
+            raise ValueError("--content-adapter and --style-adapter go together (ZipLoRA: merge two trained LoRAs);"
+                             " give both, or neither to train new adapters")
+        if self.merge_penalty < 0:
+            raise ValueError(f"--merge-penalty must be 0 or positive, got {self.merge_penalty}")
+        if self.content_adapter:
+            from studio.plugin import check_same_base
+
+            for flag, path in (("--content-adapter", self.content_adapter), ("--style-adapter", self.style_adapter)):
+                if not Path(path).is_file():
+                    raise ValueError(f"{flag} {path}: no such file; give a LoRA .safetensors, e.g. a DreamBooth run's"
+                                     " adapter.safetensors")
+            check_same_base({"content adapter": self.content_adapter, "style adapter": self.style_adapter})
+            self.prior_preservation = False  # the targets are the adapters' own predictions, not the class's images
 
 
 class Router:
@@ -113,8 +143,51 @@ def attach_pair(layer: torch.nn.Linear, rank: int, alpha: float, router: Router,
     return params
 
 
-def combined(content: LoraWeights, style: LoraWeights) -> LoraWeights:
-    """One LoRA of rank ``r_c + r_s`` whose update is exactly the sum of the two."""
+def attach_zip(layer: torch.nn.Linear, sources: dict[str, LoraWeights], router: Router) -> list[torch.nn.Parameter]:
+    """ZipLoRA on ``layer``: each source LoRA (by role) fixed, with a trainable merge coefficient per input column
+    (``lora_ROLE_merge``, from 1); returns those. With ``router.owner`` set, each example sees only its owner's LoRA,
+    unmerged (the teacher); otherwise the merged sum."""
+    dev, dt = layer.weight.device, layer.weight.dtype
+    params = []
+    for role, w in sources.items():
+        if w.down.ndim != 2 or w.shape != tuple(layer.weight.shape):
+            raise ValueError(f"the {role} adapter's LoRA has shape {w.shape} but the layer is {tuple(layer.weight.shape)}"
+                             " (ZipLoRA here merges linear layers of the same base model)")
+        layer.register_buffer(f"lora_{role}_down", w.down.to(dev, dt), persistent=False)
+        layer.register_buffer(f"lora_{role}_up", (w.scale * w.up).to(dev, dt), persistent=False)
+        merge = torch.nn.Parameter(torch.ones(w.down.shape[1], device=dev, dtype=dt))
+        layer.register_parameter(f"lora_{role}_merge", merge)
+        params.append(merge)
+    layer._zip_sources = sources  # type: ignore[attr-defined]
+
+    def hook(module, args, out):
+        x, total = args[0], out
+        for k, role in enumerate(ROLES):
+            if role not in module._zip_sources:
+                continue
+            down, up = getattr(module, f"lora_{role}_down"), getattr(module, f"lora_{role}_up")
+            if router.owner is None:
+                total = total + F.linear(F.linear(x, down * getattr(module, f"lora_{role}_merge")), up)
+            else:
+                alone = (router.owner == k).to(out.dtype).view(-1, *([1] * (out.ndim - 1)))
+                total = total + alone * F.linear(F.linear(x, down), up)
+        return total
+
+    layer._zip_hook = layer.register_forward_hook(hook)  # type: ignore[attr-defined]
+    return params
+
+
+def merge_penalty(unet: torch.nn.Module) -> torch.Tensor:
+    """ZipLoRA's Σ over layers with both adapters of |cos(m_content, m_style)|."""
+    terms = [F.cosine_similarity(m.lora_content_merge, m.lora_style_merge, dim=0).abs()
+             for m in unet.modules() if hasattr(m, "lora_content_merge") and hasattr(m, "lora_style_merge")]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def combined(content: LoraWeights | None, style: LoraWeights | None) -> LoraWeights:
+    """One LoRA of rank ``r_c + r_s`` whose update is exactly the sum of the two (or the one there is)."""
+    if content is None or style is None:
+        return content or style  # type: ignore[return-value]
     up = torch.cat([content.scale * content.up, style.scale * style.up], dim=1)
     down = torch.cat([content.down, style.down], dim=0)
     return LoraWeights(down, up, alpha=float(down.shape[0]))
@@ -149,9 +222,34 @@ class ContentStyle(DreamBooth):
         cfg: ContentStyleConfig = ctx.cfg
         unet = ctx.pipe.unet
         unet.requires_grad_(False)
+        if cfg.content_adapter:
+            return self._inject_zip(ctx)
         params = []
         for i, path in enumerate(targets["unet"]):
             params += attach_pair(unet.get_submodule(path), rank, alpha, ctx.store["router"], cfg.orthogonal, cfg.seed * 100_003 + i)
+        return params
+
+    def _inject_zip(self, ctx: Context) -> list[torch.nn.Parameter]:
+        from studio.adapters import load_adapter
+        from studio.adapters.form import resolve_module
+        from studio.plugin import _check_base
+
+        cfg: ContentStyleConfig = ctx.cfg
+        unet = ctx.pipe.unet
+        loaded = {"content": load_adapter(cfg.content_adapter), "style": load_adapter(cfg.style_adapter)}
+        for role, path in (("content", cfg.content_adapter), ("style", cfg.style_adapter)):
+            _check_base(ctx.pipe, loaded[role], f"--{role}-adapter {path}")
+            others = [k for k in loaded[role].modules if not k.startswith("unet.")]
+            if others:
+                raise ValueError(f"--{role}-adapter {path} has LoRA outside the UNet ({others[0]}, {len(others)} in all);"
+                                 " the ZipLoRA merge here takes UNet-only adapters")
+        units = {role: a.component("unet") for role, a in loaded.items()}
+        params = []
+        for name in sorted(set(units["content"]) | set(units["style"])):
+            layer = resolve_module(unet, name)
+            if type(layer) is not torch.nn.Linear:
+                raise ValueError(f"unet.{name} is a {type(layer).__name__}; the ZipLoRA merge here takes linear layers only")
+            params += attach_zip(layer, {r: units[r][name] for r in ROLES if name in units[r]}, ctx.store["router"])
         return params
 
     def loss(self, ctx: Context, step: int, micro: int, g: torch.Generator, rng) -> torch.Tensor:
@@ -159,6 +257,19 @@ class ContentStyle(DreamBooth):
         n = cfg.batch_size * ctx.accelerator.num_processes
         parts = [self._draw(ctx, ctx.store["instance"], rng, n), self._draw(ctx, ctx.store["style"], rng, n)]
         owners = [0, 1]
+        if cfg.content_adapter:  # ZipLoRA: the merged model fits each adapter alone on that adapter's examples
+            router: Router = ctx.store["router"]
+            unet = ctx.store["unet"]
+
+            def teacher(members, noisy, t, embeds, added):
+                router.owner = torch.cat([torch.full((cfg.batch_size,), owners[i]) for i in members]).to(noisy.device)
+                try:
+                    return unet(noisy, t, embeds, added_cond_kwargs=added).sample
+                finally:
+                    router.owner = None
+
+            losses = denoise_losses(ctx, parts, g, teacher=teacher)
+            return losses[0] + losses[1] + cfg.merge_penalty * merge_penalty(ctx.pipe.unet).to(losses[0].device)
         if cfg.prior_preservation:
             cls = ctx.store["class"]
             idx = torch.tensor([rng.randrange(len(cls)) for _ in range(n)])
@@ -180,6 +291,11 @@ class ContentStyle(DreamBooth):
         unet = ctx.pipe.unet
         parts: dict[str, dict[str, LoraWeights]] = {role: {} for role in ROLES}
         for path, module in unet.named_modules():
+            if hasattr(module, "_zip_sources"):
+                name = canonical_name("unet", unet, path)
+                for role, w in module._zip_sources.items():
+                    merge = getattr(module, f"lora_{role}_merge").detach().float().cpu()
+                    parts[role][name] = LoraWeights(w.down.float() * merge, w.up.float().clone(), w.alpha)
             if hasattr(module, "_cs_alpha"):
                 name = canonical_name("unet", unet, path)
                 for role in ROLES:
@@ -187,7 +303,8 @@ class ContentStyle(DreamBooth):
                     up = getattr(module, f"lora_{role}_up").detach().float().cpu().clone()
                     parts[role][name] = LoraWeights(down, up, module._cs_alpha)
         ctx.store["parts"] = parts
-        return Adapter({k: combined(parts["content"][k], parts["style"][k]) for k in parts["content"]}, meta)
+        names = sorted(set(parts["content"]) | set(parts["style"]))
+        return Adapter({k: combined(parts["content"].get(k), parts["style"].get(k)) for k in names}, meta)
 
     def metadata(self, ctx: Context) -> dict[str, Any]:
         cfg: ContentStyleConfig = ctx.cfg
@@ -195,6 +312,9 @@ class ContentStyle(DreamBooth):
         meta["dataset"].update(style_images=len(ctx.store["style_files"]), style_files=ctx.store["style_files"],
                                style_prompt=ctx.store["prompts"]["style"])
         meta["extra"] = {"style_token": cfg.style_token, "orthogonal": cfg.orthogonal}
+        if cfg.content_adapter:
+            meta["extra"] = {"style_token": cfg.style_token, "merge": "ziplora", "content_adapter": cfg.content_adapter,
+                             "style_adapter": cfg.style_adapter, "merge_penalty": cfg.merge_penalty}
         return meta
 
     def finalize(self, ctx: Context, adapter: Adapter, out: Path) -> None:

@@ -330,11 +330,12 @@ def denoise_loss(ctx: Context, latents: torch.Tensor, cond: dict[str, torch.Tens
 
 
 def denoise_losses(ctx: Context, parts: list[tuple[torch.Tensor, dict[str, Any]]], g: torch.Generator,
-                   reduction: str = "mean", before_pass=None) -> list[torch.Tensor]:
+                   reduction: str = "mean", before_pass=None, teacher=None) -> list[torch.Tensor]:
     """:func:`denoise_loss` of several global batches (e.g. instance and prior examples), drawn from
     ``g`` in order; those with the same latent size go through the UNet as one batch.
     ``before_pass(indices, embeds)`` is called before each UNet pass with the parts it concatenates, in order, and
-    the prompt embeddings the pass is given."""
+    the prompt embeddings the pass is given. ``teacher(indices, noisy, t, embeds, added)``, if given, returns the
+    target of that pass (run without gradients, before ``before_pass``) in place of the noise (distillation)."""
     sched = ctx.noise_scheduler
     if sched.config.prediction_type not in ("v_prediction", "epsilon"):
         raise ValueError(f"prediction type {sched.config.prediction_type!r} is not supported (epsilon, v_prediction)")
@@ -359,14 +360,19 @@ def denoise_losses(ctx: Context, parts: list[tuple[torch.Tensor, dict[str, Any]]
         added = None
         if prepared[members[0]][2].get("added") is not None:
             added = {k: torch.cat([prepared[i][2]["added"][k] for i in members]) for k in prepared[members[0]][2]["added"]}
+        taught = None
+        if teacher is not None:
+            with torch.no_grad():
+                taught = teacher(members, noisy, t, embeds, added)
         if before_pass is not None:
             before_pass(members, embeds)
         pred = unet(noisy, t, embeds, added_cond_kwargs=added).sample
         start = 0
         for i in members:
-            target = prepared[i][3]
-            piece = pred[start : start + len(target)]
-            start += len(target)
+            n_i = len(prepared[i][3])
+            target = prepared[i][3] if taught is None else taught[start : start + n_i]
+            piece = pred[start : start + n_i]
+            start += n_i
             loss = torch.nn.functional.mse_loss(piece.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
             losses[i] = loss if reduction == "none" else loss.mean()
     return losses  # type: ignore[return-value]
