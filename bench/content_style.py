@@ -25,7 +25,8 @@ mode: learned per-column merge coefficients, ``--zip-steps`` at lr 0.01, the pap
     python bench/content_style.py --methods naive blora
     python bench/content_style.py --model runs/pretrain/model   # another world's weights (class images per model)
 
-Prints a table and writes the ``content-style`` section of docs/benchmarks.md.
+Prints a table and writes the ``content-style`` section of docs/benchmarks.md (``--section NAME``: the section
+``content-style-NAME``, for a variant).
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=10)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--lr", type=float, default=1e-3, help="above the trainers' default, so each adapter learns enough to be read")
+    parser.add_argument("--section", default="", help="write the section content-style-SECTION (a variant beside the default run's)")
     parser.add_argument("--zip-steps", type=int, default=100, help="ZipLoRA merge steps per cell (lr 0.01)")
     parser.add_argument("--prompt", default=PROMPT, help="the prompt every cell and every adapter alone is sampled with")
     args = parser.parse_args()
@@ -189,13 +191,15 @@ def main() -> None:
                     if getattr(args, k) != parser.get_default(k))
     flags += f' --prompt "{args.prompt}"' if args.prompt != PROMPT else ""
     flags += " --methods " + " ".join(args.methods) if args.methods != METHODS else ""
-    text = (f"## Content x style: combining a subject adapter with a style adapter\n\nCommand: `python bench/content_style.py{flags}` "
+    flags += f" --section {args.section}" if args.section else ""
+    title = "Content x style: combining a subject adapter with a style adapter" + (f" ({args.section})" if args.section else "")
+    text = (f"## {title}\n\nCommand: `python bench/content_style.py{flags}` "
             f"(revision {git_revision()}; {machine()}). {args.steps} steps per adapter at lr {args.lr:g}; prompt \"{args.prompt}\" ({{colour}}: {', '.join(GRID_COLOURS[:args.n])}, one per seed); {args.n} seeds "
             f"per cell. Content images: each held-out shape striped, 4 colours; style images: base shapes in each held-out "
             f"style. Leakage: each adapter alone with the same prompt.\n\n" + "\n".join(summary) +
             "\n\nPer cell, shape acc / style acc:\n\n" + "\n".join(grid) + "\n")
     print(text)
-    write_section("content-style", text)
+    write_section("content-style" + (f"-{args.section}" if args.section else ""), text)
 
 
 if __name__ == "__main__":

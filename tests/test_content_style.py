@@ -1,5 +1,6 @@
 """The decoupled content/style trainer: routed gradients, orthogonal subspaces, the exact sum, a run."""
 
+import json
 import subprocess
 import sys
 
@@ -173,3 +174,26 @@ def test_ziplora_refuses_adapters_of_different_base_models(tmp_path):
     r = subprocess.run([*base, "--content-adapter", str(a)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--content-adapter and --style-adapter go together" in r.stderr
     assert not (tmp_path / "run" / "adapter.safetensors").exists()
+
+
+def test_ziplora_resume_gives_the_uninterrupted_merge(tmp_path):
+    content = star_folder(tmp_path / "content", 2)
+    style = star_folder(tmp_path / "style", 1)
+    common = {"data": str(content), "style_data": str(style), "batch_size": 1, "rank": 2, "num_class_images": 1,
+              "class_data": str(tmp_path / "class"), "checkpoint_every": 0, "lr": 1e-2}
+    train(ContentStyle(), build_config(ContentStyleConfig, {}, {**common, "steps": 2, "output": str(tmp_path / "joint")}))
+    zipping = {**common, "lr": 0.1, "checkpoint_every": 2, "content_adapter": str(tmp_path / "joint" / "content.safetensors"),
+               "style_adapter": str(tmp_path / "joint" / "style.safetensors")}
+    run = tmp_path / "zip"
+    train(ContentStyle(), build_config(ContentStyleConfig, {}, {**zipping, "steps": 4, "output": str(run)}))
+    assert (run / "checkpoint-2" / "state.json").is_file()  # the full state at step 2 (none at the last step)
+    a = load_adapter(run / "adapter.safetensors")
+    (run / "adapter.safetensors").unlink()
+    train(ContentStyle(), build_config(ContentStyleConfig, {}, {**zipping, "steps": 4, "output": str(run), "resume": "latest"}))
+    starts = [r["step"] for r in map(json.loads, (run / "progress.jsonl").read_text().splitlines()) if r.get("event") == "start"]
+    assert starts == [0, 2]  # the second run went on from the step-2 checkpoint
+    b = load_adapter(run / "adapter.safetensors")
+    assert a.meta.steps == b.meta.steps == 4 and set(a.modules) == set(b.modules)
+    for k in a.modules:
+        torch.testing.assert_close(a.modules[k].down, b.modules[k].down, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.modules[k].up, b.modules[k].up)
