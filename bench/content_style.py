@@ -19,7 +19,13 @@ Methods: ``naive`` (two plain DreamBooth LoRAs, prompts "a sks shape" and "a sha
 images), ``content-style`` (the decoupled trainer with ``--orthogonal``: joint training with routed gradients,
 fixed orthogonal down-projections, captions), ``content-style-free`` (the same with ``--no-orthogonal``, the
 trainer's default: both adapters' down-projections train too), ``ziplora`` (the ``naive+captions`` adapters merged per cell by the decoupled trainer's ZipLoRA
-mode: learned per-column merge coefficients, ``--zip-steps`` at lr 0.01, the paper's settings).
+mode: learned per-column merge coefficients, ``--zip-steps`` at lr 0.01, the paper's settings), ``klora`` (the same
+adapters combined at sampling time by the ``klora`` composer: K-LoRA's per-layer, per-step choice of one of the two).
+``--style-lr-scale`` is the decoupled trainer's ``--style-lr-scale`` for the content-style methods. The captioned
+DreamBooth LoRAs are trained once, under ``naive+captions``, and reused while their run's settings match.
+
+- style alone: the style adapter alone draws its style on its own images' shapes ("a large {colour} circle in the
+  center on a white background, zxy", circle, square, triangle, diamond in turn): how well it learned its style.
 
     python bench/content_style.py                       # every method
     python bench/content_style.py --methods naive blora
@@ -50,7 +56,8 @@ GRID_COLOURS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "p
 def grid_prompts(template: str, n: int) -> list[str]:
     """``n`` prompts: ``template`` with ``{colour}`` filled by the grid's colours in turn."""
     return [template.replace("{colour}", GRID_COLOURS[i % len(GRID_COLOURS)]) for i in range(n)]
-METHODS = ["naive", "naive+captions", "blora", "content-style", "content-style-free", "ziplora"]
+METHODS = ["naive", "naive+captions", "blora", "content-style", "content-style-free", "ziplora", "klora"]
+SHARED = ("naive+captions", "ziplora", "klora")  # methods built on the same captioned DreamBooth LoRAs (trained once)
 
 
 def render_folder(folder: Path, items: list[tuple[str, str]], seed: int) -> Path:
@@ -82,6 +89,7 @@ def style_images(style: str, work: Path) -> Path:
 
 def main() -> None:
     import torch
+    from studio.composers import Concept, compose
     from studio.trainers.blora import BLOCKS, BLoRA, BLoRAConfig, split
     from studio.trainers.config import build_config
     from studio.trainers.content_style import ContentStyle, ContentStyleConfig
@@ -103,6 +111,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="above the trainers' default, so each adapter learns enough to be read")
     parser.add_argument("--section", default="", help="write the section content-style-SECTION (a variant beside the default run's)")
     parser.add_argument("--zip-steps", type=int, default=100, help="ZipLoRA merge steps per cell (lr 0.01)")
+    parser.add_argument("--style-lr-scale", type=float, default=1.0, help="the content-style methods' --style-lr-scale")
     parser.add_argument("--prompt", default=PROMPT, help="the prompt every cell and every adapter alone is sampled with")
     args = parser.parse_args()
     if not {"sks", "zxy"} <= set(args.prompt.replace(",", " ").split()):
@@ -114,6 +123,14 @@ def main() -> None:
               "class_data": str(work / "class" / Path(args.model).name)}
 
     def dreambooth(data: Path, out: Path, prompt: str, token: str, captions: bool) -> Path:
+        settings = {**common, "data": str(data), "output": str(out), "instance_prompt": prompt, "token": token, "captions": captions}
+        done = out / "adapter.safetensors"
+        if done.is_file() and (out / "config.json").is_file():  # trained before with these settings: reuse
+            import json
+
+            kept = json.loads((out / "config.json").read_text())
+            if all(kept.get(k) == v for k, v in settings.items() if k != "model") and Path(kept["model"]) == Path(args.model).resolve():
+                return done
         return train(DreamBooth(), build_config(DreamBoothConfig, {}, {
             **common, "data": str(data), "output": str(out), "instance_prompt": prompt, "token": token, "captions": captions}))
 
@@ -122,12 +139,20 @@ def main() -> None:
                                                       "instance_prompt": prompt, "captions": False}))
         return out
 
-    def sample(adapters) -> list:
+    def sample(adapters, prompts=None, composer=None) -> list:
+        prompts = prompts or grid_prompts(args.prompt, args.n)
         with torch.no_grad():
-            attach(pipe, adapters)
-            images = generate(pipe, grid_prompts(args.prompt, args.n), seed=0)
-            detach(pipe)
+            if composer:  # the adapters combined by a composer, image i with seed i as generate draws it
+                images = [im for i, p in enumerate(prompts) for im in compose(
+                    pipe, composer, p, [Concept.load(a, name=r) for a, r in zip(adapters, ("content", "style"))], seed=i)]
+            else:
+                attach(pipe, adapters)
+                images = generate(pipe, prompts, seed=0)
+                detach(pipe)
         return [r.objects[0] if r.objects else None for r in judge.read(images)]
+
+    own_shapes = [PROMPT.replace("sks shape", STYLE_SHAPES[i % len(STYLE_SHAPES)][0]).replace("{colour}", GRID_COLOURS[i % len(GRID_COLOURS)])
+                  for i in range(args.n)]
 
     def rate(objs, test) -> float:
         return sum(o is not None and test(o) for o in objs) / len(objs)
@@ -135,20 +160,20 @@ def main() -> None:
     results: dict[str, dict] = {}
     style_shape_names = {s for s, _ in STYLE_SHAPES}
     for method in args.methods:
-        cells, leaks_c, leaks_s = {}, [], []
+        cells, leaks_c, leaks_s, alone = {}, [], [], []
         content_ad: dict[str, object] = {}
         style_ad: dict[str, object] = {}
         for shape in SHAPES:
             data = content_images(shape, work)
-            out = work / method / f"content-{shape}"
-            if method in ("naive", "naive+captions", "ziplora"):
+            out = work / ("naive+captions" if method in SHARED else method) / f"content-{shape}"
+            if method in ("naive", *SHARED):
                 content_ad[shape] = dreambooth(data, out, "a {token} {class_noun}", "sks", method != "naive")
             elif method == "blora":
                 content_ad[shape] = split(load_adapter(blora(data, out, "a sks shape") / "adapter.safetensors"), *BLOCKS["sdxl"])[0]
         for style in STYLES:
             data = style_images(style, work)
-            out = work / method / f"style-{style}"
-            if method in ("naive", "naive+captions", "ziplora"):
+            out = work / ("naive+captions" if method in SHARED else method) / f"style-{style}"
+            if method in ("naive", *SHARED):
                 style_ad[style] = dreambooth(data, out, "a {class_noun}, zxy", "zxy", method != "naive")
             elif method == "blora":
                 style_ad[style] = split(load_adapter(blora(data, out, "a shape, zxy") / "adapter.safetensors"), *BLOCKS["sdxl"])[1]
@@ -158,7 +183,7 @@ def main() -> None:
                     run = work / method / f"{shape}-{style}"
                     train(ContentStyle(), build_config(ContentStyleConfig, {}, {
                         **common, "data": str(content_images(shape, work)), "style_data": str(style_images(style, work)),
-                        "output": str(run), "orthogonal": method == "content-style"}))
+                        "output": str(run), "orthogonal": method == "content-style", "style_lr_scale": args.style_lr_scale}))
                     c, s = run / "content.safetensors", run / "style.safetensors"
                 elif method == "ziplora":
                     run = work / method / f"{shape}-{style}"
@@ -169,25 +194,28 @@ def main() -> None:
                     c, s = run / "content.safetensors", run / "style.safetensors"
                 else:
                     c, s = content_ad[shape], style_ad[style]
-                both = sample([c, s])
+                both = sample([c, s], composer="klora" if method == "klora" else None)
                 cells[(shape, style)] = (rate(both, lambda o, sh=shape: o.shape == sh), rate(both, lambda o, st=style: o.style == st))
                 leaks_c.append(rate(sample([c]), lambda o: o.style == "striped"))
                 leaks_s.append(rate(sample([s]), lambda o: o.shape in style_shape_names))
-                print(method, shape, style, cells[(shape, style)], leaks_c[-1], leaks_s[-1], flush=True)
-        results[method] = {"cells": cells, "leak_content": sum(leaks_c) / len(leaks_c), "leak_style": sum(leaks_s) / len(leaks_s)}
+                alone.append(rate(sample([s], own_shapes), lambda o, st=style: o.style == st))
+                print(method, shape, style, cells[(shape, style)], leaks_c[-1], leaks_s[-1], alone[-1], flush=True)
+        results[method] = {"cells": cells, "leak_content": sum(leaks_c) / len(leaks_c), "leak_style": sum(leaks_s) / len(leaks_s),
+                           "alone": sum(alone) / len(alone)}
 
-    summary = ["| method | shape acc | style acc | content adapter draws its images' stripes | style adapter draws its images' shapes |",
-               "|---|---|---|---|---|"]
+    summary = ["| method | shape acc | style acc | content adapter draws its images' stripes | style adapter draws its images' shapes"
+               " | style adapter alone draws its style (its images' shapes) |",
+               "|---|---|---|---|---|---|"]
     for method, r in results.items():
         cells = list(r["cells"].values())
         summary.append(f"| {method} | {sum(c[0] for c in cells) / len(cells):.2f} | {sum(c[1] for c in cells) / len(cells):.2f} | "
-                       f"{r['leak_content']:.2f} | {r['leak_style']:.2f} |")
+                       f"{r['leak_content']:.2f} | {r['leak_style']:.2f} | {r['alone']:.2f} |")
     grid = ["| cell (shape x style) | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
     for shape in SHAPES:
         for style in STYLES:
             grid.append(f"| {shape} x {style} | " + " | ".join(
                 f"{r['cells'][(shape, style)][0]:.1f} / {r['cells'][(shape, style)][1]:.1f}" for r in results.values()) + " |")
-    flags = "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k in ("model", "steps", "lr", "n", "zip_steps")
+    flags = "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k in ("model", "steps", "lr", "n", "zip_steps", "style_lr_scale")
                     if getattr(args, k) != parser.get_default(k))
     flags += f' --prompt "{args.prompt}"' if args.prompt != PROMPT else ""
     flags += " --methods " + " ".join(args.methods) if args.methods != METHODS else ""

@@ -2,7 +2,8 @@
 
 The protocol and the naive weighted sum are in :mod:`.base`; each method is a module:
 ``clora`` (CLoRA), ``lora_composer`` (LoRA-Composer), ``gated`` (AutoLoRA-style gates),
-``orthogonal`` (DO-Merging; merges into one adapter). ``METHODS`` lists them by the name ``studio generate --compose`` takes.
+``orthogonal`` (DO-Merging; merges into one adapter), ``klora`` (K-LoRA: a subject and a style adapter, one of
+the two per layer and step). ``METHODS`` lists them by the name ``studio generate --compose`` takes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ METHODS = {
     "lora-composer": "studio.composers.lora_composer:LoRAComposer",
     "gated": "studio.composers.gated:Gated",
     "orthogonal": "studio.composers.orthogonal:Orthogonal",
+    "klora": "studio.composers.klora:KLoRA",
 }
 
 

@@ -104,6 +104,9 @@ class Composer:
     # the latents or attention maps), so the run asks once per layer and shape and hands back the same list after
     # (each layer's gates then cost a dictionary lookup a call). A composer whose gates change during a run sets False.
     static_gates = True
+    # True: ``gate`` is also asked on the cross-attention keys/values (whose input is the prompt's tokens) when no
+    # prompt spans are set; for composers whose gates are numbers per layer, not masks over image tokens
+    gates_text_layers = False
 
     def prepare(self, run: Run) -> None:
         """Called once before sampling (encode per-concept prompts, build masks)."""
@@ -275,7 +278,8 @@ class Run:
                 out.append(0.0 if self.composer.plain_pipeline_pass else self.concepts[k].weight)
             elif stack.text_input:  # a cross-attention key/value: per prompt token, not per image token
                 if self.segments is None:
-                    out.append(self.concepts[k].weight)
+                    out.append(self.composer.gate(self, stack, x, k) if self.composer.gates_text_layers
+                               else self.concepts[k].weight)
                     continue
                 key = ("text-gate", tuple(self.segments), k, x.shape[1], x.device, x.dtype)
                 if key not in self.state:

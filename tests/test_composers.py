@@ -554,3 +554,49 @@ def test_clora_layout_masks_come_from_the_base_pass_maps_of_the_placing_words(pi
     assert read == [((1, len(labels), 8, 8), labels)] * 2  # per step: the base pass's maps of those words
     with pytest.raises(ValueError, match="layout masks come from the base pass"):
         CLoRA(layout=True, mixing="gates")
+
+
+def test_klora_selects_one_adapter_per_layer_and_step_by_hand(pipe, concepts):
+    """K-LoRA on random adapters: per layer, S = the k largest |scale U D| summed, gamma = the mean over layers of
+    sum|dW_c| / sum|dW_s|; content acts where S_c / gamma > S_s (1.5 p + 0.5), p = 1 - t/1000, else style."""
+    from studio.composers.klora import KLoRA
+
+    k = 5
+    with composing(pipe, KLoRA(k=k), PROMPT, concepts) as run:
+        stacks = [m for m in pipe.unet.modules() if isinstance(m, LoraStack) and m.router is run]
+        deltas = []
+        for s in stacks:
+            pos = [s.names.index(c) for c in ("sks", "zwx")]
+            deltas.append([s.scales[i] * s.ups[i].weight.float() @ s.downs[i].weight.float() for i in pos])
+        gamma = sum(float(c.abs().sum() / s_.abs().sum()) for c, s_ in deltas) / len(deltas)
+        assert math.isclose(run.state["gamma"], gamma, rel_tol=1e-4)
+        flips, text_layers = 0, 0
+        for stack, (dc, ds) in zip(stacks, deltas):
+            s_c = float(dc.abs().flatten().sort(descending=True).values[:k].sum())
+            s_s = float(ds.abs().flatten().sort(descending=True).values[:k].sum())
+            picks = []
+            for t, p in ((999, 0.001), (500, 0.5), (0, 1.0)):
+                run.timestep = torch.tensor(t)
+                want = 0 if s_c / gamma > s_s * (1.5 * p + 0.5) else 1
+                x = torch.randn(1, 4, stack.base.in_features)
+                gates = run.gates(stack, x)
+                assert gates == ([1.0, 0.0] if want == 0 else [0.0, 1.0]), (stack.path, t)
+                picks.append(want)
+            flips += picks[0] != picks[-1]
+            text_layers += stack.text_input
+        assert flips > 0 and text_layers > 0  # the style adapter takes layers over as sampling goes on; keys/values too
+
+
+def test_klora_takes_two_adapters_and_samples_reproducibly(pipe, concepts):
+    from studio.composers.klora import KLoRA, top_k_mass
+
+    assert top_k_mass(torch.tensor([[1.0, -4.0], [2.0, 0.5]]), 2) == 6.0 and top_k_mass(torch.tensor([3.0]), 64) == 3.0
+    with pytest.raises(ValueError, match="two adapters"):
+        compose(pipe, "klora", PROMPT, concepts[:1], steps=2)
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        KLoRA(k=0)
+    first = compose(pipe, "klora", PROMPT, concepts, seed=3, num=2, steps=3)
+    again = compose(pipe, "klora", PROMPT, concepts, seed=3, num=2, steps=3)
+    naive = compose(pipe, "naive", PROMPT, concepts, seed=3, num=2, steps=3)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, again))
+    assert not np.array_equal(np.asarray(first[0]), np.asarray(naive[0]))

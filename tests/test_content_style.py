@@ -53,6 +53,7 @@ def test_routing_keeps_the_value_and_sends_each_example_to_its_owner():
     layer = torch.nn.Linear(4, 3)
     router = Router()
     attach_pair(layer, rank=2, alpha=2.0, router=router, orthogonal=False, seed=0)
+    layer.eval()  # the training loop's UNet is in eval mode (diffusers' from_pretrained sets it): routing must not care
     with torch.no_grad():
         layer.lora_content_up.normal_()
         layer.lora_style_up.normal_()
@@ -91,6 +92,23 @@ def test_content_style_run_writes_three_plain_loras(tmp_path):
     for k in both.modules:
         torch.testing.assert_close(both.modules[k].delta(), c.modules[k].delta() + s.modules[k].delta())
     assert any(w.up.abs().max() > 0 for w in c.modules.values()) and any(w.up.abs().max() > 0 for w in s.modules.values())
+
+
+def test_style_adapter_gets_its_own_layers_and_learning_rate(tmp_path):
+    content = star_folder(tmp_path / "content", 1)
+    style = star_folder(tmp_path / "style", 1)
+    lr, scale = 1e-2, 1e-3
+    cfg = build_config(ContentStyleConfig, {}, {
+        "data": str(content), "style_data": str(style), "output": str(tmp_path / "run"), "steps": 2, "batch_size": 1,
+        "rank": 2, "prior_preservation": False, "checkpoint_every": 0, "lr": lr, "style_lr_scale": scale,
+        "style_lora_layers": "to_q,to_k,to_v,to_out.0,ff.net.0.proj"})
+    train(ContentStyle(), cfg)
+    c, s = (load_adapter(tmp_path / "run" / f"{n}.safetensors") for n in ("content", "style"))
+    ff = {k for k in s.modules if k.endswith("ff.net.0.proj")}
+    assert ff and set(s.modules) == set(c.modules) | ff and not any(k.endswith("ff.net.0.proj") for k in c.modules)
+    # Adam moves each weight by about its lr a step (at most ~1.4x in the first steps): 2 steps from zero ups
+    assert max(w.up.abs().max().item() for w in s.modules.values()) <= 2 * 1.5 * lr * scale
+    assert max(w.up.abs().max().item() for w in c.modules.values()) > 0.5 * lr
 
 
 def test_same_token_for_content_and_style_is_refused(tmp_path):

@@ -14,7 +14,9 @@ Two LoRAs on the same UNet projections are trained *together*, each from its own
   style slices disjoint, and only the up-projections train. Then ``ΔW_c ΔW_sᵀ = 0``: the two updates read orthogonal input directions.
 - captions: a sidecar ``NAME.txt`` is an image's prompt (kohya's convention), so what the base model
   already knows (a circle's shape in a style image, "striped" in a content image) can be named
-  and is not learned into the wrong adapter.
+  and is not learned into the wrong adapter;
+- the style adapter's own pace and layers: ``--style-lr-scale`` (its learning rate as a multiple of ``--lr``) and
+  ``--style-lora-layers`` (default: ``--lora-layers``, the content adapter's).
 
 With ``--content-adapter`` and ``--style-adapter`` (two LoRAs trained apart, e.g. two DreamBooth runs) it
 trains no new adapter but **ZipLoRA's learned merge** (Shah et al. 2023): per layer, one coefficient per
@@ -42,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from studio.trainers.config import command_from_config, run_command
 from studio.trainers.data import group_by_size, load_images
-from studio.trainers.dreambooth import DreamBooth, DreamBoothConfig, run_trainer
+from studio.trainers.dreambooth import DreamBooth, DreamBoothConfig, parse_layers, run_trainer, unet_targets
 from studio.trainers.loop import Context, _help, denoise_losses, orthonormal_rows
 
 from studio.adapters import Adapter, AdapterMeta, LoraWeights, save_adapter
@@ -65,6 +67,10 @@ class ContentStyleConfig(DreamBoothConfig):
         "ZipLoRA: a trained content LoRA (.safetensors); with --style-adapter, learn how to merge the two instead of"
         " training new adapters."))
     style_adapter: str = field(default="", metadata=_help("ZipLoRA: a trained style LoRA (.safetensors)."))
+    style_lr_scale: float = field(default=1.0, metadata=_help("The style adapter's learning rate as a multiple of --lr."))
+    style_lora_layers: str = field(default="", metadata=_help(
+        "The UNet layers of the style adapter (as --lora-layers, which then names the content adapter's);"
+        " default: the same as --lora-layers."))
     merge_penalty: float = field(default=0.01, metadata=_help("ZipLoRA: weight of Σ_layers |cos(m_content, m_style)|."))
 
     def check(self) -> None:
@@ -84,6 +90,10 @@ class ContentStyleConfig(DreamBoothConfig):
         if bool(self.content_adapter) != bool(self.style_adapter):
             raise ValueError("--content-adapter and --style-adapter go together (ZipLoRA: merge two trained LoRAs);"
                              " give both, or neither to train new adapters")
+        if not self.style_lr_scale > 0:
+            raise ValueError(f"--style-lr-scale must be positive, got {self.style_lr_scale}")
+        if self.style_lora_layers:
+            parse_layers(self.style_lora_layers)
         if self.merge_penalty < 0:
             raise ValueError(f"--merge-penalty must be 0 or positive, got {self.merge_penalty}")
         if self.content_adapter:
@@ -104,35 +114,44 @@ class Router:
         self.owner: torch.Tensor | None = None
 
 
-def attach_pair(layer: torch.nn.Linear, rank: int, alpha: float, router: Router, orthogonal: bool, seed: int) -> list[torch.nn.Parameter]:
-    """Content and style LoRA branches on ``layer`` with routed gradients; returns trainable params."""
+def attach_pair(layer: torch.nn.Linear, rank: int, alpha: float, router: Router, orthogonal: bool, seed: int,
+                roles: tuple[str, ...] = ROLES) -> dict[str, list[torch.nn.Parameter]]:
+    """LoRA branches of ``roles`` (content and style) on ``layer`` with routed gradients; returns the trainable
+    params of each role."""
     import math
 
     d_out, d_in = layer.weight.shape
     dev, dt = layer.weight.device, layer.weight.dtype
-    params = []
+    params: dict[str, list[torch.nn.Parameter]] = {role: [] for role in roles}
     if orthogonal:
         rows = orthonormal_rows(d_in, 2 * rank, seed).to(dev, dt)
     for k, role in enumerate(ROLES):
+        if role not in roles:
+            continue
         if orthogonal:
             layer.register_buffer(f"lora_{role}_down", rows[k * rank : (k + 1) * rank].clone(), persistent=False)
         else:
             down = torch.empty(rank, d_in, device=dev, dtype=dt)
             torch.nn.init.kaiming_uniform_(down, a=math.sqrt(5))
             layer.register_parameter(f"lora_{role}_down", torch.nn.Parameter(down))
-            params.append(getattr(layer, f"lora_{role}_down"))
+            params[role].append(getattr(layer, f"lora_{role}_down"))
         layer.register_parameter(f"lora_{role}_up", torch.nn.Parameter(torch.zeros(d_out, rank, device=dev, dtype=dt)))
-        params.append(getattr(layer, f"lora_{role}_up"))
+        params[role].append(getattr(layer, f"lora_{role}_up"))
     layer._cs_alpha = float(alpha)  # type: ignore[attr-defined]
+    layer._cs_roles = roles  # type: ignore[attr-defined]
     scale = alpha / rank
 
     def hook(module, args, out):
         x = args[0]
         total = out
         for k, role in enumerate(ROLES):
+            if role not in roles:
+                continue
             down, up = getattr(module, f"lora_{role}_down"), getattr(module, f"lora_{role}_up")
             y = F.linear(F.linear(x, down), up) * scale
-            if router.owner is not None and module.training:
+            # routed whenever the router holds a batch's owners: the loop trains with the UNet in eval mode (diffusers'
+            # from_pretrained sets it; no dropout), so ``module.training`` says nothing here
+            if router.owner is not None:
                 frozen = F.linear(F.linear(x, down.detach()), up.detach()) * scale
                 learns = ((router.owner == k) | (router.owner == BOTH)).to(y.dtype).view(-1, *([1] * (y.ndim - 1)))
                 y = learns * y + (1 - learns) * frozen
@@ -224,10 +243,23 @@ class ContentStyle(DreamBooth):
         unet.requires_grad_(False)
         if cfg.content_adapter:
             return self._inject_zip(ctx)
-        params = []
-        for i, path in enumerate(targets["unet"]):
-            params += attach_pair(unet.get_submodule(path), rank, alpha, ctx.store["router"], cfg.orthogonal, cfg.seed * 100_003 + i)
-        return params
+        content = set(targets["unet"])
+        style = set(self.style_targets(ctx)) if cfg.style_lora_layers else content
+        params: dict[str, list[torch.nn.Parameter]] = {role: [] for role in ROLES}
+        for i, path in enumerate(sorted(content | style, key=self._order(unet))):
+            roles = tuple(r for r, paths in zip(ROLES, (content, style)) if path in paths)
+            got = attach_pair(unet.get_submodule(path), rank, alpha, ctx.store["router"], cfg.orthogonal, cfg.seed * 100_003 + i, roles)
+            for role in roles:
+                params[role] += got[role]
+        return [{"params": params["content"], "lr_scale": 1.0}, {"params": params["style"], "lr_scale": cfg.style_lr_scale}]
+
+    @staticmethod
+    def _order(unet: torch.nn.Module):
+        rank = {n: i for i, (n, _) in enumerate(unet.named_modules())}
+        return rank.__getitem__
+
+    def style_targets(self, ctx: Context) -> list[str]:
+        return unet_targets(ctx.pipe.unet, parse_layers(ctx.cfg.style_lora_layers), (), linear_only=True)
 
     def _inject_zip(self, ctx: Context) -> list[torch.nn.Parameter]:
         from studio.adapters import load_adapter
@@ -298,7 +330,7 @@ class ContentStyle(DreamBooth):
                     parts[role][name] = LoraWeights(w.down.float() * merge, w.up.float().clone(), w.alpha)
             if hasattr(module, "_cs_alpha"):
                 name = canonical_name("unet", unet, path)
-                for role in ROLES:
+                for role in module._cs_roles:
                     down = getattr(module, f"lora_{role}_down").detach().float().cpu().clone()
                     up = getattr(module, f"lora_{role}_up").detach().float().cpu().clone()
                     parts[role][name] = LoraWeights(down, up, module._cs_alpha)

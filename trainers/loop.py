@@ -181,7 +181,8 @@ def _optimizer(params, cfg: TrainConfig):
 
         warnings.warn("--use-8bit-adam needs bitsandbytes and a CUDA GPU; using plain AdamW", stacklevel=2)
     # fused: one kernel for all parameters instead of a dozen ops each (the embedded model's LoRA: 5.1 -> 1.7 ms a step)
-    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    flat = [p for gr in params for p in gr["params"]] if params and isinstance(params[0], dict) else params
+    fused = all(p.device.type in ("cpu", "cuda") for p in flat)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4, fused=fused)
 
 
@@ -425,12 +426,16 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
     components = [c for c, paths in targets.items() if paths]
     inject = getattr(trainer, "inject", inject_lora)  # a trainer may bring its own adapter layers
     params = inject(ctx, targets, cfg.rank, cfg.alpha or cfg.rank)
+    groups = None
+    if params and isinstance(params[0], dict):  # param groups, each with an ``lr_scale`` (a multiple of --lr)
+        groups = [{"params": list(gr["params"]), "lr_scale": float(gr.get("lr_scale", 1.0))} for gr in params]
+        params = [p for gr in groups for p in gr["params"]]
     use_training_attention(pipe.unet)  # the UNet's attention with fused projections
     if hasattr(trainer, "after_inject"):  # e.g. DreamBooth's attention loss: a recorder in that attention
         trainer.after_inject(ctx)
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
-    opt = _optimizer(params, cfg)
+    opt = _optimizer(groups or params, cfg)
     unet, opt = accelerator.prepare(pipe.unet, opt)
     # the compiled module only runs the training passes; pipe.unet (validation, the adapter's weights) stays as is
     ctx.store["unet"] = torch.compile(unet, backend=cfg.compile_backend) if cfg.compile else unet
@@ -452,7 +457,7 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
         if "clock" in ctx.store:
             ctx.store["clock"].step = step
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * _lr_factor(step, cfg.warmup)
+            group["lr"] = cfg.lr * group.get("lr_scale", 1.0) * _lr_factor(step, cfg.warmup)
         total = 0.0
         for micro in range(cfg.grad_accum):
             key = (cfg.seed * 1_000_003 + step) * 1009 + micro  # the same on every process (see denoise_loss)
