@@ -131,8 +131,7 @@ def main() -> None:
             kept = json.loads((out / "config.json").read_text())
             if all(kept.get(k) == v for k, v in settings.items() if k != "model") and Path(kept["model"]) == Path(args.model).resolve():
                 return done
-        return train(DreamBooth(), build_config(DreamBoothConfig, {}, {
-            **common, "data": str(data), "output": str(out), "instance_prompt": prompt, "token": token, "captions": captions}))
+        return train(DreamBooth(), build_config(DreamBoothConfig, {}, settings))
 
     def blora(data: Path, out: Path, prompt: str) -> Path:
         train(BLoRA(), build_config(BLoRAConfig, {}, {**common, "data": str(data), "output": str(out),
