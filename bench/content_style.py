@@ -21,7 +21,8 @@ fixed orthogonal down-projections, captions), ``content-style-free`` (the same w
 trainer's default: both adapters' down-projections train too), ``ziplora`` (the ``naive+captions`` adapters merged per cell by the decoupled trainer's ZipLoRA
 mode: learned per-column merge coefficients, ``--zip-steps`` at lr 0.01, the paper's settings), ``klora`` (the same
 adapters combined at sampling time by the ``klora`` composer: K-LoRA's per-layer, per-step choice of one of the two).
-``--style-lr-scale`` is the decoupled trainer's ``--style-lr-scale`` for the content-style methods. The captioned
+``--style-lr-scale`` and ``--interplay`` are the decoupled trainer's flags for the content-style methods (a
+non-default ``--interplay`` trains under ``content-style-free-INTERPLAY/``). The captioned
 DreamBooth LoRAs are trained once, under ``naive+captions``, and reused while their run's settings match.
 
 - style alone: the style adapter alone draws its style on its own images' shapes ("a large {colour} circle in the
@@ -29,6 +30,7 @@ DreamBooth LoRAs are trained once, under ``naive+captions``, and reused while th
 
     python bench/content_style.py                       # every method
     python bench/content_style.py --methods naive blora
+    python bench/content_style.py --methods content-style-free --interplay apart --cells star-shadowed --section probe
     python bench/content_style.py --model runs/pretrain/model   # another world's weights (class images per model)
 
 Prints a table and writes the ``content-style`` section of docs/benchmarks.md (``--section NAME``: the section
@@ -112,10 +114,20 @@ def main() -> None:
     parser.add_argument("--section", default="", help="write the section content-style-SECTION (a variant beside the default run's)")
     parser.add_argument("--zip-steps", type=int, default=100, help="ZipLoRA merge steps per cell (lr 0.01)")
     parser.add_argument("--style-lr-scale", type=float, default=1.0, help="the content-style methods' --style-lr-scale")
+    parser.add_argument("--interplay", default="present", help="the content-style methods' --interplay (present, apart, cooperative)")
+    parser.add_argument("--cells", nargs="*", default=None, metavar="SHAPE-STYLE",
+                        help="only these cells of the grid, e.g. star-shadowed heart-ringed (default: all 9)")
     parser.add_argument("--prompt", default=PROMPT, help="the prompt every cell and every adapter alone is sampled with")
     args = parser.parse_args()
     if not {"sks", "zxy"} <= set(args.prompt.replace(",", " ").split()):
         parser.error(f"--prompt {args.prompt!r} must name both identifiers, sks (content) and zxy (style)")
+    every = [f"{sh}-{st}" for sh in SHAPES for st in STYLES]
+    for cell in args.cells or []:
+        if cell not in every:
+            parser.error(f"--cells {cell!r} is not a cell of the grid; choose among {', '.join(every)}")
+    chosen = [(sh, st) for sh in SHAPES for st in STYLES if not args.cells or f"{sh}-{st}" in args.cells]
+    shapes = [sh for sh in SHAPES if any(c[0] == sh for c in chosen)]
+    styles = [st for st in STYLES if any(c[1] == st for c in chosen)]
     work = Path(args.work)
     judge = load_judge()
     pipe = load_pipeline(args.model)
@@ -162,43 +174,43 @@ def main() -> None:
         cells, leaks_c, leaks_s, alone = {}, [], [], []
         content_ad: dict[str, object] = {}
         style_ad: dict[str, object] = {}
-        for shape in SHAPES:
+        for shape in shapes:
             data = content_images(shape, work)
             out = work / ("naive+captions" if method in SHARED else method) / f"content-{shape}"
             if method in ("naive", *SHARED):
                 content_ad[shape] = dreambooth(data, out, "a {token} {class_noun}", "sks", method != "naive")
             elif method == "blora":
                 content_ad[shape] = split(load_adapter(blora(data, out, "a sks shape") / "adapter.safetensors"), *BLOCKS["sdxl"])[0]
-        for style in STYLES:
+        for style in styles:
             data = style_images(style, work)
             out = work / ("naive+captions" if method in SHARED else method) / f"style-{style}"
             if method in ("naive", *SHARED):
                 style_ad[style] = dreambooth(data, out, "a {class_noun}, zxy", "zxy", method != "naive")
             elif method == "blora":
                 style_ad[style] = split(load_adapter(blora(data, out, "a shape, zxy") / "adapter.safetensors"), *BLOCKS["sdxl"])[1]
-        for shape in SHAPES:
-            for style in STYLES:
-                if method.startswith("content-style"):
-                    run = work / method / f"{shape}-{style}"
-                    train(ContentStyle(), build_config(ContentStyleConfig, {}, {
-                        **common, "data": str(content_images(shape, work)), "style_data": str(style_images(style, work)),
-                        "output": str(run), "orthogonal": method == "content-style", "style_lr_scale": args.style_lr_scale}))
-                    c, s = run / "content.safetensors", run / "style.safetensors"
-                elif method == "ziplora":
-                    run = work / method / f"{shape}-{style}"
-                    train(ContentStyle(), build_config(ContentStyleConfig, {}, {
-                        **common, "data": str(content_images(shape, work)), "style_data": str(style_images(style, work)),
-                        "output": str(run), "content_adapter": str(content_ad[shape]), "style_adapter": str(style_ad[style]),
-                        "lr": 0.01, "steps": args.zip_steps}))
-                    c, s = run / "content.safetensors", run / "style.safetensors"
-                else:
-                    c, s = content_ad[shape], style_ad[style]
-                both = sample([c, s], composer="klora" if method == "klora" else None)
-                cells[(shape, style)] = (rate(both, lambda o, sh=shape: o.shape == sh), rate(both, lambda o, st=style: o.style == st))
-                leaks_c.append(rate(sample([c]), lambda o: o.style == "striped"))
-                leaks_s.append(rate(sample([s]), lambda o: o.shape in style_shape_names))
-                alone.append(rate(sample([s], own_shapes), lambda o, st=style: o.style == st))
-                print(method, shape, style, cells[(shape, style)], leaks_c[-1], leaks_s[-1], alone[-1], flush=True)
+        for shape, style in chosen:
+            if method.startswith("content-style"):
+                run = work / (method + ("" if args.interplay == "present" else f"-{args.interplay}")) / f"{shape}-{style}"
+                train(ContentStyle(), build_config(ContentStyleConfig, {}, {
+                    **common, "data": str(content_images(shape, work)), "style_data": str(style_images(style, work)),
+                    "output": str(run), "orthogonal": method == "content-style", "style_lr_scale": args.style_lr_scale,
+                    "interplay": args.interplay}))
+                c, s = run / "content.safetensors", run / "style.safetensors"
+            elif method == "ziplora":
+                run = work / method / f"{shape}-{style}"
+                train(ContentStyle(), build_config(ContentStyleConfig, {}, {
+                    **common, "data": str(content_images(shape, work)), "style_data": str(style_images(style, work)),
+                    "output": str(run), "content_adapter": str(content_ad[shape]), "style_adapter": str(style_ad[style]),
+                    "lr": 0.01, "steps": args.zip_steps}))
+                c, s = run / "content.safetensors", run / "style.safetensors"
+            else:
+                c, s = content_ad[shape], style_ad[style]
+            both = sample([c, s], composer="klora" if method == "klora" else None)
+            cells[(shape, style)] = (rate(both, lambda o, sh=shape: o.shape == sh), rate(both, lambda o, st=style: o.style == st))
+            leaks_c.append(rate(sample([c]), lambda o: o.style == "striped"))
+            leaks_s.append(rate(sample([s]), lambda o: o.shape in style_shape_names))
+            alone.append(rate(sample([s], own_shapes), lambda o, st=style: o.style == st))
+            print(method, shape, style, cells[(shape, style)], leaks_c[-1], leaks_s[-1], alone[-1], flush=True)
         results[method] = {"cells": cells, "leak_content": sum(leaks_c) / len(leaks_c), "leak_style": sum(leaks_s) / len(leaks_s),
                            "alone": sum(alone) / len(alone)}
 
@@ -210,13 +222,13 @@ def main() -> None:
         summary.append(f"| {method} | {sum(c[0] for c in cells) / len(cells):.2f} | {sum(c[1] for c in cells) / len(cells):.2f} | "
                        f"{r['leak_content']:.2f} | {r['leak_style']:.2f} | {r['alone']:.2f} |")
     grid = ["| cell (shape x style) | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
-    for shape in SHAPES:
-        for style in STYLES:
-            grid.append(f"| {shape} x {style} | " + " | ".join(
-                f"{r['cells'][(shape, style)][0]:.1f} / {r['cells'][(shape, style)][1]:.1f}" for r in results.values()) + " |")
-    flags = "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k in ("model", "steps", "lr", "n", "zip_steps", "style_lr_scale")
+    for shape, style in chosen:
+        grid.append(f"| {shape} x {style} | " + " | ".join(
+            f"{r['cells'][(shape, style)][0]:.1f} / {r['cells'][(shape, style)][1]:.1f}" for r in results.values()) + " |")
+    flags = "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k in ("model", "steps", "lr", "n", "zip_steps", "style_lr_scale", "interplay")
                     if getattr(args, k) != parser.get_default(k))
     flags += f' --prompt "{args.prompt}"' if args.prompt != PROMPT else ""
+    flags += " --cells " + " ".join(args.cells) if args.cells else ""
     flags += " --methods " + " ".join(args.methods) if args.methods != METHODS else ""
     flags += f" --section {args.section}" if args.section else ""
     title = "Content x style: combining a subject adapter with a style adapter" + (f" ({args.section})" if args.section else "")

@@ -165,7 +165,8 @@ def _check_weight(weight: float, what: str) -> float:
     return float(weight)
 
 
-def _check_base(pipe, adapter: Adapter, what: str) -> None:
+def check_base(pipe, adapter: Adapter, what: str) -> None:
+    """Refuse ``adapter`` (called ``what`` in the message) if it was trained for another family or base UNet than ``pipe``'s."""
     family = pipeline_family(pipe)
     if adapter.meta.family and adapter.meta.family != family:
         raise ValueError(f"{what} was trained for a {adapter.meta.family} model, but this pipeline is {family}")
@@ -210,7 +211,7 @@ def attach(pipe, adapters: list, weights: list[float] | None = None, names: list
     for i, item in enumerate(adapters):
         what = str(item) if isinstance(item, (str, Path)) else f"adapter {i}"
         adapter = load_adapter(item) if isinstance(item, (str, Path)) else item
-        _check_base(pipe, adapter, what)
+        check_base(pipe, adapter, what)
         name = (names[i] if names else None) or (Path(item).stem if isinstance(item, (str, Path)) else f"adapter{len(handle.names)}")
         if name in handle.names:
             raise ValueError(f"an adapter named {name!r} is already attached")

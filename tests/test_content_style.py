@@ -7,6 +7,10 @@ import sys
 import torch
 from studio.trainers.config import build_config
 from studio.trainers.content_style import (
+    FROZEN,
+    INTERPLAY,
+    LEARNS,
+    OFF,
     ROLES,
     ContentStyle,
     ContentStyleConfig,
@@ -61,7 +65,7 @@ def test_routing_keeps_the_value_and_sends_each_example_to_its_owner():
     free = layer(x)
     want = x @ (layer.weight + layer.lora_content_up @ layer.lora_content_down + layer.lora_style_up @ layer.lora_style_down).T + layer.bias
     torch.testing.assert_close(free, want)  # alpha / rank = 1: the plain sum
-    router.owner = torch.tensor([1, 1, 1])  # every example is a style example
+    router.states = torch.tensor([[FROZEN, LEARNS]] * 3)  # every example a style example, the content adapter present
     routed = layer(x)
     torch.testing.assert_close(routed, free)
     routed.sum().backward()
@@ -71,9 +75,38 @@ def test_routing_keeps_the_value_and_sends_each_example_to_its_owner():
         assert nonzero == (role == "style"), role
     # a "both" example (prior preservation) teaches both
     layer.zero_grad()
-    router.owner = torch.tensor([2, 1, 0])
+    router.states = torch.tensor([[LEARNS, LEARNS], [FROZEN, LEARNS], [LEARNS, FROZEN]])
     layer(x).sum().backward()
     assert layer.lora_content_up.grad.abs().sum() > 0 and layer.lora_style_up.grad.abs().sum() > 0
+    # an absent adapter adds nothing on that example (apart): example 0 sees the content LoRA alone, example 1 the
+    # style LoRA alone, example 2 neither
+    layer.zero_grad()
+    router.states = torch.tensor([[LEARNS, OFF], [OFF, FROZEN], [OFF, OFF]])
+    out = layer(x)
+    dc, ds = layer.lora_content_up @ layer.lora_content_down, layer.lora_style_up @ layer.lora_style_down
+    base = x @ layer.weight.T + layer.bias
+    torch.testing.assert_close(out, torch.stack([base[0] + x[0] @ dc.T, base[1] + x[1] @ ds.T, base[2]]))
+    out.sum().backward()
+    assert layer.lora_style_up.grad is None or layer.lora_style_up.grad.abs().sum() == 0  # frozen or absent: no gradient
+    # the content adapter's gradient comes from example 0 alone: d(sum)/d(up) = scale * sum_rows(ones) x (down x_0)
+    torch.testing.assert_close(layer.lora_content_up.grad, torch.ones(3, 1) * (layer.lora_content_down @ x[0])[None, :])
+
+
+def test_interplay_plans_are_as_documented():
+    assert INTERPLAY["present"]["prior"] == [(LEARNS, LEARNS)] and INTERPLAY["present"]["content"] == (LEARNS, FROZEN)
+    for mode in ("apart", "cooperative"):  # each adapter alone on its own examples and on the class
+        assert INTERPLAY[mode]["content"] == (LEARNS, OFF) and INTERPLAY[mode]["style"] == (OFF, LEARNS)
+        assert INTERPLAY[mode]["prior"] == [(LEARNS, OFF), (OFF, LEARNS)]
+    # cooperative: on the content examples the style adapter learns with the content adapter present, and back
+    assert INTERPLAY["cooperative"]["cross-content"] == (FROZEN, LEARNS)
+    assert INTERPLAY["cooperative"]["cross-style"] == (LEARNS, FROZEN)
+    bad = {"data": "x", "style_data": "y", "output": "z", "interplay": "together"}
+    try:
+        build_config(ContentStyleConfig, {}, bad).check()
+    except ValueError as e:
+        assert "--interplay 'together'" in str(e) and "cooperative" in str(e)
+    else:
+        raise AssertionError("an unknown --interplay was accepted")
 
 
 def test_content_style_run_writes_three_plain_loras(tmp_path):
@@ -92,6 +125,40 @@ def test_content_style_run_writes_three_plain_loras(tmp_path):
     for k in both.modules:
         torch.testing.assert_close(both.modules[k].delta(), c.modules[k].delta() + s.modules[k].delta())
     assert any(w.up.abs().max() > 0 for w in c.modules.values()) and any(w.up.abs().max() > 0 for w in s.modules.values())
+
+
+def test_interplay_sets_what_each_adapter_does_on_each_example(tmp_path, monkeypatch):
+    """The states every UNet pass of a run sees: apart never has an adapter present but frozen; cooperative adds the
+    cross examples, whose targets come from a pass with the other adapter alone."""
+    import studio.trainers.content_style as cs
+
+    seen: list[tuple[str, tuple]] = []
+
+    class Recording(cs.Router):
+        def __setattr__(self, name, value):
+            if name == "states" and value is not None:
+                seen.append(("pass", tuple(tuple(int(v) for v in row) for row in value)))
+            object.__setattr__(self, name, value)
+
+    monkeypatch.setattr(cs, "Router", Recording)
+    content = star_folder(tmp_path / "content", 1)
+    style = star_folder(tmp_path / "style", 1)
+    (style / "star0.txt").write_text("a large blue star in the center on a white background, zxy")
+    rows = {}
+    for mode in ("apart", "cooperative"):
+        seen.clear()
+        train(ContentStyle(), build_config(ContentStyleConfig, {}, {
+            "data": str(content), "style_data": str(style), "output": str(tmp_path / mode), "steps": 1, "batch_size": 1,
+            "rank": 2, "num_class_images": 1, "class_data": str(tmp_path / "class"), "checkpoint_every": 0,
+            "interplay": mode}))
+        rows[mode] = [r for _, passed in seen for r in passed]
+    # apart: content, style, and the prior example (with one, the content adapter's half) each with the other absent
+    assert sorted(set(rows["apart"])) == sorted({(LEARNS, OFF), (OFF, LEARNS)})
+    # cooperative: the same, the cross examples (the other present and frozen), and the teachers (one adapter alone)
+    assert set(rows["cooperative"]) == {(LEARNS, OFF), (OFF, LEARNS), (FROZEN, LEARNS), (LEARNS, FROZEN), (FROZEN, OFF), (OFF, FROZEN)}
+    for mode in rows:
+        s = load_adapter(tmp_path / mode / "style.safetensors")
+        assert any(w.up.abs().max() > 0 for w in s.modules.values()), mode
 
 
 def test_style_adapter_gets_its_own_layers_and_learning_rate(tmp_path):

@@ -2,12 +2,22 @@
 
 Two LoRAs on the same UNet projections are trained *together*, each from its own images:
 
-- **joint training with routed gradients**: both adapters are active in every forward pass, so
-  each learns in the presence of the other (what they will meet when combined), but the content
-  adapter learns only from content examples and the style adapter only from style examples
-  (prior-preservation examples teach both to leave the class alone). Routing is exact: a
-  non-owning adapter's branch is evaluated with detached weights, so its value is the same and
-  only the owner's weights get the gradient.
+- **one run, routed gradients**: each example says what each adapter does on it (``Router.states``: absent,
+  present but frozen, or present and learning), so each adapter learns only from its own images. What the other
+  adapter does on them is ``--interplay``:
+
+  - ``present`` (default): it acts, frozen, so each adapter learns in the presence of the other; prior-preservation
+    examples teach both together. The grid of docs/benchmarks.md shows what this costs: each adapter learns to undo
+    the other's effect on its own images (a style adapter trained so draws its style alone far less than one trained
+    apart), and the combined image keeps the shape but loses style;
+  - ``apart``: it is absent, and half the prior examples keep each adapter alone to the class: in effect two DreamBooth
+    LoRAs trained side by side in one run (the grid's captioned naive sum, with shared class images and caches; each
+    adapter sees half the prior examples a DreamBooth run of the same batch would);
+  - ``cooperative``: ``apart``, plus on fresh draws of the other adapter's images each adapter learns, with the other
+    present and frozen, to leave what the other alone predicts unchanged (a distillation target, as ZipLoRA's). On the
+    grid this raises the combined shape and lowers its style: the style adapter learns to stay out of subject images.
+  Routing is exact: a frozen branch is evaluated with detached weights, so its value is the same and only the
+  learning adapters get the gradient.
 - **separate subspaces** (``--orthogonal``; off by default, as the content x style grid of docs/benchmarks.md
   reads worse with it; Orthogonal Adaptation, Po et al. 2024, and Break-for-Make's split subspaces): each
   adapter's down-projection is a fixed slice of one random orthonormal basis per layer, content and
@@ -51,7 +61,6 @@ from studio.adapters import Adapter, AdapterMeta, LoraWeights, save_adapter
 from studio.adapters.form import canonical_name
 
 ROLES = ("content", "style")
-BOTH = len(ROLES)  # router value: an example every adapter learns from (prior preservation)
 
 
 @dataclass
@@ -71,6 +80,11 @@ class ContentStyleConfig(DreamBoothConfig):
     style_lora_layers: str = field(default="", metadata=_help(
         "The UNet layers of the style adapter (as --lora-layers, which then names the content adapter's);"
         " default: the same as --lora-layers."))
+    interplay: str = field(default="present", metadata=_help(
+        "What the other adapter does on an adapter's examples: present (acts, frozen: each learns in the other's"
+        " presence), apart (absent: two DreamBooth LoRAs trained in one run, each kept to the class alone), or"
+        " cooperative (apart, plus each learns on the other's examples to leave what the other alone predicts"
+        " unchanged)."))
     merge_penalty: float = field(default=0.01, metadata=_help("ZipLoRA: weight of Σ_layers |cos(m_content, m_style)|."))
 
     def check(self) -> None:
@@ -90,6 +104,8 @@ class ContentStyleConfig(DreamBoothConfig):
         if bool(self.content_adapter) != bool(self.style_adapter):
             raise ValueError("--content-adapter and --style-adapter go together (ZipLoRA: merge two trained LoRAs);"
                              " give both, or neither to train new adapters")
+        if self.interplay not in INTERPLAY:
+            raise ValueError(f"--interplay {self.interplay!r}: choose one of {', '.join(INTERPLAY)}")
         if not self.style_lr_scale > 0:
             raise ValueError(f"--style-lr-scale must be positive, got {self.style_lr_scale}")
         if self.style_lora_layers:
@@ -107,11 +123,26 @@ class ContentStyleConfig(DreamBoothConfig):
             self.prior_preservation = False  # the targets are the adapters' own predictions, not the class's images
 
 
+OFF, FROZEN, LEARNS = 0, 1, 2  # what an adapter does on an example: absent, present without gradient, present and learning
+INTERPLAY = {
+    # per kind of example, (content adapter, style adapter); see ContentStyleConfig.interplay
+    "present": {"content": (LEARNS, FROZEN), "style": (FROZEN, LEARNS), "prior": [(LEARNS, LEARNS)]},
+    "apart": {"content": (LEARNS, OFF), "style": (OFF, LEARNS), "prior": [(LEARNS, OFF), (OFF, LEARNS)]},
+    "cooperative": {"content": (LEARNS, OFF), "style": (OFF, LEARNS), "prior": [(LEARNS, OFF), (OFF, LEARNS)],
+                    # the other adapter's examples: learn to leave what that adapter alone predicts as it is
+                    "cross-content": (FROZEN, LEARNS), "cross-style": (LEARNS, FROZEN)},
+}
+
+
 class Router:
-    """Per example of the current batch: which adapter learns from it (0 content, 1 style, 2 both)."""
+    """What each adapter does on each example of the current UNet pass.
+
+    ``states``: ``(batch, len(ROLES))`` of ``OFF``, ``FROZEN``, ``LEARNS`` (the pair trainer); ``owner``: per example,
+    the one adapter that acts alone (ZipLoRA's teacher). Neither set: every adapter acts, as when sampling."""
 
     def __init__(self) -> None:
         self.owner: torch.Tensor | None = None
+        self.states: torch.Tensor | None = None
 
 
 def attach_pair(layer: torch.nn.Linear, rank: int, alpha: float, router: Router, orthogonal: bool, seed: int,
@@ -149,12 +180,12 @@ def attach_pair(layer: torch.nn.Linear, rank: int, alpha: float, router: Router,
                 continue
             down, up = getattr(module, f"lora_{role}_down"), getattr(module, f"lora_{role}_up")
             y = F.linear(F.linear(x, down), up) * scale
-            # routed whenever the router holds a batch's owners: the loop trains with the UNet in eval mode (diffusers'
+            # routed whenever the router holds the batch's states: the loop trains with the UNet in eval mode (diffusers'
             # from_pretrained sets it; no dropout), so ``module.training`` says nothing here
-            if router.owner is not None:
+            if router.states is not None:
+                state = router.states[:, k].to(y.device).view(-1, *([1] * (y.ndim - 1)))
                 frozen = F.linear(F.linear(x, down.detach()), up.detach()) * scale
-                learns = ((router.owner == k) | (router.owner == BOTH)).to(y.dtype).view(-1, *([1] * (y.ndim - 1)))
-                y = learns * y + (1 - learns) * frozen
+                y = (state == LEARNS).to(y.dtype) * y + (state == FROZEN).to(y.dtype) * frozen
             total = total + y
         return total
 
@@ -264,13 +295,13 @@ class ContentStyle(DreamBooth):
     def _inject_zip(self, ctx: Context) -> list[torch.nn.Parameter]:
         from studio.adapters import load_adapter
         from studio.adapters.form import resolve_module
-        from studio.plugin import _check_base
+        from studio.plugin import check_base
 
         cfg: ContentStyleConfig = ctx.cfg
         unet = ctx.pipe.unet
         loaded = {"content": load_adapter(cfg.content_adapter), "style": load_adapter(cfg.style_adapter)}
         for role, path in (("content", cfg.content_adapter), ("style", cfg.style_adapter)):
-            _check_base(ctx.pipe, loaded[role], f"--{role}-adapter {path}")
+            check_base(ctx.pipe, loaded[role], f"--{role}-adapter {path}")
             others = [k for k in loaded[role].modules if not k.startswith("unet.")]
             if others:
                 raise ValueError(f"--{role}-adapter {path} has LoRA outside the UNet ({others[0]}, {len(others)} in all);"
@@ -302,21 +333,47 @@ class ContentStyle(DreamBooth):
 
             losses = denoise_losses(ctx, parts, g, teacher=teacher)
             return losses[0] + losses[1] + cfg.merge_penalty * merge_penalty(ctx.pipe.unet).to(losses[0].device)
+        plan = INTERPLAY[cfg.interplay]
+        kinds = ["content", "style"]
         if cfg.prior_preservation:
             cls = ctx.store["class"]
             idx = torch.tensor([rng.randrange(len(cls)) for _ in range(n)])
             parts.append((cls[idx], self._cond(ctx, [ctx.store["prompts"]["class"]] * cfg.batch_size)))
-            owners.append(BOTH)
+            kinds.append("prior")
+        if "cross-content" in plan:  # fresh draws of each adapter's examples, for the other adapter's term
+            parts += [self._draw(ctx, ctx.store["instance"], rng, n), self._draw(ctx, ctx.store["style"], rng, n)]
+            kinds += ["cross-content", "cross-style"]
+        states = []
+        for kind in kinds:  # (local batch, roles); the prior's states split its examples evenly
+            each = plan[kind] if isinstance(plan[kind], list) else [plan[kind]]
+            states.append(torch.tensor([each[j * len(each) // cfg.batch_size] for j in range(cfg.batch_size)]))
         router: Router = ctx.store["router"]
+        unet = ctx.store["unet"]
 
-        def route(members: list[int], embeds=None) -> None:  # before each UNet pass: who owns which example
-            router.owner = torch.cat([torch.full((cfg.batch_size,), owners[i]) for i in members]).to(ctx.accelerator.device)
+        def teacher(members, noisy, t, embeds, added):  # the cross terms' target: the other adapter alone
+            taught, start = {}, 0
+            for i in members:
+                size = len(states[i])
+                if kinds[i].startswith("cross-"):
+                    alone = (FROZEN, OFF) if kinds[i] == "cross-content" else (OFF, FROZEN)
+                    router.states = torch.tensor([alone] * size)
+                    cut = slice(start, start + size)
+                    part_added = None if added is None else {k: v[cut] for k, v in added.items()}
+                    taught[i] = unet(noisy[cut], t[cut], embeds[cut], added_cond_kwargs=part_added).sample
+                start += size
+            router.states = None
+            return taught
 
-        losses = denoise_losses(ctx, parts, g, before_pass=route)
-        router.owner = None
+        def route(members: list[int], embeds=None) -> None:  # before each UNet pass: what each adapter does
+            router.states = torch.cat([states[i] for i in members])
+
+        try:
+            losses = denoise_losses(ctx, parts, g, before_pass=route, teacher=teacher if "cross-content" in plan else None)
+        finally:
+            router.states = None
         total = losses[0] + losses[1]
-        if cfg.prior_preservation:
-            total = total + cfg.prior_weight * losses[2]
+        for kind, loss in zip(kinds[2:], losses[2:]):
+            total = total + (cfg.prior_weight if kind == "prior" else 1.0) * loss
         return total
 
     def extract(self, ctx: Context, components: list[str], meta: AdapterMeta) -> Adapter:

@@ -336,7 +336,8 @@ def denoise_losses(ctx: Context, parts: list[tuple[torch.Tensor, dict[str, Any]]
     ``g`` in order; those with the same latent size go through the UNet as one batch.
     ``before_pass(indices, embeds)`` is called before each UNet pass with the parts it concatenates, in order, and
     the prompt embeddings the pass is given. ``teacher(indices, noisy, t, embeds, added)``, if given, returns the
-    target of that pass (run without gradients, before ``before_pass``) in place of the noise (distillation)."""
+    target of that pass (run without gradients, before ``before_pass``) in place of the noise (distillation): one
+    tensor for the whole pass, or a dict ``{part index: target}`` for only some of its parts."""
     sched = ctx.noise_scheduler
     if sched.config.prediction_type not in ("v_prediction", "epsilon"):
         raise ValueError(f"prediction type {sched.config.prediction_type!r} is not supported (epsilon, v_prediction)")
@@ -371,7 +372,10 @@ def denoise_losses(ctx: Context, parts: list[tuple[torch.Tensor, dict[str, Any]]
         start = 0
         for i in members:
             n_i = len(prepared[i][3])
-            target = prepared[i][3] if taught is None else taught[start : start + n_i]
+            if isinstance(taught, dict):
+                target = taught.get(i, prepared[i][3])
+            else:
+                target = prepared[i][3] if taught is None else taught[start : start + n_i]
             piece = pred[start : start + n_i]
             start += n_i
             loss = torch.nn.functional.mse_loss(piece.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
