@@ -203,9 +203,9 @@ def test_ziplora_merge_by_hand():
     delta = torch.tensor([[2.0, 2.0, 0.0], [2.0, 3.5, 3.0]])
     x = torch.tensor([[1.0, 1.0, 1.0], [0.0, 2.0, -1.0]])
     torch.testing.assert_close(layer(x), x @ (layer.weight + delta).T + layer.bias)
-    router.owner = torch.tensor([0, 1])  # teacher: example 0 sees the content LoRA alone, example 1 the style LoRA
+    router.states = torch.tensor([[FROZEN, OFF], [OFF, FROZEN]])  # teacher: example 0 sees the content LoRA alone, example 1 the style LoRA
     alone = layer(x)
-    router.owner = None
+    router.states = None
     torch.testing.assert_close(alone[0], x[0] @ (layer.weight + c.delta()).T + layer.bias)
     torch.testing.assert_close(alone[1], x[1] @ (layer.weight + s.delta()).T + layer.bias)
     # |cos([1,.5,0], [0,.5,1])| = .25 / 1.25 = 0.2

@@ -137,11 +137,10 @@ INTERPLAY = {
 class Router:
     """What each adapter does on each example of the current UNet pass.
 
-    ``states``: ``(batch, len(ROLES))`` of ``OFF``, ``FROZEN``, ``LEARNS`` (the pair trainer); ``owner``: per example,
-    the one adapter that acts alone (ZipLoRA's teacher). Neither set: every adapter acts, as when sampling."""
+    ``states``: ``(batch, len(ROLES))`` of ``OFF``, ``FROZEN``, ``LEARNS``. Unset: every adapter acts, as when
+    sampling (and, in ZipLoRA's merge, merged)."""
 
     def __init__(self) -> None:
-        self.owner: torch.Tensor | None = None
         self.states: torch.Tensor | None = None
 
 
@@ -179,14 +178,16 @@ def attach_pair(layer: torch.nn.Linear, rank: int, alpha: float, router: Router,
             if role not in roles:
                 continue
             down, up = getattr(module, f"lora_{role}_down"), getattr(module, f"lora_{role}_up")
-            y = F.linear(F.linear(x, down), up) * scale
             # routed whenever the router holds the batch's states: the loop trains with the UNet in eval mode (diffusers'
             # from_pretrained sets it; no dropout), so ``module.training`` says nothing here
-            if router.states is not None:
-                state = router.states[:, k].to(y.device).view(-1, *([1] * (y.ndim - 1)))
-                frozen = F.linear(F.linear(x, down.detach()), up.detach()) * scale
-                y = (state == LEARNS).to(y.dtype) * y + (state == FROZEN).to(y.dtype) * frozen
-            total = total + y
+            if router.states is None:
+                total = total + F.linear(F.linear(x, down), up) * scale
+                continue
+            state = router.states[:, k].to(x.device).view(-1, *([1] * (x.ndim - 1)))
+            for kind, weights in ((LEARNS, (down, up)), (FROZEN, (down.detach(), up.detach()))):
+                on = state == kind
+                if on.any():  # a frozen branch has the same value, without the gradient; absent: nothing
+                    total = total + on.to(x.dtype) * F.linear(F.linear(x, weights[0]), weights[1]) * scale
         return total
 
     layer._cs_hook = layer.register_forward_hook(hook)  # type: ignore[attr-defined]
@@ -195,7 +196,7 @@ def attach_pair(layer: torch.nn.Linear, rank: int, alpha: float, router: Router,
 
 def attach_zip(layer: torch.nn.Linear, sources: dict[str, LoraWeights], router: Router) -> list[torch.nn.Parameter]:
     """ZipLoRA on ``layer``: each source LoRA (by role) fixed, with a trainable merge coefficient per input column
-    (``lora_ROLE_merge``, from 1); returns those. With ``router.owner`` set, each example sees only its owner's LoRA,
+    (``lora_ROLE_merge``, from 1); returns those. With ``router.states`` set, each example sees only the LoRAs not ``OFF`` on it,
     unmerged (the teacher); otherwise the merged sum."""
     dev, dt = layer.weight.device, layer.weight.dtype
     params = []
@@ -216,10 +217,10 @@ def attach_zip(layer: torch.nn.Linear, sources: dict[str, LoraWeights], router: 
             if role not in module._zip_sources:
                 continue
             down, up = getattr(module, f"lora_{role}_down"), getattr(module, f"lora_{role}_up")
-            if router.owner is None:
+            if router.states is None:
                 total = total + F.linear(F.linear(x, down * getattr(module, f"lora_{role}_merge")), up)
             else:
-                alone = (router.owner == k).to(out.dtype).view(-1, *([1] * (out.ndim - 1)))
+                alone = (router.states[:, k] != OFF).to(x.device, out.dtype).view(-1, *([1] * (out.ndim - 1)))
                 total = total + alone * F.linear(F.linear(x, down), up)
         return total
 
@@ -319,17 +320,17 @@ class ContentStyle(DreamBooth):
         cfg: ContentStyleConfig = ctx.cfg
         n = cfg.batch_size * ctx.accelerator.num_processes
         parts = [self._draw(ctx, ctx.store["instance"], rng, n), self._draw(ctx, ctx.store["style"], rng, n)]
-        owners = [0, 1]
+        alone = [(FROZEN, OFF), (OFF, FROZEN)]  # ZipLoRA's teacher: each adapter alone on its own examples
         if cfg.content_adapter:  # ZipLoRA: the merged model fits each adapter alone on that adapter's examples
             router: Router = ctx.store["router"]
             unet = ctx.store["unet"]
 
             def teacher(members, noisy, t, embeds, added):
-                router.owner = torch.cat([torch.full((cfg.batch_size,), owners[i]) for i in members]).to(noisy.device)
+                router.states = torch.cat([torch.tensor([alone[i]] * cfg.batch_size) for i in members])
                 try:
                     return unet(noisy, t, embeds, added_cond_kwargs=added).sample
                 finally:
-                    router.owner = None
+                    router.states = None
 
             losses = denoise_losses(ctx, parts, g, teacher=teacher)
             return losses[0] + losses[1] + cfg.merge_penalty * merge_penalty(ctx.pipe.unet).to(losses[0].device)
@@ -355,8 +356,7 @@ class ContentStyle(DreamBooth):
             for i in members:
                 size = len(states[i])
                 if kinds[i].startswith("cross-"):
-                    alone = (FROZEN, OFF) if kinds[i] == "cross-content" else (OFF, FROZEN)
-                    router.states = torch.tensor([alone] * size)
+                    router.states = torch.tensor([alone[0] if kinds[i] == "cross-content" else alone[1]] * size)
                     cut = slice(start, start + size)
                     part_added = None if added is None else {k: v[cut] for k, v in added.items()}
                     taught[i] = unet(noisy[cut], t[cut], embeds[cut], added_cond_kwargs=part_added).sample
