@@ -95,6 +95,13 @@ def test_train_config_is_the_cli_schema_and_bad_settings_are_named(tmp_path):
         ws.train_config("content-style", "quick", "stars", "x", style_dataset="stars", attention_loss=1.0)
     assert ws.train_config("dreambooth", "quick", "stars", "lc", lora_layers="to_q,conv1")["lora_layers"] == "to_q,conv1"
     assert ws.train_config("dreambooth", "quick", "stars", "df")["lora_layers"] == "to_q,to_k,to_v,to_out.0"
+    tuned = ws.train_config("dreambooth", "quick", "stars", "sn", lr_scheduler="cosine", warmup=5, snr_gamma=5.0,
+                            noise_offset=0.05)
+    assert (tuned["lr_scheduler"], tuned["warmup"], tuned["snr_gamma"], tuned["noise_offset"]) == ("cosine", 5, 5.0, 0.05)
+    with pytest.raises(InputError, match="--lr-scheduler 'step'; accepted: constant, linear, cosine"):
+        ws.train_config("dreambooth", "quick", "stars", "x", lr_scheduler="step")
+    with pytest.raises(InputError, match="--snr-gamma must be 0 \\(off\\) or positive"):
+        ws.train_config("dreambooth", "quick", "stars", "x", snr_gamma=-5.0)
     with pytest.raises(InputError, match="SingLoRA takes linear layers only"):
         ws.train_config("dreambooth", "quick", "stars", "x", lora_layers="to_q,conv1", adapter="singlora")
 

@@ -2,7 +2,8 @@
 
 A trainer adds only what is its own (see :class:`Trainer`): which modules get LoRA, what a batch
 is and what the loss is. The loop owns everything else: LoRA injection (peft), mixed precision,
-gradient checkpointing and accumulation, 8-bit Adam where bitsandbytes works, checkpoints of the
+gradient checkpointing and accumulation, 8-bit Adam where bitsandbytes works, the learning-rate warm-up
+and schedule (diffusers'), gradient clipping, Min-SNR loss weighting and the noise offset, checkpoints of the
 full state every N steps (safetensors + JSON, atomic), ``--resume latest`` that ends exactly where
 an uninterrupted run ends, validation images, TensorBoard, a progress bar, and the final adapter.
 
@@ -39,6 +40,10 @@ def _help(text: str) -> dict:
     return {"help": text}
 
 
+# --lr-scheduler: diffusers' schedule names ("constant" is theirs with a warm-up)
+LR_SCHEDULES = ("constant", "linear", "cosine", "cosine_with_restarts")
+
+
 @dataclass
 class TrainConfig:
     """Knobs every trainer shares (each trainer's config adds its own)."""
@@ -57,7 +62,24 @@ class TrainConfig:
     batch_size: int = field(default=4, metadata=_help("Examples per step and process (before accumulation)."))
     grad_accum: int = field(default=1, metadata=_help("Gradient accumulation: micro-batches per optimizer step."))
     lr: float = field(default=1e-4, metadata=_help("Learning rate (AdamW)."))
-    warmup: int = field(default=0, metadata=_help("Linear learning-rate warm-up steps (then constant)."))
+    warmup: int = field(default=0, metadata=_help("Linear learning-rate warm-up steps (then --lr-scheduler)."))
+    lr_scheduler: str = field(
+        default="constant",
+        metadata=_help("Learning rate after the warm-up: " + ", ".join(LR_SCHEDULES) + " (diffusers' schedules; all but"
+                       " constant decay to 0 at --steps)."),
+    )
+    lr_cycles: int = field(default=1, metadata=_help("cosine_with_restarts: how many cosine cycles the run holds."))
+    snr_gamma: float = field(
+        default=0.0,
+        metadata=_help("Min-SNR loss weighting (Hang et al. 2023): each example's loss times min(SNR, γ) / SNR"
+                       " (ε-prediction) or / (SNR + 1) (v-prediction) at its timestep; 5 is the paper's; 0: off."),
+    )
+    noise_offset: float = field(
+        default=0.0,
+        metadata=_help("Noise offset: add this times one normal draw per example and channel to the training noise"
+                       " (lets the model shift an image's mean brightness); 0.05-0.1 are usual; 0: off."),
+    )
+    max_grad_norm: float = field(default=1.0, metadata=_help("Clip the gradients' norm to this; 0: no clipping."))
     adapter: str = field(
         default="lora", metadata=_help("lora, or singlora (one matrix per layer; exported as a plain LoRA).")
     )
@@ -107,6 +129,14 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.lr_scheduler not in LR_SCHEDULES:
+            raise ValueError(f"--lr-scheduler {self.lr_scheduler!r}; accepted: {', '.join(LR_SCHEDULES)}")
+        if self.warmup < 0 or self.lr_cycles < 1:
+            raise ValueError(f"--warmup must be 0 or positive and --lr-cycles at least 1, got {self.warmup} and"
+                             f" {self.lr_cycles}")
+        for name in ("snr_gamma", "noise_offset", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be 0 (off) or positive, got {getattr(self, name)}")
         if self.alpha < 0:
             raise ValueError(f"--alpha must be 0 (= rank) or positive, got {self.alpha}")
         if self.adapter not in ("lora", "singlora"):
@@ -342,10 +372,13 @@ def denoise_losses(ctx: Context, parts: list[tuple[torch.Tensor, dict[str, Any]]
     if sched.config.prediction_type not in ("v_prediction", "epsilon"):
         raise ValueError(f"prediction type {sched.config.prediction_type!r} is not supported (epsilon, v_prediction)")
     device = ctx.accelerator.device
+    offset, gamma = getattr(ctx.cfg, "noise_offset", 0.0), getattr(ctx.cfg, "snr_gamma", 0.0)
     prepared = []
     for latents, cond in parts:
         noise = torch.randn(latents.shape, generator=g)
         t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=g)
+        if offset:  # drawn after the noise and timesteps, which stay those of a run without it
+            noise = noise + offset * torch.randn((*latents.shape[:2], *[1] * (latents.dim() - 2)), generator=g)
         part = shard(ctx, latents.shape[0])
         x0, noise, t = latents[part].to(device), noise[part].to(device, latents.dtype), t[part].to(device)
         target = sched.get_velocity(x0, noise, t) if sched.config.prediction_type == "v_prediction" else noise
@@ -378,13 +411,37 @@ def denoise_losses(ctx: Context, parts: list[tuple[torch.Tensor, dict[str, Any]]
                 target = prepared[i][3] if taught is None else taught[start : start + n_i]
             piece = pred[start : start + n_i]
             start += n_i
-            loss = torch.nn.functional.mse_loss(piece.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+            loss = torch.nn.functional.mse_loss(piece.float(), target.float(), reduction="none")
+            loss = loss.mean(dim=tuple(range(1, loss.dim())))
+            if gamma:
+                loss = loss * min_snr_weights(sched, prepared[i][1], gamma)
             losses[i] = loss if reduction == "none" else loss.mean()
     return losses  # type: ignore[return-value]
 
 
-def _lr_factor(step: int, warmup: int) -> float:
-    return min(1.0, (step + 1) / warmup) if warmup else 1.0
+def lr_factor(cfg: TrainConfig):
+    """``step -> `` the multiple of ``--lr`` that optimizer step ``step`` (0-based) uses: a linear warm-up that
+    reaches the full rate at step ``warmup - 1`` (``(step + 1) / warmup``), then diffusers' schedule
+    ``--lr-scheduler`` (its factor at ``step``: 1 at the warm-up's end, decaying towards 0 at ``--steps``)."""
+    from diffusers.optimization import get_scheduler
+
+    name = "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)  # only the schedule's lambda is used
+    schedule = get_scheduler(name, dummy, num_warmup_steps=cfg.warmup, num_training_steps=cfg.steps,
+                             num_cycles=cfg.lr_cycles).lr_lambdas[0]
+    return lambda step: float(schedule(step + 1) if step < cfg.warmup else schedule(step))
+
+
+def min_snr_weights(sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ weights of timesteps ``t``: ``min(SNR, γ) / SNR`` for ε-prediction (taken as ``min(γ / SNR, 1)``,
+    so 1 where a zero-terminal-SNR schedule's last step has SNR 0), ``min(SNR, γ) / (SNR + 1)`` for v-prediction,
+    with ``SNR = ᾱ_t / (1 - ᾱ_t)`` (diffusers' ``compute_snr``)."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(sched, t).float()
+    if sched.config.prediction_type == "v_prediction":
+        return torch.clamp(snr, max=gamma) / (snr + 1)
+    return torch.clamp(gamma / snr, max=1.0)
 
 
 def train(trainer: Trainer, cfg: TrainConfig) -> Path:
@@ -456,12 +513,12 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
                disable=not accelerator.is_main_process)
     progress = Progress(run_dir, cfg.steps, accelerator.is_main_process)
     progress.event("start", start)
-    t0, loss_value = time.time(), float("nan")
+    t0, loss_value, factor = time.time(), float("nan"), lr_factor(cfg)
     for step in bar:
         if "clock" in ctx.store:
             ctx.store["clock"].step = step
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * group.get("lr_scale", 1.0) * _lr_factor(step, cfg.warmup)
+            group["lr"] = cfg.lr * group.get("lr_scale", 1.0) * factor(step)
         total = 0.0
         for micro in range(cfg.grad_accum):
             key = (cfg.seed * 1_000_003 + step) * 1009 + micro  # the same on every process (see denoise_loss)
@@ -476,7 +533,8 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
             for p in te_grads:
                 if p.grad is not None:
                     p.grad.copy_(accelerator.reduce(p.grad, reduction="mean"))
-        accelerator.clip_grad_norm_(params, 1.0)
+        if cfg.max_grad_norm:
+            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss_value = total

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 import gradio as gr
+from studio.trainers.loop import LR_SCHEDULES
 from studio.ui.engine import COMPOSERS, Engine, Settings
 from studio.ui.workspace import PRESETS, TRAINERS, InputError, Workspace, safe_name
 
@@ -136,6 +137,12 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
                                 lr = gr.Number(label="Learning rate (0: preset)", value=0)
                                 attention = gr.Number(label="Attention loss (0: off; for composing with CLoRA)", value=0,
                                                       elem_id="attention-loss")
+                            with gr.Row():
+                                schedule = gr.Dropdown(list(LR_SCHEDULES), value="constant", label="LR schedule",
+                                                       elem_id="lr-scheduler")
+                                warmup = gr.Number(label="Warm-up steps", value=0, precision=0, elem_id="warmup")
+                                snr = gr.Number(label="Min-SNR γ (0: off; 5 is usual)", value=0, elem_id="snr-gamma")
+                                offset = gr.Number(label="Noise offset (0: off)", value=0, elem_id="noise-offset")
                             layers = gr.Textbox(label="LoRA layers (empty: the attention projections; e.g. add"
                                                       " ff.net.0.proj,ff.net.2,conv1,conv2 for kohya's LoCon)", value="",
                                                 elem_id="lora-layers")
@@ -233,19 +240,22 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
         add_dataset.click(on_add_dataset, [uploads, dataset_name], [dataset, style_dataset, train_status])
 
         @_guarded
-        def on_start(dataset_, style_, trainer_, preset_, token_, noun_, name_, steps_, rank_, lr_, attention_, layers_):
+        def on_start(dataset_, style_, trainer_, preset_, token_, noun_, name_, steps_, rank_, lr_, attention_, layers_,
+                     schedule_, warmup_, snr_, offset_):
             if not dataset_:
                 raise InputError("no dataset: upload images and add them, or pick a dataset")
             name_ = name_.strip() or f"{token_}-{dataset_}"
             overrides = {"token": token_.strip(), "class_noun": noun_.strip(), "steps": int(steps_ or 0) or None,
                          "rank": int(rank_ or 0) or None, "lr": float(lr_ or 0) or None,
-                         "attention_loss": float(attention_ or 0) or None, "lora_layers": (layers_ or "").strip() or None}
+                         "attention_loss": float(attention_ or 0) or None, "lora_layers": (layers_ or "").strip() or None,
+                         "lr_scheduler": schedule_ or None, "warmup": int(warmup_ or 0) or None,
+                         "snr_gamma": float(snr_ or 0) or None, "noise_offset": float(offset_ or 0) or None}
             cfg = ws.train_config(trainer_, preset_, dataset_, name_, style_dataset=style_ or "", **overrides)
             name = ws.start_run(cfg)
             return name, gr.update(choices=ws.runs(), value=name), ws.headless(name)
 
         start.click(on_start, [dataset, style_dataset, trainer, preset, token, class_noun, run_name, steps, rank, lr,
-                               attention, layers],
+                               attention, layers, schedule, warmup, snr, offset],
                     [current, runs, headless])
 
         @_guarded

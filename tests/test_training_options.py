@@ -1,0 +1,168 @@
+"""The loop's schedule and loss options (--lr-scheduler, --snr-gamma, --noise-offset, --max-grad-norm) against
+hand computations on small tensors, and one tiny DreamBooth run that uses them all."""
+
+import json
+import math
+import subprocess
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from studio.trainers.loop import Context, TrainConfig, denoise_losses, lr_factor
+from test_dreambooth import TRAIN, star_folder, tiny_args
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        # warm-up 2 of 10 steps: (step + 1) / 2, then the schedule from its start at step 2
+        ("constant", [0.5, 1, 1, 1, 1, 1, 1, 1, 1, 1]),
+        ("linear", [0.5, 1] + [(10 - s) / 8 for s in range(2, 10)]),
+        ("cosine", [0.5, 1] + [0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(2, 10)]),
+        # two cycles of 4 steps each
+        ("cosine_with_restarts", [0.5, 1] + [0.5 * (1 + math.cos(math.pi * ((s - 2) % 4) / 4)) for s in range(2, 10)]),
+    ],
+)
+def test_lr_schedules_by_hand(name, expected):
+    factor = lr_factor(TrainConfig(steps=10, warmup=2, lr_scheduler=name, lr_cycles=2 if "restarts" in name else 1))
+    assert [factor(s) for s in range(10)] == pytest.approx(expected, abs=1e-6)
+
+
+def test_no_warmup_starts_at_the_full_rate():
+    assert lr_factor(TrainConfig(steps=4, lr_scheduler="linear"))(0) == 1.0
+    assert [lr_factor(TrainConfig(steps=4))(s) for s in range(4)] == [1.0] * 4
+
+
+class ZeroUNet(torch.nn.Module):
+    """Predicts 0 everywhere: each example's loss is then the mean square of its target."""
+
+    def forward(self, x, t, embeds, added_cond_kwargs=None):
+        return SimpleNamespace(sample=torch.zeros_like(x))
+
+
+def _ctx(prediction_type="epsilon", **cfg):
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          prediction_type=prediction_type)  # SDXL's
+    acc = SimpleNamespace(device=torch.device("cpu"), num_processes=1, process_index=0)
+    return Context(TrainConfig(**cfg), None, acc, None, sched, 64, store={"unet": ZeroUNet()})
+
+
+def _draws(seed, shape, offset=0.0):
+    """The noise and timesteps ``denoise_losses`` draws from a generator seeded with ``seed``, replayed."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(shape, generator=g)
+    t = torch.randint(0, 1000, (shape[0],), generator=g)
+    if offset:
+        noise = noise + offset * torch.randn(shape[0], shape[1], 1, 1, generator=g)
+    return noise, t
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_each_examples_loss_by_hand(prediction_type):
+    latents = torch.randn(6, 4, 3, 3, generator=torch.Generator().manual_seed(1))
+    cond = {"embeds": torch.zeros(6, 2, 8)}
+    ctx = _ctx(prediction_type, snr_gamma=1.0)
+    (loss,) = denoise_losses(ctx, [(latents, cond)], torch.Generator().manual_seed(7), reduction="none")
+    noise, t = _draws(7, latents.shape)
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2  # scaled linear
+    abar = torch.cumprod(1 - betas, 0)[t]
+    snr = abar / (1 - abar)
+    if prediction_type == "epsilon":
+        target, weight = noise.double(), torch.clamp(snr, max=1.0) / snr
+    else:  # v = sqrt(abar) noise - sqrt(1 - abar) x0
+        a, s = abar.sqrt()[:, None, None, None], (1 - abar).sqrt()[:, None, None, None]
+        target, weight = a * noise.double() - s * latents.double(), torch.clamp(snr, max=1.0) / (snr + 1)
+    expected = (target**2).mean(dim=(1, 2, 3)) * weight
+    assert loss.double() == pytest.approx(expected, rel=1e-4)
+    assert not torch.allclose(weight, torch.ones_like(weight))  # the draw has timesteps where the weight bites
+    (plain,) = denoise_losses(_ctx(prediction_type), [(latents, cond)], torch.Generator().manual_seed(7), reduction="none")
+    assert plain.double() == pytest.approx((target**2).mean(dim=(1, 2, 3)), rel=1e-4)
+
+
+def test_min_snr_weight_is_finite_at_zero_terminal_snr():
+    """The embedded model's schedule (rescaled to zero terminal SNR): ε's weight min(SNR, γ) / SNR is 1 as SNR -> 0,
+    v's is 0 there."""
+    from studio.trainers.loop import min_snr_weights
+
+    t = torch.tensor([0, 500, 999])
+    for kind, last in (("epsilon", 1.0), ("v_prediction", 0.0)):
+        sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type=kind,
+                              rescale_betas_zero_snr=True)
+        assert float(sched.alphas_cumprod[-1]) == 0.0
+        w = min_snr_weights(sched, t, 5.0)
+        assert torch.isfinite(w).all() and float(w[-1]) == last, (kind, w)
+        abar = sched.alphas_cumprod[t[:2]].double()
+        snr = abar / (1 - abar)
+        hand = torch.clamp(snr, max=5.0) / (snr if kind == "epsilon" else snr + 1)
+        assert w[:2].double() == pytest.approx(hand, rel=1e-5)
+
+
+def test_noise_offset_adds_one_draw_per_example_and_channel_by_hand():
+    latents = torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(2))
+    cond = {"embeds": torch.zeros(3, 2, 8)}
+    (loss,) = denoise_losses(_ctx(noise_offset=0.5), [(latents, cond)], torch.Generator().manual_seed(3),
+                             reduction="none")
+    noise, _ = _draws(3, latents.shape, offset=0.5)
+    assert loss == pytest.approx((noise**2).mean(dim=(1, 2, 3)), rel=1e-5)
+    plain_noise, _ = _draws(3, latents.shape)
+    shift = (noise - plain_noise)[:, :, :1, :1]
+    assert torch.allclose(noise - plain_noise, shift.expand_as(noise))  # constant over each channel's pixels
+    assert shift.abs().min() > 0
+
+
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        ({"lr_scheduler": "step"}, "--lr-scheduler 'step'; accepted: constant, linear, cosine, cosine_with_restarts"),
+        ({"lr_cycles": 0}, "--lr-cycles at least 1"),
+        ({"snr_gamma": -1.0}, "--snr-gamma must be 0 (off) or positive, got -1.0"),
+        ({"noise_offset": -0.1}, "--noise-offset must be 0 (off) or positive"),
+        ({"max_grad_norm": -1.0}, "--max-grad-norm must be 0 (off) or positive"),
+    ],
+)
+def test_bad_options_are_refused_by_name(cfg, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        TrainConfig(**cfg).check()
+
+
+def test_a_run_with_every_option_follows_its_schedule(tmp_path):
+    data, out = star_folder(tmp_path / "stars", 2), tmp_path / "run"
+    extra = {"lr": 0.01, "warmup": 1, "lr_scheduler": "cosine", "snr_gamma": 5, "noise_offset": 0.1,
+             "max_grad_norm": 0.5}
+    r = subprocess.run([*TRAIN, *tiny_args(data, out, steps=4, **extra)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert {k: config[k] for k in extra} == extra
+    steps = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
+    lrs = [e["lr"] for e in steps if "loss" in e]
+    # warm-up of 1 (full rate at step 0), then cosine over steps 1-3
+    expected = [0.01] + [0.01 * 0.5 * (1 + math.cos(math.pi * (s - 1) / 3)) for s in range(1, 4)]
+    assert lrs == pytest.approx(expected, rel=1e-6)
+    assert all(math.isfinite(e["loss"]) for e in steps if "loss" in e)
+    assert (out / "adapter.safetensors").is_file()
+
+
+def test_max_grad_norm_clips_at_that_norm_and_zero_turns_clipping_off(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+    from studio.trainers.config import build_config
+    from studio.trainers.dreambooth import DreamBooth, DreamBoothConfig
+    from studio.trainers.loop import train
+
+    norms: list[float] = []
+    clip = Accelerator.clip_grad_norm_
+
+    def recording(self, parameters, max_norm, *args, **kwargs):
+        norms.append(max_norm)
+        return clip(self, parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", recording)
+    data = star_folder(tmp_path / "stars", 1)
+    seen = {}
+    for norm in (0.25, 0.0):
+        norms.clear()
+        train(DreamBooth(), build_config(DreamBoothConfig, {}, {
+            "data": str(data), "output": str(tmp_path / f"run{norm}"), "steps": 2, "batch_size": 1, "rank": 2,
+            "prior_preservation": False, "checkpoint_every": 0, "max_grad_norm": norm}))
+        seen[norm] = list(norms)
+    assert seen == {0.25: [0.25, 0.25], 0.0: []}
