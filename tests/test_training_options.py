@@ -166,3 +166,42 @@ def test_max_grad_norm_clips_at_that_norm_and_zero_turns_clipping_off(tmp_path, 
             "prior_preservation": False, "checkpoint_every": 0, "max_grad_norm": norm}))
         seen[norm] = list(norms)
     assert seen == {0.25: [0.25, 0.25], 0.0: []}
+
+
+def test_loraplus_groups_put_the_ups_apart_at_ratio_times_their_groups_rate():
+    from studio.trainers.loop import loraplus_groups
+
+    a, b, c, d = (torch.nn.Parameter(torch.zeros(1)) for _ in range(4))
+    groups = loraplus_groups([{"params": [a, b], "lr_scale": 1.0}, {"params": [c, d], "lr_scale": 3.0}], {id(b), id(d)}, 16)
+    assert [([id(p) for p in g["params"]], g["lr_scale"]) for g in groups] == [
+        ([id(a)], 1.0), ([id(b)], 16.0), ([id(c)], 3.0), ([id(d)], 48.0)]
+    assert loraplus_groups([{"params": [a], "lr_scale": 1.0}], {id(a)}, 4) == [{"params": [a], "lr_scale": 4.0}]
+
+
+def test_loraplus_first_step_moves_the_ups_by_ratio_times_the_rate(tmp_path):
+    """peft's B starts at 0, so A gets no gradient on step 1 and AdamW's first step moves each B entry by lr times
+    its group's scale (m / sqrt(v) = sign of the gradient); with LoRA+ that is ratio x lr."""
+    from studio.trainers.config import build_config
+    from studio.trainers.dreambooth import DreamBooth, DreamBoothConfig
+    from studio.trainers.loop import train
+
+    from studio.adapters import load_adapter
+
+    data = star_folder(tmp_path / "stars", 1)
+    lr, ratio = 1e-3, 8.0
+    tops = {}
+    for k in (1.0, ratio):
+        out = train(DreamBooth(), build_config(DreamBoothConfig, {}, {
+            "data": str(data), "output": str(tmp_path / f"run{k}"), "steps": 1, "batch_size": 1, "rank": 2, "lr": lr,
+            "prior_preservation": False, "checkpoint_every": 0, "loraplus_ratio": k}))
+        ups = torch.cat([w.up.flatten() for w in load_adapter(out).modules.values()]).abs()
+        tops[k] = (float(ups.max()), float(ups[ups > 0].median()))
+    for k, (top, median) in tops.items():
+        assert top == pytest.approx(k * lr, rel=0.02) and median == pytest.approx(k * lr, rel=0.05), (k, tops)
+
+
+def test_loraplus_is_refused_where_there_is_no_up_projection():
+    with pytest.raises(ValueError, match="--loraplus-ratio works with --adapter lora only"):
+        TrainConfig(loraplus_ratio=16, adapter="singlora").check()
+    with pytest.raises(ValueError, match="--loraplus-ratio must be positive"):
+        TrainConfig(loraplus_ratio=0).check()

@@ -80,6 +80,11 @@ class TrainConfig:
                        " (lets the model shift an image's mean brightness); 0.05-0.1 are usual; 0: off."),
     )
     max_grad_norm: float = field(default=1.0, metadata=_help("Clip the gradients' norm to this; 0: no clipping."))
+    loraplus_ratio: float = field(
+        default=1.0,
+        metadata=_help("LoRA+ (Hayou et al. 2024): the up-projections (B) learn at this multiple of the learning rate"
+                       " (16 is the paper's; 1: off)."),
+    )
     adapter: str = field(
         default="lora", metadata=_help("lora, or singlora (one matrix per layer; exported as a plain LoRA).")
     )
@@ -134,6 +139,10 @@ class TrainConfig:
         if self.warmup < 0 or self.lr_cycles < 1:
             raise ValueError(f"--warmup must be 0 or positive and --lr-cycles at least 1, got {self.warmup} and"
                              f" {self.lr_cycles}")
+        if self.loraplus_ratio <= 0:
+            raise ValueError(f"--loraplus-ratio must be positive (1: off), got {self.loraplus_ratio}")
+        if self.loraplus_ratio != 1 and self.adapter == "singlora":
+            raise ValueError("--loraplus-ratio works with --adapter lora only (SingLoRA has one matrix per layer)")
         for name in ("snr_gamma", "noise_offset", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be 0 (off) or positive, got {getattr(self, name)}")
@@ -419,6 +428,22 @@ def denoise_losses(ctx: Context, parts: list[tuple[torch.Tensor, dict[str, Any]]
     return losses  # type: ignore[return-value]
 
 
+def is_up(name: str) -> bool:
+    """Whether parameter ``name`` is a LoRA up-projection (B): peft's ``lora_B``, the pair layers' ``lora_*_up``."""
+    return "lora_B" in name or name.endswith("_up")
+
+
+def loraplus_groups(groups: list[dict], ups: set[int], ratio: float) -> list[dict]:
+    """``groups`` (each ``{"params", "lr_scale"}``) with each one's up-projections (``id`` in ``ups``) moved to a group
+    of their own at ``ratio`` times its ``lr_scale`` (LoRA+); empty groups are left out."""
+    out = []
+    for group in groups:
+        rest = [p for p in group["params"] if id(p) not in ups]
+        mine = [p for p in group["params"] if id(p) in ups]
+        out += [{"params": ps, "lr_scale": group["lr_scale"] * k} for ps, k in ((rest, 1.0), (mine, ratio)) if ps]
+    return out
+
+
 def lr_factor(cfg: TrainConfig):
     """``step -> `` the multiple of ``--lr`` that optimizer step ``step`` (0-based) uses: a linear warm-up that
     reaches the full rate at step ``warmup - 1`` (``(step + 1) / warmup``), then diffusers' schedule
@@ -491,6 +516,12 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
     if params and isinstance(params[0], dict):  # param groups, each with an ``lr_scale`` (a multiple of --lr)
         groups = [{"params": list(gr["params"]), "lr_scale": float(gr.get("lr_scale", 1.0))} for gr in params]
         params = [p for gr in groups for p in gr["params"]]
+    if cfg.loraplus_ratio != 1:
+        ups = {id(p) for c in components for n, p in getattr(pipe, c).named_parameters() if is_up(n) and p.requires_grad}
+        if not ups:
+            raise ValueError(f"--loraplus-ratio {cfg.loraplus_ratio:g} needs LoRA up-projections to train; this run has"
+                             " none (SingLoRA has one matrix per layer, ZipLoRA trains merge coefficients)")
+        groups = loraplus_groups(groups or [{"params": params, "lr_scale": 1.0}], ups, cfg.loraplus_ratio)
     use_training_attention(pipe.unet)  # the UNet's attention with fused projections
     if hasattr(trainer, "after_inject"):  # e.g. DreamBooth's attention loss: a recorder in that attention
         trainer.after_inject(ctx)
