@@ -1,5 +1,5 @@
-"""The loop's schedule and loss options (--lr-scheduler, --snr-gamma, --noise-offset, --max-grad-norm) against
-hand computations on small tensors, and one tiny DreamBooth run that uses them all."""
+"""The loop's schedule, loss and optimizer options (--lr-scheduler, --snr-gamma, --noise-offset, --max-grad-norm,
+--loraplus-ratio) against hand computations on small tensors, and tiny DreamBooth runs that use them."""
 
 import json
 import math
