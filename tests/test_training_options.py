@@ -115,7 +115,8 @@ def test_noise_offset_adds_one_draw_per_example_and_channel_by_hand():
     "cfg, message",
     [
         ({"lr_scheduler": "step"}, "--lr-scheduler 'step'; accepted: constant, linear, cosine, cosine_with_restarts"),
-        ({"lr_cycles": 0}, "--lr-cycles at least 1"),
+        ({"lr_cycles": 0}, "--lr-cycles must be at least 1, got 0"),
+        ({"warmup": -1}, "--warmup must be 0 (none) or positive, got -1"),
         ({"snr_gamma": -1.0}, "--snr-gamma must be 0 (off) or positive, got -1.0"),
         ({"noise_offset": -0.1}, "--noise-offset must be 0 (off) or positive"),
         ({"max_grad_norm": -1.0}, "--max-grad-norm must be 0 (off) or positive"),

@@ -136,9 +136,10 @@ class TrainConfig:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if self.lr_scheduler not in LR_SCHEDULES:
             raise ValueError(f"--lr-scheduler {self.lr_scheduler!r}; accepted: {', '.join(LR_SCHEDULES)}")
-        if self.warmup < 0 or self.lr_cycles < 1:
-            raise ValueError(f"--warmup must be 0 or positive and --lr-cycles at least 1, got {self.warmup} and"
-                             f" {self.lr_cycles}")
+        if self.warmup < 0:
+            raise ValueError(f"--warmup must be 0 (none) or positive, got {self.warmup}")
+        if self.lr_cycles < 1:
+            raise ValueError(f"--lr-cycles must be at least 1, got {self.lr_cycles}")
         if self.loraplus_ratio <= 0:
             raise ValueError(f"--loraplus-ratio must be positive (1: off), got {self.loraplus_ratio}")
         if self.loraplus_ratio != 1 and self.adapter == "singlora":
