@@ -1,4 +1,4 @@
-"""The loop's schedule, loss and optimizer options (--lr-scheduler, --snr-gamma, --noise-offset, --max-grad-norm,
+"""The loop's schedule, loss and optimizer options (--lr-scheduler, --snr-gamma, --noise-offset, --max-grad-norm, --timestep-bias-*,
 --loraplus-ratio) against hand computations on small tensors, and tiny DreamBooth runs that use them."""
 
 import json
@@ -130,7 +130,7 @@ def test_bad_options_are_refused_by_name(cfg, message):
 def test_a_run_with_every_option_follows_its_schedule(tmp_path):
     data, out = star_folder(tmp_path / "stars", 2), tmp_path / "run"
     extra = {"lr": 0.01, "warmup": 1, "lr_scheduler": "cosine", "snr_gamma": 5, "noise_offset": 0.1,
-             "max_grad_norm": 0.5}
+             "max_grad_norm": 0.5, "timestep_bias_strategy": "later", "timestep_bias_multiplier": 2.0}
     r = subprocess.run([*TRAIN, *tiny_args(data, out, steps=4, **extra)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     config = json.loads((out / "config.json").read_text())
@@ -206,3 +206,68 @@ def test_loraplus_is_refused_where_there_is_no_up_projection():
         TrainConfig(loraplus_ratio=16, adapter="singlora").check()
     with pytest.raises(ValueError, match="--loraplus-ratio must be positive"):
         TrainConfig(loraplus_ratio=0).check()
+
+
+def test_timestep_weights_by_hand():
+    from studio.trainers.loop import timestep_weights
+
+    def weights(**cfg):
+        return timestep_weights(TrainConfig(**cfg), 1000)
+
+    assert weights() is None and weights(timestep_bias_strategy="later") is None  # multiplier 1: no bias
+    w = weights(timestep_bias_strategy="earlier", timestep_bias_multiplier=3.0)  # portion 0.25: t < 250
+    assert w.sum() == pytest.approx(1.0)
+    assert w[0] == pytest.approx(3 / (250 * 3 + 750)) and w[249] == w[0] and w[250] == pytest.approx(1 / 1500)
+    w = weights(timestep_bias_strategy="later", timestep_bias_multiplier=0.0, timestep_bias_portion=0.1)
+    assert (w[900:] == 0).all() and w[:900] == pytest.approx(torch.full((900,), 1 / 900, dtype=torch.float64))
+    w = weights(timestep_bias_strategy="range", timestep_bias_multiplier=2.0, timestep_bias_begin=100, timestep_bias_end=300)
+    assert w[100] == pytest.approx(2 / 1200) and w[299] == w[100] and w[99] == w[300] == pytest.approx(1 / 1200)
+
+
+class RecordingUNet(ZeroUNet):
+    def __init__(self):
+        super().__init__()
+        self.timesteps = []
+
+    def forward(self, x, t, embeds, added_cond_kwargs=None):
+        self.timesteps.append(t.clone())
+        return super().forward(x, t, embeds, added_cond_kwargs)
+
+
+def test_timestep_bias_draws_from_its_weights_after_the_noise():
+    from studio.trainers.loop import timestep_weights
+
+    latents = torch.randn(64, 4, 2, 2, generator=torch.Generator().manual_seed(4))
+    cond = {"embeds": torch.zeros(64, 2, 8)}
+    bias = {"timestep_bias_strategy": "later", "timestep_bias_multiplier": 0.0, "timestep_bias_portion": 0.5}
+    ctx = _ctx("v_prediction", **bias)
+    unet = ctx.store["unet"] = RecordingUNet()
+    (loss,) = denoise_losses(ctx, [(latents, cond)], torch.Generator().manual_seed(9), reduction="none")
+    g = torch.Generator().manual_seed(9)
+    noise = torch.randn(latents.shape, generator=g)
+    t = torch.multinomial(timestep_weights(ctx.cfg, 1000), 64, replacement=True, generator=g)
+    assert torch.equal(unet.timesteps[0], t) and int(t.max()) < 500  # only the first half: the later half weighs 0
+    abar = ctx.noise_scheduler.alphas_cumprod[t].double()[:, None, None, None]
+    v = abar.sqrt() * noise.double() - (1 - abar).sqrt() * latents.double()
+    assert loss.double() == pytest.approx((v**2).mean(dim=(1, 2, 3)), rel=1e-4)
+    # no bias: the uniform draw as before the option existed
+    plain = _ctx("v_prediction")
+    plain.store["unet"] = RecordingUNet()
+    denoise_losses(plain, [(latents, cond)], torch.Generator().manual_seed(9))
+    assert torch.equal(plain.store["unet"].timesteps[0], _draws(9, latents.shape)[1])
+
+
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        ({"timestep_bias_strategy": "middle"}, "--timestep-bias-strategy 'middle'; accepted: none, earlier, later, range"),
+        ({"timestep_bias_multiplier": -1.0}, "--timestep-bias-multiplier must be 0 or positive"),
+        ({"timestep_bias_portion": 0.0}, "--timestep-bias-portion must be above 0 and at most 1, got 0.0"),
+        ({"timestep_bias_begin": 500, "timestep_bias_end": 500}, "--timestep-bias-begin 500 and --timestep-bias-end 500"),
+        ({"timestep_bias_strategy": "earlier", "timestep_bias_portion": 1.0, "timestep_bias_multiplier": 0.0},
+         "--timestep-bias-multiplier 0 with every timestep biased leaves none to draw"),
+    ],
+)
+def test_bad_timestep_bias_is_refused_by_name(cfg, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        TrainConfig(**cfg).check()

@@ -3,7 +3,7 @@
 A trainer adds only what is its own (see :class:`Trainer`): which modules get LoRA, what a batch
 is and what the loss is. The loop owns everything else: LoRA injection (peft), mixed precision,
 gradient checkpointing and accumulation, 8-bit Adam where bitsandbytes works, the learning-rate warm-up
-and schedule (diffusers'), gradient clipping, Min-SNR loss weighting and the noise offset, checkpoints of the
+and schedule (diffusers'), gradient clipping, Min-SNR loss weighting, the noise offset and timestep bias, checkpoints of the
 full state every N steps (safetensors + JSON, atomic), ``--resume latest`` that ends exactly where
 an uninterrupted run ends, validation images, TensorBoard, a progress bar, and the final adapter.
 
@@ -42,6 +42,8 @@ def _help(text: str) -> dict:
 
 # --lr-scheduler: diffusers' schedule names ("constant" is theirs with a warm-up)
 LR_SCHEDULES = ("constant", "linear", "cosine", "cosine_with_restarts")
+# --timestep-bias-strategy: diffusers' SDXL training scripts' names ("earlier": the low-noise end, small t)
+TIMESTEP_BIASES = ("none", "earlier", "later", "range")
 
 
 @dataclass
@@ -80,6 +82,20 @@ class TrainConfig:
                        " (lets the model shift an image's mean brightness); 0.05-0.1 are usual; 0: off."),
     )
     max_grad_norm: float = field(default=1.0, metadata=_help("Clip the gradients' norm to this; 0: no clipping."))
+    timestep_bias_strategy: str = field(
+        default="none",
+        metadata=_help("Draw training timesteps with a bias (diffusers' SDXL scripts' option): earlier (the low-noise"
+                       " end: fine detail, texture), later (the noisy end: layout, shape), range (--timestep-bias-begin"
+                       " to --timestep-bias-end), or none (uniform)."),
+    )
+    timestep_bias_multiplier: float = field(
+        default=1.0, metadata=_help("How many times likelier the biased timesteps are drawn (1: no bias; 0: only the others).")
+    )
+    timestep_bias_portion: float = field(
+        default=0.25, metadata=_help("earlier/later: the fraction of the timesteps that is biased (0 to 1).")
+    )
+    timestep_bias_begin: int = field(default=0, metadata=_help("range: the first biased timestep."))
+    timestep_bias_end: int = field(default=1000, metadata=_help("range: the biased timesteps end before this one."))
     loraplus_ratio: float = field(
         default=1.0,
         metadata=_help("LoRA+ (Hayou et al. 2024): the up-projections (B) learn at this multiple of the learning rate"
@@ -147,6 +163,7 @@ class TrainConfig:
         for name in ("snr_gamma", "noise_offset", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be 0 (off) or positive, got {getattr(self, name)}")
+        check_timestep_bias(self)
         if self.alpha < 0:
             raise ValueError(f"--alpha must be 0 (= rank) or positive, got {self.alpha}")
         if self.adapter not in ("lora", "singlora"):
@@ -371,22 +388,30 @@ def denoise_loss(ctx: Context, latents: torch.Tensor, cond: dict[str, torch.Tens
 
 
 def denoise_losses(ctx: Context, parts: list[tuple[torch.Tensor, dict[str, Any]]], g: torch.Generator,
-                   reduction: str = "mean", before_pass=None, teacher=None) -> list[torch.Tensor]:
+                   reduction: str = "mean", before_pass=None, teacher=None,
+                   t_weights: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
     """:func:`denoise_loss` of several global batches (e.g. instance and prior examples), drawn from
     ``g`` in order; those with the same latent size go through the UNet as one batch.
     ``before_pass(indices, embeds)`` is called before each UNet pass with the parts it concatenates, in order, and
     the prompt embeddings the pass is given. ``teacher(indices, noisy, t, embeds, added)``, if given, returns the
     target of that pass (run without gradients, before ``before_pass``) in place of the noise (distillation): one
-    tensor for the whole pass, or a dict ``{part index: target}`` for only some of its parts."""
+    tensor for the whole pass, or a dict ``{part index: target}`` for only some of its parts. ``t_weights``: per part,
+    the probability of each timestep (:func:`timestep_weights`); default ``--timestep-bias-*``'s for every part."""
     sched = ctx.noise_scheduler
     if sched.config.prediction_type not in ("v_prediction", "epsilon"):
         raise ValueError(f"prediction type {sched.config.prediction_type!r} is not supported (epsilon, v_prediction)")
     device = ctx.accelerator.device
     offset, gamma = getattr(ctx.cfg, "noise_offset", 0.0), getattr(ctx.cfg, "snr_gamma", 0.0)
     prepared = []
-    for latents, cond in parts:
+    if t_weights is None:
+        t_weights = [timestep_weights(ctx.cfg, sched.config.num_train_timesteps)
+                     if hasattr(ctx.cfg, "timestep_bias_strategy") else None] * len(parts)
+    for (latents, cond), weights in zip(parts, t_weights):
         noise = torch.randn(latents.shape, generator=g)
-        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=g)
+        if weights is None:
+            t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=g)
+        else:
+            t = torch.multinomial(weights, latents.shape[0], replacement=True, generator=g)
         if offset:  # drawn after the noise and timesteps, which stay those of a run without it
             noise = noise + offset * torch.randn((*latents.shape[:2], *[1] * (latents.dim() - 2)), generator=g)
         part = shard(ctx, latents.shape[0])
@@ -456,6 +481,42 @@ def lr_factor(cfg: TrainConfig):
     schedule = get_scheduler(name, dummy, num_warmup_steps=cfg.warmup, num_training_steps=cfg.steps,
                              num_cycles=cfg.lr_cycles).lr_lambdas[0]
     return lambda step: float(schedule(step + 1) if step < cfg.warmup else schedule(step))
+
+
+def check_timestep_bias(cfg, prefix: str = "timestep_bias") -> None:
+    """Refuse a bad ``--timestep-bias-*`` setting (``prefix``: the fields' common start, e.g. a trainer's
+    ``style_timestep_bias`` for its second adapter's)."""
+    get = lambda key: getattr(cfg, f"{prefix}_{key}")  # noqa: E731
+    flag = lambda key: f"--{prefix.replace('_', '-')}-{key}"  # noqa: E731
+    if get("strategy") not in TIMESTEP_BIASES:
+        raise ValueError(f"{flag('strategy')} {get('strategy')!r}; accepted: {', '.join(TIMESTEP_BIASES)}")
+    if get("multiplier") < 0:
+        raise ValueError(f"{flag('multiplier')} must be 0 or positive (1: no bias), got {get('multiplier')}")
+    if not 0 < get("portion") <= 1:
+        raise ValueError(f"{flag('portion')} must be above 0 and at most 1, got {get('portion')}")
+    if not 0 <= get("begin") < get("end") <= 1000:
+        raise ValueError(f"{flag('begin')} {get('begin')} and {flag('end')} {get('end')}: need 0 <= begin < end <= 1000"
+                         " (the training schedule's timesteps)")
+    timestep_weights(cfg, 1000, prefix)  # a multiplier of 0 over every timestep leaves none to draw
+
+
+def timestep_weights(cfg, num_timesteps: int, prefix: str = "timestep_bias") -> torch.Tensor | None:
+    """The probability of drawing each training timestep under ``cfg``'s timestep bias (fields ``PREFIX_strategy``,
+    ``_multiplier``, ``_portion``, ``_begin``, ``_end``), as diffusers' SDXL scripts weight them: the biased
+    timesteps' weight times the multiplier, normalised. ``None``: uniform (no bias), drawn as without the option."""
+    get = lambda key: getattr(cfg, f"{prefix}_{key}")  # noqa: E731
+    strategy, multiplier = get("strategy"), float(get("multiplier"))
+    if strategy == "none" or multiplier == 1:
+        return None
+    n = max(1, int(get("portion") * num_timesteps))
+    biased = {"earlier": slice(0, n), "later": slice(num_timesteps - n, num_timesteps),
+              "range": slice(int(get("begin")), min(int(get("end")), num_timesteps))}[strategy]
+    weights = torch.ones(num_timesteps, dtype=torch.float64)
+    weights[biased] *= multiplier
+    if weights.sum() == 0:
+        raise ValueError(f"--{prefix.replace('_', '-')}-multiplier 0 with every timestep biased leaves none to draw;"
+                         " bias a part of them, or give a multiplier above 0")
+    return weights / weights.sum()
 
 
 def min_snr_weights(sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
