@@ -32,6 +32,7 @@ DreamBooth LoRAs are trained once, under ``naive+captions``, and reused while th
     python bench/content_style.py --methods naive blora
     python bench/content_style.py --methods content-style-free --interplay apart --cells star-shadowed --section probe
     python bench/content_style.py --model runs/pretrain/model   # another world's weights (class images per model)
+    python bench/content_style.py --methods naive+captions --seed 1 --section naive-seed1   # another training seed
 
 Prints a table and writes the ``content-style`` section of docs/benchmarks.md (``--section NAME``: the section
 ``content-style-NAME``, for a variant).
@@ -118,6 +119,8 @@ def main() -> None:
     parser.add_argument("--cells", nargs="*", default=None, metavar="SHAPE-STYLE",
                         help="only these cells of the grid, e.g. star-shadowed heart-ringed (default: all 9)")
     parser.add_argument("--prompt", default=PROMPT, help="the prompt every cell and every adapter alone is sampled with")
+    parser.add_argument("--seed", type=int, default=0, help="the trainers' --seed (LoRA init, examples, noise, timesteps);"
+                        " another than 0 trains under METHOD-seedN/, to read how much the grid moves with it")
     args = parser.parse_args()
     if not {"sks", "zxy"} <= set(args.prompt.replace(",", " ").split()):
         parser.error(f"--prompt {args.prompt!r} must name both identifiers, sks (content) and zxy (style)")
@@ -131,8 +134,9 @@ def main() -> None:
     work = Path(args.work)
     judge = load_judge()
     pipe = load_pipeline(args.model)
-    common = {"model": args.model, "steps": args.steps, "lr": args.lr, "checkpoint_every": 0,
+    common = {"model": args.model, "steps": args.steps, "lr": args.lr, "checkpoint_every": 0, "seed": args.seed,
               "class_data": str(work / "class" / Path(args.model).name)}
+    seeded = f"-seed{args.seed}" if args.seed else ""
 
     def dreambooth(data: Path, out: Path, prompt: str, token: str, captions: bool) -> Path:
         settings = {**common, "data": str(data), "output": str(out), "instance_prompt": prompt, "token": token, "captions": captions}
@@ -176,28 +180,28 @@ def main() -> None:
         style_ad: dict[str, object] = {}
         for shape in shapes:
             data = content_images(shape, work)
-            out = work / ("naive+captions" if method in SHARED else method) / f"content-{shape}"
+            out = work / (("naive+captions" if method in SHARED else method) + seeded) / f"content-{shape}"
             if method in ("naive", *SHARED):
                 content_ad[shape] = dreambooth(data, out, "a {token} {class_noun}", "sks", method != "naive")
             elif method == "blora":
                 content_ad[shape] = split(load_adapter(blora(data, out, "a sks shape") / "adapter.safetensors"), *BLOCKS["sdxl"])[0]
         for style in styles:
             data = style_images(style, work)
-            out = work / ("naive+captions" if method in SHARED else method) / f"style-{style}"
+            out = work / (("naive+captions" if method in SHARED else method) + seeded) / f"style-{style}"
             if method in ("naive", *SHARED):
                 style_ad[style] = dreambooth(data, out, "a {class_noun}, zxy", "zxy", method != "naive")
             elif method == "blora":
                 style_ad[style] = split(load_adapter(blora(data, out, "a shape, zxy") / "adapter.safetensors"), *BLOCKS["sdxl"])[1]
         for shape, style in chosen:
             if method.startswith("content-style"):
-                run = work / (method + ("" if args.interplay == "present" else f"-{args.interplay}")) / f"{shape}-{style}"
+                run = work / (method + ("" if args.interplay == "present" else f"-{args.interplay}") + seeded) / f"{shape}-{style}"
                 train(ContentStyle(), build_config(ContentStyleConfig, {}, {
                     **common, "data": str(content_images(shape, work)), "style_data": str(style_images(style, work)),
                     "output": str(run), "orthogonal": method == "content-style", "style_lr_scale": args.style_lr_scale,
                     "interplay": args.interplay}))
                 c, s = run / "content.safetensors", run / "style.safetensors"
             elif method == "ziplora":
-                run = work / method / f"{shape}-{style}"
+                run = work / (method + seeded) / f"{shape}-{style}"
                 train(ContentStyle(), build_config(ContentStyleConfig, {}, {
                     **common, "data": str(content_images(shape, work)), "style_data": str(style_images(style, work)),
                     "output": str(run), "content_adapter": str(content_ad[shape]), "style_adapter": str(style_ad[style]),
@@ -225,7 +229,7 @@ def main() -> None:
     for shape, style in chosen:
         grid.append(f"| {shape} x {style} | " + " | ".join(
             f"{r['cells'][(shape, style)][0]:.1f} / {r['cells'][(shape, style)][1]:.1f}" for r in results.values()) + " |")
-    flags = "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k in ("model", "steps", "lr", "n", "zip_steps", "style_lr_scale", "interplay")
+    flags = "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k in ("model", "steps", "lr", "n", "zip_steps", "style_lr_scale", "interplay", "seed")
                     if getattr(args, k) != parser.get_default(k))
     flags += f' --prompt "{args.prompt}"' if args.prompt != PROMPT else ""
     flags += " --cells " + " ".join(args.cells) if args.cells else ""
@@ -233,7 +237,7 @@ def main() -> None:
     flags += f" --section {args.section}" if args.section else ""
     title = "Content x style: combining a subject adapter with a style adapter" + (f" ({args.section})" if args.section else "")
     text = (f"## {title}\n\nCommand: `python bench/content_style.py{flags}` "
-            f"(revision {git_revision()}; {machine()}). {args.steps} steps per adapter at lr {args.lr:g}; prompt \"{args.prompt}\" ({{colour}}: {', '.join(GRID_COLOURS[:args.n])}, one per seed); {args.n} seeds "
+            f"(revision {git_revision()}; {machine()}). {args.steps} steps per adapter at lr {args.lr:g}, training seed {args.seed}; prompt \"{args.prompt}\" ({{colour}}: {', '.join(GRID_COLOURS[:args.n])}, one per seed); {args.n} seeds "
             f"per cell. Content images: each held-out shape striped, 4 colours; style images: base shapes in each held-out "
             f"style. Leakage: each adapter alone with the same prompt.\n\n" + "\n".join(summary) +
             "\n\nPer cell, shape acc / style acc:\n\n" + "\n".join(grid) + "\n")

@@ -102,6 +102,10 @@ def test_train_config_is_the_cli_schema_and_bad_settings_are_named(tmp_path):
         ws.train_config("dreambooth", "quick", "stars", "x", lr_scheduler="step")
     with pytest.raises(InputError, match="--snr-gamma must be 0 \\(off\\) or positive"):
         ws.train_config("dreambooth", "quick", "stars", "x", snr_gamma=-5.0)
+    biased = ws.train_config("dreambooth", "quick", "stars", "tb", timestep_bias_strategy="later", timestep_bias_multiplier=2.0)
+    assert (biased["timestep_bias_strategy"], biased["timestep_bias_multiplier"]) == ("later", 2.0)
+    with pytest.raises(InputError, match="--timestep-bias-multiplier must be 0 or positive"):
+        ws.train_config("dreambooth", "quick", "stars", "x", timestep_bias_strategy="later", timestep_bias_multiplier=-1.0)
     with pytest.raises(InputError, match="SingLoRA takes linear layers only"):
         ws.train_config("dreambooth", "quick", "stars", "x", lora_layers="to_q,conv1", adapter="singlora")
 

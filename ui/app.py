@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 import gradio as gr
-from studio.trainers.loop import LR_SCHEDULES
+from studio.trainers.loop import LR_SCHEDULES, TIMESTEP_BIASES
 from studio.ui.engine import COMPOSERS, Engine, Settings
 from studio.ui.workspace import PRESETS, TRAINERS, InputError, Workspace, safe_name
 
@@ -143,6 +143,11 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
                                 warmup = gr.Number(label="Warm-up steps", value=0, precision=0, elem_id="warmup")
                                 snr = gr.Number(label="Min-SNR γ (0: off; 5 is usual)", value=0, elem_id="snr-gamma")
                                 offset = gr.Number(label="Noise offset (0: off)", value=0, elem_id="noise-offset")
+                            with gr.Row():
+                                bias = gr.Dropdown([b for b in TIMESTEP_BIASES if b != "range"], value="none",
+                                                   label="Timestep bias (earlier: detail, texture; later: layout, shape)",
+                                                   elem_id="timestep-bias")
+                                bias_x = gr.Number(label="Bias multiplier (1: off)", value=2, elem_id="timestep-bias-multiplier")
                             layers = gr.Textbox(label="LoRA layers (empty: the attention projections; e.g. add"
                                                       " ff.net.0.proj,ff.net.2,conv1,conv2 for kohya's LoCon)", value="",
                                                 elem_id="lora-layers")
@@ -241,7 +246,7 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
 
         @_guarded
         def on_start(dataset_, style_, trainer_, preset_, token_, noun_, name_, steps_, rank_, lr_, attention_, layers_,
-                     schedule_, warmup_, snr_, offset_):
+                     schedule_, warmup_, snr_, offset_, bias_, bias_x_):
             if not dataset_:
                 raise InputError("no dataset: upload images and add them, or pick a dataset")
             name_ = name_.strip() or f"{token_}-{dataset_}"
@@ -250,12 +255,14 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
                          "attention_loss": float(attention_ or 0) or None, "lora_layers": (layers_ or "").strip() or None,
                          "lr_scheduler": schedule_ or None, "warmup": int(warmup_ or 0) or None,
                          "snr_gamma": float(snr_ or 0) or None, "noise_offset": float(offset_ or 0) or None}
+            if bias_ and bias_ != "none":
+                overrides.update(timestep_bias_strategy=bias_, timestep_bias_multiplier=float(bias_x_ if bias_x_ is not None else 1))
             cfg = ws.train_config(trainer_, preset_, dataset_, name_, style_dataset=style_ or "", **overrides)
             name = ws.start_run(cfg)
             return name, gr.update(choices=ws.runs(), value=name), ws.headless(name)
 
         start.click(on_start, [dataset, style_dataset, trainer, preset, token, class_noun, run_name, steps, rank, lr,
-                               attention, layers, schedule, warmup, snr, offset],
+                               attention, layers, schedule, warmup, snr, offset, bias, bias_x],
                     [current, runs, headless])
 
         @_guarded
