@@ -388,25 +388,23 @@ def denoise_loss(ctx: Context, latents: torch.Tensor, cond: dict[str, torch.Tens
 
 
 def denoise_losses(ctx: Context, parts: list[tuple[torch.Tensor, dict[str, Any]]], g: torch.Generator,
-                   reduction: str = "mean", before_pass=None, teacher=None,
-                   t_weights: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+                   reduction: str = "mean", before_pass=None, teacher=None) -> list[torch.Tensor]:
     """:func:`denoise_loss` of several global batches (e.g. instance and prior examples), drawn from
     ``g`` in order; those with the same latent size go through the UNet as one batch.
     ``before_pass(indices, embeds)`` is called before each UNet pass with the parts it concatenates, in order, and
     the prompt embeddings the pass is given. ``teacher(indices, noisy, t, embeds, added)``, if given, returns the
     target of that pass (run without gradients, before ``before_pass``) in place of the noise (distillation): one
-    tensor for the whole pass, or a dict ``{part index: target}`` for only some of its parts. ``t_weights``: per part,
-    the probability of each timestep (:func:`timestep_weights`); default ``--timestep-bias-*``'s for every part."""
+    tensor for the whole pass, or a dict ``{part index: target}`` for only some of its parts. Timesteps follow
+    ``--timestep-bias-*`` (:func:`timestep_weights`), the same for every part."""
     sched = ctx.noise_scheduler
     if sched.config.prediction_type not in ("v_prediction", "epsilon"):
         raise ValueError(f"prediction type {sched.config.prediction_type!r} is not supported (epsilon, v_prediction)")
     device = ctx.accelerator.device
     offset, gamma = getattr(ctx.cfg, "noise_offset", 0.0), getattr(ctx.cfg, "snr_gamma", 0.0)
     prepared = []
-    if t_weights is None:
-        t_weights = [timestep_weights(ctx.cfg, sched.config.num_train_timesteps)
-                     if hasattr(ctx.cfg, "timestep_bias_strategy") else None] * len(parts)
-    for (latents, cond), weights in zip(parts, t_weights):
+    weights = (timestep_weights(ctx.cfg, sched.config.num_train_timesteps)
+               if hasattr(ctx.cfg, "timestep_bias_strategy") else None)
+    for latents, cond in parts:
         noise = torch.randn(latents.shape, generator=g)
         if weights is None:
             t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=g)
@@ -483,38 +481,34 @@ def lr_factor(cfg: TrainConfig):
     return lambda step: float(schedule(step + 1) if step < cfg.warmup else schedule(step))
 
 
-def check_timestep_bias(cfg, prefix: str = "timestep_bias") -> None:
-    """Refuse a bad ``--timestep-bias-*`` setting (``prefix``: the fields' common start, e.g. a trainer's
-    ``style_timestep_bias`` for its second adapter's)."""
-    get = lambda key: getattr(cfg, f"{prefix}_{key}")  # noqa: E731
-    flag = lambda key: f"--{prefix.replace('_', '-')}-{key}"  # noqa: E731
-    if get("strategy") not in TIMESTEP_BIASES:
-        raise ValueError(f"{flag('strategy')} {get('strategy')!r}; accepted: {', '.join(TIMESTEP_BIASES)}")
-    if get("multiplier") < 0:
-        raise ValueError(f"{flag('multiplier')} must be 0 or positive (1: no bias), got {get('multiplier')}")
-    if not 0 < get("portion") <= 1:
-        raise ValueError(f"{flag('portion')} must be above 0 and at most 1, got {get('portion')}")
-    if not 0 <= get("begin") < get("end") <= 1000:
-        raise ValueError(f"{flag('begin')} {get('begin')} and {flag('end')} {get('end')}: need 0 <= begin < end <= 1000"
-                         " (the training schedule's timesteps)")
-    timestep_weights(cfg, 1000, prefix)  # a multiplier of 0 over every timestep leaves none to draw
+def check_timestep_bias(cfg: TrainConfig) -> None:
+    """Refuse a bad ``--timestep-bias-*`` setting, naming the flag and what it accepts."""
+    if cfg.timestep_bias_strategy not in TIMESTEP_BIASES:
+        raise ValueError(f"--timestep-bias-strategy {cfg.timestep_bias_strategy!r}; accepted: {', '.join(TIMESTEP_BIASES)}")
+    if cfg.timestep_bias_multiplier < 0:
+        raise ValueError(f"--timestep-bias-multiplier must be 0 or positive (1: no bias), got {cfg.timestep_bias_multiplier}")
+    if not 0 < cfg.timestep_bias_portion <= 1:
+        raise ValueError(f"--timestep-bias-portion must be above 0 and at most 1, got {cfg.timestep_bias_portion}")
+    if not 0 <= cfg.timestep_bias_begin < cfg.timestep_bias_end <= 1000:
+        raise ValueError(f"--timestep-bias-begin {cfg.timestep_bias_begin} and --timestep-bias-end {cfg.timestep_bias_end}:"
+                         " need 0 <= begin < end <= 1000 (the training schedule's timesteps)")
+    timestep_weights(cfg, 1000)  # a multiplier of 0 over every timestep leaves none to draw
 
 
-def timestep_weights(cfg, num_timesteps: int, prefix: str = "timestep_bias") -> torch.Tensor | None:
-    """The probability of drawing each training timestep under ``cfg``'s timestep bias (fields ``PREFIX_strategy``,
-    ``_multiplier``, ``_portion``, ``_begin``, ``_end``), as diffusers' SDXL scripts weight them: the biased
-    timesteps' weight times the multiplier, normalised. ``None``: uniform (no bias), drawn as without the option."""
-    get = lambda key: getattr(cfg, f"{prefix}_{key}")  # noqa: E731
-    strategy, multiplier = get("strategy"), float(get("multiplier"))
+def timestep_weights(cfg: TrainConfig, num_timesteps: int) -> torch.Tensor | None:
+    """The probability of drawing each training timestep under ``cfg``'s timestep bias, as diffusers' SDXL scripts
+    weight them: the biased timesteps' weight times ``--timestep-bias-multiplier``, normalised. ``None``: uniform (no
+    bias), drawn as without the option."""
+    strategy, multiplier = cfg.timestep_bias_strategy, float(cfg.timestep_bias_multiplier)
     if strategy == "none" or multiplier == 1:
         return None
-    n = max(1, int(get("portion") * num_timesteps))
+    n = max(1, int(cfg.timestep_bias_portion * num_timesteps))
     biased = {"earlier": slice(0, n), "later": slice(num_timesteps - n, num_timesteps),
-              "range": slice(int(get("begin")), min(int(get("end")), num_timesteps))}[strategy]
+              "range": slice(int(cfg.timestep_bias_begin), min(int(cfg.timestep_bias_end), num_timesteps))}[strategy]
     weights = torch.ones(num_timesteps, dtype=torch.float64)
     weights[biased] *= multiplier
     if weights.sum() == 0:
-        raise ValueError(f"--{prefix.replace('_', '-')}-multiplier 0 with every timestep biased leaves none to draw;"
+        raise ValueError("--timestep-bias-multiplier 0 with every timestep biased leaves none to draw;"
                          " bias a part of them, or give a multiplier above 0")
     return weights / weights.sum()
 
