@@ -402,8 +402,10 @@ def denoise_losses(ctx: Context, parts: list[tuple[torch.Tensor, dict[str, Any]]
     device = ctx.accelerator.device
     offset, gamma = getattr(ctx.cfg, "noise_offset", 0.0), getattr(ctx.cfg, "snr_gamma", 0.0)
     prepared = []
-    weights = (timestep_weights(ctx.cfg, sched.config.num_train_timesteps)
-               if hasattr(ctx.cfg, "timestep_bias_strategy") else None)
+    if "timestep_weights" not in ctx.store:  # once per run, not per step
+        ctx.store["timestep_weights"] = (timestep_weights(ctx.cfg, sched.config.num_train_timesteps)
+                                         if hasattr(ctx.cfg, "timestep_bias_strategy") else None)
+    weights = ctx.store["timestep_weights"]
     for latents, cond in parts:
         noise = torch.randn(latents.shape, generator=g)
         if weights is None:
