@@ -1,5 +1,5 @@
 """The loop's schedule, loss and optimizer options (--lr-scheduler, --snr-gamma, --noise-offset, --max-grad-norm, --timestep-bias-*,
---loraplus-ratio) against hand computations on small tensors, and tiny DreamBooth runs that use them."""
+--loss-type / --huber-*, --loraplus-ratio) against hand computations on small tensors, and tiny DreamBooth runs that use them."""
 
 import json
 import math
@@ -120,6 +120,10 @@ def test_noise_offset_adds_one_draw_per_example_and_channel_by_hand():
         ({"snr_gamma": -1.0}, "--snr-gamma must be 0 (off) or positive, got -1.0"),
         ({"noise_offset": -0.1}, "--noise-offset must be 0 (off) or positive"),
         ({"max_grad_norm": -1.0}, "--max-grad-norm must be 0 (off) or positive"),
+        ({"loss_type": "l1"}, "--loss-type 'l1'; accepted: l2, huber, smooth_l1"),
+        ({"huber_schedule": "linear"}, "--huber-schedule 'linear'; accepted: snr, exponential, constant"),
+        ({"huber_c": 0.0}, "--huber-c must be above 0 and at most 1, got 0.0"),
+        ({"huber_c": 1.5}, "--huber-c must be above 0 and at most 1, got 1.5"),
     ],
 )
 def test_bad_options_are_refused_by_name(cfg, message):
@@ -127,10 +131,75 @@ def test_bad_options_are_refused_by_name(cfg, message):
         TrainConfig(**cfg).check()
 
 
+def _scaled_linear_abar(t):
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2  # SDXL's scaled linear
+    return torch.cumprod(1 - betas, 0)[t]
+
+
+@pytest.mark.parametrize("loss_type", ["huber", "smooth_l1"])
+@pytest.mark.parametrize("schedule", ["snr", "exponential", "constant"])
+def test_pseudo_huber_loss_of_each_example_by_hand(loss_type, schedule):
+    """The ZeroUNet's error is the noise itself: each example's loss is the mean of 2c(sqrt(n² + c²) - c) (huber)
+    or that over c (smooth_l1), with kohya's threshold schedules computed here from the betas."""
+    latents = torch.randn(6, 4, 3, 3, generator=torch.Generator().manual_seed(1))
+    cond = {"embeds": torch.zeros(6, 2, 8)}
+    ctx = _ctx(loss_type=loss_type, huber_schedule=schedule, huber_c=0.3)
+    (loss,) = denoise_losses(ctx, [(latents, cond)], torch.Generator().manual_seed(7), reduction="none")
+    noise, t = _draws(7, latents.shape)
+    if schedule == "snr":
+        abar = _scaled_linear_abar(t)
+        c = 0.3 + 0.7 / (1 + ((1 - abar) / abar).sqrt()) ** 2
+    elif schedule == "exponential":
+        c = 0.3 ** (t.double() / 1000)
+    else:
+        c = torch.full((6,), 0.3, dtype=torch.float64)
+    c4 = c[:, None, None, None]
+    per = 2 * ((noise.double() ** 2 + c4**2).sqrt() - c4)
+    expected = (per * c4 if loss_type == "huber" else per).mean(dim=(1, 2, 3))
+    assert loss.double() == pytest.approx(expected, rel=1e-4)
+    (l2,) = denoise_losses(_ctx(), [(latents, cond)], torch.Generator().manual_seed(7), reduction="none")
+    assert not torch.allclose(loss, l2, rtol=0.05)  # unit-size errors: far from the squared error
+
+
+def test_huber_threshold_is_c_at_zero_terminal_snr():
+    """The embedded model's schedule ends at ᾱ = 0 (σ infinite): the snr schedule's threshold is c there, not NaN."""
+    from studio.trainers.loop import huber_thresholds
+
+    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", rescale_betas_zero_snr=True)
+    c = huber_thresholds(SimpleNamespace(huber_c=0.1, huber_schedule="snr"), sched, torch.tensor([0, 999]))
+    assert float(c[1]) == pytest.approx(0.1) and 0.9 < float(c[0]) <= 1.0
+
+
+def test_pseudo_huber_is_the_squared_error_for_errors_far_below_c():
+    """2c(sqrt(d² + c²) - c) = d² - d⁴/(4c²) + ...: with c = 1 and errors of 1e-2 the huber loss is l2's to 1e-4."""
+    latents = torch.zeros(4, 4, 3, 3)
+    cond = {"embeds": torch.zeros(4, 2, 8)}
+
+    class SmallError(ZeroUNet):
+        """Predicts the noise (zero latents: x_t = sqrt(1 - ᾱ_t) noise) off by errors of 1e-2 or less."""
+
+        def __init__(self, abar):
+            super().__init__()
+            self.abar = abar
+
+        def forward(self, x, t, embeds, added_cond_kwargs=None):
+            error = 1e-2 * torch.cos(torch.arange(x.numel(), dtype=x.dtype)).view_as(x)
+            return SimpleNamespace(sample=x / (1 - self.abar[t]).sqrt()[:, None, None, None] + error)
+
+    losses = []
+    for kind in ("l2", "huber"):
+        ctx = _ctx(loss_type=kind, huber_schedule="constant", huber_c=1.0)
+        ctx.store["unet"] = SmallError(ctx.noise_scheduler.alphas_cumprod)
+        losses.append(denoise_losses(ctx, [(latents, cond)], torch.Generator().manual_seed(3), reduction="none")[0])
+    assert float(losses[0].max()) < 1e-4  # the errors are the small ones
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3)
+
+
 def test_a_run_with_every_option_follows_its_schedule(tmp_path):
     data, out = star_folder(tmp_path / "stars", 2), tmp_path / "run"
     extra = {"lr": 0.01, "warmup": 1, "lr_scheduler": "cosine", "snr_gamma": 5, "noise_offset": 0.1,
-             "max_grad_norm": 0.5, "timestep_bias_strategy": "later", "timestep_bias_multiplier": 2.0}
+             "max_grad_norm": 0.5, "timestep_bias_strategy": "later", "timestep_bias_multiplier": 2.0,
+             "loss_type": "huber", "huber_schedule": "exponential", "huber_c": 0.2}
     r = subprocess.run([*TRAIN, *tiny_args(data, out, steps=4, **extra)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     config = json.loads((out / "config.json").read_text())

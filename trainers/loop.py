@@ -3,7 +3,7 @@
 A trainer adds only what is its own (see :class:`Trainer`): which modules get LoRA, what a batch
 is and what the loss is. The loop owns everything else: LoRA injection (peft), mixed precision,
 gradient checkpointing and accumulation, 8-bit Adam where bitsandbytes works, the learning-rate warm-up
-and schedule (diffusers'), gradient clipping, Min-SNR loss weighting, the noise offset and timestep bias, checkpoints of the
+and schedule (diffusers'), gradient clipping, Min-SNR loss weighting, the (pseudo-Huber) loss type, the noise offset and timestep bias, checkpoints of the
 full state every N steps (safetensors + JSON, atomic), ``--resume latest`` that ends exactly where
 an uninterrupted run ends, validation images, TensorBoard, a progress bar, and the final adapter.
 
@@ -44,6 +44,9 @@ def _help(text: str) -> dict:
 LR_SCHEDULES = ("constant", "linear", "cosine", "cosine_with_restarts")
 # --timestep-bias-strategy: diffusers' SDXL training scripts' names ("earlier": the low-noise end, small t)
 TIMESTEP_BIASES = ("none", "earlier", "later", "range")
+# --loss-type and --huber-schedule: kohya's sd-scripts' names (scheduled pseudo-Huber loss, Khrapov & Popov 2024)
+LOSS_TYPES = ("l2", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("snr", "exponential", "constant")
 
 
 @dataclass
@@ -82,6 +85,18 @@ class TrainConfig:
                        " (lets the model shift an image's mean brightness); 0.05-0.1 are usual; 0: off."),
     )
     max_grad_norm: float = field(default=1.0, metadata=_help("Clip the gradients' norm to this; 0: no clipping."))
+    loss_type: str = field(
+        default="l2",
+        metadata=_help("The denoising loss: l2 (mean squared error), huber (pseudo-Huber, 2c(sqrt(d² + c²) - c): like"
+                       " l2 for small errors, like l1 for large ones, so outlier images pull less), or smooth_l1"
+                       " (the same divided by c); kohya's sd-scripts' options."),
+    )
+    huber_schedule: str = field(
+        default="snr",
+        metadata=_help("huber/smooth_l1: how c follows the timestep: snr (c + (1 - c) / (1 + σ_t)²: near 1, l2-like, at"
+                       " low noise, down to c at high noise), exponential (c^(t/T)), or constant (c)."),
+    )
+    huber_c: float = field(default=0.1, metadata=_help("huber/smooth_l1: the Huber threshold c (0 to 1; 0.1 is kohya's default)."))
     timestep_bias_strategy: str = field(
         default="none",
         metadata=_help("Draw training timesteps with a bias (diffusers' SDXL scripts' option): earlier (the low-noise"
@@ -164,6 +179,12 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be 0 (off) or positive, got {getattr(self, name)}")
         check_timestep_bias(self)
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"--loss-type {self.loss_type!r}; accepted: {', '.join(LOSS_TYPES)}")
+        if self.huber_schedule not in HUBER_SCHEDULES:
+            raise ValueError(f"--huber-schedule {self.huber_schedule!r}; accepted: {', '.join(HUBER_SCHEDULES)}")
+        if not 0 < self.huber_c <= 1:
+            raise ValueError(f"--huber-c must be above 0 and at most 1, got {self.huber_c}")
         if self.alpha < 0:
             raise ValueError(f"--alpha must be 0 (= rank) or positive, got {self.alpha}")
         if self.adapter not in ("lora", "singlora"):
@@ -446,7 +467,7 @@ def denoise_losses(ctx: Context, parts: list[tuple[torch.Tensor, dict[str, Any]]
                 target = prepared[i][3] if taught is None else taught[start : start + n_i]
             piece = pred[start : start + n_i]
             start += n_i
-            loss = torch.nn.functional.mse_loss(piece.float(), target.float(), reduction="none")
+            loss = element_losses(ctx.cfg, sched, piece.float(), target.float(), prepared[i][1])
             loss = loss.mean(dim=tuple(range(1, loss.dim())))
             if gamma:
                 loss = loss * min_snr_weights(sched, prepared[i][1], gamma)
@@ -513,6 +534,31 @@ def timestep_weights(cfg: TrainConfig, num_timesteps: int) -> torch.Tensor | Non
         raise ValueError("--timestep-bias-multiplier 0 with every timestep biased leaves none to draw;"
                          " bias a part of them, or give a multiplier above 0")
     return weights / weights.sum()
+
+
+def huber_thresholds(cfg, sched, t: torch.Tensor) -> torch.Tensor:
+    """The pseudo-Huber threshold ``c_t`` of each timestep in ``t`` under ``--huber-schedule`` (kohya's): ``snr``
+    ``c + (1 - c) / (1 + σ_t)²`` with ``σ_t = sqrt((1 - ᾱ_t) / ᾱ_t)``, ``exponential`` ``c^(t / T)``, ``constant`` ``c``."""
+    c = float(cfg.huber_c)
+    if cfg.huber_schedule == "snr":  # float32 throughout (MPS has no float64); ᾱ_t = 0 gives σ_t = inf and c_t = c
+        abar = sched.alphas_cumprod.to(t.device, torch.float32)[t]
+        return c + (1 - c) / (1 + ((1 - abar) / abar).sqrt()) ** 2
+    if cfg.huber_schedule == "exponential":
+        return c ** (t.float() / sched.config.num_train_timesteps)
+    return torch.full(t.shape, c, device=t.device)
+
+
+def element_losses(cfg, sched, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Per-element denoising loss of predictions ``pred`` at timesteps ``t`` under ``--loss-type``: squared error
+    (``l2``), or pseudo-Huber with the threshold of :func:`huber_thresholds`, ``2 c (sqrt(d² + c²) - c)`` (``huber``)
+    and the same over ``c`` (``smooth_l1``)."""
+    kind = getattr(cfg, "loss_type", "l2")
+    if kind == "l2":
+        return torch.nn.functional.mse_loss(pred, target, reduction="none")
+    c = huber_thresholds(cfg, sched, t).view(-1, *[1] * (pred.dim() - 1))
+    d2 = (pred - target) ** 2
+    loss = 2 * d2 / (torch.sqrt(d2 + c**2) + c)  # = 2(sqrt(d² + c²) - c), without its cancellation for small d
+    return loss * c if kind == "huber" else loss
 
 
 def min_snr_weights(sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
