@@ -1,5 +1,5 @@
 """The loop's schedule, loss and optimizer options (--lr-scheduler, --snr-gamma, --noise-offset, --max-grad-norm, --timestep-bias-*,
---loss-type / --huber-*, --loraplus-ratio) against hand computations on small tensors, and tiny DreamBooth runs that use them."""
+--loss-type / --huber-*, --ip-noise-gamma, --loraplus-ratio) against hand computations on small tensors, and tiny DreamBooth runs that use them."""
 
 import json
 import math
@@ -120,6 +120,7 @@ def test_noise_offset_adds_one_draw_per_example_and_channel_by_hand():
         ({"snr_gamma": -1.0}, "--snr-gamma must be 0 (off) or positive, got -1.0"),
         ({"noise_offset": -0.1}, "--noise-offset must be 0 (off) or positive"),
         ({"max_grad_norm": -1.0}, "--max-grad-norm must be 0 (off) or positive"),
+        ({"ip_noise_gamma": -0.1}, "--ip-noise-gamma must be 0 (off) or positive, got -0.1"),
         ({"loss_type": "l1"}, "--loss-type 'l1'; accepted: l2, huber, smooth_l1"),
         ({"huber_schedule": "linear"}, "--huber-schedule 'linear'; accepted: snr, exponential, constant"),
         ({"huber_c": 0.0}, "--huber-c must be above 0 and at most 1, got 0.0"),
@@ -199,7 +200,7 @@ def test_a_run_with_every_option_follows_its_schedule(tmp_path):
     data, out = star_folder(tmp_path / "stars", 2), tmp_path / "run"
     extra = {"lr": 0.01, "warmup": 1, "lr_scheduler": "cosine", "snr_gamma": 5, "noise_offset": 0.1,
              "max_grad_norm": 0.5, "timestep_bias_strategy": "later", "timestep_bias_multiplier": 2.0,
-             "loss_type": "huber", "huber_schedule": "exponential", "huber_c": 0.2}
+             "loss_type": "huber", "huber_schedule": "exponential", "huber_c": 0.2, "ip_noise_gamma": 0.1}
     r = subprocess.run([*TRAIN, *tiny_args(data, out, steps=4, **extra)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     config = json.loads((out / "config.json").read_text())
@@ -296,10 +297,11 @@ def test_timestep_weights_by_hand():
 class RecordingUNet(ZeroUNet):
     def __init__(self):
         super().__init__()
-        self.timesteps = []
+        self.timesteps, self.inputs = [], []
 
     def forward(self, x, t, embeds, added_cond_kwargs=None):
         self.timesteps.append(t.clone())
+        self.inputs.append(x.clone())
         return super().forward(x, t, embeds, added_cond_kwargs)
 
 
@@ -340,3 +342,29 @@ def test_timestep_bias_draws_from_its_weights_after_the_noise():
 def test_bad_timestep_bias_is_refused_by_name(cfg, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         TrainConfig(**cfg).check()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_input_perturbation_noises_the_input_with_a_second_draw_and_keeps_the_target(prediction_type):
+    latents = torch.randn(5, 4, 3, 3, generator=torch.Generator().manual_seed(2))
+    cond = {"embeds": torch.zeros(5, 2, 8)}
+    runs = {}
+    for gamma in (0.0, 0.1):
+        ctx = _ctx(prediction_type, ip_noise_gamma=gamma, noise_offset=0.05)
+        unet = ctx.store["unet"] = RecordingUNet()
+        (loss,) = denoise_losses(ctx, [(latents, cond)], torch.Generator().manual_seed(3), reduction="none")
+        runs[gamma] = (loss, unet.timesteps[0], unet.inputs[0])
+    g = torch.Generator().manual_seed(3)  # replay: noise, timesteps, the offset's draw, then the perturbation's
+    noise = torch.randn(latents.shape, generator=g)
+    t = torch.randint(0, 1000, (5,), generator=g)
+    noise = noise + 0.05 * torch.randn(5, 4, 1, 1, generator=g)
+    second = torch.randn(latents.shape, generator=g)
+    abar = _scaled_linear_abar(t)[:, None, None, None]
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    assert torch.equal(runs[0.0][1], t) and torch.equal(runs[0.1][1], t)
+    assert runs[0.0][2].double() == pytest.approx(a * latents.double() + s * noise.double(), abs=1e-5)
+    assert runs[0.1][2].double() == pytest.approx(a * latents.double() + s * (noise + 0.1 * second).double(), abs=1e-5)
+    # the ZeroUNet's loss is its target's mean square: the same target with and without the perturbation
+    target = noise.double() if prediction_type == "epsilon" else a * noise.double() - s * latents.double()
+    assert runs[0.1][0].double() == pytest.approx((target**2).mean(dim=(1, 2, 3)), rel=1e-4)
+    assert torch.equal(runs[0.0][0], runs[0.1][0])

@@ -107,6 +107,7 @@ def test_train_config_is_the_cli_schema_and_bad_settings_are_named(tmp_path):
     with pytest.raises(InputError, match="--timestep-bias-multiplier must be 0 or positive"):
         ws.train_config("dreambooth", "quick", "stars", "x", timestep_bias_strategy="later", timestep_bias_multiplier=-1.0)
     assert ws.train_config("dreambooth", "quick", "stars", "hb", loss_type="huber")["loss_type"] == "huber"
+    assert ws.train_config("dreambooth", "quick", "stars", "ip", ip_noise_gamma=0.1)["ip_noise_gamma"] == 0.1
     with pytest.raises(InputError, match="--loss-type 'l1'; accepted: l2, huber, smooth_l1"):
         ws.train_config("dreambooth", "quick", "stars", "x", loss_type="l1")
     with pytest.raises(InputError, match="SingLoRA takes linear layers only"):

@@ -3,7 +3,7 @@
 A trainer adds only what is its own (see :class:`Trainer`): which modules get LoRA, what a batch
 is and what the loss is. The loop owns everything else: LoRA injection (peft), mixed precision,
 gradient checkpointing and accumulation, 8-bit Adam where bitsandbytes works, the learning-rate warm-up
-and schedule (diffusers'), gradient clipping, Min-SNR loss weighting, the (pseudo-Huber) loss type, the noise offset and timestep bias, checkpoints of the
+and schedule (diffusers'), gradient clipping, Min-SNR loss weighting, the (pseudo-Huber) loss type, the noise offset, input perturbation and timestep bias, checkpoints of the
 full state every N steps (safetensors + JSON, atomic), ``--resume latest`` that ends exactly where
 an uninterrupted run ends, validation images, TensorBoard, a progress bar, and the final adapter.
 
@@ -83,6 +83,12 @@ class TrainConfig:
         default=0.0,
         metadata=_help("Noise offset: add this times one normal draw per example and channel to the training noise"
                        " (lets the model shift an image's mean brightness); 0.05-0.1 are usual; 0: off."),
+    )
+    ip_noise_gamma: float = field(
+        default=0.0,
+        metadata=_help("Input perturbation (Ning et al. 2023; kohya's --ip_noise_gamma, diffusers' --input_perturbation):"
+                       " noise the latents with noise + γ·(a second draw) while the target stays the first noise, against"
+                       " the exposure bias of sampling; 0.1 is the paper's; 0: off."),
     )
     max_grad_norm: float = field(default=1.0, metadata=_help("Clip the gradients' norm to this; 0: no clipping."))
     loss_type: str = field(
@@ -175,7 +181,7 @@ class TrainConfig:
             raise ValueError(f"--loraplus-ratio must be positive (1: off), got {self.loraplus_ratio}")
         if self.loraplus_ratio != 1 and self.adapter == "singlora":
             raise ValueError("--loraplus-ratio works with --adapter lora only (SingLoRA has one matrix per layer)")
-        for name in ("snr_gamma", "noise_offset", "max_grad_norm"):
+        for name in ("snr_gamma", "noise_offset", "ip_noise_gamma", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be 0 (off) or positive, got {getattr(self, name)}")
         check_timestep_bias(self)
@@ -422,6 +428,7 @@ def denoise_losses(ctx: Context, parts: list[tuple[torch.Tensor, dict[str, Any]]
         raise ValueError(f"prediction type {sched.config.prediction_type!r} is not supported (epsilon, v_prediction)")
     device = ctx.accelerator.device
     offset, gamma = getattr(ctx.cfg, "noise_offset", 0.0), getattr(ctx.cfg, "snr_gamma", 0.0)
+    perturb = getattr(ctx.cfg, "ip_noise_gamma", 0.0)
     prepared = []
     if "timestep_weights" not in ctx.store:  # once per run, not per step
         ctx.store["timestep_weights"] = (timestep_weights(ctx.cfg, sched.config.num_train_timesteps)
@@ -435,10 +442,15 @@ def denoise_losses(ctx: Context, parts: list[tuple[torch.Tensor, dict[str, Any]]
             t = torch.multinomial(weights, latents.shape[0], replacement=True, generator=g)
         if offset:  # drawn after the noise and timesteps, which stay those of a run without it
             noise = noise + offset * torch.randn((*latents.shape[:2], *[1] * (latents.dim() - 2)), generator=g)
+        # input perturbation: what noises the latents (the target stays ``noise``), drawn last, so the noise,
+        # timesteps and offset stay those of a run without it
+        applied = noise + perturb * torch.randn(latents.shape, generator=g) if perturb else noise
         part = shard(ctx, latents.shape[0])
-        x0, noise, t = latents[part].to(device), noise[part].to(device, latents.dtype), t[part].to(device)
+        x0, t = latents[part].to(device), t[part].to(device)
+        noise = noise[part].to(device, latents.dtype)
+        applied = applied[part].to(device, latents.dtype) if perturb else noise
         target = sched.get_velocity(x0, noise, t) if sched.config.prediction_type == "v_prediction" else noise
-        prepared.append((sched.add_noise(x0, noise, t), t, cond, target))
+        prepared.append((sched.add_noise(x0, applied, t), t, cond, target))
     unet = ctx.store["unet"]
     losses: list[torch.Tensor | None] = [None] * len(parts)
     by_size: dict[tuple[int, ...], list[int]] = {}

@@ -143,6 +143,8 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
                                 warmup = gr.Number(label="Warm-up steps", value=0, precision=0, elem_id="warmup")
                                 snr = gr.Number(label="Min-SNR γ (0: off; 5 is usual)", value=0, elem_id="snr-gamma")
                                 offset = gr.Number(label="Noise offset (0: off)", value=0, elem_id="noise-offset")
+                                perturb = gr.Number(label="Input perturbation γ (0: off; 0.1 is usual)", value=0,
+                                                    elem_id="ip-noise-gamma")
                             with gr.Row():
                                 bias = gr.Dropdown([b for b in TIMESTEP_BIASES if b != "range"], value="none",
                                                    label="Timestep bias (earlier: detail, texture; later: layout, shape)",
@@ -248,7 +250,7 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
 
         @_guarded
         def on_start(dataset_, style_, trainer_, preset_, token_, noun_, name_, steps_, rank_, lr_, attention_, layers_,
-                     schedule_, warmup_, snr_, offset_, bias_, bias_x_, loss_kind_):
+                     schedule_, warmup_, snr_, offset_, perturb_, bias_, bias_x_, loss_kind_):
             if not dataset_:
                 raise InputError("no dataset: upload images and add them, or pick a dataset")
             name_ = name_.strip() or f"{token_}-{dataset_}"
@@ -257,6 +259,7 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
                          "attention_loss": float(attention_ or 0) or None, "lora_layers": (layers_ or "").strip() or None,
                          "lr_scheduler": schedule_ or None, "warmup": int(warmup_ or 0) or None,
                          "snr_gamma": float(snr_ or 0) or None, "noise_offset": float(offset_ or 0) or None,
+                         "ip_noise_gamma": float(perturb_ or 0) or None,
                          "loss_type": loss_kind_ if loss_kind_ and loss_kind_ != "l2" else None}
             if bias_ and bias_ != "none":
                 overrides.update(timestep_bias_strategy=bias_, timestep_bias_multiplier=float(bias_x_ if bias_x_ is not None else 1))
@@ -265,7 +268,7 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
             return name, gr.update(choices=ws.runs(), value=name), ws.headless(name)
 
         start.click(on_start, [dataset, style_dataset, trainer, preset, token, class_noun, run_name, steps, rank, lr,
-                               attention, layers, schedule, warmup, snr, offset, bias, bias_x, loss_kind],
+                               attention, layers, schedule, warmup, snr, offset, perturb, bias, bias_x, loss_kind],
                     [current, runs, headless])
 
         @_guarded
