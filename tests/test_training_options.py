@@ -58,6 +58,11 @@ def _draws(seed, shape, offset=0.0):
     return noise, t
 
 
+def _scaled_linear_abar(t):
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2  # SDXL's scaled linear
+    return torch.cumprod(1 - betas, 0)[t]
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_min_snr_weights_each_examples_loss_by_hand(prediction_type):
     latents = torch.randn(6, 4, 3, 3, generator=torch.Generator().manual_seed(1))
@@ -65,8 +70,7 @@ def test_min_snr_weights_each_examples_loss_by_hand(prediction_type):
     ctx = _ctx(prediction_type, snr_gamma=1.0)
     (loss,) = denoise_losses(ctx, [(latents, cond)], torch.Generator().manual_seed(7), reduction="none")
     noise, t = _draws(7, latents.shape)
-    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2  # scaled linear
-    abar = torch.cumprod(1 - betas, 0)[t]
+    abar = _scaled_linear_abar(t)
     snr = abar / (1 - abar)
     if prediction_type == "epsilon":
         target, weight = noise.double(), torch.clamp(snr, max=1.0) / snr
@@ -130,11 +134,6 @@ def test_noise_offset_adds_one_draw_per_example_and_channel_by_hand():
 def test_bad_options_are_refused_by_name(cfg, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         TrainConfig(**cfg).check()
-
-
-def _scaled_linear_abar(t):
-    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2  # SDXL's scaled linear
-    return torch.cumprod(1 - betas, 0)[t]
 
 
 @pytest.mark.parametrize("loss_type", ["huber", "smooth_l1"])
