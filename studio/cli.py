@@ -288,12 +288,14 @@ def merge_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="The merged adapter (.safetensors).")],
     method: Annotated[str, typer.Option("--method", help="orthogonal (DO-Merging-style: orthogonal output subspaces, magnitudes kept) or sum (the plain weighted sum).")] = "orthogonal",
     format: Annotated[str, typer.Option("--format", "-f", help="Key layout to write: diffusers or kohya.")] = "diffusers",
+    rank: Annotated[int, typer.Option("--rank", "-r", help="Resize the merge to this rank (the truncated SVD, as studio resize); 0: exact, the sum of the ranks.")] = 0,
 ) -> None:
-    """Merge several adapters into one file any LoRA loader reads (exact: rank = sum of ranks).
+    """Merge several adapters into one file any LoRA loader reads (exact: rank = sum of ranks; --rank shrinks it).
 
     Example: studio merge runs/star/adapter.safetensors runs/ringed/adapter.safetensors:0.8 -o star-ringed.safetensors
     """
     from studio.adapters import LAYOUTS, load_adapter, save_adapter
+    from studio.adapters.resize import check_resize, resize
     from studio.composers.orthogonal import merge
     from studio.plugin import check_same_base
 
@@ -303,16 +305,55 @@ def merge_cmd(
         _fail(f"--format {format!r} is not a layout; choose one of {', '.join(LAYOUTS)}")
     if out.suffix != ".safetensors":
         _fail(f"--out {out}: give a .safetensors path")
+    if rank:
+        try:
+            check_resize(rank, None)
+        except ValueError as e:
+            _fail(str(e))
     specs = [_adapter_spec(a) for a in adapters]
     if any(out.resolve() == p.resolve() for p, _ in specs):
         _fail(f"--out {out} is one of the inputs; give another path")
     try:
         check_same_base({f"adapter {p}": p for p, _ in specs})
         merged = merge([load_adapter(p) for p, _ in specs], [w for _, w in specs], orthogonalize=method == "orthogonal")
+        if rank:
+            merged, _ = resize(merged, rank)
         save_adapter(merged, out, layout=format)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
-    typer.echo(f"wrote {out} ({method} merge of {len(specs)} adapters, {len(merged.modules)} modules)")
+    typer.echo(f"wrote {out} ({method} merge of {len(specs)} adapters, {len(merged.modules)} modules, rank {merged.meta.rank})")
+
+
+@app.command("resize")
+def resize_cmd(
+    adapter: Annotated[Path, typer.Argument(help="An adapter: .safetensors (diffusers/peft or kohya keys) or a PEFT folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The resized adapter (.safetensors).")],
+    rank: Annotated[int, typer.Option("--rank", "-r", help="The largest rank a layer keeps (1-256).")] = 4,
+    fro: Annotated[float | None, typer.Option("--fro", help="Per layer, keep the fewest singular values that hold this share (0-1] of its update's Frobenius norm, at most --rank (kohya's sv_fro).")] = None,
+    format: Annotated[str, typer.Option("--format", "-f", help="Key layout to write: diffusers or kohya.")] = "diffusers",
+) -> None:
+    """Shrink an adapter to a lower rank: each layer's update truncated to its largest singular values (the best
+    approximation of that rank), as kohya's resize_lora.py does.
+
+    Example: studio resize runs/star/adapter.safetensors --rank 4 -o star-r4.safetensors
+    """
+    from studio.adapters import LAYOUTS, load_adapter, save_adapter
+    from studio.adapters.resize import resize
+
+    if format not in LAYOUTS:
+        _fail(f"--format {format!r} is not a layout; choose one of {', '.join(LAYOUTS)}")
+    if out.suffix != ".safetensors":
+        _fail(f"--out {out}: give a .safetensors path")
+    if out.resolve() == adapter.resolve():
+        _fail(f"--out {out} is the input file; give another path")
+    try:
+        resized, kept = resize(load_adapter(adapter), rank, fro)
+        save_adapter(resized, out, layout=format)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    ranks = f"{kept['min_rank']}-{kept['rank']}" if kept["min_rank"] != kept["rank"] else str(kept["rank"])
+    typer.echo(f"wrote {out} (rank {kept['from_rank']} -> {ranks}; each layer keeps {kept['min_kept']:.3f} or more of"
+               f" its update's Frobenius norm, {kept['mean_kept']:.3f} on average)")
 
 
 @app.command("repeat")

@@ -1,12 +1,17 @@
+import pytest
 import torch
+from prodigyopt import Prodigy
 
 from studio.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 
 
-def _model_and_opt(seed):
+def _model_and_opt(seed, optimizer="adamw"):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    if optimizer == "prodigy":  # its step-size estimate lives in the param groups, beside the per-parameter state
+        opt = Prodigy(model.parameters(), lr=1.0, use_bias_correction=True, safeguard_warmup=True)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     return model, opt
 
 
@@ -20,17 +25,21 @@ def _train(model, opt, steps, seed):
         opt.step()
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
-    straight, opt = _model_and_opt(0)
+@pytest.mark.parametrize("optimizer", ["adamw", "prodigy"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, optimizer):
+    straight, opt = _model_and_opt(0, optimizer)
     _train(straight, opt, 3, seed=1)
     _train(straight, opt, 3, seed=2)
 
-    first, opt1 = _model_and_opt(0)
+    first, opt1 = _model_and_opt(0, optimizer)
     _train(first, opt1, 3, seed=1)
     save_checkpoint(tmp_path, 3, {"model": first}, {"opt": opt1}, {"note": "x"})
-    resumed, opt2 = _model_and_opt(99)  # different init: everything must come from the checkpoint
+    resumed, opt2 = _model_and_opt(99, optimizer)  # different init: everything must come from the checkpoint
     state = load_checkpoint(latest_checkpoint(tmp_path), {"model": resumed}, {"opt": opt2})
     assert state["step"] == 3 and state["note"] == "x"
+    if optimizer == "prodigy":
+        back, saved = opt2.param_groups[0], opt1.param_groups[0]
+        assert back["k"] == saved["k"] == 3 and back["d_numerator"] == saved["d_numerator"] > 0  # its estimate came back
     _train(resumed, opt2, 3, seed=2)
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)

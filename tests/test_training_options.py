@@ -1,5 +1,5 @@
 """The loop's schedule, loss and optimizer options (--lr-scheduler, --snr-gamma, --noise-offset, --max-grad-norm, --timestep-bias-*,
---loss-type / --huber-*, --ip-noise-gamma, --loraplus-ratio) against hand computations on small tensors, and tiny DreamBooth runs that use them."""
+--loss-type / --huber-*, --ip-noise-gamma, --loraplus-ratio, --optimizer) against hand computations on small tensors, and tiny DreamBooth runs that use them."""
 
 import json
 import math
@@ -129,6 +129,15 @@ def test_noise_offset_adds_one_draw_per_example_and_channel_by_hand():
         ({"huber_schedule": "linear"}, "--huber-schedule 'linear'; accepted: snr, exponential, constant"),
         ({"huber_c": 0.0}, "--huber-c must be above 0 and at most 1, got 0.0"),
         ({"huber_c": 1.5}, "--huber-c must be above 0 and at most 1, got 1.5"),
+        ({"save_adapter_every": -1}, "--save-adapter-every must be 0 (never) or positive, got -1"),
+        ({"optimizer": "sgd"}, "--optimizer 'sgd'; accepted: adamw, adamw8bit, prodigy"),
+        ({"optimizer": "prodigy"}, "--optimizer prodigy finds its own step size and --lr multiplies it: use about 1.0"
+                                   " (accepted 0.1 to 10), got 0.0001"),
+        ({"optimizer": "prodigy", "lr": 1.0, "prodigy_d_coef": 0.0}, "--prodigy-d-coef must be positive, got 0"),
+        ({"optimizer": "prodigy", "lr": 1.0, "loraplus_ratio": 16.0},
+         "--loraplus-ratio does not go with --optimizer prodigy (one step size for every parameter)"),
+        ({"optimizer": "prodigy", "lr": 1.0, "use_8bit_adam": True},
+         "--use-8bit-adam is --optimizer adamw8bit; it does not go with --optimizer prodigy"),
     ],
 )
 def test_bad_options_are_refused_by_name(cfg, message):
@@ -268,6 +277,67 @@ def test_loraplus_first_step_moves_the_ups_by_ratio_times_the_rate(tmp_path):
         tops[k] = (float(ups.max()), float(ups[ups > 0].median()))
     for k, (top, median) in tops.items():
         assert top == pytest.approx(k * lr, rel=0.02) and median == pytest.approx(k * lr, rel=0.05), (k, tops)
+
+
+def test_prodigy_first_step_moves_the_ups_by_its_starting_estimate_times_the_rate(tmp_path):
+    """Prodigy's step is d x lr in Adam's direction, d starting at d0 = 1e-6 (with bias correction, the first step's
+    m / sqrt(v) is the gradient's sign, as AdamW's): so on step 1 each B entry moves by 1e-6 x lr, where AdamW's
+    moves by lr (a plain AdamW at --lr 2 would move them by 2). The run's config keeps the keys, and --prodigy-d-coef does not change the first step (it scales
+    the estimate Prodigy makes from then on)."""
+    from studio.trainers.config import build_config
+    from studio.trainers.dreambooth import DreamBooth, DreamBoothConfig
+    from studio.trainers.loop import train
+
+    from studio.adapters import load_adapter
+
+    data = star_folder(tmp_path / "stars", 1)
+    lr = 2.0
+    out = train(DreamBooth(), build_config(DreamBoothConfig, {}, {
+        "data": str(data), "output": str(tmp_path / "run"), "steps": 1, "batch_size": 1, "rank": 2, "lr": lr,
+        "prior_preservation": False, "checkpoint_every": 0, "optimizer": "prodigy", "prodigy_d_coef": 2.0}))
+    ups = torch.cat([w.up.flatten() for w in load_adapter(out).modules.values()]).abs()
+    # the entries with the largest gradients move by exactly that; those with gradients near Adam's eps (relative
+    # to d) a little less, none more
+    assert float(ups.max()) == pytest.approx(1e-6 * lr, rel=0.01)
+    assert 0.5e-6 * lr < float(ups[ups > 0].median()) <= 1e-6 * lr
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["optimizer"], config["prodigy_d_coef"], config["lr"]) == ("prodigy", 2.0, 2.0)
+
+
+def test_prodigy_refuses_groups_at_different_rates_before_training():
+    from studio.trainers.loop import _optimizer
+
+    a, b = (torch.nn.Parameter(torch.zeros(1)) for _ in range(2))
+    cfg = TrainConfig(optimizer="prodigy", lr=1.0)
+    with pytest.raises(ValueError, match="groups step at 1, 3 x --lr"):
+        _optimizer([{"params": [a], "lr_scale": 1.0}, {"params": [b], "lr_scale": 3.0}], cfg)
+    assert type(_optimizer([{"params": [a, b], "lr_scale": 2.0}], cfg)).__name__ == "Prodigy"
+
+
+def test_adapter_snapshots_are_the_adapter_a_shorter_run_ends_with(tmp_path):
+    """--save-adapter-every 2 on a 5-step run writes the adapters of steps 2 and 4 (the last step's is the run's
+    adapter.safetensors); the step-2 file is what a 2-step run with the same seed writes."""
+    from studio.trainers.config import build_config
+    from studio.trainers.dreambooth import DreamBooth, DreamBoothConfig
+    from studio.trainers.loop import snapshot_path, train
+
+    from studio.adapters import load_adapter
+
+    data = star_folder(tmp_path / "stars", 1)
+    base = {"data": str(data), "batch_size": 1, "rank": 2, "lr": 1e-3, "prior_preservation": False, "checkpoint_every": 0}
+    long_run = tmp_path / "long"
+    train(DreamBooth(), build_config(DreamBoothConfig, {}, {**base, "output": str(long_run), "steps": 5,
+                                                            "save_adapter_every": 2}))
+    assert sorted(p.name for p in (long_run / "adapters").iterdir()) == ["adapter-000002.safetensors",
+                                                                          "adapter-000004.safetensors"]
+    short = train(DreamBooth(), build_config(DreamBoothConfig, {}, {**base, "output": str(tmp_path / "short"), "steps": 2}))
+    snap, two, five = (load_adapter(p) for p in (snapshot_path(long_run, 2), short, long_run / "adapter.safetensors"))
+    assert (snap.meta.steps, snap.meta.token, snap.meta.base_hash) == (2, "sks", two.meta.base_hash)
+    assert set(snap.modules) == set(two.modules)
+    for k in two.modules:
+        torch.testing.assert_close(snap.modules[k].up, two.modules[k].up, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(snap.modules[k].down, two.modules[k].down, rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(snap.modules[k].up, five.modules[k].up) for k in five.modules)  # it went on training
 
 
 def test_loraplus_is_refused_where_there_is_no_up_projection():

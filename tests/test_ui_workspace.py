@@ -110,6 +110,11 @@ def test_train_config_is_the_cli_schema_and_bad_settings_are_named(tmp_path):
     assert ws.train_config("dreambooth", "quick", "stars", "ip", ip_noise_gamma=0.1)["ip_noise_gamma"] == 0.1
     with pytest.raises(InputError, match="--loss-type 'l1'; accepted: l2, huber, smooth_l1"):
         ws.train_config("dreambooth", "quick", "stars", "x", loss_type="l1")
+    # Prodigy: the preset's rate (3e-4) would be refused; left unset it is 1, a rate given is kept and checked
+    assert (ws.train_config("dreambooth", "quick", "stars", "pd", optimizer="prodigy")["lr"]) == 1.0
+    assert ws.train_config("dreambooth", "quick", "stars", "pd", optimizer="prodigy", lr=0.5)["lr"] == 0.5
+    with pytest.raises(InputError, match="--optimizer prodigy finds its own step size"):
+        ws.train_config("dreambooth", "quick", "stars", "x", optimizer="prodigy", lr=1e-4)
     with pytest.raises(InputError, match="SingLoRA takes linear layers only"):
         ws.train_config("dreambooth", "quick", "stars", "x", lora_layers="to_q,conv1", adapter="singlora")
 

@@ -2,7 +2,7 @@
 
 A trainer adds only what is its own (see :class:`Trainer`): which modules get LoRA, what a batch
 is and what the loss is. The loop owns everything else: LoRA injection (peft), mixed precision,
-gradient checkpointing and accumulation, 8-bit Adam where bitsandbytes works, the learning-rate warm-up
+gradient checkpointing and accumulation, the optimizer (AdamW, 8-bit AdamW where bitsandbytes works, Prodigy), the learning-rate warm-up
 and schedule (diffusers'), gradient clipping, Min-SNR loss weighting, the (pseudo-Huber) loss type, the noise offset, input perturbation and timestep bias, checkpoints of the
 full state every N steps (safetensors + JSON, atomic), ``--resume latest`` that ends exactly where
 an uninterrupted run ends, validation images, TensorBoard, a progress bar, and the final adapter.
@@ -46,6 +46,7 @@ LR_SCHEDULES = ("constant", "linear", "cosine", "cosine_with_restarts")
 TIMESTEP_BIASES = ("none", "earlier", "later", "range")
 # --loss-type and --huber-schedule: kohya's sd-scripts' names (scheduled pseudo-Huber loss, Khrapov & Popov 2024)
 LOSS_TYPES = ("l2", "huber", "smooth_l1")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 HUBER_SCHEDULES = ("snr", "exponential", "constant")
 
 
@@ -148,9 +149,19 @@ class TrainConfig:
         metadata=_help("torch.compile's backend for --compile: inductor (generated kernels), or another of"
                        " torch._dynamo.list_backends(), e.g. aot_eager (traced, no code generation)."),
     )
-    use_8bit_adam: bool = field(default=False, metadata=_help("bitsandbytes' 8-bit AdamW (CUDA only; else plain AdamW with a warning)."))
+    optimizer: str = field(
+        default="adamw",
+        metadata=_help("adamw; adamw8bit (bitsandbytes, CUDA only; else adamw with a warning); prodigy (Prodigy, which"
+                       " finds its own step size: --lr multiplies it, use 1.0)."),
+    )
+    prodigy_d_coef: float = field(
+        default=1.0, metadata=_help("prodigy: a multiple of the step size it finds (kohya's d_coef; 0.5-2 is usual)."))
+    use_8bit_adam: bool = field(default=False, metadata=_help("The same as --optimizer adamw8bit (diffusers' flag)."))
     checkpoint_every: int = field(default=100, metadata=_help("Write the full training state every N steps (0: never)."))
     keep_checkpoints: int = field(default=2, metadata=_help("Checkpoints kept in the run folder."))
+    save_adapter_every: int = field(
+        default=0, metadata=_help("Also write the adapter as it stands every N steps, adapters/adapter-STEP.safetensors in"
+                                  " the run folder, all kept (kohya's --save_every_n_steps; 0: only the final one)."))
     validation_every: int = field(default=0, metadata=_help("Save validation images every N steps (0: never)."))
     validation_prompts: list[str] = field(default_factory=list, metadata=_help("Prompts for validation images (repeatable)."))
     tensorboard: bool = field(default=False, metadata=_help("Log losses to TensorBoard in the run folder."))
@@ -166,6 +177,8 @@ class TrainConfig:
                 main = [*torch._dynamo.list_backends(), "aot_eager", "eager"]
                 raise ValueError(f"--compile-backend {self.compile_backend!r} is not a torch.compile backend here;"
                                  f" accepted: {', '.join(main)} (or any of torch._dynamo.list_backends(exclude_tags=()))")
+        if self.save_adapter_every < 0:
+            raise ValueError(f"--save-adapter-every must be 0 (never) or positive, got {self.save_adapter_every}")
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
@@ -177,6 +190,17 @@ class TrainConfig:
             raise ValueError(f"--warmup must be 0 (none) or positive, got {self.warmup}")
         if self.lr_cycles < 1:
             raise ValueError(f"--lr-cycles must be at least 1, got {self.lr_cycles}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer {self.optimizer!r}; accepted: {', '.join(OPTIMIZERS)}")
+        if self.use_8bit_adam and self.optimizer == "prodigy":
+            raise ValueError("--use-8bit-adam is --optimizer adamw8bit; it does not go with --optimizer prodigy")
+        if self.optimizer == "prodigy" and not 0.1 <= self.lr <= 10:
+            raise ValueError(f"--optimizer prodigy finds its own step size and --lr multiplies it: use about 1.0"
+                             f" (accepted 0.1 to 10), got {self.lr:g}")
+        if self.prodigy_d_coef <= 0:
+            raise ValueError(f"--prodigy-d-coef must be positive, got {self.prodigy_d_coef:g}")
+        if self.optimizer == "prodigy" and self.loraplus_ratio != 1:
+            raise ValueError("--loraplus-ratio does not go with --optimizer prodigy (one step size for every parameter)")
         if self.loraplus_ratio <= 0:
             raise ValueError(f"--loraplus-ratio must be positive (1: off), got {self.loraplus_ratio}")
         if self.loraplus_ratio != 1 and self.adapter == "singlora":
@@ -253,7 +277,20 @@ def _mixed_precision(choice: str) -> str:
 
 
 def _optimizer(params, cfg: TrainConfig):
-    if cfg.use_8bit_adam:
+    name = "adamw8bit" if cfg.use_8bit_adam else cfg.optimizer
+    if name == "prodigy":
+        from prodigyopt import Prodigy
+
+        scales = {gr["lr_scale"] for gr in params if isinstance(gr, dict)}
+        if len(scales) > 1:  # Prodigy refuses groups at different rates mid-step; say so before training
+            raise ValueError("--optimizer prodigy takes one learning rate for every parameter; this trainer's groups"
+                             f" step at {', '.join(f'{x:g}' for x in sorted(scales))} x --lr (e.g. --style-lr-scale): set"
+                             " them equal or use --optimizer adamw")
+
+        # diffusers' example script's Prodigy settings (bias correction, safeguarded warm-up, decoupled decay)
+        return Prodigy(params, lr=cfg.lr, weight_decay=1e-4, decouple=True, use_bias_correction=True,
+                       safeguard_warmup=True, d_coef=cfg.prodigy_d_coef)
+    if name == "adamw8bit":
         try:
             import bitsandbytes as bnb
 
@@ -263,7 +300,7 @@ def _optimizer(params, cfg: TrainConfig):
             pass
         import warnings
 
-        warnings.warn("--use-8bit-adam needs bitsandbytes and a CUDA GPU; using plain AdamW", stacklevel=2)
+        warnings.warn("--optimizer adamw8bit needs bitsandbytes and a CUDA GPU; using plain AdamW", stacklevel=2)
     # fused: one kernel for all parameters instead of a dozen ops each (the embedded model's LoRA: 5.1 -> 1.7 ms a step)
     flat = [p for gr in params for p in gr["params"]] if params and isinstance(params[0], dict) else params
     fused = all(p.device.type in ("cpu", "cuda") for p in flat)
@@ -390,6 +427,23 @@ def extract_adapter(pipe, components: list[str], meta: AdapterMeta, clock=None) 
                 alpha = module.scaling["default"] * down.shape[0]
                 modules[canonical_name(component, model, path)] = LoraWeights(down, up, alpha)
     return Adapter(modules, meta)
+
+
+def adapter_at(trainer: Trainer, ctx: Context, components: list[str], step: int) -> Adapter:
+    """The adapter as it stands after ``step`` optimizer steps, with its metadata (SingLoRA's ramp at that step)."""
+    cfg, pipe = ctx.cfg, ctx.pipe
+    meta = AdapterMeta(family="sdxl" if hasattr(pipe, "text_encoder_2") else "sd15", base_model=Path(cfg.model).name,
+                       trainer=trainer.name, rank=cfg.rank, steps=step, **trainer.metadata(ctx))
+    meta.base_hash = ctx.store["base_hash"]
+    clock = ctx.store.get("clock")
+    if clock is not None:
+        clock.step = step  # the ramp's value after that step
+        meta.extra.update(adapter="singlora", singlora_ramp=clock.ramp_steps)
+    if cfg.orthogonal_basis:
+        meta.extra.update(orthogonal_basis=cfg.orthogonal_basis)
+    if hasattr(trainer, "extract"):
+        return trainer.extract(ctx, components, meta)
+    return extract_adapter(pipe, components, meta, clock)
 
 
 def lora_state(pipe, components: list[str]) -> dict[str, torch.Tensor]:
@@ -621,7 +675,7 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
 
     # the base weights' fingerprint, before LoRA layers change the state dict's names: the adapter's metadata, and
     # trainers key caches on it (DreamBooth's class images)
-    base_hash = ctx.store["base_hash"] = base_model_hash(pipe.unet)
+    ctx.store["base_hash"] = base_model_hash(pipe.unet)
     trainer.prepare(ctx)
     torch.manual_seed(cfg.seed)  # LoRA init
     targets = trainer.targets(ctx)
@@ -692,6 +746,8 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps and accelerator.is_main_process:
             save_checkpoint(run_dir, done, {"lora": lora_state(pipe, components)}, {"opt": opt},
                             keep=cfg.keep_checkpoints)
+        if cfg.save_adapter_every and done % cfg.save_adapter_every == 0 and done < cfg.steps and accelerator.is_main_process:
+            save_adapter(adapter_at(trainer, ctx, components, done), snapshot_path(run_dir, done))
         if cfg.validation_every and done % cfg.validation_every == 0 and accelerator.is_main_process:
             if "clock" in ctx.store:
                 ctx.store["clock"].step = done  # sample with the ramp as it stands after this step
@@ -709,22 +765,10 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
             accelerator.end_training()
             raise Cancelled(f"stopped at step {done} of {cfg.steps} ({STOP_FILE} in {run_dir}); a checkpoint is"
                             " saved: continue with --resume latest")
-    meta = AdapterMeta(family="sdxl" if hasattr(pipe, "text_encoder_2") else "sd15", base_model=Path(cfg.model).name,
-                       trainer=trainer.name, rank=cfg.rank, steps=cfg.steps, **trainer.metadata(ctx))
-    meta.base_hash = base_hash
     out = run_dir / "adapter.safetensors"
     if accelerator.is_main_process:
         pipe.unet.eval()
-        clock = ctx.store.get("clock")
-        if clock is not None:
-            clock.step = cfg.steps  # the ramp's value after the last step
-            meta.extra.update(adapter="singlora", singlora_ramp=clock.ramp_steps)
-        if cfg.orthogonal_basis:
-            meta.extra.update(orthogonal_basis=cfg.orthogonal_basis)
-        if hasattr(trainer, "extract"):
-            adapter = trainer.extract(ctx, components, meta)
-        else:
-            adapter = extract_adapter(pipe, components, meta, clock)
+        adapter = adapter_at(trainer, ctx, components, cfg.steps)
         adapter.meta.extra["seconds"] = round(time.time() - t0, 1)
         save_adapter(adapter, out)
         if hasattr(trainer, "finalize"):  # e.g. B-LoRA writes its content and style parts
@@ -736,6 +780,11 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
 
 
 STOP_FILE = "STOP"
+
+
+def snapshot_path(run_dir: Path, step: int) -> Path:
+    """Where ``--save-adapter-every`` writes the adapter of ``step``."""
+    return run_dir / "adapters" / f"adapter-{step:06d}.safetensors"
 
 
 class Cancelled(Exception):

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 import gradio as gr
-from studio.trainers.loop import LOSS_TYPES, LR_SCHEDULES, TIMESTEP_BIASES
+from studio.trainers.loop import LOSS_TYPES, LR_SCHEDULES, OPTIMIZERS, TIMESTEP_BIASES
 from studio.ui.engine import COMPOSERS, Engine, Settings
 from studio.ui.workspace import PRESETS, TRAINERS, InputError, Workspace, safe_name
 
@@ -152,6 +152,9 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
                                 bias_x = gr.Number(label="Bias multiplier (1: off)", value=2, elem_id="timestep-bias-multiplier")
                                 loss_kind = gr.Dropdown(list(LOSS_TYPES), value="l2", elem_id="loss-type",
                                                         label="Loss (huber: outlier images pull less; threshold on kohya's snr schedule)")
+                                optimizer = gr.Dropdown(list(OPTIMIZERS), value="adamw", elem_id="optimizer",
+                                                        label="Optimizer (prodigy finds its own step size; the learning"
+                                                              " rate then multiplies it: 1 if left 0)")
                             layers = gr.Textbox(label="LoRA layers (empty: the attention projections; e.g. add"
                                                       " ff.net.0.proj,ff.net.2,conv1,conv2 for kohya's LoCon)", value="",
                                                 elem_id="lora-layers")
@@ -250,7 +253,7 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
 
         @_guarded
         def on_start(dataset_, style_, trainer_, preset_, token_, noun_, name_, steps_, rank_, lr_, attention_, layers_,
-                     schedule_, warmup_, snr_, offset_, perturb_, bias_, bias_x_, loss_kind_):
+                     schedule_, warmup_, snr_, offset_, perturb_, bias_, bias_x_, loss_kind_, optimizer_):
             if not dataset_:
                 raise InputError("no dataset: upload images and add them, or pick a dataset")
             name_ = name_.strip() or f"{token_}-{dataset_}"
@@ -260,7 +263,8 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
                          "lr_scheduler": schedule_ or None, "warmup": int(warmup_ or 0) or None,
                          "snr_gamma": float(snr_ or 0) or None, "noise_offset": float(offset_ or 0) or None,
                          "ip_noise_gamma": float(perturb_ or 0) or None,
-                         "loss_type": loss_kind_ if loss_kind_ and loss_kind_ != "l2" else None}
+                         "loss_type": loss_kind_ if loss_kind_ and loss_kind_ != "l2" else None,
+                         "optimizer": optimizer_ if optimizer_ and optimizer_ != "adamw" else None}
             if bias_ and bias_ != "none":
                 overrides.update(timestep_bias_strategy=bias_, timestep_bias_multiplier=float(bias_x_ if bias_x_ is not None else 1))
             cfg = ws.train_config(trainer_, preset_, dataset_, name_, style_dataset=style_ or "", **overrides)
@@ -268,7 +272,7 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
             return name, gr.update(choices=ws.runs(), value=name), ws.headless(name)
 
         start.click(on_start, [dataset, style_dataset, trainer, preset, token, class_noun, run_name, steps, rank, lr,
-                               attention, layers, schedule, warmup, snr, offset, perturb, bias, bias_x, loss_kind],
+                               attention, layers, schedule, warmup, snr, offset, perturb, bias, bias_x, loss_kind, optimizer],
                     [current, runs, headless])
 
         @_guarded
