@@ -247,14 +247,14 @@ def test_max_grad_norm_clips_at_that_norm_and_zero_turns_clipping_off(tmp_path, 
     assert seen == {0.25: [0.25, 0.25], 0.0: []}
 
 
-def test_loraplus_groups_put_the_ups_apart_at_ratio_times_their_groups_rate():
-    from studio.trainers.loop import loraplus_groups
+def test_scaled_groups_put_the_ups_apart_at_ratio_times_their_groups_rate():
+    from studio.trainers.loop import scaled_groups
 
     a, b, c, d = (torch.nn.Parameter(torch.zeros(1)) for _ in range(4))
-    groups = loraplus_groups([{"params": [a, b], "lr_scale": 1.0}, {"params": [c, d], "lr_scale": 3.0}], {id(b), id(d)}, 16)
+    groups = scaled_groups([{"params": [a, b], "lr_scale": 1.0}, {"params": [c, d], "lr_scale": 3.0}], {id(b), id(d)}, 16)
     assert [([id(p) for p in g["params"]], g["lr_scale"]) for g in groups] == [
         ([id(a)], 1.0), ([id(b)], 16.0), ([id(c)], 3.0), ([id(d)], 48.0)]
-    assert loraplus_groups([{"params": [a], "lr_scale": 1.0}], {id(a)}, 4) == [{"params": [a], "lr_scale": 4.0}]
+    assert scaled_groups([{"params": [a], "lr_scale": 1.0}], {id(a)}, 4) == [{"params": [a], "lr_scale": 4.0}]
 
 
 def test_loraplus_first_step_moves_the_ups_by_ratio_times_the_rate(tmp_path):
@@ -302,6 +302,8 @@ def test_prodigy_first_step_moves_the_ups_by_its_starting_estimate_times_the_rat
     assert 0.5e-6 * lr < float(ups[ups > 0].median()) <= 1e-6 * lr
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (config["optimizer"], config["prodigy_d_coef"], config["lr"]) == ("prodigy", 2.0, 2.0)
+    steps = [json.loads(line) for line in (tmp_path / "run" / "progress.jsonl").read_text().splitlines()]
+    assert [e["lr"] for e in steps if "loss" in e] == pytest.approx([1e-6 * lr])  # the step size applied: d x lr
 
 
 def test_prodigy_refuses_groups_at_different_rates_before_training():
@@ -338,6 +340,29 @@ def test_adapter_snapshots_are_the_adapter_a_shorter_run_ends_with(tmp_path):
         torch.testing.assert_close(snap.modules[k].up, two.modules[k].up, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(snap.modules[k].down, two.modules[k].down, rtol=1e-5, atol=1e-7)
     assert any(not torch.equal(snap.modules[k].up, five.modules[k].up) for k in five.modules)  # it went on training
+
+
+def test_text_encoder_lr_steps_the_text_encoders_lora_at_its_own_rate(tmp_path):
+    """AdamW's first step moves each B entry by its group's rate: the UNet's by --lr, the text encoders' by
+    --text-encoder-lr."""
+    from studio.trainers.config import build_config
+    from studio.trainers.dreambooth import DreamBooth, DreamBoothConfig
+    from studio.trainers.loop import train
+
+    from studio.adapters import load_adapter
+
+    data = star_folder(tmp_path / "stars", 1)
+    out = train(DreamBooth(), build_config(DreamBoothConfig, {}, {
+        "data": str(data), "output": str(tmp_path / "run"), "steps": 1, "batch_size": 1, "rank": 2, "lr": 1e-3,
+        "prior_preservation": False, "checkpoint_every": 0, "train_text_encoder": True, "text_encoder_lr": 1e-5}))
+    adapter = load_adapter(out)
+    for component, rate in (("unet", 1e-3), ("text_encoder", 1e-5), ("text_encoder_2", 1e-5)):
+        ups = torch.cat([w.up.flatten() for w in adapter.component(component).values()]).abs()
+        assert float(ups.max()) == pytest.approx(rate, rel=0.02), component
+    for bad, message in (({"text_encoder_lr": 1e-5}, "--text-encoder-lr needs --train-text-encoder"),
+                         ({"text_encoder_lr": -1.0, "train_text_encoder": True}, "--text-encoder-lr must be 0")):
+        with pytest.raises(ValueError, match=message):
+            DreamBoothConfig(data="x", **bad).check()
 
 
 def test_loraplus_is_refused_where_there_is_no_up_projection():

@@ -82,6 +82,9 @@ class DreamBoothConfig(TrainConfig):
         default=True, metadata=_help("Use a sidecar NAME.txt beside an image as its prompt (kohya's convention).")
     )
     train_text_encoder: bool = field(default=False, metadata=_help("Also put LoRA on the text encoders."))
+    text_encoder_lr: float = field(
+        default=0.0, metadata=_help("With --train-text-encoder: the text encoders' learning rate (diffusers' and kohya's"
+                                    " --text_encoder_lr, e.g. 5e-6); 0: --lr."))
     lora_layers: str = field(
         default=",".join(UNET_TARGETS),
         metadata=_help("The UNet layers that get LoRA: module name endings, comma-separated (as diffusers' --lora_layers);"
@@ -101,6 +104,10 @@ class DreamBoothConfig(TrainConfig):
             raise ValueError("--data is required: a folder with 3 to 10 images of the subject")
         if not self.token.strip() or not self.class_noun.strip():
             raise ValueError("--token and --class-noun must not be empty")
+        if self.text_encoder_lr < 0:
+            raise ValueError(f"--text-encoder-lr must be 0 (= --lr) or positive, got {self.text_encoder_lr:g}")
+        if self.text_encoder_lr and not self.train_text_encoder:
+            raise ValueError("--text-encoder-lr needs --train-text-encoder (the text encoders get no LoRA without it)")
         if self.attention_loss < 0:
             raise ValueError(f"--attention-loss must be 0 (off) or positive, got {self.attention_loss}")
         layers = parse_layers(self.lora_layers)

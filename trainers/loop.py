@@ -284,7 +284,7 @@ def _optimizer(params, cfg: TrainConfig):
         scales = {gr["lr_scale"] for gr in params if isinstance(gr, dict)}
         if len(scales) > 1:  # Prodigy refuses groups at different rates mid-step; say so before training
             raise ValueError("--optimizer prodigy takes one learning rate for every parameter; this trainer's groups"
-                             f" step at {', '.join(f'{x:g}' for x in sorted(scales))} x --lr (e.g. --style-lr-scale): set"
+                             f" step at {', '.join(f'{x:g}' for x in sorted(scales))} x --lr (--text-encoder-lr, --style-lr-scale): set"
                              " them equal or use --optimizer adamw")
 
         # diffusers' example script's Prodigy settings (bias correction, safeguarded warm-up, decoupled decay)
@@ -546,13 +546,14 @@ def is_up(name: str) -> bool:
     return "lora_B" in name or name.endswith("_up")
 
 
-def loraplus_groups(groups: list[dict], ups: set[int], ratio: float) -> list[dict]:
-    """``groups`` (each ``{"params", "lr_scale"}``) with each one's up-projections (``id`` in ``ups``) moved to a group
-    of their own at ``ratio`` times its ``lr_scale`` (LoRA+); empty groups are left out."""
+def scaled_groups(groups: list[dict], chosen: set[int], ratio: float) -> list[dict]:
+    """``groups`` (each ``{"params", "lr_scale"}``) with each one's ``chosen`` parameters (by ``id``) moved to a group
+    of their own at ``ratio`` times its ``lr_scale`` (LoRA+: the up-projections; --text-encoder-lr: the text
+    encoders' LoRA); empty groups are left out."""
     out = []
     for group in groups:
-        rest = [p for p in group["params"] if id(p) not in ups]
-        mine = [p for p in group["params"] if id(p) in ups]
+        rest = [p for p in group["params"] if id(p) not in chosen]
+        mine = [p for p in group["params"] if id(p) in chosen]
         out += [{"params": ps, "lr_scale": group["lr_scale"] * k} for ps, k in ((rest, 1.0), (mine, ratio)) if ps]
     return out
 
@@ -686,12 +687,16 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
     if params and isinstance(params[0], dict):  # param groups, each with an ``lr_scale`` (a multiple of --lr)
         groups = [{"params": list(gr["params"]), "lr_scale": float(gr.get("lr_scale", 1.0))} for gr in params]
         params = [p for gr in groups for p in gr["params"]]
+    te_lr = getattr(cfg, "text_encoder_lr", 0.0)  # DreamBooth's, with --train-text-encoder
+    te = {id(p) for c in components if c != "unet" for n, p in getattr(pipe, c).named_parameters() if p.requires_grad}
+    if te_lr and te:
+        groups = scaled_groups(groups or [{"params": params, "lr_scale": 1.0}], te, te_lr / cfg.lr)
     if cfg.loraplus_ratio != 1:
         ups = {id(p) for c in components for n, p in getattr(pipe, c).named_parameters() if is_up(n) and p.requires_grad}
         if not ups:
             raise ValueError(f"--loraplus-ratio {cfg.loraplus_ratio:g} needs LoRA up-projections to train; this run has"
                              " none (SingLoRA has one matrix per layer, ZipLoRA trains merge coefficients)")
-        groups = loraplus_groups(groups or [{"params": params, "lr_scale": 1.0}], ups, cfg.loraplus_ratio)
+        groups = scaled_groups(groups or [{"params": params, "lr_scale": 1.0}], ups, cfg.loraplus_ratio)
     use_training_attention(pipe.unet)  # the UNet's attention with fused projections
     if hasattr(trainer, "after_inject"):  # e.g. DreamBooth's attention loss: a recorder in that attention
         trainer.after_inject(ctx)
@@ -739,10 +744,12 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss_value = total
+        # the step size applied: Prodigy's is its estimate d times --lr (kohya logs it as d*lr)
+        rate = opt.param_groups[0]["lr"] * opt.param_groups[0].get("d", 1.0)
         bar.set_postfix(loss=f"{loss_value:.4f}")
         done = step + 1
         if cfg.tensorboard:
-            accelerator.log({"loss": loss_value, "lr": opt.param_groups[0]["lr"]}, step=done)
+            accelerator.log({"loss": loss_value, "lr": rate}, step=done)
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps and accelerator.is_main_process:
             save_checkpoint(run_dir, done, {"lora": lora_state(pipe, components)}, {"opt": opt},
                             keep=cfg.keep_checkpoints)
@@ -752,7 +759,7 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
             if "clock" in ctx.store:
                 ctx.store["clock"].step = done  # sample with the ramp as it stands after this step
             progress.event("validation", done, image=str(validate(ctx, done)))
-        progress.step(done, loss_value, opt.param_groups[0]["lr"])
+        progress.step(done, loss_value, rate)
         accelerator.wait_for_everyone()
         if done < cfg.steps and _stop_requested(accelerator, run_dir):
             if accelerator.is_main_process:
@@ -801,7 +808,8 @@ def _stop_requested(accelerator, run_dir: Path) -> bool:
 
 
 class Progress:
-    """``progress.jsonl`` in the run folder: one JSON line per step (step, total, loss, lr, seconds) and
+    """``progress.jsonl`` in the run folder: one JSON line per step (step, total, loss, lr: the step size applied,
+    Prodigy's d x --lr, seconds) and
     per event (start, validation, cancelled, done); what the app and any other watcher read. Appended, so
     a resumed run goes on in the same file (a reader keeps the last line of each step)."""
 
