@@ -155,7 +155,7 @@ class TrainConfig:
                        " finds its own step size: --lr multiplies it, use 1.0)."),
     )
     prodigy_d_coef: float = field(
-        default=1.0, metadata=_help("prodigy: a multiple of the step size it finds (kohya's d_coef; 0.5-2 is usual)."))
+        default=1.0, metadata=_help("prodigy: scales the step size it estimates (its d_coef; below 1 for a smaller step)."))
     use_8bit_adam: bool = field(default=False, metadata=_help("The same as --optimizer adamw8bit (diffusers' flag)."))
     checkpoint_every: int = field(default=100, metadata=_help("Write the full training state every N steps (0: never)."))
     keep_checkpoints: int = field(default=2, metadata=_help("Checkpoints kept in the run folder."))
