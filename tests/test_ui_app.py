@@ -149,6 +149,12 @@ def test_train_an_adapter_and_generate_with_it(page, server, images, shots):
     _choose(page, "library-pick", "star")
     page.locator("#library-preview img").wait_for()
     page.screenshot(path=str(shots / "library.png"), full_page=True)
+    _fill(page, "resize-rank", "2")  # a smaller copy in the library
+    page.click("#resize")
+    page.locator("#library-status").get_by_text("star-r2").wait_for()
+    from studio.adapters import load_adapter
+
+    assert load_adapter(server["data"] / "adapters" / "star-r2.safetensors").meta.rank == 2
 
     _tab(page, "Generate")
     _choose(page, "slot-1-adapter", "star")

@@ -197,6 +197,17 @@ def test_library_rename_delete_export_import(tmp_path):
     assert set(load_adapter(out).modules) == set(adapter.modules)
     with pytest.raises(InputError, match="layout 'ckpt' is not known"):
         ws.export("star", "ckpt")
+    (ws.root / "adapters" / "star.png").write_bytes(b"png")  # a preview goes with the copy
+    name, kept = ws.resize("star", 2)
+    assert name == "star-r2" and kept["rank"] == 2 and (ws.root / "adapters" / "star-r2.png").read_bytes() == b"png"
+    small = load_adapter(ws.adapter_file("star-r2"))
+    assert small.meta.rank == 2 and small.meta.token == "sks" and set(small.modules) == set(adapter.modules)
+    with pytest.raises(InputError, match="'star-r2' is already in the library"):
+        ws.resize("star", 2)
+    with pytest.raises(InputError, match="--rank 0 is out of range; accepted: 1 to 256"):
+        ws.resize("star", 0)
+    assert not (ws.root / "adapters" / "star-r0.safetensors").exists()
+    ws.delete("star-r2")
     ws.delete("star")
     assert ws.adapters() == []
     with pytest.raises(InputError, match="adapter 'star' is not in the library"):

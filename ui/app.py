@@ -196,6 +196,10 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
                             layout = gr.Radio(["kohya", "diffusers"], value="kohya", label="Export layout")
                             export = gr.Button("Export", elem_id="export")
                         exported = gr.File(label="Exported file", interactive=False, elem_id="exported")
+                        with gr.Row():
+                            resize_rank = gr.Number(label="Rank (a smaller copy: each layer's largest singular values)",
+                                                    value=4, precision=0, elem_id="resize-rank")
+                            resize = gr.Button("Resize", elem_id="resize")
                         imported = Uploads(label="Import an adapter (.safetensors only)", elem_id="import-file")
 
             # ---------------------------------------------------------------- Generate
@@ -369,6 +373,17 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
             return str(out), f"exported **{name}** in the {layout_} layout: `{out.name}`"
 
         export.click(on_export, [pick, layout], [exported, lib_status])
+
+        @_guarded
+        def on_resize(name, rank_):
+            if not name:
+                raise InputError("pick an adapter to resize")
+            new, kept = ws.resize(name, int(rank_ or 0))
+            return (f"**{new}**: {name} at rank {kept['rank']} (from {kept['from_rank']}); each layer keeps"
+                    f" {kept['min_kept']:.3f} or more of its update's norm, {kept['mean_kept']:.3f} on average",
+                    *refresh_lists(new))
+
+        resize.click(on_resize, [pick, resize_rank], [lib_status, *lib_outputs])
 
         @_guarded
         def on_import(item):

@@ -367,6 +367,26 @@ class Workspace:
         save_adapter(load_adapter(self.adapter_file(name)), out, layout=layout)
         return out
 
+    def resize(self, name: str, rank: int) -> tuple[str, dict[str, float]]:
+        """A lower-rank copy of a library adapter (``studio resize``) in the library as ``NAME-rRANK``, with its
+        preview; returns the new name and what each layer kept."""
+        from studio.adapters import load_adapter, save_adapter
+        from studio.adapters.resize import resize
+
+        src = self.adapter_file(name)
+        new = f"{src.stem}-r{rank}"
+        dest = self.path("adapters", f"{new}.safetensors")
+        if dest.exists():
+            raise InputError(f"an adapter named {new!r} is already in the library; rename or delete it first")
+        try:
+            small, kept = resize(load_adapter(src), rank)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        save_adapter(small, dest)
+        if src.with_suffix(".png").is_file():
+            _atomic_copy(src.with_suffix(".png"), dest.with_suffix(".png"))
+        return new, kept
+
     def import_adapter(self, orig_name: str, tmp: str | Path) -> str:
         """Add an uploaded adapter file to the library: safetensors only (a pickle is refused unread),
         checked by loading it, then copied in under its own name."""
