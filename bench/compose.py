@@ -96,6 +96,8 @@ VARIANTS = {  # method name in the table -> (composer, options)
     "clora-clause-s200": ("clora", {"clause_words": True, "step_size": 200.0}),
     "clora-clause-exclusive": ("clora", {"clause_words": True, "exclusive": True}),
     "clora-layout": ("clora", {"layout": True}),
+    # layout masks, each pixel to the concept whose placing word's map is highest there (no shared pixels)
+    "clora-layout-exclusive": ("clora", {"layout": True, "exclusive": True}),
     # the paper's iterative refinement (Attend-and-Excite's schedule: steps 0, 10 and 20 of 50): 10 updates there
     "clora-refine": ("clora", {"refine_steps": (0.0, 0.2, 0.4), "refine_iterations": 10}),
     "clora-refine-s100": ("clora", {"refine_steps": (0.0, 0.2, 0.4), "refine_iterations": 10, "step_size": 100.0}),
