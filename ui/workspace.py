@@ -175,7 +175,7 @@ class Workspace:
         name = safe_name(name, "run name")
         values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v not in (None, "")}}
         if values.get("optimizer") == "prodigy" and overrides.get("lr") in (None, ""):
-            values["lr"] = 1.0  # Prodigy finds its own step size; the rate multiplies it (a preset's 3e-4 would stall it)
+            values["lr"] = 1.0  # Prodigy finds its own step size and the rate multiplies it: a preset's 3e-4 would be refused
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
