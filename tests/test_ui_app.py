@@ -121,6 +121,7 @@ def test_train_an_adapter_and_generate_with_it(page, server, images, shots):
     page.get_by_text("Override the preset").click()
     page.wait_for_timeout(500)  # let the opened accordion's fields settle
     _fill(page, "train-steps", "40")
+    page.locator("#random-flip input").check()
     page.click("#start-training")
 
     bar = page.locator("#train-progress progress")
@@ -141,7 +142,7 @@ def test_train_an_adapter_and_generate_with_it(page, server, images, shots):
     headless = page.locator("#headless textarea, #headless input").first.input_value()
     assert headless.startswith("studio train dreambooth --config ") and headless.endswith("train.json")
     config = json.loads(Path(headless.split("--config ")[1]).read_text())
-    assert config["steps"] == 40 and config["token"] == "sks"
+    assert config["steps"] == 40 and config["token"] == "sks" and config["random_flip"] is True
     page.screenshot(path=str(shots / "train.png"), full_page=True)
 
     _tab(page, "Library")

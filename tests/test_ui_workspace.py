@@ -115,6 +115,10 @@ def test_train_config_is_the_cli_schema_and_bad_settings_are_named(tmp_path):
     assert ws.train_config("dreambooth", "quick", "stars", "pd", optimizer="prodigy", lr=0.5)["lr"] == 0.5
     with pytest.raises(InputError, match="--optimizer prodigy finds its own step size"):
         ws.train_config("dreambooth", "quick", "stars", "x", optimizer="prodigy", lr=1e-4)
+    augmented = ws.train_config("dreambooth", "quick", "stars", "fl", random_flip=True, caption_dropout=0.05)
+    assert (augmented["random_flip"], augmented["caption_dropout"]) == (True, 0.05)
+    with pytest.raises(InputError, match="--caption-dropout must be at least 0 \\(off\\) and below 1, got 1"):
+        ws.train_config("dreambooth", "quick", "stars", "x", caption_dropout=1.0)
     with pytest.raises(InputError, match="SingLoRA takes linear layers only"):
         ws.train_config("dreambooth", "quick", "stars", "x", lora_layers="to_q,conv1", adapter="singlora")
 

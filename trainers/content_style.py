@@ -53,8 +53,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from studio.trainers.config import command_from_config, run_command
-from studio.trainers.data import group_by_size, load_images
-from studio.trainers.dreambooth import DreamBooth, DreamBoothConfig, parse_layers, run_trainer, unet_targets
+from studio.trainers.data import load_images
+from studio.trainers.dreambooth import (
+    DreamBooth,
+    DreamBoothConfig,
+    bucket_prompts,
+    parse_layers,
+    run_trainer,
+    unet_targets,
+)
 from studio.trainers.loop import Context, _help, denoise_losses, orthonormal_rows
 
 from studio.adapters import Adapter, AdapterMeta, LoraWeights, save_adapter
@@ -257,16 +264,11 @@ class ContentStyle(DreamBooth):
         prompt = (cfg.style_prompt or "a {class_noun}, {style_token}").format(
             token=cfg.token, class_noun=cfg.class_noun, style_token=cfg.style_token)
         captions = [(im.caption if cfg.captions and im.caption else prompt) for im in images]
-        groups = group_by_size(images)
-        ctx.store["style"] = [
-            (self._latents(ctx.pipe, [images[i] for i in idx]),
-             torch.tensor([[*images[i].original_size, *images[i].crop_top_left, h, w] for i in idx], dtype=torch.float32),
-             [captions[i] for i in idx])
-            for (w, h), idx in groups.items()]
+        ctx.store["style"] = self._buckets(ctx, images, captions)
         ctx.store["prompts"]["style"] = prompt
         ctx.store["style_files"] = [f.name for f in files]
         with torch.no_grad():
-            ctx.store["cond"].update({p: _encode(ctx.pipe, [p]) for p in set(captions) - set(ctx.store["cond"])})
+            ctx.store["cond"].update({p: _encode(ctx.pipe, [p]) for p in bucket_prompts(ctx.store["style"]) - set(ctx.store["cond"])})
         ctx.store["router"] = Router()
 
     def inject(self, ctx: Context, targets: dict[str, list[str]], rank: int, alpha: float) -> list[torch.nn.Parameter]:

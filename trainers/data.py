@@ -9,6 +9,9 @@ A mask of the subject may lie beside an image as ``<name>.mask.png`` (white: the
 with its image; the attention loss (``--attention-loss``) reads it, or, without one, the pixels that differ
 from the image's plain background (:func:`subject_mask`). Mask files are not training images.
 
+With ``--random-flip`` a trainer also trains on each image mirrored left to right (:func:`mirrored`), its caption's
+"left" and "right" swapped (:func:`mirror_caption`).
+
     >>> from studio.trainers.data import buckets
     >>> buckets(64, 16)
     [(48, 80), (64, 64), (80, 48)]
@@ -23,6 +26,7 @@ from the image's plain background (:func:`subject_mask`). Mask files are not tra
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,6 +181,31 @@ def group_by_size(images: list[TrainImage]) -> dict[tuple[int, int], list[int]]:
     for i, im in enumerate(images):
         groups.setdefault(im.size, []).append(i)
     return groups
+
+
+def mirror_caption(caption: str) -> str:
+    """``caption`` as a mirrored image would be described: the words "left" and "right" swapped (capitals kept).
+
+    >>> mirror_caption("a sks shape on the Left and a circle on the right, leftover")
+    'a sks shape on the Right and a circle on the left, leftover'
+    """
+    swap = {"left": "right", "right": "left"}
+
+    def repl(m: re.Match) -> str:
+        word = m.group(0)
+        new = swap[word.lower()]
+        return new.upper() if word.isupper() else new.capitalize() if word[0].isupper() else new
+
+    return re.sub(r"\b(left|right)\b", repl, caption, flags=re.IGNORECASE)
+
+
+def mirrored(item: TrainImage) -> TrainImage:
+    """``item`` mirrored left to right (its mask too). The crop offset stays: a centre crop mirrors onto itself,
+    within a pixel. The caption is :func:`mirror_caption`'s."""
+    flip = Image.Transpose.FLIP_LEFT_RIGHT
+    return TrainImage(item.image.transpose(flip), item.original_size, item.crop_top_left,
+                      None if item.caption is None else mirror_caption(item.caption),
+                      None if item.mask is None else item.mask.transpose(flip))
 
 
 def to_tensor(images: list[Image.Image] | list[TrainImage]) -> torch.Tensor:

@@ -19,12 +19,12 @@ import random
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from studio.trainers.attention import CrossAttentionMaps, attention_maps
 from studio.trainers.config import build_config, command_from_config, read_config_file, run_command
-from studio.trainers.data import group_by_size, load_images, subject_mask, to_tensor
+from studio.trainers.data import TrainImage, group_by_size, load_images, mirrored, subject_mask, to_tensor
 from studio.trainers.loop import Cancelled, Context, TrainConfig, _help, denoise_losses, shard, train
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -91,6 +91,18 @@ class DreamBoothConfig(TrainConfig):
                        " add ff.net.0.proj,ff.net.2,proj_in,proj_out for the transformer blocks' other linears,"
                        " conv1,conv2 for the ResNet convolutions (kohya's LoCon)."),
     )
+    random_flip: bool = field(
+        default=False,
+        metadata=_help("Train on each image mirrored left to right half the time (diffusers' --random_flip, kohya's"
+                       " --flip_aug); the mirrored images' latents are cached beside the originals, and 'left' and"
+                       " 'right' swap in their captions. Not for subjects whose left and right differ (text, logos)."),
+    )
+    caption_dropout: float = field(
+        default=0.0,
+        metadata=_help("Share of training examples whose prompt is emptied (kohya's --caption_dropout_rate, diffusers'"
+                       " --proportion_empty_prompts; ai-toolkit uses 0.05), so the adapter also learns the images"
+                       " unprompted, as guidance's unconditional pass sees them; 0: off, below 1."),
+    )
     attention_loss: float = field(
         default=0.0,
         metadata=_help("Weight of an attention loss (Break-A-Scene): the token's cross-attention map is pulled onto"
@@ -110,6 +122,11 @@ class DreamBoothConfig(TrainConfig):
             raise ValueError("--text-encoder-lr needs --train-text-encoder (the text encoders get no LoRA without it)")
         if self.attention_loss < 0:
             raise ValueError(f"--attention-loss must be 0 (off) or positive, got {self.attention_loss}")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"--caption-dropout must be at least 0 (off) and below 1, got {self.caption_dropout:g}")
+        if self.caption_dropout and self.attention_loss:
+            raise ValueError("--caption-dropout does not go with --attention-loss (an emptied prompt has no token whose"
+                             " attention the loss could pull onto the subject); drop one of them")
         layers = parse_layers(self.lora_layers)
         if self.adapter == "singlora" and any("conv" in t for t in layers):
             raise ValueError(f"--lora-layers {self.lora_layers!r} with --adapter singlora: SingLoRA takes linear"
@@ -135,6 +152,22 @@ def _encode(pipe, prompts: list[str]) -> dict[str, Any]:
     return {"embeds": pipe.text_encoder(ids)[0], "pooled": None}
 
 
+class Bucket(NamedTuple):
+    """One size of training image: cached latents, SDXL micro-conditioning (original size, crop, target size) and
+    prompts, one row each; with --random-flip, the mirrored images' latents and captions."""
+
+    latents: torch.Tensor
+    time_ids: torch.Tensor
+    captions: list[str]
+    mirrored: torch.Tensor | None = None
+    mirrored_captions: list[str] | None = None
+
+
+def bucket_prompts(buckets: list[Bucket]) -> set[str]:
+    """Every prompt ``buckets`` may train on (mirrored captions included)."""
+    return {t for b in buckets for t in (*b.captions, *(b.mirrored_captions or ()))}
+
+
 class DreamBooth:
     name = "dreambooth"
     linear_only = False  # a trainer whose branches are linear-only (the content/style pair) sets this
@@ -152,23 +185,16 @@ class DreamBooth:
         images, files = load_images(cfg.data, ctx.resolution, ctx.size_multiple if cfg.aspect_buckets else 0)
         prompt = self.instance_prompt(cfg)
         captions = [(im.caption if cfg.captions and im.caption else prompt) for im in images]
-        # one group per bucket: latents, SDXL micro-conditioning (original size, crop, target size), prompts
         groups = group_by_size(images)
-        ctx.store["instance"] = [
-            (
-                self._latents(pipe, [images[i] for i in idx]),
-                torch.tensor(
-                    [[*images[i].original_size, *images[i].crop_top_left, h, w] for i in idx], dtype=torch.float32
-                ),
-                [captions[i] for i in idx],
-            )
-            for (w, h), idx in groups.items()
-        ]
+        ctx.store["instance"] = self._buckets(ctx, images, captions)
         if cfg.attention_loss:  # per bucket: the subjects' masks, and per example the token's weight per position
+            # (of its caption, then of its mirrored caption: swapping left and right may move the token)
             ctx.store["attend"] = [
                 (torch.stack([subject_mask(images[i], files[i].name) for i in idx]),
-                 torch.stack([token_weights(pipe.tokenizer, captions[i], cfg.token, files[i].name) for i in idx]))
-                for idx in groups.values()
+                 torch.stack([token_weights(pipe.tokenizer, b.captions[j], cfg.token, files[i].name) for j, i in enumerate(idx)]),
+                 torch.stack([token_weights(pipe.tokenizer, (b.mirrored_captions or b.captions)[j], cfg.token, files[i].name)
+                              for j, i in enumerate(idx)]))
+                for b, idx in zip(ctx.store["instance"], groups.values())
             ]
         ctx.store["buckets"] = {f"{w}x{h}": len(idx) for (w, h), idx in groups.items()}
         ctx.store["n_images"] = len(images)
@@ -180,7 +206,24 @@ class DreamBooth:
             ctx.store["class"] = self._latents(pipe, class_images)
         if not cfg.train_text_encoder:
             with torch.no_grad():
-                ctx.store["cond"] = {p: _encode(pipe, [p]) for p in {*captions, *ctx.store["prompts"].values()}}
+                texts = {*bucket_prompts(ctx.store["instance"]), *ctx.store["prompts"].values()} | ({""} if cfg.caption_dropout else set())
+                ctx.store["cond"] = {p: _encode(pipe, [p]) for p in texts}
+
+    def _buckets(self, ctx: Context, images: list[TrainImage], captions: list[str]) -> list[Bucket]:
+        """``images`` grouped by size, one :class:`Bucket` a group, latents cached (mirrored too with --random-flip)."""
+        cfg = ctx.cfg
+        out = []
+        for (w, h), idx in group_by_size(images).items():
+            ids = torch.tensor([[*images[i].original_size, *images[i].crop_top_left, h, w] for i in idx], dtype=torch.float32)
+            chosen = [images[i] for i in idx]
+            texts = [captions[i] for i in idx]
+            if cfg.random_flip:
+                flipped = [mirrored(TrainImage(im.image, im.original_size, im.crop_top_left, t)) for im, t in zip(chosen, texts)]
+                out.append(Bucket(self._latents(ctx.pipe, chosen), ids, texts, self._latents(ctx.pipe, flipped),
+                                  [f.caption for f in flipped]))
+            else:
+                out.append(Bucket(self._latents(ctx.pipe, chosen), ids, texts))
+        return out
 
     @staticmethod
     def instance_prompt(cfg: DreamBoothConfig) -> str:
@@ -270,12 +313,21 @@ class DreamBooth:
         if len(groups) > 1:
             pick = rng.randrange(sum(len(g[0]) for g in groups))
             chosen = next(i for i, end in enumerate(itertools.accumulate(len(g[0]) for g in groups)) if pick < end)
-        lat, ids, texts = groups[chosen]
-        idx = torch.tensor([rng.randrange(len(lat)) for _ in range(n)])
-        mine = idx[shard(ctx, n)]
-        cond = self._cond(ctx, [texts[i] for i in mine], ids[mine])
-        cond["drawn"] = (chosen, mine)  # which bucket and examples (this process's), for what the trainer keeps per image
-        return lat[idx], cond
+        bucket: Bucket = groups[chosen]
+        idx = torch.tensor([rng.randrange(len(bucket.latents)) for _ in range(n)])
+        latents, texts = bucket.latents[idx], [bucket.captions[i] for i in idx]
+        flips = torch.zeros(n, dtype=torch.bool)
+        if bucket.mirrored is not None:  # drawn after the examples, so a run without it draws what it drew before
+            flips = torch.tensor([rng.random() < 0.5 for _ in range(n)])
+            latents = torch.where(flips[:, None, None, None], bucket.mirrored[idx], latents)
+            texts = [bucket.mirrored_captions[i] if f else t for i, f, t in zip(idx.tolist(), flips.tolist(), texts)]
+        if ctx.cfg.caption_dropout:
+            texts = ["" if rng.random() < ctx.cfg.caption_dropout else t for t in texts]
+        part = shard(ctx, n)
+        cond = self._cond(ctx, texts[part], bucket.time_ids[idx[part]])
+        # which bucket, examples and mirrorings (this process's), for what the trainer keeps per image
+        cond["drawn"] = (chosen, idx[part], flips[part])
+        return latents, cond
 
     def loss(self, ctx: Context, step: int, micro: int, g: torch.Generator, rng: random.Random) -> torch.Tensor:
         cfg: DreamBoothConfig = ctx.cfg
@@ -290,8 +342,10 @@ class DreamBooth:
             losses = denoise_losses(ctx, parts, g)
             return losses[0] + cfg.prior_weight * losses[1] if cfg.prior_preservation else losses[0]
         maps: CrossAttentionMaps = ctx.store["maps"]
-        chosen, mine = parts[0][1]["drawn"]
-        masks, weights = (t[mine].to(ctx.accelerator.device) for t in ctx.store["attend"][chosen])
+        chosen, mine, flips = parts[0][1]["drawn"]
+        masks, weights, weights_mirrored = (t[mine] for t in ctx.store["attend"][chosen])
+        masks = torch.where(flips[:, None, None], masks.flip(-1), masks).to(ctx.accelerator.device)
+        weights = torch.where(flips[:, None], weights_mirrored, weights).to(ctx.accelerator.device)
 
         def watch(members: list[int], embeds: torch.Tensor) -> None:  # the instance examples lead their pass
             if members[0] == 0:

@@ -155,6 +155,11 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
                                 optimizer = gr.Dropdown(list(OPTIMIZERS), value="adamw", elem_id="optimizer",
                                                         label="Optimizer (prodigy finds its own step size; the learning"
                                                               " rate then multiplies it: 1 if left 0)")
+                            with gr.Row():
+                                flip = gr.Checkbox(label="Random flip (also train on each image mirrored; not for text or"
+                                                         " logos)", value=False, elem_id="random-flip")
+                                dropout = gr.Number(label="Caption dropout (0: off; 0.05 is usual for styles)", value=0,
+                                                    elem_id="caption-dropout")
                             layers = gr.Textbox(label="LoRA layers (empty: the attention projections; e.g. add"
                                                       " ff.net.0.proj,ff.net.2,conv1,conv2 for kohya's LoCon)", value="",
                                                 elem_id="lora-layers")
@@ -257,7 +262,7 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
 
         @_guarded
         def on_start(dataset_, style_, trainer_, preset_, token_, noun_, name_, steps_, rank_, lr_, attention_, layers_,
-                     schedule_, warmup_, snr_, offset_, perturb_, bias_, bias_x_, loss_kind_, optimizer_):
+                     schedule_, warmup_, snr_, offset_, perturb_, bias_, bias_x_, loss_kind_, optimizer_, flip_, dropout_):
             if not dataset_:
                 raise InputError("no dataset: upload images and add them, or pick a dataset")
             name_ = name_.strip() or f"{token_}-{dataset_}"
@@ -268,7 +273,8 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
                          "snr_gamma": float(snr_ or 0) or None, "noise_offset": float(offset_ or 0) or None,
                          "ip_noise_gamma": float(perturb_ or 0) or None,
                          "loss_type": loss_kind_ if loss_kind_ and loss_kind_ != "l2" else None,
-                         "optimizer": optimizer_ if optimizer_ and optimizer_ != "adamw" else None}
+                         "optimizer": optimizer_ if optimizer_ and optimizer_ != "adamw" else None,
+                         "random_flip": True if flip_ else None, "caption_dropout": float(dropout_ or 0) or None}
             if bias_ and bias_ != "none":
                 overrides.update(timestep_bias_strategy=bias_, timestep_bias_multiplier=float(bias_x_ if bias_x_ is not None else 1))
             cfg = ws.train_config(trainer_, preset_, dataset_, name_, style_dataset=style_ or "", **overrides)
@@ -276,7 +282,8 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
             return name, gr.update(choices=ws.runs(), value=name), ws.headless(name)
 
         start.click(on_start, [dataset, style_dataset, trainer, preset, token, class_noun, run_name, steps, rank, lr,
-                               attention, layers, schedule, warmup, snr, offset, perturb, bias, bias_x, loss_kind, optimizer],
+                               attention, layers, schedule, warmup, snr, offset, perturb, bias, bias_x, loss_kind, optimizer,
+                               flip, dropout],
                     [current, runs, headless])
 
         @_guarded

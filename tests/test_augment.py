@@ -1,0 +1,130 @@
+"""--random-flip and --caption-dropout: what the image trainers draw with them, replayed by hand, and short runs
+that use them."""
+
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+from studio.trainers.data import TrainImage, load_images, mirror_caption, mirrored
+from studio.trainers.dreambooth import Bucket, DreamBooth, DreamBoothConfig, bucket_prompts
+from studio.trainers.loop import Context
+from test_dreambooth import star_folder
+
+
+def test_mirror_caption_swaps_left_and_right_as_words():
+    assert mirror_caption("a sks shape on the left and a circle on the right") == \
+        "a sks shape on the right and a circle on the left"
+    assert mirror_caption("Left: a star; RIGHT: a heart") == "Right: a star; LEFT: a heart"
+    assert mirror_caption("leftover rightmost bright") == "leftover rightmost bright"  # only whole words
+    assert mirror_caption("a star") == "a star"
+
+
+def test_mirrored_image_mask_and_caption():
+    image = Image.new("RGB", (4, 2), "white")
+    image.putpixel((0, 1), (255, 0, 0))
+    mask = Image.new("L", (4, 2), 0)
+    mask.putpixel((1, 0), 255)
+    item = TrainImage(image, (2, 4), (0, 1), "a red dot on the left", mask)
+    flipped = mirrored(item)
+    assert flipped.image.getpixel((3, 1)) == (255, 0, 0) and flipped.image.getpixel((0, 1)) == (255, 255, 255)
+    assert flipped.mask.getpixel((2, 0)) == 255 and flipped.mask.getpixel((1, 0)) == 0
+    assert (flipped.caption, flipped.original_size, flipped.crop_top_left) == ("a red dot on the right", (2, 4), (0, 1))
+    assert mirrored(TrainImage(image, (2, 4), (0, 0))).caption is None
+
+
+def _draw_ctx(caption_dropout=0.0):
+    """A context whose cached prompt embeddings are one number per prompt (its index), for replaying ``_draw``."""
+    prompts = ["a sks shape on the left", "a sks shape", "a sks shape on the right", ""]
+    cond = {p: {"embeds": torch.full((1, 2, 3), float(i)), "pooled": None} for i, p in enumerate(prompts)}
+    acc = SimpleNamespace(device=torch.device("cpu"), num_processes=1, process_index=0)
+    cfg = DreamBoothConfig(data="x", caption_dropout=caption_dropout)
+    return Context(cfg, None, acc, None, None, 64, store={"cond": cond}), prompts
+
+
+def _bucket(flip: bool) -> Bucket:
+    latents = torch.arange(2 * 4 * 2 * 2, dtype=torch.float32).reshape(2, 4, 2, 2)
+    captions = ["a sks shape on the left", "a sks shape"]
+    if not flip:
+        return Bucket(latents, torch.zeros(2, 6), captions)
+    return Bucket(latents, torch.zeros(2, 6), captions, -latents, [mirror_caption(c) for c in captions])
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_draw_mirrors_and_empties_examples_as_its_random_draws_say(dropout):
+    """Replay: n example indices, then (with the mirrored bucket) one draw < 0.5 per example to mirror it, then
+    (with --caption-dropout p) one draw < p per example to empty its prompt."""
+    ctx, prompts = _draw_ctx(dropout)
+    n = 16
+    latents, cond = DreamBooth()._draw(ctx, [_bucket(flip=True)], random.Random(5), n)
+    replay = random.Random(5)
+    idx = [replay.randrange(2) for _ in range(n)]
+    flips = [replay.random() < 0.5 for _ in range(n)]
+    drops = [replay.random() < dropout for _ in range(n)] if dropout else [False] * n
+    bucket = _bucket(flip=True)
+    expected_lat = torch.stack([bucket.mirrored[i] if f else bucket.latents[i] for i, f in zip(idx, flips)])
+    expected_text = ["" if d else (bucket.mirrored_captions[i] if f else bucket.captions[i])
+                     for i, f, d in zip(idx, flips, drops)]
+    assert 0 < sum(flips) < n and (not dropout or 0 < sum(drops) < n)
+    torch.testing.assert_close(latents, expected_lat)
+    torch.testing.assert_close(cond["embeds"][:, 0, 0], torch.tensor([float(prompts.index(t)) for t in expected_text]))
+    chosen, mine, drawn_flips = cond["drawn"]
+    assert chosen == 0 and mine.tolist() == idx and drawn_flips.tolist() == flips
+    if not dropout:  # the flips' draws come after the examples': a run without mirroring draws the same examples
+        plain, cond = DreamBooth()._draw(ctx, [_bucket(flip=False)], random.Random(5), n)
+        assert cond["drawn"][1].tolist() == idx and not cond["drawn"][2].any()
+        torch.testing.assert_close(plain, _bucket(flip=False).latents[torch.tensor(idx)])
+
+
+def test_buckets_cache_the_mirrored_images_latents(tmp_path):
+    from studio.families import EMBEDDED_MODEL, load_pipeline
+
+    data = star_folder(tmp_path / "stars", 2)
+    (data / "star0.txt").write_text("a large blue sks shape on the left")
+    pipe = load_pipeline(EMBEDDED_MODEL)
+    images, _ = load_images(data, 64)
+    cfg = DreamBoothConfig(data=str(data), random_flip=True)
+    ctx = Context(cfg, pipe, None, None, None, 64, store={})
+    captions = [im.caption or "a sks shape" for im in images]
+    (bucket,) = DreamBooth()._buckets(ctx, images, captions)
+    flipped = [im.image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in images]
+    torch.testing.assert_close(bucket.latents, DreamBooth._latents(pipe, images))
+    torch.testing.assert_close(bucket.mirrored, DreamBooth._latents(pipe, flipped))
+    assert not torch.allclose(bucket.mirrored, bucket.latents)
+    assert bucket.mirrored_captions == ["a large blue sks shape on the right", "a sks shape"]
+    assert bucket_prompts([bucket]) == {"a large blue sks shape on the left", "a large blue sks shape on the right",
+                                        "a sks shape"}
+    ctx.cfg = DreamBoothConfig(data=str(data))
+    (plain,) = DreamBooth()._buckets(ctx, images, captions)
+    assert plain.mirrored is None and plain.mirrored_captions is None
+
+
+def test_runs_with_flips_dropout_and_the_attention_loss(tmp_path):
+    """Short DreamBooth runs: mirroring with the attention loss (the masks and token weights follow each mirrored
+    example), and caption dropout; both train and record their settings."""
+    import json
+
+    from studio.trainers.config import build_config
+    from studio.trainers.loop import train
+
+    from studio.adapters import load_adapter
+
+    data = star_folder(tmp_path / "stars", 2)
+    base = {"data": str(data), "batch_size": 2, "rank": 2, "lr": 1e-3, "prior_preservation": False,
+            "checkpoint_every": 0, "steps": 2}
+    for name, extra in (("flip", {"random_flip": True, "attention_loss": 0.1}), ("drop", {"caption_dropout": 0.5})):
+        out = train(DreamBooth(), build_config(DreamBoothConfig, {}, {**base, "output": str(tmp_path / name), **extra}))
+        assert load_adapter(out).meta.steps == 2
+        kept = json.loads((tmp_path / name / "config.json").read_text())
+        assert all(kept[k] == v for k, v in extra.items())
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"caption_dropout": 1.0}, "--caption-dropout must be at least 0 (off) and below 1, got 1"),
+    ({"caption_dropout": -0.1}, "--caption-dropout must be at least 0 (off) and below 1, got -0.1"),
+    ({"caption_dropout": 0.1, "attention_loss": 0.1}, "--caption-dropout does not go with --attention-loss"),
+])
+def test_bad_augmentation_options_are_refused_by_name(tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        DreamBoothConfig(data=str(tmp_path), **extra).check()
