@@ -165,12 +165,13 @@ def _check_weight(weight: float, what: str) -> float:
     return float(weight)
 
 
-def check_base(pipe, adapter: Adapter, what: str) -> None:
-    """Refuse ``adapter`` (called ``what`` in the message) if it was trained for another family or base UNet than ``pipe``'s."""
+def check_base(pipe, adapter: Adapter, what: str, base_hash: str | None = None) -> None:
+    """Refuse ``adapter`` (called ``what`` in the message) if it was trained for another family or base UNet than ``pipe``'s
+    (``base_hash``: that UNet's hash, taken before adapter layers went into it)."""
     family = pipeline_family(pipe)
     if adapter.meta.family and adapter.meta.family != family:
         raise ValueError(f"{what} was trained for a {adapter.meta.family} model, but this pipeline is {family}")
-    if adapter.meta.base_hash and adapter.meta.base_hash != (ours := base_model_hash(pipe.unet)):
+    if adapter.meta.base_hash and adapter.meta.base_hash != (ours := base_hash or base_model_hash(pipe.unet)):
         raise ValueError(f"{what} was trained on base model {adapter.meta.base_model or '?'} ({adapter.meta.base_hash}),"
                          f" but this pipeline's UNet is {ours}")
 

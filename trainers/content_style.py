@@ -266,7 +266,7 @@ class ContentStyle(DreamBooth):
         captions = [(im.caption if cfg.captions and im.caption else prompt) for im in images]
         ctx.store["style"] = self._buckets(ctx, images, captions)
         ctx.store["prompts"]["style"] = prompt
-        ctx.store["style_files"] = [f.name for f in files]
+        ctx.store["style_files"] = [f.relative_to(cfg.style_data).as_posix() for f in files]
         with torch.no_grad():
             ctx.store["cond"].update({p: _encode(ctx.pipe, [p]) for p in bucket_prompts(ctx.store["style"]) - set(ctx.store["cond"])})
         ctx.store["router"] = Router()

@@ -9,6 +9,10 @@ A mask of the subject may lie beside an image as ``<name>.mask.png`` (white: the
 with its image; the attention loss (``--attention-loss``) reads it, or, without one, the pixels that differ
 from the image's plain background (:func:`subject_mask`). Mask files are not training images.
 
+kohya's folder layout is read too: a data folder whose images sit in subfolders named ``<repeats>_<words>``
+("10_sks shape") trains on each subfolder's images ``repeats`` times as often as an image of a ``1_`` folder, and
+``words`` is the caption of each image there without a sidecar of its own.
+
 With ``--random-flip`` a trainer also trains on each image mirrored left to right (:func:`mirrored`), its caption's
 "left" and "right" swapped (:func:`mirror_caption`).
 
@@ -25,6 +29,7 @@ With ``--random-flip`` a trainer also trains on each image mirrored left to righ
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import warnings
@@ -58,6 +63,7 @@ class TrainImage:
     crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized image
     caption: str | None = None  # from a sidecar ``<name>.txt`` (kohya's convention), if there is one
     mask: Image.Image | None = None  # from a sidecar ``<name>.mask.png`` (mode L, the image's crop), if there is one
+    repeats: int = 1  # kohya's folder repeats: how many times likelier this image is drawn than one of a ``1_`` folder
 
     @property
     def size(self) -> tuple[int, int]:
@@ -133,13 +139,55 @@ def subject_mask(item: TrainImage, name: str = "image", threshold: float = 40.0)
     return torch.from_numpy(mask)
 
 
+KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
+
+
+def kohya_folders(folder: Path) -> list[tuple[Path, int, str]]:
+    """``folder``'s subfolders in kohya's layout, ``(path, repeats, words)`` sorted by name ("10_sks shape" -> 10,
+    "sks shape"); ``[]`` when it has none. Refuses images beside them, a repeat count of 0, and warns of (and skips)
+    other subfolders."""
+    subs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    found = [(p, KOHYA_FOLDER.match(p.name)) for p in subs]
+    if not any(m for _, m in found):
+        return []
+    loose = [p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if loose:
+        raise ValueError(f"data folder {folder} has images ({loose[0]}, {len(loose)} in all) beside kohya-style"
+                         " subfolders (REPEATS_WORDS); move them into such a subfolder, e.g. 1_sks shape")
+    out = []
+    for path, m in found:
+        if m is None:
+            warnings.warn(f"skipping {path}: not a kohya-style REPEATS_WORDS folder name (e.g. 10_sks shape)", stacklevel=3)
+            continue
+        if int(m.group(1)) < 1:
+            raise ValueError(f"data subfolder {path.name!r} repeats its images {m.group(1)} times; accepted: 1 or more")
+        out.append((path, int(m.group(1)), m.group(2).replace("_", " ").strip()))
+    return out
+
+
 def load_images(folder: str | Path, size: int, multiple: int = 0) -> tuple[list[TrainImage], list[Path]]:
     """Every readable image in ``folder`` (sorted by name) as RGB: each in its aspect bucket of about
     ``size``² pixels with sides multiples of ``multiple``, or (``multiple=0``) as a centre-cropped
-    ``size`` x ``size`` square."""
+    ``size`` x ``size`` square. A folder in kohya's layout (:func:`kohya_folders`) gives its subfolders' images,
+    each with its folder's repeats, and its folder's words as its caption where it has no sidecar."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"data folder not found: {folder}")
+    if kohya := kohya_folders(folder):
+        images, used = [], []
+        for sub, repeats, words in kohya:
+            try:
+                got, paths = load_images(sub, size, multiple)
+            except ValueError as e:
+                warnings.warn(f"skipping {sub}: {e}", stacklevel=2)
+                continue
+            for item in got:
+                item.repeats, item.caption = repeats, item.caption or words
+            images += got
+            used += paths
+        if not images:
+            raise ValueError(f"no readable images in the subfolders of {folder} (accepted: {', '.join(sorted(IMAGE_SUFFIXES))})")
+        return images, used
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
         raise ValueError(f"data folder {folder} is empty; put 3 to 10 images of the subject in it")
@@ -203,9 +251,9 @@ def mirrored(item: TrainImage) -> TrainImage:
     """``item`` mirrored left to right (its mask too). The crop offset stays: a centre crop mirrors onto itself,
     within a pixel. The caption is :func:`mirror_caption`'s."""
     flip = Image.Transpose.FLIP_LEFT_RIGHT
-    return TrainImage(item.image.transpose(flip), item.original_size, item.crop_top_left,
-                      None if item.caption is None else mirror_caption(item.caption),
-                      None if item.mask is None else item.mask.transpose(flip))
+    return dataclasses.replace(item, image=item.image.transpose(flip),
+                               caption=None if item.caption is None else mirror_caption(item.caption),
+                               mask=None if item.mask is None else item.mask.transpose(flip))
 
 
 def to_tensor(images: list[Image.Image] | list[TrainImage]) -> torch.Tensor:

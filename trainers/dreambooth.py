@@ -13,6 +13,7 @@ Headless, same arguments either way::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import random
@@ -161,6 +162,11 @@ class Bucket(NamedTuple):
     captions: list[str]
     mirrored: torch.Tensor | None = None
     mirrored_captions: list[str] | None = None
+    repeats: list[int] | None = None  # kohya's folder repeats, per image (None: every image once)
+
+    def size(self) -> int:
+        """How many draws' worth of images it holds: its images, each counted its repeats."""
+        return sum(self.repeats) if self.repeats else len(self.captions)
 
 
 def bucket_prompts(buckets: list[Bucket]) -> set[str]:
@@ -199,7 +205,9 @@ class DreamBooth:
         ctx.store["buckets"] = {f"{w}x{h}": len(idx) for (w, h), idx in groups.items()}
         ctx.store["n_images"] = len(images)
         ctx.store["n_captions"] = sum(c != prompt for c in captions)
-        ctx.store["files"] = [f.name for f in files]
+        ctx.store["files"] = [f.relative_to(cfg.data).as_posix() for f in files]
+        if any(im.repeats != 1 for im in images):  # kohya's layout: the repeats of each subfolder
+            ctx.store["repeats"] = {f.parent.name: im.repeats for f, im in zip(files, images)}
         ctx.store["prompts"] = {"instance": prompt, "class": f"a {cfg.class_noun}"}
         if cfg.prior_preservation:
             class_images = self._class_images(ctx)
@@ -217,12 +225,13 @@ class DreamBooth:
             ids = torch.tensor([[*images[i].original_size, *images[i].crop_top_left, h, w] for i in idx], dtype=torch.float32)
             chosen = [images[i] for i in idx]
             texts = [captions[i] for i in idx]
+            repeats = [im.repeats for im in chosen] if any(im.repeats != 1 for im in images) else None
             if cfg.random_flip:
-                flipped = [mirrored(TrainImage(im.image, im.original_size, im.crop_top_left, t)) for im, t in zip(chosen, texts)]
+                flipped = [mirrored(dataclasses.replace(im, caption=t)) for im, t in zip(chosen, texts)]
                 out.append(Bucket(self._latents(ctx.pipe, chosen), ids, texts, self._latents(ctx.pipe, flipped),
-                                  [f.caption for f in flipped]))
+                                  [f.caption for f in flipped], repeats))
             else:
-                out.append(Bucket(self._latents(ctx.pipe, chosen), ids, texts))
+                out.append(Bucket(self._latents(ctx.pipe, chosen), ids, texts, repeats=repeats))
         return out
 
     @staticmethod
@@ -311,10 +320,13 @@ class DreamBooth:
         its images): its latents and this process's share of the conditioning."""
         chosen = 0
         if len(groups) > 1:
-            pick = rng.randrange(sum(len(g[0]) for g in groups))
-            chosen = next(i for i, end in enumerate(itertools.accumulate(len(g[0]) for g in groups)) if pick < end)
+            pick = rng.randrange(sum(g.size() for g in groups))
+            chosen = next(i for i, end in enumerate(itertools.accumulate(g.size() for g in groups)) if pick < end)
         bucket: Bucket = groups[chosen]
-        idx = torch.tensor([rng.randrange(len(bucket.latents)) for _ in range(n)])
+        if bucket.repeats:  # kohya's repeats: an image of a 10_ folder is drawn 10 times as often as one of a 1_ folder
+            idx = torch.tensor(rng.choices(range(len(bucket.latents)), weights=bucket.repeats, k=n))
+        else:
+            idx = torch.tensor([rng.randrange(len(bucket.latents)) for _ in range(n)])
         latents, texts = bucket.latents[idx], [bucket.captions[i] for i in idx]
         flips = torch.zeros(n, dtype=torch.bool)
         if bucket.mirrored is not None:  # drawn after the examples, so a run without it draws what it drew before
@@ -369,6 +381,7 @@ class DreamBooth:
                 "buckets": ctx.store["buckets"],
                 "instance_prompt": ctx.store["prompts"]["instance"],
                 "captioned": ctx.store["n_captions"],
+                **({"repeats": ctx.store["repeats"]} if "repeats" in ctx.store else {}),
                 "prior_preservation": cfg.prior_preservation,
                 **({"attention_loss": cfg.attention_loss} if cfg.attention_loss else {}),
             },

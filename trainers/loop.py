@@ -162,6 +162,10 @@ class TrainConfig:
     save_adapter_every: int = field(
         default=0, metadata=_help("Also write the adapter as it stands every N steps, adapters/adapter-STEP.safetensors in"
                                   " the run folder, all kept (kohya's --save_every_n_steps; 0: only the final one)."))
+    init_adapter: str = field(
+        default="", metadata=_help("Start from this LoRA file's weights instead of zero (kohya's --network_weights): train"
+                                   " an adapter further on new images or settings. Its rank must be --rank; the layers it"
+                                   " has must be among those this run trains."))
     validation_every: int = field(default=0, metadata=_help("Save validation images every N steps (0: never)."))
     validation_prompts: list[str] = field(default_factory=list, metadata=_help("Prompts for validation images (repeatable)."))
     tensorboard: bool = field(default=False, metadata=_help("Log losses to TensorBoard in the run folder."))
@@ -234,6 +238,12 @@ class TrainConfig:
                 raise ValueError(
                     "--tensorboard needs TensorBoard: pip install tensorboard (or the lighter tensorboardX)"
                 )
+        if self.init_adapter:
+            if not Path(self.init_adapter).is_file():
+                raise FileNotFoundError(f"--init-adapter {self.init_adapter}: no such file")
+            if self.adapter != "lora" or self.orthogonal_basis:
+                raise ValueError("--init-adapter starts a plain LoRA from a file's weights; it does not go with"
+                                 f" {'--adapter singlora' if self.adapter != 'lora' else '--orthogonal-basis'}")
         if not Path(self.model, "model_index.json").is_file():
             raise FileNotFoundError(f"model folder not found or not a diffusers folder: {self.model}")
 
@@ -406,6 +416,41 @@ def inject_lora(ctx: Context, targets: dict[str, list[str]], rank: int, alpha: f
     return params
 
 
+def init_from_adapter(ctx: Context, components: list[str], path: str | Path) -> int:
+    """Set the run's peft LoRA layers to the adapter file ``path``'s weights, so that each layer's update
+    ``scale · B A`` is the file's (B rescaled where the run's alpha differs from the file's); layers the file lacks stay
+    at zero. Refuses, by name, a file for another base model, a layer of another rank, and a layer this run does not
+    train. Returns how many layers were set."""
+    from studio.adapters import load_adapter
+    from studio.plugin import check_base
+
+    adapter = load_adapter(path)
+    what = f"--init-adapter {path}"
+    check_base(ctx.pipe, adapter, what, ctx.store["base_hash"])
+    layers = {}
+    for component in components:
+        model = getattr(ctx.pipe, component)
+        for name, module in model.named_modules():
+            if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+                layers[canonical_name(component, model, name)] = module
+    extra = sorted(set(adapter.modules) - set(layers))
+    if extra:
+        hint = "; add --train-text-encoder" if any(not k.startswith("unet.") for k in extra) else ""
+        raise ValueError(f"{what} has LoRA on {extra[0]} ({len(extra)} layer(s) in all), which this run does not"
+                         f" train; name those layers in --lora-layers{hint}")
+    for key, weights in adapter.modules.items():
+        module = layers[key]
+        down, up = module.lora_A["default"].weight, module.lora_B["default"].weight
+        if weights.down.shape != down.shape or weights.up.shape != up.shape:
+            raise ValueError(f"{what}: layer {key} has rank {weights.rank} (down {tuple(weights.down.shape)}), this run's"
+                             f" is {down.shape[0]} (down {tuple(down.shape)}); use --rank {weights.rank}, or"
+                             f" `studio resize` the file to rank {down.shape[0]}")
+        with torch.no_grad():
+            down.copy_(weights.down.to(down.dtype))
+            up.copy_((weights.up.float() * (weights.scale / module.scaling["default"])).to(up.dtype))
+    return len(adapter.modules)
+
+
 def extract_adapter(pipe, components: list[str], meta: AdapterMeta, clock=None) -> Adapter:
     """The trained adapter layers (peft LoRA, or SingLoRA at the clock's ramp value), as the
     studio's adapter form."""
@@ -441,6 +486,8 @@ def adapter_at(trainer: Trainer, ctx: Context, components: list[str], step: int)
         meta.extra.update(adapter="singlora", singlora_ramp=clock.ramp_steps)
     if cfg.orthogonal_basis:
         meta.extra.update(orthogonal_basis=cfg.orthogonal_basis)
+    if cfg.init_adapter:
+        meta.extra.update(init_adapter=Path(cfg.init_adapter).name)
     if hasattr(trainer, "extract"):
         return trainer.extract(ctx, components, meta)
     return extract_adapter(pipe, components, meta, clock)
@@ -683,6 +730,11 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
     components = [c for c, paths in targets.items() if paths]
     inject = getattr(trainer, "inject", inject_lora)  # a trainer may bring its own adapter layers
     params = inject(ctx, targets, cfg.rank, cfg.alpha or cfg.rank)
+    if cfg.init_adapter:
+        if inject is not inject_lora:
+            raise ValueError(f"--init-adapter: the {trainer.name} trainer trains its own adapter layers, not a plain"
+                             " LoRA that a file could start")
+        init_from_adapter(ctx, components, cfg.init_adapter)
     groups = None
     if params and isinstance(params[0], dict):  # param groups, each with an ``lr_scale`` (a multiple of --lr)
         groups = [{"params": list(gr["params"]), "lr_scale": float(gr.get("lr_scale", 1.0))} for gr in params]

@@ -1,13 +1,15 @@
-"""--random-flip and --caption-dropout: what the image trainers draw with them, replayed by hand, and short runs
-that use them."""
+"""The image trainers' data options: --random-flip, --caption-dropout and kohya's REPEATS_WORDS folders; what the
+trainers draw with them, replayed by hand, and short runs that use them."""
 
+import json
 import random
+import shutil
 from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
-from studio.trainers.data import TrainImage, load_images, mirror_caption, mirrored
+from studio.trainers.data import TrainImage, kohya_folders, load_images, mirror_caption, mirrored
 from studio.trainers.dreambooth import Bucket, DreamBooth, DreamBoothConfig, bucket_prompts
 from studio.trainers.loop import Context
 from test_dreambooth import star_folder
@@ -103,7 +105,6 @@ def test_buckets_cache_the_mirrored_images_latents(tmp_path):
 def test_runs_with_flips_dropout_and_the_attention_loss(tmp_path):
     """Short DreamBooth runs: mirroring with the attention loss (the masks and token weights follow each mirrored
     example), and caption dropout; both train and record their settings."""
-    import json
 
     from studio.trainers.config import build_config
     from studio.trainers.loop import train
@@ -128,3 +129,69 @@ def test_runs_with_flips_dropout_and_the_attention_loss(tmp_path):
 def test_bad_augmentation_options_are_refused_by_name(tmp_path, extra, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         DreamBoothConfig(data=str(tmp_path), **extra).check()
+
+
+def _kohya(tmp_path):
+    """data/10_sks shape/ (star0 with its own caption, star1), data/1_sks shape_small/ (star2), data/notes/ (no images)."""
+    stars = star_folder(tmp_path / "stars", 3)
+    data = tmp_path / "data"
+    for sub, names in (("10_sks shape", ["star0", "star1"]), ("1_sks shape_small", ["star2"])):
+        (data / sub).mkdir(parents=True)
+        for name in names:
+            shutil.copy(stars / f"{name}.png", data / sub / f"{name}.png")
+    (data / "10_sks shape" / "star0.txt").write_text("a blue sks shape")
+    (data / "notes").mkdir()
+    return data
+
+
+def test_kohya_folders_give_repeats_and_their_words_as_captions(tmp_path):
+    data = _kohya(tmp_path)
+    with pytest.warns(UserWarning, match="skipping .*notes: not a kohya-style REPEATS_WORDS folder name"):
+        images, files = load_images(data, 64)
+    assert [f.relative_to(data).as_posix() for f in files] == ["10_sks shape/star0.png", "10_sks shape/star1.png",
+                                                              "1_sks shape_small/star2.png"]
+    assert [(im.repeats, im.caption) for im in images] == [(10, "a blue sks shape"), (10, "sks shape"), (1, "sks shape small")]
+    assert mirrored(images[0]).repeats == 10
+    assert kohya_folders(tmp_path / "stars") == []  # a plain folder: no repeats
+    (data / "star9.png").write_bytes((tmp_path / "stars" / "star0.png").read_bytes())
+    with pytest.raises(ValueError, match=r"has images \(star9.png, 1 in all\) beside kohya-style subfolders"):
+        load_images(data, 64)
+    (data / "star9.png").unlink()
+    (data / "0_sks shape").mkdir()
+    with pytest.raises(ValueError, match="data subfolder '0_sks shape' repeats its images 0 times; accepted: 1 or more"):
+        load_images(data, 64)
+
+
+def test_draw_weights_each_image_by_its_repeats():
+    """Replay: the examples are ``rng.choices`` over the bucket's images weighted by their repeats; with two buckets
+    the bucket is drawn in proportion to its repeats' sum, not its image count."""
+    ctx, prompts = _draw_ctx()
+    weighted = Bucket(torch.arange(2.0)[:, None, None, None].expand(2, 4, 2, 2), torch.zeros(2, 6),
+                      ["a sks shape on the left", "a sks shape"], repeats=[9, 1])
+    n = 400
+    latents, cond = DreamBooth()._draw(ctx, [weighted], random.Random(2), n)
+    idx = random.Random(2).choices(range(2), weights=[9, 1], k=n)
+    assert cond["drawn"][1].tolist() == idx and 300 < idx.count(0) < 400
+    torch.testing.assert_close(latents[:, 0, 0, 0], torch.tensor(idx, dtype=torch.float32))
+    small = Bucket(torch.zeros(3, 4, 2, 2), torch.zeros(3, 6), ["a sks shape"] * 3)  # 3 images once each
+    assert (weighted.size(), small.size()) == (10, 3)
+    picks = [DreamBooth()._draw(ctx, [weighted, small], random.Random(s), 1)[1]["drawn"][0] for s in range(300)]
+    replay = [0 if random.Random(s).randrange(13) < 10 else 1 for s in range(300)]
+    assert picks == replay
+
+
+def test_a_run_on_a_kohya_folder_records_its_repeats(tmp_path):
+    from studio.trainers.config import build_config
+    from studio.trainers.loop import train
+
+    from studio.adapters import load_adapter
+
+    data = _kohya(tmp_path)
+    shutil.rmtree(data / "notes")
+    out = train(DreamBooth(), build_config(DreamBoothConfig, {}, {
+        "data": str(data), "batch_size": 2, "rank": 2, "lr": 1e-3, "prior_preservation": False, "checkpoint_every": 0,
+        "steps": 2, "output": str(tmp_path / "run")}))
+    dataset = load_adapter(out).meta.dataset
+    assert dataset["repeats"] == {"10_sks shape": 10, "1_sks shape_small": 1}
+    assert dataset["files"] == ["10_sks shape/star0.png", "10_sks shape/star1.png", "1_sks shape_small/star2.png"]
+    assert dataset["captioned"] == 3
