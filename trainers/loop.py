@@ -162,6 +162,11 @@ class TrainConfig:
     save_adapter_every: int = field(
         default=0, metadata=_help("Also write the adapter as it stands every N steps, adapters/adapter-STEP.safetensors in"
                                   " the run folder, all kept (kohya's --save_every_n_steps; 0: only the final one)."))
+    ema_decay: float = field(
+        default=0.0, metadata=_help("Keep an exponential moving average of the adapter's weights at this decay (e.g. 0.99;"
+                                    " ai-toolkit's ema_config, diffusers' EMAModel schedule: min(decay, (1+t)/(10+t)) at"
+                                    " update t) and write it, in the final adapter, snapshots and validation images;"
+                                    " training goes on from the raw weights; 0: off."))
     init_adapter: str = field(
         default="", metadata=_help("Start from this LoRA file's weights instead of zero (kohya's --network_weights): train"
                                    " an adapter further on new images or settings. Its rank must be --rank; the layers it"
@@ -238,6 +243,8 @@ class TrainConfig:
                 raise ValueError(
                     "--tensorboard needs TensorBoard: pip install tensorboard (or the lighter tensorboardX)"
                 )
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"--ema-decay must be at least 0 (off) and below 1, got {self.ema_decay:g}")
         if self.init_adapter:
             if not Path(self.init_adapter).is_file():
                 raise FileNotFoundError(f"--init-adapter {self.init_adapter}: no such file")
@@ -488,6 +495,8 @@ def adapter_at(trainer: Trainer, ctx: Context, components: list[str], step: int)
         meta.extra.update(orthogonal_basis=cfg.orthogonal_basis)
     if cfg.init_adapter:
         meta.extra.update(init_adapter=Path(cfg.init_adapter).name)
+    if cfg.ema_decay:
+        meta.extra.update(ema_decay=cfg.ema_decay)
     if hasattr(trainer, "extract"):
         return trainer.extract(ctx, components, meta)
     return extract_adapter(pipe, components, meta, clock)
@@ -760,10 +769,20 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
     ctx.store["unet"] = torch.compile(unet, backend=cfg.compile_backend) if cfg.compile else unet
     # LoRA on the text encoders is trained outside DDP's wrapper: average its gradients by hand
     te_grads = [p for c in components if c != "unet" for n, p in getattr(pipe, c).named_parameters() if "lora_" in n]
+    ema = EMA(params, cfg.ema_decay) if cfg.ema_decay else None
+    averaged = ema.applied if ema else contextlib.nullcontext  # what the adapter and validation images are made with
+
+    def kept() -> dict[str, dict[str, torch.Tensor]]:  # the checkpoint's tensors
+        return {"lora": lora_state(pipe, components), **({"ema": ema.state()} if ema else {})}
+
     start = 0
     if resume_from is not None:
-        state = lora_state(pipe, components)
-        holder = {"lora": _Holder(state)}
+        holder = {"lora": _Holder(lora_state(pipe, components))}
+        if ema:
+            if not (resume_from / "ema.safetensors").is_file():
+                raise ValueError(f"--ema-decay {cfg.ema_decay:g}: checkpoint {resume_from} holds no moving average (its"
+                                 " run had no --ema-decay); resume without it, or start a new run")
+            holder["ema"] = _Holder(ema.state())
         start = load_checkpoint(resume_from, holder, {"opt": opt})["step"]
     if cfg.tensorboard:
         accelerator.init_trackers("studio")
@@ -795,6 +814,8 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if ema:
+            ema.update(step)
         loss_value = total
         # the step size applied: Prodigy's is its estimate d times --lr (kohya logs it as d*lr)
         rate = opt.param_groups[0]["lr"] * opt.param_groups[0].get("d", 1.0)
@@ -803,21 +824,21 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
         if cfg.tensorboard:
             accelerator.log({"loss": loss_value, "lr": rate}, step=done)
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps and accelerator.is_main_process:
-            save_checkpoint(run_dir, done, {"lora": lora_state(pipe, components)}, {"opt": opt},
-                            keep=cfg.keep_checkpoints)
+            save_checkpoint(run_dir, done, kept(), {"opt": opt}, keep=cfg.keep_checkpoints)
         if cfg.save_adapter_every and done % cfg.save_adapter_every == 0 and done < cfg.steps and accelerator.is_main_process:
-            save_adapter(adapter_at(trainer, ctx, components, done), snapshot_path(run_dir, done))
+            with averaged():
+                save_adapter(adapter_at(trainer, ctx, components, done), snapshot_path(run_dir, done))
         if cfg.validation_every and done % cfg.validation_every == 0 and accelerator.is_main_process:
             if "clock" in ctx.store:
                 ctx.store["clock"].step = done  # sample with the ramp as it stands after this step
-            progress.event("validation", done, image=str(validate(ctx, done)))
+            with averaged():
+                progress.event("validation", done, image=str(validate(ctx, done)))
         progress.step(done, loss_value, rate)
         accelerator.wait_for_everyone()
         if done < cfg.steps and _stop_requested(accelerator, run_dir):
             if accelerator.is_main_process:
                 if done not in list_checkpoints(run_dir):  # not already written at this step
-                    save_checkpoint(run_dir, done, {"lora": lora_state(pipe, components)}, {"opt": opt},
-                                    keep=cfg.keep_checkpoints)
+                    save_checkpoint(run_dir, done, kept(), {"opt": opt}, keep=cfg.keep_checkpoints)
                 progress.event("cancelled", done)
                 (run_dir / STOP_FILE).unlink(missing_ok=True)
             accelerator.wait_for_everyone()
@@ -827,7 +848,8 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
     out = run_dir / "adapter.safetensors"
     if accelerator.is_main_process:
         pipe.unet.eval()
-        adapter = adapter_at(trainer, ctx, components, cfg.steps)
+        with averaged():
+            adapter = adapter_at(trainer, ctx, components, cfg.steps)
         adapter.meta.extra["seconds"] = round(time.time() - t0, 1)
         save_adapter(adapter, out)
         if hasattr(trainer, "finalize"):  # e.g. B-LoRA writes its content and style parts
@@ -839,6 +861,40 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
 
 
 STOP_FILE = "STOP"
+
+
+class EMA:
+    """An exponential moving average of the trained parameters: after optimizer step ``t`` (0-based),
+    ``ema <- d·ema + (1 - d)·param`` with ``d = min(decay, (1 + t) / (10 + t))`` (diffusers' ``EMAModel`` without
+    its power warm-up), starting from the parameters' initial values. :meth:`applied` puts the average in the
+    parameters for a while (writing the adapter, sampling validation images) and the raw weights back after."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        self.params, self.decay = list(params), decay
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    def rate(self, step: int) -> float:
+        return min(self.decay, (1 + step) / (10 + step))
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1 - self.rate(step))
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {str(i): t for i, t in enumerate(self.shadow)}
+
+    @contextlib.contextmanager
+    def applied(self):
+        raw = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, e in zip(self.params, self.shadow):
+                p.copy_(e.to(p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, r in zip(self.params, raw):
+                    p.copy_(r)
 
 
 def snapshot_path(run_dir: Path, step: int) -> Path:
