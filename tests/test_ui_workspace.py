@@ -115,6 +115,8 @@ def test_train_config_is_the_cli_schema_and_bad_settings_are_named(tmp_path):
     assert ws.train_config("dreambooth", "quick", "stars", "pd", optimizer="prodigy", lr=0.5)["lr"] == 0.5
     with pytest.raises(InputError, match="--optimizer prodigy finds its own step size"):
         ws.train_config("dreambooth", "quick", "stars", "x", optimizer="prodigy", lr=1e-4)
+    with pytest.raises(InputError, match="--ema-decay must be at least 0"):
+        ws.train_config("dreambooth", "quick", "stars", "x", ema_decay=1.0)
     augmented = ws.train_config("dreambooth", "quick", "stars", "fl", random_flip=True, caption_dropout=0.05)
     assert (augmented["random_flip"], augmented["caption_dropout"]) == (True, 0.05)
     with pytest.raises(InputError, match="--caption-dropout must be at least 0 \\(off\\) and below 1, got 1"):
@@ -211,6 +213,13 @@ def test_library_rename_delete_export_import(tmp_path):
     with pytest.raises(InputError, match="--rank 0 is out of range; accepted: 1 to 256"):
         ws.resize("star", 0)
     assert not (ws.root / "adapters" / "star-r0.safetensors").exists()
+    # a run that trains a library adapter further: --init-adapter, at the adapter's rank unless one is given
+    (ws.root / "datasets" / "stars").mkdir(parents=True)
+    further = ws.train_config("dreambooth", "quick", "stars", "more", start_from="star-r2")
+    assert (further["init_adapter"], further["rank"]) == (str(ws.adapter_file("star-r2")), 2)
+    assert ws.train_config("dreambooth", "quick", "stars", "more", start_from="star-r2", rank=8)["rank"] == 8
+    with pytest.raises(InputError, match="adapter 'nope' is not in the library"):
+        ws.train_config("dreambooth", "quick", "stars", "more", start_from="nope")
     ws.delete("star-r2")
     ws.delete("star")
     assert ws.adapters() == []

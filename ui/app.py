@@ -156,6 +156,11 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
                                                         label="Optimizer (prodigy finds its own step size; the learning"
                                                               " rate then multiplies it: 1 if left 0)")
                             with gr.Row():
+                                start_from = gr.Dropdown(label="Start from a library adapter (train it further; its rank)",
+                                                         choices=[""] + [a["name"] for a in ws.adapters()], value="",
+                                                         elem_id="start-from", allow_custom_value=True)
+                                ema = gr.Number(label="EMA decay (0: off; 0.99 is usual)", value=0, elem_id="ema-decay")
+                            with gr.Row():
                                 flip = gr.Checkbox(label="Random flip (also train on each image mirrored; not for text or"
                                                          " logos)", value=False, elem_id="random-flip")
                                 dropout = gr.Number(label="Caption dropout (0: off; 0.05 is usual for styles)", value=0,
@@ -262,7 +267,8 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
 
         @_guarded
         def on_start(dataset_, style_, trainer_, preset_, token_, noun_, name_, steps_, rank_, lr_, attention_, layers_,
-                     schedule_, warmup_, snr_, offset_, perturb_, bias_, bias_x_, loss_kind_, optimizer_, flip_, dropout_):
+                     schedule_, warmup_, snr_, offset_, perturb_, bias_, bias_x_, loss_kind_, optimizer_, flip_, dropout_,
+                     start_from_, ema_):
             if not dataset_:
                 raise InputError("no dataset: upload images and add them, or pick a dataset")
             name_ = name_.strip() or f"{token_}-{dataset_}"
@@ -274,16 +280,18 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
                          "ip_noise_gamma": float(perturb_ or 0) or None,
                          "loss_type": loss_kind_ if loss_kind_ and loss_kind_ != "l2" else None,
                          "optimizer": optimizer_ if optimizer_ and optimizer_ != "adamw" else None,
-                         "random_flip": True if flip_ else None, "caption_dropout": float(dropout_ or 0) or None}
+                         "random_flip": True if flip_ else None, "caption_dropout": float(dropout_ or 0) or None,
+                         "ema_decay": float(ema_ or 0) or None}
             if bias_ and bias_ != "none":
                 overrides.update(timestep_bias_strategy=bias_, timestep_bias_multiplier=float(bias_x_ if bias_x_ is not None else 1))
-            cfg = ws.train_config(trainer_, preset_, dataset_, name_, style_dataset=style_ or "", **overrides)
+            cfg = ws.train_config(trainer_, preset_, dataset_, name_, style_dataset=style_ or "", start_from=start_from_ or "",
+                                  **overrides)
             name = ws.start_run(cfg)
             return name, gr.update(choices=ws.runs(), value=name), ws.headless(name)
 
         start.click(on_start, [dataset, style_dataset, trainer, preset, token, class_noun, run_name, steps, rank, lr,
                                attention, layers, schedule, warmup, snr, offset, perturb, bias, bias_x, loss_kind, optimizer,
-                               flip, dropout],
+                               flip, dropout, start_from, ema],
                     [current, runs, headless])
 
         @_guarded
@@ -334,9 +342,9 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
         def refresh_lists(selected=None):
             names = library_names()
             return (library_rows(), gr.update(choices=names, value=selected if selected in names else None),
-                    *[gr.update(choices=[""] + names) for _ in range(SLOTS)])
+                    *[gr.update(choices=[""] + names) for _ in range(SLOTS)], gr.update(choices=[""] + names))
 
-        lib_outputs = [table, pick, *[a for a, _, _ in slots]]
+        lib_outputs = [table, pick, *[a for a, _, _ in slots], start_from]  # every list of the library's names
         table.change(lambda: refresh_lists()[1:], None, lib_outputs[1:], queue=False)
 
         @_guarded

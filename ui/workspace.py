@@ -150,10 +150,11 @@ class Workspace:
         return [p.name for p in sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)]
 
     def train_config(self, trainer: str, preset: str, dataset: str, name: str, style_dataset: str = "",
-                     **overrides) -> dict[str, Any]:
+                     start_from: str = "", **overrides) -> dict[str, Any]:
         """The trainer's config (the CLI's keys) for a run of the app: preset < overrides; data and
         output always in the data folder; a validation image at the end (the library's preview).
-        ``style_dataset``: the style images of the content-style trainer (another dataset)."""
+        ``style_dataset``: the style images of the content-style trainer (another dataset). ``start_from``: a
+        library adapter the run starts from (``--init-adapter``), at its rank unless a rank is given."""
         import dataclasses
 
         cls = config_class(trainer)
@@ -174,6 +175,12 @@ class Workspace:
                              f"{', '.join(self.datasets()) or '(none yet)'}")
         name = safe_name(name, "run name")
         values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v not in (None, "")}}
+        if start_from:
+            from studio.adapters import load_adapter
+
+            values["init_adapter"] = str(self.adapter_file(start_from))
+            if overrides.get("rank") in (None, ""):
+                values["rank"] = load_adapter(values["init_adapter"]).meta.rank or values.get("rank")
         if values.get("optimizer") == "prodigy" and overrides.get("lr") in (None, ""):
             values["lr"] = 1.0  # Prodigy finds its own step size and the rate multiplies it: a preset's 3e-4 would be refused
         known = {f.name for f in dataclasses.fields(cls)}
