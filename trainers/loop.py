@@ -162,6 +162,10 @@ class TrainConfig:
     save_adapter_every: int = field(
         default=0, metadata=_help("Also write the adapter as it stands every N steps, adapters/adapter-STEP.safetensors in"
                                   " the run folder, all kept (kohya's --save_every_n_steps; 0: only the final one)."))
+    lora_dropout: float = field(
+        default=0.0, metadata=_help("Dropout on each LoRA layer's input while training (peft's lora_dropout, ai-toolkit's"
+                                    " network dropout; e.g. 0.1 against overfitting a few images); never at sampling;"
+                                    " 0: off, below 1. The layers then run peft's own forward, a little slower."))
     ema_decay: float = field(
         default=0.0, metadata=_help("Keep an exponential moving average of the adapter's weights at this decay (e.g. 0.99;"
                                     " ai-toolkit's ema_config, diffusers' EMAModel schedule: min(decay, (1+t)/(10+t)) at"
@@ -243,6 +247,10 @@ class TrainConfig:
                 raise ValueError(
                     "--tensorboard needs TensorBoard: pip install tensorboard (or the lighter tensorboardX)"
                 )
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"--lora-dropout must be at least 0 (off) and below 1, got {self.lora_dropout:g}")
+        if self.lora_dropout and self.adapter != "lora":
+            raise ValueError("--lora-dropout works with --adapter lora only")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"--ema-decay must be at least 0 (off) and below 1, got {self.ema_decay:g}")
         if self.init_adapter:
@@ -411,7 +419,8 @@ def inject_lora(ctx: Context, targets: dict[str, list[str]], rank: int, alpha: f
         else:
             # peft directly, not ``model.add_adapter``: transformers' integration refuses peft releases older than
             # the one it was built against (transformers 5.24 wants peft 0.22, which the registry may not have)
-            inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=paths, init_lora_weights=True), model)
+            inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=paths, init_lora_weights=True,
+                                               lora_dropout=getattr(ctx.cfg, "lora_dropout", 0.0)), model)
             use_lora_linear(model)
         if getattr(ctx.cfg, "orthogonal_basis", ""):
             fix_orthogonal_downs(model, rank, *parse_basis(ctx.cfg.orthogonal_basis))
@@ -739,6 +748,11 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
     components = [c for c, paths in targets.items() if paths]
     inject = getattr(trainer, "inject", inject_lora)  # a trainer may bring its own adapter layers
     params = inject(ctx, targets, cfg.rank, cfg.alpha or cfg.rank)
+    if cfg.lora_dropout and inject is not inject_lora:
+        raise ValueError(f"--lora-dropout: the {trainer.name} trainer trains its own adapter layers, which have no dropout")
+    # peft's dropout layers: put in training mode before every step (validation sampling leaves the UNet in eval mode)
+    dropouts = [m for c in components for n, m in getattr(pipe, c).named_modules()
+                if isinstance(m, torch.nn.Dropout) and ".lora_dropout." in f".{n}."] if cfg.lora_dropout else []
     if cfg.init_adapter:
         if inject is not inject_lora:
             raise ValueError(f"--init-adapter: the {trainer.name} trainer trains its own adapter layers, not a plain"
@@ -797,9 +811,13 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
         for group in opt.param_groups:
             group["lr"] = cfg.lr * group.get("lr_scale", 1.0) * factor(step)
         total = 0.0
+        for m in dropouts:
+            m.train()
         for micro in range(cfg.grad_accum):
             key = (cfg.seed * 1_000_003 + step) * 1009 + micro  # the same on every process (see denoise_loss)
             g, rng = torch.Generator().manual_seed(key), random.Random(key)
+            if dropouts:  # the dropout masks come from torch's global generator: seeded per step, so a resumed run agrees
+                torch.manual_seed(key)
             sync = micro == cfg.grad_accum - 1
             with (accelerator.no_sync(unet) if not sync and accelerator.num_processes > 1 else contextlib.nullcontext()):
                 with accelerator.autocast():
