@@ -195,3 +195,37 @@ def test_a_run_on_a_kohya_folder_records_its_repeats(tmp_path):
     assert dataset["repeats"] == {"10_sks shape": 10, "1_sks shape_small": 1}
     assert dataset["files"] == ["10_sks shape/star0.png", "10_sks shape/star1.png", "1_sks shape_small/star2.png"]
     assert dataset["captioned"] == 3
+
+
+def test_content_style_takes_the_data_options_and_refuses_what_its_own_layers_cannot_do(tmp_path, monkeypatch):
+    """The content/style trainer holds its style images in the same buckets (mirrored too); --init-adapter and
+    --lora-dropout need plain LoRA layers, which it does not train."""
+    from studio.trainers.config import build_config
+    from studio.trainers.content_style import ContentStyle, ContentStyleConfig
+    from studio.trainers.loop import train
+
+    from studio.adapters import load_adapter
+
+    content = star_folder(tmp_path / "content", 2)
+    style = star_folder(tmp_path / "style", 1)
+    (style / "star0.txt").write_text("a large blue star on the left, zxy")
+    common = {"data": str(content), "style_data": str(style), "steps": 2, "batch_size": 2, "rank": 2,
+              "num_class_images": 1, "class_data": str(tmp_path / "class"), "checkpoint_every": 0, "lr": 1e-2}
+    seen = {}
+    original = ContentStyle.prepare
+
+    def prepare(self, ctx):
+        original(self, ctx)
+        seen.update(style=ctx.store["style"], cond=set(ctx.store["cond"]))
+
+    monkeypatch.setattr(ContentStyle, "prepare", prepare)
+    out = train(ContentStyle(), build_config(ContentStyleConfig, {}, {
+        **common, "output": str(tmp_path / "run"), "random_flip": True, "caption_dropout": 0.5}))
+    assert load_adapter(out).meta.dataset["style_images"] == 1
+    (bucket,) = seen["style"]
+    assert bucket.mirrored is not None and bucket.mirrored_captions == ["a large blue star on the right, zxy"]
+    assert {"a large blue star on the right, zxy", "a large blue star on the left, zxy", ""} <= seen["cond"]
+    for extra, message in (({"lora_dropout": 0.1}, "--lora-dropout: the content-style trainer trains its own adapter layers"),
+                           ({"init_adapter": str(out)}, "--init-adapter: the content-style trainer trains its own adapter layers")):
+        with pytest.raises(ValueError, match=message):
+            train(ContentStyle(), build_config(ContentStyleConfig, {}, {**common, "output": str(tmp_path / "x"), **extra}))
