@@ -265,8 +265,10 @@ def export(
     adapter: Annotated[Path, typer.Argument(help="An adapter: .safetensors (diffusers/peft or kohya keys) or a PEFT folder.")],
     format: Annotated[str, typer.Option("--format", "-f", help="Key layout to write: kohya (ComfyUI, A1111) or diffusers (pipe.load_lora_weights).")] = "kohya",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output .safetensors (default: next to the input, suffixed with the format).")] = None,
+    save_precision: Annotated[str | None, typer.Option("--save-precision", help="Write the factors as fp32, fp16 (half the size) or bf16 (default: as they are in the input).")] = None,
 ) -> None:
-    """Convert an adapter file between key layouts; the conversion round-trips exactly."""
+    """Convert an adapter file between key layouts (and, with --save-precision, precisions); the conversion of
+    layouts round-trips exactly."""
     from studio.adapters import LAYOUTS, load_adapter, save_adapter
 
     if format not in LAYOUTS:
@@ -276,10 +278,10 @@ def export(
         _fail(f"--out {out} is the input file; give another path")
     try:
         loaded = load_adapter(adapter)
-        save_adapter(loaded, out, layout=format)
+        save_adapter(loaded, out, layout=format, dtype=save_precision)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
-    typer.echo(f"wrote {out} ({format} layout, {len(loaded.modules)} modules)")
+    typer.echo(f"wrote {out} ({format} layout{', ' + save_precision if save_precision else ''}, {len(loaded.modules)} modules)")
 
 
 @app.command("merge")
@@ -331,6 +333,7 @@ def resize_cmd(
     rank: Annotated[int, typer.Option("--rank", "-r", help="The largest rank a layer keeps (1-256).")] = 4,
     fro: Annotated[float | None, typer.Option("--fro", help="Per layer, keep the fewest singular values that hold this share (0-1] of its update's Frobenius norm, at most --rank (kohya's sv_fro).")] = None,
     format: Annotated[str, typer.Option("--format", "-f", help="Key layout to write: diffusers or kohya.")] = "diffusers",
+    save_precision: Annotated[str | None, typer.Option("--save-precision", help="Write the factors as fp32, fp16 (half the size) or bf16 (default: as they are in the input).")] = None,
 ) -> None:
     """Shrink an adapter to a lower rank: each layer's update truncated to its largest singular values (the best
     approximation of that rank), as kohya's resize_lora.py does.
@@ -348,7 +351,7 @@ def resize_cmd(
         _fail(f"--out {out} is the input file; give another path")
     try:
         resized, kept = resize(load_adapter(adapter), rank, fro)
-        save_adapter(resized, out, layout=format)
+        save_adapter(resized, out, layout=format, dtype=save_precision)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     ranks = f"{kept['min_rank']}-{kept['rank']}" if kept["min_rank"] != kept["rank"] else str(kept["rank"])

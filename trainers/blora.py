@@ -100,8 +100,8 @@ class BLoRA(DreamBooth):
     def finalize(self, ctx: Context, adapter: Adapter, out: Path) -> None:
         """Write ``content.safetensors`` and ``style.safetensors`` beside the whole adapter."""
         content, style = split(adapter, *blocks(ctx))
-        save_adapter(content, out.with_name("content.safetensors"))
-        save_adapter(style, out.with_name("style.safetensors"))
+        save_adapter(content, out.with_name("content.safetensors"), dtype=ctx.cfg.save_precision)
+        save_adapter(style, out.with_name("style.safetensors"), dtype=ctx.cfg.save_precision)
 
 
 command = command_from_config(

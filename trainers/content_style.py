@@ -414,7 +414,7 @@ class ContentStyle(DreamBooth):
         for role in ROLES:
             meta = copy.deepcopy(adapter.meta)
             meta.extra["part"] = role
-            save_adapter(Adapter(ctx.store["parts"][role], meta), out.with_name(f"{role}.safetensors"))
+            save_adapter(Adapter(ctx.store["parts"][role], meta), out.with_name(f"{role}.safetensors"), dtype=ctx.cfg.save_precision)
 
 
 command = command_from_config(

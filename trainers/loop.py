@@ -30,7 +30,7 @@ from studio.kernels import lora as kernels_lora
 from studio.trainers.attention import trainable_lora, use_training_attention
 from tqdm.auto import tqdm
 
-from studio.adapters import Adapter, AdapterMeta, LoraWeights, save_adapter
+from studio.adapters import SAVE_DTYPES, Adapter, AdapterMeta, LoraWeights, save_adapter
 from studio.adapters.form import canonical_name
 from studio.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from studio.families import EMBEDDED_MODEL
@@ -171,6 +171,9 @@ class TrainConfig:
                                     " ai-toolkit's ema_config, diffusers' EMAModel schedule: min(decay, (1+t)/(10+t)) at"
                                     " update t) and write it, in the final adapter, snapshots and validation images;"
                                     " training goes on from the raw weights; 0: off."))
+    save_precision: str = field(
+        default="fp32", metadata=_help("Precision the adapter files are written in: fp32, fp16 (half the size; what kohya"
+                                       " and ai-toolkit write by default) or bf16; checkpoints stay fp32."))
     init_adapter: str = field(
         default="", metadata=_help("Start from this LoRA file's weights instead of zero (kohya's --network_weights): train"
                                    " an adapter further on new images or settings. Its rank must be --rank; the layers it"
@@ -247,6 +250,8 @@ class TrainConfig:
                 raise ValueError(
                     "--tensorboard needs TensorBoard: pip install tensorboard (or the lighter tensorboardX)"
                 )
+        if self.save_precision not in SAVE_DTYPES:
+            raise ValueError(f"--save-precision {self.save_precision!r}; accepted: {', '.join(SAVE_DTYPES)}")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"--lora-dropout must be at least 0 (off) and below 1, got {self.lora_dropout:g}")
         if self.lora_dropout and self.adapter != "lora":
@@ -845,7 +850,7 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
             save_checkpoint(run_dir, done, kept(), {"opt": opt}, keep=cfg.keep_checkpoints)
         if cfg.save_adapter_every and done % cfg.save_adapter_every == 0 and done < cfg.steps and accelerator.is_main_process:
             with averaged():
-                save_adapter(adapter_at(trainer, ctx, components, done), snapshot_path(run_dir, done))
+                save_adapter(adapter_at(trainer, ctx, components, done), snapshot_path(run_dir, done), dtype=cfg.save_precision)
         if cfg.validation_every and done % cfg.validation_every == 0 and accelerator.is_main_process:
             if "clock" in ctx.store:
                 ctx.store["clock"].step = done  # sample with the ramp as it stands after this step
@@ -869,7 +874,7 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
         with averaged():
             adapter = adapter_at(trainer, ctx, components, cfg.steps)
         adapter.meta.extra["seconds"] = round(time.time() - t0, 1)
-        save_adapter(adapter, out)
+        save_adapter(adapter, out, dtype=cfg.save_precision)
         if hasattr(trainer, "finalize"):  # e.g. B-LoRA writes its content and style parts
             trainer.finalize(ctx, adapter, out)
         progress.event("done", cfg.steps, adapter=str(out))

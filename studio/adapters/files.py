@@ -23,6 +23,8 @@ from studio.adapters.form import COMPONENTS, Adapter, AdapterMeta, LoraWeights
 from studio.adapters.keys import SD15_LAYOUT, SDXL_LAYOUT, UNetLayout, canonical_from_kohya, kohya_name
 
 LAYOUTS = ("diffusers", "kohya")
+# what an adapter's factors may be written as (kohya's --save_precision, ai-toolkit's save_dtype); alphas stay float32
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 STUDIO_KEY = "studio"  # header key holding AdapterMeta as JSON
 PEFT_KEY = "lora_adapter_metadata"  # header key diffusers' load_lora_weights reads LoraConfig kwargs from
 _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
@@ -221,14 +223,19 @@ def to_state_dict(adapter: Adapter, layout: str) -> tuple[dict[str, torch.Tensor
     return {k: v.contiguous() for k, v in tensors.items()}, header
 
 
-def save_adapter(adapter: Adapter, path: str | Path, layout: str = "diffusers") -> Path:
-    """Write ``adapter`` as safetensors in ``layout``, atomically (temp file, then rename)."""
+def save_adapter(adapter: Adapter, path: str | Path, layout: str = "diffusers", dtype: str | None = None) -> Path:
+    """Write ``adapter`` as safetensors in ``layout``, atomically (temp file, then rename); ``dtype`` (``fp32``,
+    ``fp16``, ``bf16``): the downs and ups written in that precision (``None``: as they are)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: adapter files are written as .safetensors")
     if not adapter.modules:
         raise ValueError("the adapter has no modules; nothing to write")
+    if dtype is not None and dtype not in SAVE_DTYPES:
+        raise ValueError(f"precision {dtype!r} is not one adapters are written in; accepted: {', '.join(SAVE_DTYPES)}")
     tensors, header = to_state_dict(adapter, layout)
+    if dtype is not None:
+        tensors = {k: v if k.endswith(".alpha") else v.to(SAVE_DTYPES[dtype]) for k, v in tensors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=header)
