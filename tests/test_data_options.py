@@ -229,3 +229,72 @@ def test_content_style_takes_the_data_options_and_refuses_what_its_own_layers_ca
                            ({"init_adapter": str(out)}, "--init-adapter: the content-style trainer trains its own adapter layers")):
         with pytest.raises(ValueError, match=message):
             train(ContentStyle(), build_config(ContentStyleConfig, {}, {**common, "output": str(tmp_path / "x"), **extra}))
+
+
+def test_shuffle_tags_by_hand():
+    from studio.trainers.data import shuffle_tags
+
+    rng, replay = random.Random(4), random.Random(4)
+    tail = ["star", "blue", "striped"]
+    replay.shuffle(tail)
+    assert shuffle_tags("sks,  star ,blue, striped", 1, rng) == ", ".join(["sks", *tail])
+    assert shuffle_tags("sks, star", 5, random.Random(0)) == "sks, star"  # keep covers every tag
+    assert shuffle_tags("a sks shape", 0, random.Random(0)) == "a sks shape"  # one tag
+
+
+def test_draw_shuffles_each_examples_tags_after_the_flips():
+    """Replay: examples, then per example a shuffle of its tags after the first --keep-tokens, from the same draws."""
+    from studio.trainers.data import shuffle_tags
+
+    variants = ["sks, star, blue", "sks, blue, star"]
+    cond = {p: {"embeds": torch.full((1, 2, 3), float(i)), "pooled": None} for i, p in enumerate(variants)}
+    acc = SimpleNamespace(device=torch.device("cpu"), num_processes=1, process_index=0)
+    cfg = DreamBoothConfig(data="x", shuffle_caption=True, keep_tokens=1)
+    ctx = Context(cfg, None, acc, None, None, 64, store={"cond": cond})
+    bucket = Bucket(torch.zeros(1, 4, 2, 2), torch.zeros(1, 6), ["sks, star, blue"])
+    n = 12
+    _, got = DreamBooth()._draw(ctx, [bucket], random.Random(9), n)
+    replay = random.Random(9)
+    idx = [replay.randrange(1) for _ in range(n)]
+    texts = [shuffle_tags(bucket.captions[i], 1, replay) for i in idx]
+    assert len(set(texts)) == 2
+    torch.testing.assert_close(got["embeds"][:, 0, 0], torch.tensor([float(variants.index(t)) for t in texts]))
+
+
+def test_prompts_outside_the_cache_are_encoded_as_they_come_without_a_graph():
+    from studio.trainers.dreambooth import _encode
+
+    from studio.families import EMBEDDED_MODEL, load_pipeline
+
+    pipe = load_pipeline(EMBEDDED_MODEL)
+    ctx = Context(DreamBoothConfig(data="x"), pipe, None, None, None, 64, store={"cond": {}})
+    got = DreamBooth()._cond(ctx, ["sks, blue, star", "sks, star, blue", "sks, blue, star"])
+    with torch.no_grad():
+        want = _encode(pipe, ["sks, blue, star", "sks, star, blue"])
+    torch.testing.assert_close(got["embeds"], want["embeds"][[0, 1, 0]])
+    torch.testing.assert_close(got["added"]["text_embeds"], want["pooled"][[0, 1, 0]])
+    assert not got["embeds"].requires_grad and ctx.store["cond"] == {}  # nothing cached
+
+
+def test_a_run_with_shuffled_tags(tmp_path):
+    from studio.trainers.config import build_config
+    from studio.trainers.loop import train
+
+    from studio.adapters import load_adapter
+
+    data = star_folder(tmp_path / "stars", 2)
+    (data / "star0.txt").write_text("sks, star, blue, large, centered")
+    out = train(DreamBooth(), build_config(DreamBoothConfig, {}, {
+        "data": str(data), "output": str(tmp_path / "run"), "steps": 2, "batch_size": 2, "rank": 2,
+        "prior_preservation": False, "checkpoint_every": 0, "shuffle_caption": True, "keep_tokens": 1}))
+    assert load_adapter(out).meta.steps == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"keep_tokens": -1, "shuffle_caption": True}, "--keep-tokens must be 0 or positive, got -1"),
+    ({"keep_tokens": 1}, "--keep-tokens keeps tags in place while --shuffle-caption shuffles the rest; add --shuffle-caption"),
+    ({"shuffle_caption": True, "attention_loss": 0.1}, "--shuffle-caption does not go with --attention-loss"),
+])
+def test_bad_shuffle_options_are_refused_by_name(tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        DreamBoothConfig(data=str(tmp_path), **extra).check()

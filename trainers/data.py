@@ -247,6 +247,20 @@ def mirror_caption(caption: str) -> str:
     return re.sub(r"\b(left|right)\b", repl, caption, flags=re.IGNORECASE)
 
 
+def shuffle_tags(caption: str, keep: int, rng) -> str:
+    """``caption``'s comma-separated tags with all but the first ``keep`` shuffled by ``rng`` (kohya's
+    --shuffle_caption / --keep_tokens), joined by ", ".
+
+    >>> import random
+    >>> shuffle_tags("sks, star, blue, striped", 1, random.Random(0))
+    'sks, star, striped, blue'
+    """
+    tags = [t.strip() for t in caption.split(",")]
+    head, tail = tags[:keep], tags[keep:]
+    rng.shuffle(tail)
+    return ", ".join(head + tail)
+
+
 def mirrored(item: TrainImage) -> TrainImage:
     """``item`` mirrored left to right (its mask too). The crop offset stays: a centre crop mirrors onto itself,
     within a pixel. The caption is :func:`mirror_caption`'s."""

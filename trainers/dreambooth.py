@@ -13,6 +13,7 @@ Headless, same arguments either way::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -25,7 +26,7 @@ from typing import Any, NamedTuple
 import torch
 from studio.trainers.attention import CrossAttentionMaps, attention_maps
 from studio.trainers.config import build_config, command_from_config, read_config_file, run_command
-from studio.trainers.data import TrainImage, group_by_size, load_images, mirrored, subject_mask, to_tensor
+from studio.trainers.data import TrainImage, group_by_size, load_images, mirrored, shuffle_tags, subject_mask, to_tensor
 from studio.trainers.loop import Cancelled, Context, TrainConfig, _help, denoise_losses, shard, train
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -104,6 +105,14 @@ class DreamBoothConfig(TrainConfig):
                        " --proportion_empty_prompts; ai-toolkit uses 0.05), so the adapter also learns the images"
                        " unprompted, as guidance's unconditional pass sees them; 0: off, below 1."),
     )
+    shuffle_caption: bool = field(
+        default=False,
+        metadata=_help("Shuffle each example's comma-separated caption tags (kohya's --shuffle_caption, for tag"
+                       " captions); the shuffled prompts are encoded as they come, not cached."),
+    )
+    keep_tokens: int = field(
+        default=0, metadata=_help("With --shuffle-caption: the first N tags stay in place (kohya's --keep_tokens; e.g. 1"
+                                  " keeps the trigger word first)."))
     attention_loss: float = field(
         default=0.0,
         metadata=_help("Weight of an attention loss (Break-A-Scene): the token's cross-attention map is pulled onto"
@@ -123,6 +132,13 @@ class DreamBoothConfig(TrainConfig):
             raise ValueError("--text-encoder-lr needs --train-text-encoder (the text encoders get no LoRA without it)")
         if self.attention_loss < 0:
             raise ValueError(f"--attention-loss must be 0 (off) or positive, got {self.attention_loss}")
+        if self.keep_tokens < 0:
+            raise ValueError(f"--keep-tokens must be 0 or positive, got {self.keep_tokens}")
+        if self.keep_tokens and not self.shuffle_caption:
+            raise ValueError("--keep-tokens keeps tags in place while --shuffle-caption shuffles the rest; add --shuffle-caption")
+        if self.shuffle_caption and self.attention_loss:
+            raise ValueError("--shuffle-caption does not go with --attention-loss (the loss reads the token's place in"
+                             " each caption, which shuffling moves); drop one of them")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"--caption-dropout must be at least 0 (off) and below 1, got {self.caption_dropout:g}")
         if self.caption_dropout and self.attention_loss:
@@ -303,11 +319,13 @@ class DreamBooth:
         from studio.families import sdxl_time_ids
 
         unique = list(dict.fromkeys(prompts))
-        if "cond" in ctx.store:
-            encoded = {p: ctx.store["cond"][p] for p in unique}
-        else:
-            both = _encode(ctx.pipe, unique)
-            encoded = {p: {k: (v[i : i + 1] if v is not None else None) for k, v in both.items()} for i, p in enumerate(unique)}
+        cache = ctx.store.get("cond", {})
+        encoded = {p: cache[p] for p in unique if p in cache}
+        fresh = [p for p in unique if p not in encoded]  # the text encoders train, or a shuffled caption
+        if fresh:
+            with torch.no_grad() if "cond" in ctx.store else contextlib.nullcontext():  # frozen encoders: no graph
+                both = _encode(ctx.pipe, fresh)
+            encoded.update({p: {k: (v[i : i + 1] if v is not None else None) for k, v in both.items()} for i, p in enumerate(fresh)})
         embeds = torch.cat([encoded[p]["embeds"] for p in prompts])
         added = None
         if encoded[unique[0]]["pooled"] is not None:
@@ -333,6 +351,8 @@ class DreamBooth:
             flips = torch.tensor([rng.random() < 0.5 for _ in range(n)])
             latents = torch.where(flips[:, None, None, None], bucket.mirrored[idx], latents)
             texts = [bucket.mirrored_captions[i] if f else t for i, f, t in zip(idx.tolist(), flips.tolist(), texts)]
+        if ctx.cfg.shuffle_caption:
+            texts = [shuffle_tags(t, ctx.cfg.keep_tokens, rng) for t in texts]
         if ctx.cfg.caption_dropout:
             texts = ["" if rng.random() < ctx.cfg.caption_dropout else t for t in texts]
         part = shard(ctx, n)
