@@ -1,6 +1,6 @@
 """The ``studio`` command.
 
-Verbs so far: ``ui``, ``repeat``, ``generate`` (``--compose``), ``merge``, ``bench``, ``export``, ``train dreambooth``, ``train blora``, ``compose``, ``world render``, ``world pretrain``, ``eval prompts``, ``eval judge``,
+Verbs so far: ``ui``, ``repeat``, ``generate`` (``--compose``), ``merge``, ``resize``, ``extract``, ``bench``, ``export``, ``train dreambooth``, ``train blora``, ``compose``, ``world render``, ``world pretrain``, ``eval prompts``, ``eval judge``,
 ``eval train-judge``. Errors in what the user gave print one line (``error: ...``) and exit 2.
 """
 
@@ -357,6 +357,41 @@ def resize_cmd(
     ranks = f"{kept['min_rank']}-{kept['rank']}" if kept["min_rank"] != kept["rank"] else str(kept["rank"])
     typer.echo(f"wrote {out} (rank {kept['from_rank']} -> {ranks}; each layer keeps {kept['min_kept']:.3f} or more of"
                f" its update's Frobenius norm, {kept['mean_kept']:.3f} on average)")
+
+
+@app.command("extract")
+def extract_cmd(
+    base: Annotated[Path, typer.Option("--base", help="The base model: a local diffusers folder.")],
+    tuned: Annotated[Path, typer.Option("--tuned", help="The fine-tuned model: a diffusers folder of the same architecture.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The extracted adapter (.safetensors).")],
+    rank: Annotated[int, typer.Option("--rank", "-r", help="The largest rank a layer gets (1-256).")] = 16,
+    fro: Annotated[float | None, typer.Option("--fro", help="Per layer, keep the fewest singular values that hold this share (0-1] of its difference's Frobenius norm, at most --rank.")] = None,
+    lora_layers: Annotated[str, typer.Option("--lora-layers", help="UNet layers to compare: module name endings, comma-separated (default: the attention projections; add ff.net.0.proj,ff.net.2,proj_in,proj_out for the rest of the transformer blocks).")] = "to_q,to_k,to_v,to_out.0",
+    conv: Annotated[bool, typer.Option("--conv/--no-conv", help="Also the ResNet convolutions (conv1, conv2; kohya's --conv_dim).")] = False,
+    min_diff: Annotated[float, typer.Option("--min-diff", help="Leave out a layer whose largest weight difference is at most this.")] = 1e-6,
+    format: Annotated[str, typer.Option("--format", "-f", help="Key layout to write: diffusers or kohya.")] = "diffusers",
+    save_precision: Annotated[str | None, typer.Option("--save-precision", help="Write the factors as fp32, fp16 or bf16 (default fp32).")] = None,
+) -> None:
+    """Extract a LoRA from a fine-tuned model: each layer's weight difference to the base, truncated to its largest
+    singular values (kohya's extract_lora_from_models.py). Both models are read from safetensors only.
+
+    Example: studio extract --base base-model/ --tuned finetuned/ --rank 16 -o finetune.safetensors
+    """
+    from studio.adapters import LAYOUTS, save_adapter
+    from studio.adapters.extract import extract
+    from studio.trainers.dreambooth import parse_layers
+
+    if format not in LAYOUTS:
+        _fail(f"--format {format!r} is not a layout; choose one of {', '.join(LAYOUTS)}")
+    if out.suffix != ".safetensors":
+        _fail(f"--out {out}: give a .safetensors path")
+    try:
+        adapter, summary = extract(base, tuned, rank, fro, parse_layers(lora_layers), conv, min_diff)
+        save_adapter(adapter, out, layout=format, dtype=save_precision)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    typer.echo(f"wrote {out} ({summary['written']} of {summary['compared']} layers differ; each keeps"
+               f" {summary['min_kept']:.3f} or more of its difference's Frobenius norm, {summary['mean_kept']:.3f} on average)")
 
 
 @app.command("repeat")

@@ -17,7 +17,7 @@ def run(*args, **kw):
 
 
 @pytest.mark.parametrize("verb", [[], ["generate"], ["world"], ["world", "render"], ["world", "pretrain"],
-                                  ["export"], ["merge"], ["resize"], ["bench"], ["ui"], ["repeat"], ["eval"], ["eval", "prompts"], ["eval", "judge"], ["eval", "train-judge"]])
+                                  ["export"], ["merge"], ["resize"], ["extract"], ["bench"], ["ui"], ["repeat"], ["eval"], ["eval", "prompts"], ["eval", "judge"], ["eval", "train-judge"]])
 def test_help_on_every_verb(verb):
     r = run(*verb, "--help")
     assert r.returncode == 0, r.stderr
