@@ -22,7 +22,6 @@ import torch
 from studio.adapters.form import Adapter, AdapterMeta, LoraWeights, canonical_name
 from studio.adapters.resize import check_resize, kept_rank
 
-DEFAULT_LAYERS = ("to_q", "to_k", "to_v", "to_out.0")
 RELATIVE_FLOOR = 1e-5
 
 
@@ -58,13 +57,16 @@ def _unet(folder: Path, what: str):
 
 
 def extract(base: str | Path, tuned: str | Path, rank: int = 16, fro: float | None = None,
-            layers: tuple[str, ...] = DEFAULT_LAYERS, conv: bool = False,
+            layers: tuple[str, ...] | None = None, conv: bool = False,
             min_diff: float = 1e-6) -> tuple[Adapter, dict[str, float]]:
     """The LoRA that takes ``base``'s UNet towards ``tuned``'s (both diffusers folders of one architecture), and a
-    summary: layers compared and written, the smallest and mean share of a written layer's difference kept."""
+    summary: layers compared and written, the smallest and mean share of a written layer's difference kept.
+    ``layers``: module name endings (default: the attention projections, the trainers' default)."""
     from studio.families import detect_family
     from studio.plugin import base_model_hash
-    from studio.trainers.dreambooth import unet_targets
+    from studio.trainers.dreambooth import UNET_TARGETS, unet_targets
+
+    layers = layers or UNET_TARGETS
 
     check_resize(rank, fro)
     if min_diff < 0:
