@@ -165,6 +165,63 @@ def _check_weight(weight: float, what: str) -> float:
     return float(weight)
 
 
+def block_scales(unet: nn.Module, weight: dict, what: str) -> dict[str, float]:
+    """A block-wise weight in diffusers' ``set_adapters`` form, ``{"text_encoder": w, "text_encoder_2": w, "unet": w
+    or {"down": w or {"block_1": w or [w per transformer]}, "mid": w, "up": ...}}``, as a weight per prefix:
+    ``"text_encoder"``, ``"unet"`` (a number for the whole UNet) or ``"down_blocks.1.attentions.0"``,
+    ``"mid_block"``, ...; a part left out weighs 1. Refuses unknown parts, blocks without transformers, lists of the
+    wrong length and weights out of range, naming them."""
+    unknown = set(weight) - {"unet", "text_encoder", "text_encoder_2"}
+    if unknown:
+        raise ValueError(f"block weights for {what} name {', '.join(sorted(unknown))}; accepted: unet, text_encoder,"
+                         " text_encoder_2")
+    out = {c: _check_weight(float(weight[c]), f"{what} ({c})") for c in ("text_encoder", "text_encoder_2") if c in weight}
+    parts = weight.get("unet", 1.0)
+    if not isinstance(parts, dict):
+        out["unet"] = _check_weight(float(parts), f"{what} (unet)")
+        return out
+    if set(parts) - {"down", "mid", "up"}:
+        raise ValueError(f"block weights for {what}: unet takes down, mid and up; got {', '.join(sorted(set(parts) - {'down', 'mid', 'up'}))}")
+    out["mid_block"] = _check_weight(float(parts.get("mid", 1.0)), f"{what} (unet mid)")
+    for side in ("down", "up"):
+        blocks = getattr(unet, f"{side}_blocks")
+        with_attention = [i for i, b in enumerate(blocks) if getattr(b, "attentions", None)]
+        given = parts.get(side, 1.0)
+        given = given if isinstance(given, dict) else {f"block_{i}": given for i in with_attention}
+        stray = set(given) - {f"block_{i}" for i in with_attention}
+        if stray:
+            raise ValueError(f"block weights for {what}: unet {side} has transformer blocks"
+                             f" {', '.join(f'block_{i}' for i in with_attention)}; got {', '.join(sorted(stray))}")
+        for i in with_attention:
+            n = len(blocks[i].attentions)
+            value = given.get(f"block_{i}", 1.0)
+            values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+            if len(values) != n:
+                raise ValueError(f"block weights for {what}: unet {side} block_{i} has {n} transformers; got"
+                                 f" {len(values)} weights")
+            for j, v in enumerate(values):
+                out[f"{side}_blocks.{i}.attentions.{j}"] = _check_weight(float(v), f"{what} (unet {side} block_{i} #{j})")
+    return out
+
+
+def block_weight(scales: dict[str, float], canonical: str) -> float:
+    """The weight :func:`block_scales`' ``scales`` give the layer ``canonical`` ("unet.up_blocks.0.attentions.1...."),
+    as diffusers gives it: the first prefix found in its name; in a block with transformers, a layer outside them
+    (a ResNet) takes the transformer of its own index; anything else 1."""
+    component, _, path = canonical.partition(".")
+    if component != "unet":
+        return scales.get(component, 1.0)
+    if "unet" in scales:
+        return scales["unet"]
+    for prefix, value in scales.items():
+        if f"{prefix}." in f"{path}." and prefix.startswith(("down_blocks", "up_blocks", "mid_block")):
+            return value
+    parts = path.split(".")
+    if len(parts) > 3:
+        return scales.get(f"{parts[0]}.{parts[1]}.attentions.{parts[3]}", 1.0)
+    return 1.0
+
+
 def check_base(pipe, adapter: Adapter, what: str, base_hash: str | None = None) -> None:
     """Refuse ``adapter`` (called ``what`` in the message) if it was trained for another family or base UNet than ``pipe``'s
     (``base_hash``: that UNet's hash, taken before adapter layers went into it)."""
@@ -202,9 +259,11 @@ def check_same_base(named: dict[str, str | Path]) -> None:
 def attach(pipe, adapters: list, weights: list[float] | None = None, names: list[str] | None = None) -> Attached:
     """Attach adapters (paths or :class:`Adapter` objects) to ``pipe``'s UNet and text encoders.
 
-    ``weights`` default to 1.0 each. Attaching again adds to what is attached.
+    ``weights`` default to 1.0 each; a weight may instead be block weights in diffusers' ``set_adapters`` form
+    (:func:`block_scales`), e.g. ``{"unet": {"down": 0, "mid": 0, "up": {"block_0": [0, 1, 0]}}}``. Attaching again
+    adds to what is attached.
     """
-    weights = [1.0] * len(adapters) if weights is None else list(weights)
+    weights = [1.0] * len(adapters) if weights is None else list(weights)  # numbers, or block weights (dicts)
     if len(weights) != len(adapters):
         raise ValueError(f"{len(adapters)} adapters but {len(weights)} weights")
     handle: Attached = getattr(pipe, "_studio_attached", None) or Attached([], {})
@@ -216,7 +275,8 @@ def attach(pipe, adapters: list, weights: list[float] | None = None, names: list
         name = (names[i] if names else None) or (Path(item).stem if isinstance(item, (str, Path)) else f"adapter{len(handle.names)}")
         if name in handle.names:
             raise ValueError(f"an adapter named {name!r} is already attached")
-        loaded.append((name, adapter, _check_weight(weights[i], what)))
+        weight = block_scales(pipe.unet, weights[i], what) if isinstance(weights[i], dict) else _check_weight(weights[i], what)
+        loaded.append((name, adapter, weight))
     # check every target before changing anything, so a bad adapter leaves the pipeline as it was
     targets: dict[str, nn.Module] = {}
     for name, adapter, _ in loaded:
@@ -242,7 +302,7 @@ def attach(pipe, adapters: list, weights: list[float] | None = None, names: list
                 stack = LoraStack(targets[canonical], module_path(model, canonical.partition(".")[2]))
                 _put(model, stack.path, stack)
                 handle.stacks[canonical] = stack
-            stack.add(name, lora.down, lora.up, lora.scale, weight)
+            stack.add(name, lora.down, lora.up, lora.scale, block_weight(weight, canonical) if isinstance(weight, dict) else weight)
         handle.names.append(name)
     pipe._studio_attached = handle
     return handle

@@ -55,6 +55,54 @@ def test_same_images_as_stock_load_lora_weights(pipe, files, base_images):
     np.testing.assert_allclose(ours, theirs, atol=2e-4)
 
 
+BLOCKS = {"text_encoder": 0.5, "unet": {"down": {"block_2": [0.0, 1.5]}, "mid": 0.0, "up": {"block_0": [1.0, 0.2, -1.0], "block_1": 0.7}}}
+
+
+def test_block_weights_give_the_images_of_stock_set_adapters(pipe, files, base_images):
+    """Block weights in diffusers' set_adapters form: the same images as the stock loader given the same dicts."""
+    stock = fresh()
+    stock.load_lora_weights(str(files[0]), adapter_name="a0")
+    stock.load_lora_weights(str(files[1]), adapter_name="a1")
+    second = {"unet": {"up": 0.0}, "text_encoder_2": -0.5}
+    stock.set_adapters(["a0", "a1"], adapter_weights=[BLOCKS, second])
+    theirs = sample(stock)
+    attach(pipe, files, weights=[BLOCKS, second])
+    try:
+        ours = sample(pipe)
+        stacks = pipe._studio_attached.stacks
+        weight = {k: dict(zip(st.names, st.weights)) for k, st in stacks.items()}
+    finally:
+        detach(pipe)
+    assert np.abs(ours - base_images).max() > 0.05
+    np.testing.assert_allclose(ours, theirs, atol=2e-4)
+    # by hand, layer by layer
+    up01 = next(k for k in weight if k.startswith("unet.up_blocks.0.attentions.1."))
+    down20 = next(k for k in weight if k.startswith("unet.down_blocks.2.attentions.0."))
+    down21 = next(k for k in weight if k.startswith("unet.down_blocks.2.attentions.1."))
+    down1 = next(k for k in weight if k.startswith("unet.down_blocks.1."))
+    mid = next(k for k in weight if k.startswith("unet.mid_block."))
+    te1 = next(k for k in weight if k.startswith("text_encoder."))
+    te2 = next(k for k in weight if k.startswith("text_encoder_2."))
+    assert [weight[k]["a0"] for k in (up01, down20, down21, down1, mid, te1, te2)] == [0.2, 0.0, 1.5, 1.0, 0.0, 0.5, 1.0]
+    assert [weight[k]["a1"] for k in (up01, down20, mid, te1, te2)] == [0.0, 1.0, 1.0, 1.0, -0.5]
+
+
+@pytest.mark.parametrize("blocks, message", [
+    ({"vae": 1.0}, "block weights for .* name vae; accepted: unet, text_encoder, text_encoder_2"),
+    ({"unet": {"middle": 1.0}}, "unet takes down, mid and up; got middle"),
+    ({"unet": {"down": {"block_0": 1.0}}}, "unet down has transformer blocks block_1, block_2; got block_0"),
+    ({"unet": {"up": {"block_0": [1.0, 1.0]}}}, "unet up block_0 has 3 transformers; got 2 weights"),
+    ({"unet": {"mid": 3.0}}, "weight 3.0 for .* \\(unet mid\\) is out of range; accepted: -2.0 to 2.0"),
+])
+def test_bad_block_weights_are_refused_by_name_and_change_nothing(pipe, files, blocks, message):
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        attach(pipe, files[:1], weights=[blocks])
+    assert getattr(pipe, "_studio_attached", None) is None or not pipe._studio_attached.names
+    after = pipe.unet.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
+
+
 def test_detach_restores_the_pipeline_exactly(pipe, files, base_images):
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     attach(pipe, files[:1])
