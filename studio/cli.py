@@ -291,6 +291,7 @@ def merge_cmd(
     method: Annotated[str, typer.Option("--method", help="orthogonal (DO-Merging-style: orthogonal output subspaces, magnitudes kept) or sum (the plain weighted sum).")] = "orthogonal",
     format: Annotated[str, typer.Option("--format", "-f", help="Key layout to write: diffusers or kohya.")] = "diffusers",
     rank: Annotated[int, typer.Option("--rank", "-r", help="Resize the merge to this rank (the truncated SVD, as studio resize); 0: exact, the sum of the ranks.")] = 0,
+    save_precision: Annotated[str | None, typer.Option("--save-precision", help="Write the factors as fp32, fp16 (half the size) or bf16 (default: fp32).")] = None,
 ) -> None:
     """Merge several adapters into one file any LoRA loader reads (exact: rank = sum of ranks; --rank shrinks it).
 
@@ -320,7 +321,7 @@ def merge_cmd(
         merged = merge([load_adapter(p) for p, _ in specs], [w for _, w in specs], orthogonalize=method == "orthogonal")
         if rank:
             merged, _ = resize(merged, rank)
-        save_adapter(merged, out, layout=format)
+        save_adapter(merged, out, layout=format, dtype=save_precision)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     typer.echo(f"wrote {out} ({method} merge of {len(specs)} adapters, {len(merged.modules)} modules, rank {merged.meta.rank})")

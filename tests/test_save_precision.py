@@ -72,6 +72,9 @@ def test_trainers_and_the_cli_write_the_precision_asked(tmp_path):
     done = studio("export", str(out), "--format", "kohya", "--save-precision", "fp16", "-o", str(tmp_path / "k.safetensors"))
     assert done.returncode == 0 and "kohya layout, fp16" in done.stdout
     assert {w.down.dtype for w in load_adapter(tmp_path / "k.safetensors").modules.values()} == {torch.float16}
+    merged = studio("merge", str(out), f"{out}:0.5", "--method", "sum", "--save-precision", "fp16", "-o", str(tmp_path / "m.safetensors"))
+    assert merged.returncode == 0, merged.stderr
+    assert {w.up.dtype for w in load_adapter(tmp_path / "m.safetensors").modules.values()} == {torch.float16}
     bad = studio("export", str(out), "--save-precision", "fp8", "-o", str(tmp_path / "x.safetensors"))
     assert bad.returncode != 0 and "precision 'fp8' is not one adapters are written in; accepted: fp32, fp16, bf16" in bad.stderr
     assert not (tmp_path / "x.safetensors").exists()

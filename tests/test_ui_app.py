@@ -122,6 +122,7 @@ def test_train_an_adapter_and_generate_with_it(page, server, images, shots):
     page.wait_for_timeout(500)  # let the opened accordion's fields settle
     _fill(page, "train-steps", "40")
     page.locator("#random-flip input").check()
+    _choose(page, "save-precision", "fp16")
     page.click("#start-training")
 
     bar = page.locator("#train-progress progress")
@@ -143,6 +144,7 @@ def test_train_an_adapter_and_generate_with_it(page, server, images, shots):
     assert headless.startswith("studio train dreambooth --config ") and headless.endswith("train.json")
     config = json.loads(Path(headless.split("--config ")[1]).read_text())
     assert config["steps"] == 40 and config["token"] == "sks" and config["random_flip"] is True
+    assert config["save_precision"] == "fp16"
     page.screenshot(path=str(shots / "train.png"), full_page=True)
 
     _tab(page, "Library")
@@ -156,6 +158,8 @@ def test_train_an_adapter_and_generate_with_it(page, server, images, shots):
     from studio.adapters import load_adapter
 
     assert load_adapter(server["data"] / "adapters" / "star-r2.safetensors").meta.rank == 2
+    trained = load_adapter(server["data"] / "adapters" / "star.safetensors")  # written at the precision chosen
+    assert {str(w.up.dtype) for w in trained.modules.values()} == {"torch.float16"}
 
     _tab(page, "Generate")
     _choose(page, "slot-1-adapter", "star")

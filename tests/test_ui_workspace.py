@@ -117,6 +117,8 @@ def test_train_config_is_the_cli_schema_and_bad_settings_are_named(tmp_path):
         ws.train_config("dreambooth", "quick", "stars", "x", optimizer="prodigy", lr=1e-4)
     with pytest.raises(InputError, match="--ema-decay must be at least 0"):
         ws.train_config("dreambooth", "quick", "stars", "x", ema_decay=1.0)
+    tuned = ws.train_config("dreambooth", "quick", "stars", "ld", lora_dropout=0.1, save_precision="fp16")
+    assert (tuned["lora_dropout"], tuned["save_precision"]) == (0.1, "fp16")
     augmented = ws.train_config("dreambooth", "quick", "stars", "fl", random_flip=True, caption_dropout=0.05)
     assert (augmented["random_flip"], augmented["caption_dropout"]) == (True, 0.05)
     with pytest.raises(InputError, match="--caption-dropout must be at least 0 \\(off\\) and below 1, got 1"):

@@ -160,6 +160,10 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
                                                          choices=[""] + [a["name"] for a in ws.adapters()], value="",
                                                          elem_id="start-from", allow_custom_value=True)
                                 ema = gr.Number(label="EMA decay (0: off; 0.99 is usual)", value=0, elem_id="ema-decay")
+                                lora_drop = gr.Number(label="LoRA dropout (0: off; 0.1 against overfitting)", value=0,
+                                                      elem_id="lora-dropout")
+                                precision = gr.Dropdown(["fp32", "fp16", "bf16"], value="fp32", elem_id="save-precision",
+                                                        label="Adapter file precision (fp16: half the size)")
                             with gr.Row():
                                 flip = gr.Checkbox(label="Random flip (also train on each image mirrored; not for text or"
                                                          " logos)", value=False, elem_id="random-flip")
@@ -268,7 +272,7 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
         @_guarded
         def on_start(dataset_, style_, trainer_, preset_, token_, noun_, name_, steps_, rank_, lr_, attention_, layers_,
                      schedule_, warmup_, snr_, offset_, perturb_, bias_, bias_x_, loss_kind_, optimizer_, flip_, dropout_,
-                     start_from_, ema_):
+                     start_from_, ema_, lora_drop_, precision_):
             if not dataset_:
                 raise InputError("no dataset: upload images and add them, or pick a dataset")
             name_ = name_.strip() or f"{token_}-{dataset_}"
@@ -281,7 +285,8 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
                          "loss_type": loss_kind_ if loss_kind_ and loss_kind_ != "l2" else None,
                          "optimizer": optimizer_ if optimizer_ and optimizer_ != "adamw" else None,
                          "random_flip": True if flip_ else None, "caption_dropout": float(dropout_ or 0) or None,
-                         "ema_decay": float(ema_ or 0) or None}
+                         "ema_decay": float(ema_ or 0) or None, "lora_dropout": float(lora_drop_ or 0) or None,
+                         "save_precision": precision_ if precision_ and precision_ != "fp32" else None}
             if bias_ and bias_ != "none":
                 overrides.update(timestep_bias_strategy=bias_, timestep_bias_multiplier=float(bias_x_ if bias_x_ is not None else 1))
             cfg = ws.train_config(trainer_, preset_, dataset_, name_, style_dataset=style_ or "", start_from=start_from_ or "",
@@ -291,7 +296,7 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
 
         start.click(on_start, [dataset, style_dataset, trainer, preset, token, class_noun, run_name, steps, rank, lr,
                                attention, layers, schedule, warmup, snr, offset, perturb, bias, bias_x, loss_kind, optimizer,
-                               flip, dropout, start_from, ema],
+                               flip, dropout, start_from, ema, lora_drop, precision],
                     [current, runs, headless])
 
         @_guarded
