@@ -76,15 +76,34 @@ def generate(
     adapter: Annotated[list[str] | None, typer.Option("--adapter", "-a", help="FILE[:WEIGHT] (repeatable): an adapter .safetensors or PEFT folder, weight 1.0 by default.")] = None,
     compose: Annotated[str | None, typer.Option("--compose", "-c", help="Combine the adapters with a composer: naive, clora, lora-composer, gated, orthogonal. Each adapter is a concept named in the prompt by its token and class noun.")] = None,
     region: Annotated[list[str] | None, typer.Option("--region", "-r", help="Region of each adapter, in --adapter order (lora-composer): left, right, top, bottom, top-left, ..., center, all, or x0,y0,x1,y1 fractions.")] = None,
+    block_weights: Annotated[list[str] | None, typer.Option("--block-weights", help="Block weights of each adapter, in --adapter order, as JSON in diffusers' set_adapters form (instead of :WEIGHT), e.g. '{\"unet\": {\"down\": 0, \"mid\": 0, \"up\": {\"block_0\": [0, 1, 0]}}}'; '1' for an adapter at weight 1.")] = None,
 ) -> None:
     """Generate images from prompts and write them to one PNG.
 
     Example: studio generate "a red circle on the left" "a large blue square at the top right, striped" -o grid.png
     With adapters: studio generate "a sks shape on the left" --adapter star.safetensors:0.8 -o star.png
+    Block weights: studio generate "a sks shape" -a star.safetensors --block-weights '{"unet": {"down": 0, "mid": 0}}'
     Composed: studio generate "a sks shape on the left and a zwx shape on the right" -a star.safetensors -a heart.safetensors --compose lora-composer -r left -r right -o pair.png
     """
     _setup_warnings()
     specs = [_adapter_spec(a) for a in adapter or []]
+    if block_weights:
+        if compose is not None or region:
+            _fail("--block-weights go with plain attaching, not with --compose or --region (a composer weighs each adapter itself)")
+        if len(block_weights) != len(specs):
+            _fail(f"give one --block-weights per --adapter: {len(specs)} adapters, {len(block_weights)} block weights")
+        parsed = []
+        for (path, weight), text in zip(specs, block_weights):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as e:
+                _fail(f"--block-weights {text!r} for {path} is not JSON ({e.msg}); e.g. '{{\"unet\": {{\"up\": 0.5}}}}'")
+            if not isinstance(value, (dict, int, float)) or isinstance(value, bool):
+                _fail(f"--block-weights {text!r} for {path}: give a JSON object (diffusers' set_adapters form) or a number")
+            if weight != 1.0:
+                _fail(f"--adapter {path}:{weight:g} and --block-weights: give the weight in one of them")
+            parsed.append((path, value))
+        specs = parsed
     composition = None
     if compose is not None or region:
         from studio.composers import METHODS, parse_region

@@ -3,6 +3,7 @@ import subprocess
 import sys
 from collections import Counter
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -224,3 +225,38 @@ def test_ui_bad_input_gives_one_line_error(args, message, tmp_path):
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith(message), r.stderr
+
+
+def test_generate_takes_block_weights_per_adapter(tmp_path):
+    """--block-weights: all blocks at 0 draws the base model's image; '1' the plain adapter's; bad input refused."""
+    from conftest import random_adapter
+
+    from studio.adapters import save_adapter
+    from studio.families import load_pipeline
+
+    adapter = save_adapter(random_adapter(load_pipeline(), scale=0.3), tmp_path / "a.safetensors")
+    common = ["a red circle on the left", "--steps", "3"]
+
+    def pixels(*extra):
+        out = tmp_path / f"{len(list(tmp_path.iterdir()))}.png"
+        r = run("generate", *common, "-o", str(out), *extra)
+        assert r.returncode == 0, r.stderr
+        return np.asarray(Image.open(out), dtype=np.int16)
+
+    base, plain = pixels(), pixels("-a", str(adapter))
+    off = '{"unet": {"down": 0, "mid": 0, "up": 0}, "text_encoder": 0, "text_encoder_2": 0}'
+    assert np.abs(plain - base).max() > 10  # the adapter changes the image
+    assert np.array_equal(pixels("-a", str(adapter), "--block-weights", off), base)
+    assert np.array_equal(pixels("-a", str(adapter), "--block-weights", "1"), plain)
+    for extra, message in (
+        (["--block-weights", off, "--block-weights", off], "give one --block-weights per --adapter: 1 adapters, 2 block weights"),
+        (["--block-weights", "{unet: 0}"], "is not JSON"),
+        (["--block-weights", '"up"'], "give a JSON object (diffusers' set_adapters form) or a number"),
+        (["--block-weights", off, "--compose", "naive"], "--block-weights go with plain attaching, not with --compose"),
+        (["--block-weights", '{"unet": {"middle": 1}}'], "unet takes down, mid and up; got middle"),
+    ):
+        r = run("generate", *common, "-a", str(adapter), *extra, "-o", str(tmp_path / "bad.png"))
+        assert r.returncode != 0 and message in r.stderr, r.stderr
+    r = run("generate", *common, "-a", f"{adapter}:0.5", "--block-weights", off, "-o", str(tmp_path / "bad.png"))
+    assert r.returncode != 0 and "give the weight in one of them" in r.stderr
+    assert not (tmp_path / "bad.png").exists()
