@@ -37,6 +37,7 @@ GuidanceOpt = Annotated[float, typer.Option(help="Classifier-free guidance scale
 SeedOpt = Annotated[int, typer.Option(help="Seed of the first image; image i uses seed + i.")]
 NumOpt = Annotated[int, typer.Option("--num", "-n", help="Images per prompt.")]
 ScaleOpt = Annotated[int, typer.Option(help="Nearest-neighbour upscale of the written PNG.")]
+PrecisionOpt = Annotated[str | None, typer.Option("--save-precision", help="Write the adapter's factors as fp32, fp16 (half the size) or bf16 (default: as computed, fp32 unless the input was smaller).")]
 
 
 def _fail(message: str) -> None:
@@ -284,7 +285,7 @@ def export(
     adapter: Annotated[Path, typer.Argument(help="An adapter: .safetensors (diffusers/peft or kohya keys) or a PEFT folder.")],
     format: Annotated[str, typer.Option("--format", "-f", help="Key layout to write: kohya (ComfyUI, A1111) or diffusers (pipe.load_lora_weights).")] = "kohya",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output .safetensors (default: next to the input, suffixed with the format).")] = None,
-    save_precision: Annotated[str | None, typer.Option("--save-precision", help="Write the factors as fp32, fp16 (half the size) or bf16 (default: as they are in the input).")] = None,
+    save_precision: PrecisionOpt = None,
 ) -> None:
     """Convert an adapter file between key layouts (and, with --save-precision, precisions); the conversion of
     layouts round-trips exactly."""
@@ -310,7 +311,7 @@ def merge_cmd(
     method: Annotated[str, typer.Option("--method", help="orthogonal (DO-Merging-style: orthogonal output subspaces, magnitudes kept) or sum (the plain weighted sum).")] = "orthogonal",
     format: Annotated[str, typer.Option("--format", "-f", help="Key layout to write: diffusers or kohya.")] = "diffusers",
     rank: Annotated[int, typer.Option("--rank", "-r", help="Resize the merge to this rank (the truncated SVD, as studio resize); 0: exact, the sum of the ranks.")] = 0,
-    save_precision: Annotated[str | None, typer.Option("--save-precision", help="Write the factors as fp32, fp16 (half the size) or bf16 (default: fp32).")] = None,
+    save_precision: PrecisionOpt = None,
 ) -> None:
     """Merge several adapters into one file any LoRA loader reads (exact: rank = sum of ranks; --rank shrinks it).
 
@@ -353,7 +354,7 @@ def resize_cmd(
     rank: Annotated[int, typer.Option("--rank", "-r", help="The largest rank a layer keeps (1-256).")] = 4,
     fro: Annotated[float | None, typer.Option("--fro", help="Per layer, keep the fewest singular values that hold this share (0-1] of its update's Frobenius norm, at most --rank (kohya's sv_fro).")] = None,
     format: Annotated[str, typer.Option("--format", "-f", help="Key layout to write: diffusers or kohya.")] = "diffusers",
-    save_precision: Annotated[str | None, typer.Option("--save-precision", help="Write the factors as fp32, fp16 (half the size) or bf16 (default: as they are in the input).")] = None,
+    save_precision: PrecisionOpt = None,
 ) -> None:
     """Shrink an adapter to a lower rank: each layer's update truncated to its largest singular values (the best
     approximation of that rank), as kohya's resize_lora.py does.
@@ -390,7 +391,7 @@ def extract_cmd(
     conv: Annotated[bool, typer.Option("--conv/--no-conv", help="Also the ResNet convolutions (conv1, conv2; kohya's --conv_dim).")] = False,
     min_diff: Annotated[float, typer.Option("--min-diff", help="Leave out a layer whose largest weight difference is at most this.")] = 1e-6,
     format: Annotated[str, typer.Option("--format", "-f", help="Key layout to write: diffusers or kohya.")] = "diffusers",
-    save_precision: Annotated[str | None, typer.Option("--save-precision", help="Write the factors as fp32, fp16 or bf16 (default fp32).")] = None,
+    save_precision: PrecisionOpt = None,
 ) -> None:
     """Extract a LoRA from a fine-tuned model: each layer's weight difference to the base, truncated to its largest
     singular values (kohya's extract_lora_from_models.py). Both models are read from safetensors only.

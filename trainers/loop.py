@@ -437,6 +437,15 @@ def inject_lora(ctx: Context, targets: dict[str, list[str]], rank: int, alpha: f
     return params
 
 
+def peft_layers(pipe, components: list[str]):
+    """``(canonical name, layer)`` of every peft LoRA layer (adapter ``default``) in ``pipe``'s ``components``."""
+    for component in components:
+        model = getattr(pipe, component)
+        for path, module in model.named_modules():
+            if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+                yield canonical_name(component, model, path), module
+
+
 def init_from_adapter(ctx: Context, components: list[str], path: str | Path) -> int:
     """Set the run's peft LoRA layers to the adapter file ``path``'s weights, so that each layer's update
     ``scale · B A`` is the file's (B rescaled where the run's alpha differs from the file's); layers the file lacks stay
@@ -448,12 +457,7 @@ def init_from_adapter(ctx: Context, components: list[str], path: str | Path) -> 
     adapter = load_adapter(path)
     what = f"--init-adapter {path}"
     check_base(ctx.pipe, adapter, what, ctx.store["base_hash"])
-    layers = {}
-    for component in components:
-        model = getattr(ctx.pipe, component)
-        for name, module in model.named_modules():
-            if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-                layers[canonical_name(component, model, name)] = module
+    layers = dict(peft_layers(ctx.pipe, components))
     extra = sorted(set(adapter.modules) - set(layers))
     if extra:
         hint = "; add --train-text-encoder" if any(not k.startswith("unet.") for k in extra) else ""
@@ -487,11 +491,10 @@ def extract_adapter(pipe, components: list[str], meta: AdapterMeta, clock=None) 
                 modules[canonical_name(component, model, path)] = singlora.to_lora(
                     A, d_out, d_in, alpha=module._singlora_alpha, u=clock.u
                 )
-            elif hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-                down = module.lora_A["default"].weight.detach().float().cpu().clone()
-                up = module.lora_B["default"].weight.detach().float().cpu().clone()
-                alpha = module.scaling["default"] * down.shape[0]
-                modules[canonical_name(component, model, path)] = LoraWeights(down, up, alpha)
+    for name, module in peft_layers(pipe, components):
+        down = module.lora_A["default"].weight.detach().float().cpu().clone()
+        up = module.lora_B["default"].weight.detach().float().cpu().clone()
+        modules[name] = LoraWeights(down, up, module.scaling["default"] * down.shape[0])
     return Adapter(modules, meta)
 
 
