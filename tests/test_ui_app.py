@@ -122,6 +122,7 @@ def test_train_an_adapter_and_generate_with_it(page, server, images, shots):
     page.wait_for_timeout(500)  # let the opened accordion's fields settle
     _fill(page, "train-steps", "40")
     page.locator("#random-flip input").check()
+    page.locator("#class-prompts input").check()
     _choose(page, "save-precision", "fp16")
     page.click("#start-training")
 
@@ -144,7 +145,8 @@ def test_train_an_adapter_and_generate_with_it(page, server, images, shots):
     assert headless.startswith("studio train dreambooth --config ") and headless.endswith("train.json")
     config = json.loads(Path(headless.split("--config ")[1]).read_text())
     assert config["steps"] == 40 and config["token"] == "sks" and config["random_flip"] is True
-    assert config["save_precision"] == "fp16"
+    assert config["save_precision"] == "fp16" and config["class_prompts"] == "captions"
+    assert config["prior_preservation"] is True  # the quick preset's is off; the box turns it on
     page.screenshot(path=str(shots / "train.png"), full_page=True)
 
     _tab(page, "Library")
@@ -160,6 +162,7 @@ def test_train_an_adapter_and_generate_with_it(page, server, images, shots):
     assert load_adapter(server["data"] / "adapters" / "star-r2.safetensors").meta.rank == 2
     trained = load_adapter(server["data"] / "adapters" / "star.safetensors")  # written at the precision chosen
     assert {str(w.up.dtype) for w in trained.modules.values()} == {"torch.float16"}
+    assert trained.meta.dataset["class_prompts"] == ["a shape"]  # uncaptioned images: their prompt without the token
 
     _tab(page, "Generate")
     _choose(page, "slot-1-adapter", "star")

@@ -119,8 +119,13 @@ def test_train_config_is_the_cli_schema_and_bad_settings_are_named(tmp_path):
         ws.train_config("dreambooth", "quick", "stars", "x", ema_decay=1.0)
     tuned = ws.train_config("dreambooth", "quick", "stars", "ld", lora_dropout=0.1, save_precision="fp16")
     assert (tuned["lora_dropout"], tuned["save_precision"]) == (0.1, "fp16")
-    augmented = ws.train_config("dreambooth", "quick", "stars", "fl", random_flip=True, caption_dropout=0.05)
-    assert (augmented["random_flip"], augmented["caption_dropout"]) == (True, 0.05)
+    augmented = ws.train_config("dreambooth", "quick", "stars", "fl", random_flip=True, caption_dropout=0.05,
+                                class_prompts="captions", prior_preservation=True)
+    assert (augmented["random_flip"], augmented["caption_dropout"], augmented["class_prompts"]) == (True, 0.05, "captions")
+    with pytest.raises(InputError, match="--class-prompts 'caption'; accepted: class, captions"):
+        ws.train_config("dreambooth", "quick", "stars", "x", class_prompts="caption")
+    with pytest.raises(InputError, match="only prior preservation trains on them"):  # the quick preset has none
+        ws.train_config("dreambooth", "quick", "stars", "x", class_prompts="captions")
     with pytest.raises(InputError, match="--caption-dropout must be at least 0 \\(off\\) and below 1, got 1"):
         ws.train_config("dreambooth", "quick", "stars", "x", caption_dropout=1.0)
     with pytest.raises(InputError, match="SingLoRA takes linear layers only"):

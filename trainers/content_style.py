@@ -339,9 +339,7 @@ class ContentStyle(DreamBooth):
         plan = INTERPLAY[cfg.interplay]
         kinds = ["content", "style"]
         if cfg.prior_preservation:
-            cls = ctx.store["class"]
-            idx = torch.tensor([rng.randrange(len(cls)) for _ in range(n)])
-            parts.append((cls[idx], self._cond(ctx, [ctx.store["prompts"]["class"]] * cfg.batch_size)))
+            parts.append(self._draw_prior(ctx, rng, n))
             kinds.append("prior")
         if "cross-content" in plan:  # fresh draws of each adapter's examples, for the other adapter's term
             parts += [self._draw(ctx, ctx.store["instance"], rng, n), self._draw(ctx, ctx.store["style"], rng, n)]

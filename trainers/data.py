@@ -231,6 +231,21 @@ def group_by_size(images: list[TrainImage]) -> dict[tuple[int, int], list[int]]:
     return groups
 
 
+def without_token(caption: str, token: str) -> str:
+    """``caption`` with every whole-word ``token`` taken out, and the commas and spaces it leaves tidied: the prompt
+    of a class image paired with that caption.
+
+    >>> without_token("a large orange circle in the center, zxy", "zxy")
+    'a large orange circle in the center'
+    >>> without_token("zxy, a large sks shape, striped", "sks")
+    'zxy, a large shape, striped'
+    """
+    out = re.sub(rf"(?<![\w-]){re.escape(token)}(?![\w-])", "", caption)
+    out = re.sub(r"\s*,(\s*,)+", ",", out)  # an emptied tag between commas
+    out = re.sub(r"\s+([,.;:])", r"\1", re.sub(r"\s{2,}", " ", out))
+    return out.strip(" ,;")
+
+
 def mirror_caption(caption: str) -> str:
     """``caption`` as a mirrored image would be described: the words "left" and "right" swapped (capitals kept).
 

@@ -26,7 +26,16 @@ from typing import Any, NamedTuple
 import torch
 from studio.trainers.attention import CrossAttentionMaps, attention_maps
 from studio.trainers.config import build_config, command_from_config, read_config_file, run_command
-from studio.trainers.data import TrainImage, group_by_size, load_images, mirrored, shuffle_tags, subject_mask, to_tensor
+from studio.trainers.data import (
+    TrainImage,
+    group_by_size,
+    load_images,
+    mirrored,
+    shuffle_tags,
+    subject_mask,
+    to_tensor,
+    without_token,
+)
 from studio.trainers.loop import Cancelled, Context, TrainConfig, _help, denoise_losses, shard, train
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -69,6 +78,9 @@ def parse_layers(text: str) -> tuple[str, ...]:
     return layers
 
 
+CLASS_PROMPTS = ("class", "captions")
+
+
 @dataclass
 class DreamBoothConfig(TrainConfig):
     token: str = field(default="sks", metadata=_help("Identifier token for the subject."))
@@ -77,6 +89,14 @@ class DreamBoothConfig(TrainConfig):
     prior_preservation: bool = field(default=True, metadata=_help("Also train on base-model images of the class."))
     prior_weight: float = field(default=1.0, metadata=_help("Weight of the class (prior) loss."))
     num_class_images: int = field(default=32, metadata=_help("Class images to generate and cache."))
+    class_prompts: str = field(
+        default="class",
+        metadata=_help("What the class images are drawn from: 'class', the one prompt 'a {class_noun}' (diffusers'"
+                       " --class_prompt); 'captions', each instance caption with the identifier taken out, an equal share"
+                       " of the class images for each, each class image trained on its own caption (kohya's captioned"
+                       " regularisation images): the prior then holds at the base model everything the captions name"
+                       " but the identifier."),
+    )
     class_data: str = field(
         default="", metadata=_help("Folder for cached class images; default runs/class-images/<model>-<weights hash>/<prompt>.")
     )
@@ -139,6 +159,11 @@ class DreamBoothConfig(TrainConfig):
         if self.shuffle_caption and self.attention_loss:
             raise ValueError("--shuffle-caption does not go with --attention-loss (the loss reads the token's place in"
                              " each caption, which shuffling moves); drop one of them")
+        if self.class_prompts not in CLASS_PROMPTS:
+            raise ValueError(f"--class-prompts {self.class_prompts!r}; accepted: {', '.join(CLASS_PROMPTS)}")
+        if self.class_prompts == "captions" and not self.prior_preservation:
+            raise ValueError("--class-prompts captions chooses what the class images show, and only prior preservation"
+                             " trains on them; drop --no-prior-preservation or --class-prompts")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"--caption-dropout must be at least 0 (off) and below 1, got {self.caption_dropout:g}")
         if self.caption_dropout and self.attention_loss:
@@ -226,11 +251,11 @@ class DreamBooth:
             ctx.store["repeats"] = {f.parent.name: im.repeats for f, im in zip(files, images)}
         ctx.store["prompts"] = {"instance": prompt, "class": f"a {cfg.class_noun}"}
         if cfg.prior_preservation:
-            class_images = self._class_images(ctx)
-            ctx.store["class"] = self._latents(pipe, class_images)
+            self._prior(ctx, captions)
         if not cfg.train_text_encoder:
             with torch.no_grad():
-                texts = {*bucket_prompts(ctx.store["instance"]), *ctx.store["prompts"].values()} | ({""} if cfg.caption_dropout else set())
+                texts = ({*bucket_prompts(ctx.store["instance"]), *ctx.store["prompts"].values(), *ctx.store.get("class_prompts", ())}
+                         | ({""} if cfg.caption_dropout else set()))
                 ctx.store["cond"] = {p: _encode(pipe, [p]) for p in texts}
 
     def _buckets(self, ctx: Context, images: list[TrainImage], captions: list[str]) -> list[Bucket]:
@@ -264,27 +289,41 @@ class DreamBooth:
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return ((lat - shift) * vae.config.scaling_factor).float()
 
-    def _class_images(self, ctx: Context):
+    def _prior(self, ctx: Context, captions: list[str]) -> None:
+        """The class images' latents (``store["class"]``) and, one per image, their prompts (``store["class_prompts"]``):
+        ``a {class_noun}`` for all, or with ``--class-prompts captions`` each distinct caption without the identifier."""
+        cfg: DreamBoothConfig = ctx.cfg
+        if cfg.class_prompts == "class":
+            prompts = [ctx.store["prompts"]["class"]]
+        else:
+            # a caption that is only the identifier leaves nothing: the class prompt stands in
+            prompts = list(dict.fromkeys(without_token(c, cfg.token) or ctx.store["prompts"]["class"] for c in captions))
+        share = -(-cfg.num_class_images // len(prompts))  # an equal share each, rounded up
+        images, kept = [], []
+        for p in prompts:
+            got = self._class_images(ctx, p, share, keyed=cfg.class_prompts == "captions")
+            images += got
+            kept += [p] * len(got)
+        ctx.store["class"] = self._latents(ctx.pipe, images)
+        ctx.store["class_prompts"] = kept
+
+    def _class_images(self, ctx: Context, prompt: str, count: int, keyed: bool = False):
+        """``count`` base-model images of ``prompt``, cached under ``--class-data`` (in a subfolder per prompt when
+        ``keyed``: the captions' prompts share it) or the default folder for the weights and prompt."""
         from PIL import Image
 
         from studio.sampling import generate
 
         cfg: DreamBoothConfig = ctx.cfg
-        prompt = ctx.store["prompts"]["class"]
-        folder = (
-            Path(cfg.class_data)
-            if cfg.class_data
-            else (
-                Path("runs/class-images")
-                # the weights' fingerprint, not only the folder's name: new weights in the same folder draw new images
-                / f"{Path(cfg.model).name}-{ctx.store['base_hash']}"
-                / hashlib.sha1(f"{prompt}|{ctx.resolution}".encode()).hexdigest()[:10]
-            )
-        )
+        key = hashlib.sha1(f"{prompt}|{ctx.resolution}".encode()).hexdigest()[:10]
+        if cfg.class_data:
+            folder = Path(cfg.class_data) / key if keyed else Path(cfg.class_data)
+        else:  # the weights' fingerprint, not only the folder's name: new weights in the same folder draw new images
+            folder = Path("runs/class-images") / f"{Path(cfg.model).name}-{ctx.store['base_hash']}" / key
         folder.mkdir(parents=True, exist_ok=True)
         have = sorted(folder.glob("class-*.png"))
-        if len(have) < cfg.num_class_images and ctx.accelerator.is_main_process:
-            missing = range(len(have), cfg.num_class_images)
+        if len(have) < count and ctx.accelerator.is_main_process:
+            missing = range(len(have), count)
             images = generate(
                 ctx.pipe, [prompt] * len(missing), seed=10_000 + len(have), height=ctx.resolution, width=ctx.resolution
             )
@@ -293,8 +332,14 @@ class DreamBooth:
                 im.save(tmp)
                 tmp.replace(folder / f"class-{i:05d}.png")
         ctx.accelerator.wait_for_everyone()
-        files = sorted(folder.glob("class-*.png"))[: cfg.num_class_images]
+        files = sorted(folder.glob("class-*.png"))[:count]
         return [Image.open(f).convert("RGB").resize((ctx.resolution, ctx.resolution)) for f in files]
+
+    def _draw_prior(self, ctx: Context, rng: random.Random, n: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """A global batch of ``n`` class images and this process's share of their conditioning."""
+        cls, prompts = ctx.store["class"], ctx.store["class_prompts"]
+        idx = torch.tensor([rng.randrange(len(cls)) for _ in range(n)])
+        return cls[idx], self._cond(ctx, [prompts[i] for i in idx[shard(ctx, n)].tolist()])
 
     def targets(self, ctx: Context) -> dict[str, list[str]]:
         pipe, cfg = ctx.pipe, ctx.cfg
@@ -366,9 +411,7 @@ class DreamBooth:
         n = cfg.batch_size * ctx.accelerator.num_processes  # the global batch; denoise_loss takes our share
         parts = [self._draw(ctx, ctx.store["instance"], rng, n)]
         if cfg.prior_preservation:
-            cls = ctx.store["class"]
-            idx = torch.tensor([rng.randrange(len(cls)) for _ in range(n)])
-            parts.append((cls[idx], self._cond(ctx, [ctx.store["prompts"]["class"]] * cfg.batch_size)))
+            parts.append(self._draw_prior(ctx, rng, n))
         # one UNet pass for both when the sizes agree (the class images are square; a bucket may not be)
         if not cfg.attention_loss:
             losses = denoise_losses(ctx, parts, g)
@@ -403,6 +446,8 @@ class DreamBooth:
                 "captioned": ctx.store["n_captions"],
                 **({"repeats": ctx.store["repeats"]} if "repeats" in ctx.store else {}),
                 "prior_preservation": cfg.prior_preservation,
+                **({"class_prompts": list(dict.fromkeys(ctx.store["class_prompts"]))}
+                   if cfg.prior_preservation and cfg.class_prompts == "captions" else {}),
                 **({"attention_loss": cfg.attention_loss} if cfg.attention_loss else {}),
             },
         }
