@@ -123,6 +123,7 @@ def test_train_an_adapter_and_generate_with_it(page, server, images, shots):
     _fill(page, "train-steps", "40")
     page.locator("#random-flip input").check()
     page.locator("#class-prompts input").check()
+    page.locator("#masked-loss input").check()
     _choose(page, "save-precision", "fp16")
     page.click("#start-training")
 
@@ -147,6 +148,7 @@ def test_train_an_adapter_and_generate_with_it(page, server, images, shots):
     assert config["steps"] == 40 and config["token"] == "sks" and config["random_flip"] is True
     assert config["save_precision"] == "fp16" and config["class_prompts"] == "captions"
     assert config["prior_preservation"] is True  # the quick preset's is off; the box turns it on
+    assert config["masked_loss"] is True
     page.screenshot(path=str(shots / "train.png"), full_page=True)
 
     _tab(page, "Library")
@@ -162,6 +164,7 @@ def test_train_an_adapter_and_generate_with_it(page, server, images, shots):
     assert load_adapter(server["data"] / "adapters" / "star-r2.safetensors").meta.rank == 2
     trained = load_adapter(server["data"] / "adapters" / "star.safetensors")  # written at the precision chosen
     assert {str(w.up.dtype) for w in trained.modules.values()} == {"torch.float16"}
+    assert trained.meta.dataset["masked_loss"] == 0.0
     assert trained.meta.dataset["class_prompts"] == ["a shape"]  # uncaptioned images: their prompt without the token
 
     _tab(page, "Generate")

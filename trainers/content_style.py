@@ -108,6 +108,8 @@ class ContentStyleConfig(DreamBoothConfig):
             raise ValueError("--adapter: the content-style trainer trains LoRA pairs (use --orthogonal to fix the downs)")
         if self.attention_loss:
             raise ValueError("--attention-loss is not supported by the content-style trainer (DreamBooth and B-LoRA)")
+        if self.masked_loss:
+            raise ValueError("--masked-loss is not supported by the content-style trainer (DreamBooth and B-LoRA)")
         if bool(self.content_adapter) != bool(self.style_adapter):
             raise ValueError("--content-adapter and --style-adapter go together (ZipLoRA: merge two trained LoRAs);"
                              " give both, or neither to train new adapters")

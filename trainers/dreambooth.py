@@ -133,6 +133,18 @@ class DreamBoothConfig(TrainConfig):
     keep_tokens: int = field(
         default=0, metadata=_help("With --shuffle-caption: the first N tags stay in place (kohya's --keep_tokens; e.g. 1"
                                   " keeps the trigger word first)."))
+    masked_loss: bool = field(
+        default=False,
+        metadata=_help("Weigh each instance example's denoising loss by where its subject is (kohya's --masked_loss,"
+                       " ai-toolkit's alpha mask): a mask NAME.mask.png beside an image (white: the subject; grey"
+                       " between), else the pixels that differ from its plain background; the loss is the mask-weighted"
+                       " mean, so its scale does not depend on the subject's size. Prior examples are not masked."),
+    )
+    mask_min_value: float = field(
+        default=0.0,
+        metadata=_help("With --masked-loss: the weight the background keeps (ai-toolkit's mask_min_value), 0 to 1;"
+                       " 0 trains on the subject alone, 1 is no mask."),
+    )
     attention_loss: float = field(
         default=0.0,
         metadata=_help("Weight of an attention loss (Break-A-Scene): the token's cross-attention map is pulled onto"
@@ -150,6 +162,10 @@ class DreamBoothConfig(TrainConfig):
             raise ValueError(f"--text-encoder-lr must be 0 (= --lr) or positive, got {self.text_encoder_lr:g}")
         if self.text_encoder_lr and not self.train_text_encoder:
             raise ValueError("--text-encoder-lr needs --train-text-encoder (the text encoders get no LoRA without it)")
+        if not 0 <= self.mask_min_value <= 1:
+            raise ValueError(f"--mask-min-value must be between 0 and 1, got {self.mask_min_value:g}")
+        if self.mask_min_value and not self.masked_loss:
+            raise ValueError("--mask-min-value weighs the background under --masked-loss; add --masked-loss")
         if self.attention_loss < 0:
             raise ValueError(f"--attention-loss must be 0 (off) or positive, got {self.attention_loss}")
         if self.keep_tokens < 0:
@@ -234,11 +250,12 @@ class DreamBooth:
         captions = [(im.caption if cfg.captions and im.caption else prompt) for im in images]
         groups = group_by_size(images)
         ctx.store["instance"] = self._buckets(ctx, images, captions)
-        if cfg.attention_loss:  # per bucket: the subjects' masks, and per example the token's weight per position
+        if cfg.attention_loss or cfg.masked_loss:  # per bucket: the subjects' masks
+            ctx.store["masks"] = [torch.stack([subject_mask(images[i], files[i].name) for i in idx]) for idx in groups.values()]
+        if cfg.attention_loss:  # per bucket and example: the token's weight per position
             # (of its caption, then of its mirrored caption: swapping left and right may move the token)
             ctx.store["attend"] = [
-                (torch.stack([subject_mask(images[i], files[i].name) for i in idx]),
-                 torch.stack([token_weights(pipe.tokenizer, b.captions[j], cfg.token, files[i].name) for j, i in enumerate(idx)]),
+                (torch.stack([token_weights(pipe.tokenizer, b.captions[j], cfg.token, files[i].name) for j, i in enumerate(idx)]),
                  torch.stack([token_weights(pipe.tokenizer, (b.mirrored_captions or b.captions)[j], cfg.token, files[i].name)
                               for j, i in enumerate(idx)]))
                 for b, idx in zip(ctx.store["instance"], groups.values())
@@ -412,14 +429,19 @@ class DreamBooth:
         parts = [self._draw(ctx, ctx.store["instance"], rng, n)]
         if cfg.prior_preservation:
             parts.append(self._draw_prior(ctx, rng, n))
+        masks = None
+        if cfg.attention_loss or cfg.masked_loss:  # this process's examples' subject masks, mirrored with them
+            chosen, mine, flips = parts[0][1]["drawn"]
+            masks = ctx.store["masks"][chosen][mine]
+            masks = torch.where(flips[:, None, None], masks.flip(-1), masks).to(ctx.accelerator.device)
+        if cfg.masked_loss:
+            parts[0][1]["loss_weight"] = loss_weights(masks, parts[0][0].shape[-2:], cfg.mask_min_value)
         # one UNet pass for both when the sizes agree (the class images are square; a bucket may not be)
         if not cfg.attention_loss:
             losses = denoise_losses(ctx, parts, g)
             return losses[0] + cfg.prior_weight * losses[1] if cfg.prior_preservation else losses[0]
         maps: CrossAttentionMaps = ctx.store["maps"]
-        chosen, mine, flips = parts[0][1]["drawn"]
-        masks, weights, weights_mirrored = (t[mine] for t in ctx.store["attend"][chosen])
-        masks = torch.where(flips[:, None, None], masks.flip(-1), masks).to(ctx.accelerator.device)
+        weights, weights_mirrored = (t[mine] for t in ctx.store["attend"][chosen])
         weights = torch.where(flips[:, None], weights_mirrored, weights).to(ctx.accelerator.device)
 
         def watch(members: list[int], embeds: torch.Tensor) -> None:  # the instance examples lead their pass
@@ -449,6 +471,7 @@ class DreamBooth:
                 **({"class_prompts": list(dict.fromkeys(ctx.store["class_prompts"]))}
                    if cfg.prior_preservation and cfg.class_prompts == "captions" else {}),
                 **({"attention_loss": cfg.attention_loss} if cfg.attention_loss else {}),
+                **({"masked_loss": cfg.mask_min_value} if cfg.masked_loss else {}),
             },
         }
 
@@ -470,6 +493,16 @@ def token_weights(tokenizer, prompt: str, token: str, name: str = "prompt") -> t
     w = torch.zeros(tokenizer.model_max_length)
     w[positions] = 1.0 / len(positions)
     return w
+
+
+def loss_weights(masks: torch.Tensor, latent_size, min_value: float = 0.0) -> torch.Tensor:
+    """``--masked-loss``'s per-pixel weights of the denoising loss, ``(examples, 1, h, w)`` at the latents' size
+    ``(h, w)``: each subject mask (examples, H, W) averaged over the pixels each latent covers, lifted to at least
+    ``min_value`` (``min + (1 - min) · mask``)."""
+    import torch.nn.functional as F
+
+    pooled = F.adaptive_avg_pool2d(masks[:, None].float(), tuple(latent_size))
+    return min_value + (1 - min_value) * pooled
 
 
 def attention_loss(maps: list[torch.Tensor], masks: torch.Tensor, latent_size) -> torch.Tensor:

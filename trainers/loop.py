@@ -91,6 +91,23 @@ class TrainConfig:
                        " noise the latents with noise + γ·(a second draw) while the target stays the first noise, against"
                        " the exposure bias of sampling; 0.1 is the paper's; 0: off."),
     )
+    multires_noise_iterations: int = field(
+        default=0,
+        metadata=_help("Multi-resolution (pyramid) noise (kohya's --multires_noise_iterations): add N levels of coarser"
+                       " noise to the training noise, level i drawn at 1/r^i of the latents' size (r drawn in [2, 4) per"
+                       " level), upsampled and weighted discount^i, the sum rescaled to unit variance per example; lets"
+                       " the model change an image's large-scale layout and contrast. 6-10 are usual; 0: off."),
+    )
+    multires_noise_discount: float = field(
+        default=0.3, metadata=_help("With --multires-noise-iterations: each level's weight is this to the level's power.")
+    )
+    debiased_estimation: bool = field(
+        default=False,
+        metadata=_help("Debiased estimation loss (Yu et al. 2024; kohya's --debiased_estimation_loss): each example's"
+                       " loss times 1/sqrt(SNR) at its timestep (ε-prediction; SNR taken in [0.001, 1000]) or"
+                       " 1/sqrt(SNR + 1) (v-prediction; SNR at most 1000), so the low-noise steps, where the loss is"
+                       " small, count for less."),
+    )
     max_grad_norm: float = field(default=1.0, metadata=_help("Clip the gradients' norm to this; 0: no clipping."))
     loss_type: str = field(
         default="l2",
@@ -224,6 +241,10 @@ class TrainConfig:
         for name in ("snr_gamma", "noise_offset", "ip_noise_gamma", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be 0 (off) or positive, got {getattr(self, name)}")
+        if self.multires_noise_iterations < 0:
+            raise ValueError(f"--multires-noise-iterations must be 0 (off) or positive, got {self.multires_noise_iterations}")
+        if not 0 < self.multires_noise_discount <= 1:
+            raise ValueError(f"--multires-noise-discount must be above 0 and at most 1, got {self.multires_noise_discount:g}")
         check_timestep_bias(self)
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"--loss-type {self.loss_type!r}; accepted: {', '.join(LOSS_TYPES)}")
@@ -556,6 +577,8 @@ def denoise_losses(ctx: Context, parts: list[tuple[torch.Tensor, dict[str, Any]]
     device = ctx.accelerator.device
     offset, gamma = getattr(ctx.cfg, "noise_offset", 0.0), getattr(ctx.cfg, "snr_gamma", 0.0)
     perturb = getattr(ctx.cfg, "ip_noise_gamma", 0.0)
+    levels, discount = getattr(ctx.cfg, "multires_noise_iterations", 0), getattr(ctx.cfg, "multires_noise_discount", 0.3)
+    debiased = getattr(ctx.cfg, "debiased_estimation", False)
     prepared = []
     if "timestep_weights" not in ctx.store:  # once per run, not per step
         ctx.store["timestep_weights"] = (timestep_weights(ctx.cfg, sched.config.num_train_timesteps)
@@ -571,7 +594,10 @@ def denoise_losses(ctx: Context, parts: list[tuple[torch.Tensor, dict[str, Any]]
             noise = noise + offset * torch.randn((*latents.shape[:2], *[1] * (latents.dim() - 2)), generator=g)
         # input perturbation: what noises the latents (the target stays ``noise``), drawn last, so the noise,
         # timesteps and offset stay those of a run without it
-        applied = noise + perturb * torch.randn(latents.shape, generator=g) if perturb else noise
+        extra = perturb * torch.randn(latents.shape, generator=g) if perturb else None
+        if levels:  # drawn after the perturbation, so the draws before stay those of a run without it
+            noise = multires_noise(noise, levels, discount, g)
+        applied = noise + extra if perturb else noise
         part = shard(ctx, latents.shape[0])
         x0, t = latents[part].to(device), t[part].to(device)
         noise = noise[part].to(device, latents.dtype)
@@ -607,9 +633,17 @@ def denoise_losses(ctx: Context, parts: list[tuple[torch.Tensor, dict[str, Any]]
             piece = pred[start : start + n_i]
             start += n_i
             loss = element_losses(ctx.cfg, sched, piece.float(), target.float(), prepared[i][1])
-            loss = loss.mean(dim=tuple(range(1, loss.dim())))
+            dims = tuple(range(1, loss.dim()))
+            weight = prepared[i][2].get("loss_weight")  # --masked-loss: a weighted mean over each example's pixels
+            if weight is None:
+                loss = loss.mean(dim=dims)
+            else:
+                weight = weight.to(loss.device)
+                loss = (loss * weight).mean(dim=dims) / weight.mean(dim=dims).clamp_min(1e-8)
             if gamma:
                 loss = loss * min_snr_weights(sched, prepared[i][1], gamma)
+            if debiased:
+                loss = loss * debiased_weights(sched, prepared[i][1])
             losses[i] = loss if reduction == "none" else loss.mean()
     return losses  # type: ignore[return-value]
 
@@ -699,6 +733,38 @@ def element_losses(cfg, sched, pred: torch.Tensor, target: torch.Tensor, t: torc
     d2 = (pred - target) ** 2
     loss = 2 * d2 / (torch.sqrt(d2 + c**2) + c)  # = 2(sqrt(d² + c²) - c), without its cancellation for small d
     return loss * c if kind == "huber" else loss
+
+
+def multires_noise(noise: torch.Tensor, levels: int, discount: float, g: torch.Generator) -> torch.Tensor:
+    """``noise`` (examples, ..., H, W) plus ``levels`` coarser noises: level i (1, 2, ...) a normal draw from ``g`` at
+    ``max(1, int(size / r_i^i))`` of each of H and W, ``r_i`` drawn uniformly in [2, 4) before it, upsampled bilinearly
+    and weighted ``discount^i``; stops after the first level that is one latent wide or high. The sum is rescaled to
+    unit standard deviation per example."""
+    import torch.nn.functional as F
+
+    h, w = noise.shape[-2:]
+    out = noise.clone()
+    for i in range(1, levels + 1):
+        r = 2 + 2 * float(torch.rand((), generator=g))
+        hi, wi = max(1, int(h / r**i)), max(1, int(w / r**i))
+        coarse = torch.randn((*noise.shape[:-2], hi, wi), generator=g)
+        up = F.interpolate(coarse.reshape(-1, 1, hi, wi), size=(h, w), mode="bilinear", align_corners=False)
+        out = out + discount**i * up.reshape(noise.shape).to(noise.dtype)
+        if hi == 1 or wi == 1:
+            break
+    return out / out.flatten(1).std(dim=1).view(-1, *[1] * (noise.dim() - 1))
+
+
+def debiased_weights(sched, t: torch.Tensor) -> torch.Tensor:
+    """Debiased estimation's weights of timesteps ``t``: ``1 / sqrt(SNR)`` for ε-prediction with SNR taken in
+    [0.001, 1000] (finite where a zero-terminal-SNR schedule's last step has SNR 0), ``1 / sqrt(SNR + 1)`` for
+    v-prediction with SNR at most 1000."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(sched, t).float().clamp(max=1000.0)
+    if sched.config.prediction_type == "v_prediction":
+        return 1 / torch.sqrt(snr + 1)
+    return 1 / torch.sqrt(snr.clamp(min=1e-3))
 
 
 def min_snr_weights(sched, t: torch.Tensor, gamma: float) -> torch.Tensor:

@@ -169,6 +169,9 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
                                                          " logos)", value=False, elem_id="random-flip")
                                 dropout = gr.Number(label="Caption dropout (0: off; 0.05 is usual for styles)", value=0,
                                                     elem_id="caption-dropout")
+                                masked = gr.Checkbox(label="Masked loss (learn the subject, not its background: NAME.mask.png"
+                                                           " beside an image, else a plain backdrop)", value=False,
+                                                     elem_id="masked-loss")
                                 class_captions = gr.Checkbox(label="Prior preservation with class images of the captions"
                                                                    " (each without the token; kohya's captioned"
                                                                    " regularisation images)",
@@ -276,7 +279,7 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
         @_guarded
         def on_start(dataset_, style_, trainer_, preset_, token_, noun_, name_, steps_, rank_, lr_, attention_, layers_,
                      schedule_, warmup_, snr_, offset_, perturb_, bias_, bias_x_, loss_kind_, optimizer_, flip_, dropout_,
-                     class_captions_, start_from_, ema_, lora_drop_, precision_):
+                     masked_, class_captions_, start_from_, ema_, lora_drop_, precision_):
             if not dataset_:
                 raise InputError("no dataset: upload images and add them, or pick a dataset")
             name_ = name_.strip() or f"{token_}-{dataset_}"
@@ -289,6 +292,7 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
                          "loss_type": loss_kind_ if loss_kind_ and loss_kind_ != "l2" else None,
                          "optimizer": optimizer_ if optimizer_ and optimizer_ != "adamw" else None,
                          "random_flip": True if flip_ else None, "caption_dropout": float(dropout_ or 0) or None,
+                         "masked_loss": True if masked_ else None,
                          **({"class_prompts": "captions", "prior_preservation": True} if class_captions_ else {}),
                          "ema_decay": float(ema_ or 0) or None, "lora_dropout": float(lora_drop_ or 0) or None,
                          "save_precision": precision_ if precision_ and precision_ != "fp32" else None}
@@ -301,7 +305,7 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
 
         start.click(on_start, [dataset, style_dataset, trainer, preset, token, class_noun, run_name, steps, rank, lr,
                                attention, layers, schedule, warmup, snr, offset, perturb, bias, bias_x, loss_kind, optimizer,
-                               flip, dropout, class_captions, start_from, ema, lora_drop, precision],
+                               flip, dropout, masked, class_captions, start_from, ema, lora_drop, precision],
                     [current, runs, headless])
 
         @_guarded
