@@ -592,8 +592,8 @@ def denoise_losses(ctx: Context, parts: list[tuple[torch.Tensor, dict[str, Any]]
             t = torch.multinomial(weights, latents.shape[0], replacement=True, generator=g)
         if offset:  # drawn after the noise and timesteps, which stay those of a run without it
             noise = noise + offset * torch.randn((*latents.shape[:2], *[1] * (latents.dim() - 2)), generator=g)
-        # input perturbation: what noises the latents (the target stays ``noise``), drawn last, so the noise,
-        # timesteps and offset stay those of a run without it
+        # input perturbation: what noises the latents (the target stays ``noise``), drawn after the noise, timesteps
+        # and offset, which stay those of a run without it
         extra = perturb * torch.randn(latents.shape, generator=g) if perturb else None
         if levels:  # drawn after the perturbation, so the draws before stay those of a run without it
             noise = multires_noise(noise, levels, discount, g)
