@@ -109,6 +109,13 @@ class TrainConfig:
                        " small, count for less."),
     )
     max_grad_norm: float = field(default=1.0, metadata=_help("Clip the gradients' norm to this; 0: no clipping."))
+    scale_weight_norms: float = field(
+        default=0.0,
+        metadata=_help("Max-norm regularisation (kohya's --scale_weight_norms): after every optimizer step, each LoRA"
+                       " layer whose update scale·B·A has a Frobenius norm above this has both its factors scaled down"
+                       " to bring it to this, so no layer's update runs away (and adapters mix more evenly); 1 is"
+                       " usual; 0: off. Plain LoRA layers only."),
+    )
     loss_type: str = field(
         default="l2",
         metadata=_help("The denoising loss: l2 (mean squared error), huber (pseudo-Huber, 2c(sqrt(d² + c²) - c): like"
@@ -238,7 +245,7 @@ class TrainConfig:
             raise ValueError(f"--loraplus-ratio must be positive (1: off), got {self.loraplus_ratio}")
         if self.loraplus_ratio != 1 and self.adapter == "singlora":
             raise ValueError("--loraplus-ratio works with --adapter lora only (SingLoRA has one matrix per layer)")
-        for name in ("snr_gamma", "noise_offset", "ip_noise_gamma", "max_grad_norm"):
+        for name in ("snr_gamma", "noise_offset", "ip_noise_gamma", "max_grad_norm", "scale_weight_norms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be 0 (off) or positive, got {getattr(self, name)}")
         if self.multires_noise_iterations < 0:
@@ -495,6 +502,26 @@ def init_from_adapter(ctx: Context, components: list[str], path: str | Path) -> 
             down.copy_(weights.down.to(down.dtype))
             up.copy_((weights.up.float() * (weights.scale / module.scaling["default"])).to(up.dtype))
     return len(adapter.modules)
+
+
+@torch.no_grad()
+def cap_update_norms(layers, max_norm: float) -> tuple[int, float]:
+    """Max-norm regularisation of peft LoRA ``layers``: each layer whose update ``scaling · B A`` (convolutions'
+    factors flattened) has a Frobenius norm above ``max_norm`` gets both factors times ``sqrt(max_norm / norm)``.
+    The norm comes from the factors' rank-size Gram matrices, ``‖B A‖² = Σ (BᵀB) ∘ (A Aᵀ)``, not from the full
+    update. Returns how many layers were scaled and the mean norm before scaling."""
+    scaled, total, n = 0, 0.0, 0
+    for module in layers:
+        down, up = module.lora_A["default"].weight, module.lora_B["default"].weight
+        a, b = down.flatten(1).float(), up.flatten(1).float()
+        norm = float(((b.T @ b) * (a @ a.T)).sum().clamp_min(0).sqrt()) * abs(module.scaling["default"])
+        total, n = total + norm, n + 1
+        if norm > max_norm:
+            factor = (max_norm / norm) ** 0.5
+            down.mul_(factor)
+            up.mul_(factor)
+            scaled += 1
+    return scaled, total / max(n, 1)
 
 
 def extract_adapter(pipe, components: list[str], meta: AdapterMeta, clock=None) -> Adapter:
@@ -824,6 +851,10 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
     params = inject(ctx, targets, cfg.rank, cfg.alpha or cfg.rank)
     if cfg.lora_dropout and inject is not inject_lora:
         raise ValueError(f"--lora-dropout: the {trainer.name} trainer trains its own adapter layers, which have no dropout")
+    if cfg.scale_weight_norms and (inject is not inject_lora or cfg.adapter != "lora"):
+        raise ValueError(f"--scale-weight-norms scales plain LoRA layers' two factors; the {trainer.name} trainer with"
+                         f" --adapter {cfg.adapter} trains other layers")
+    capped = dict(peft_layers(pipe, components)) if cfg.scale_weight_norms else {}
     # peft's dropout layers: put in training mode before every step (validation sampling leaves the UNet in eval mode)
     dropouts = [m for c in components for n, m in getattr(pipe, c).named_modules()
                 if isinstance(m, torch.nn.Dropout) and ".lora_dropout." in f".{n}."] if cfg.lora_dropout else []
@@ -906,6 +937,7 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        norms = cap_update_norms(capped.values(), cfg.scale_weight_norms) if capped else None
         if ema:
             ema.update(step)
         loss_value = total
@@ -914,7 +946,8 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
         bar.set_postfix(loss=f"{loss_value:.4f}")
         done = step + 1
         if cfg.tensorboard:
-            accelerator.log({"loss": loss_value, "lr": rate}, step=done)
+            accelerator.log({"loss": loss_value, "lr": rate, **({"keys_scaled": norms[0], "average_key_norm": norms[1]}
+                                                                 if norms else {})}, step=done)
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps and accelerator.is_main_process:
             save_checkpoint(run_dir, done, kept(), {"opt": opt}, keep=cfg.keep_checkpoints)
         if cfg.save_adapter_every and done % cfg.save_adapter_every == 0 and done < cfg.steps and accelerator.is_main_process:
