@@ -35,10 +35,11 @@ def test_cap_update_norms_by_hand():
 
 
 def test_a_run_keeps_every_layer_under_the_cap_and_refuses_other_layers(tmp_path):
-    from studio.adapters import load_adapter
     from studio.trainers.config import build_config
     from studio.trainers.dreambooth import DreamBooth, DreamBoothConfig
     from studio.trainers.loop import train
+
+    from studio.adapters import load_adapter
 
     data = star_folder(tmp_path / "data", 2)
     common = {"data": str(data), "steps": 3, "batch_size": 2, "rank": 2, "num_class_images": 1, "lr": 3e-2,
