@@ -169,12 +169,9 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
                                                          " logos)", value=False, elem_id="random-flip")
                                 dropout = gr.Number(label="Caption dropout (0: off; 0.05 is usual for styles)", value=0,
                                                     elem_id="caption-dropout")
-                                masked = gr.Checkbox(label="Masked loss (learn the subject, not its background: NAME.mask.png"
-                                                           " beside an image, else a plain backdrop)", value=False,
+                                masked = gr.Checkbox(label="Masked loss (the subject, not its backdrop)", value=False,
                                                      elem_id="masked-loss")
-                                class_captions = gr.Checkbox(label="Prior preservation with class images of the captions"
-                                                                   " (each without the token; kohya's captioned"
-                                                                   " regularisation images)",
+                                class_captions = gr.Checkbox(label="Class images of the captions (prior preservation on)",
                                                              value=False, elem_id="class-prompts")
                             layers = gr.Textbox(label="LoRA layers (empty: the attention projections; e.g. add"
                                                       " ff.net.0.proj,ff.net.2,conv1,conv2 for kohya's LoCon)", value="",
