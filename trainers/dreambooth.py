@@ -93,7 +93,7 @@ class DreamBoothConfig(TrainConfig):
         default="class",
         metadata=_help("What the class images are drawn from: 'class', the one prompt 'a {class_noun}' (diffusers'"
                        " --class_prompt); 'captions', each instance caption with the identifier taken out, an equal share"
-                       " of the class images for each, each class image trained on its own caption (kohya's captioned"
+                       " of --num-class-images for each (rounded up: at least one each), each class image trained on its own caption (kohya's captioned"
                        " regularisation images): the prior then holds at the base model everything the captions name"
                        " but the identifier."),
     )
