@@ -509,19 +509,21 @@ def cap_update_norms(layers, max_norm: float) -> tuple[int, float]:
     """Max-norm regularisation of peft LoRA ``layers``: each layer whose update ``scaling · B A`` (convolutions'
     factors flattened) has a Frobenius norm above ``max_norm`` gets both factors times ``sqrt(max_norm / norm)``.
     The norm comes from the factors' rank-size Gram matrices, ``‖B A‖² = Σ (BᵀB) ∘ (A Aᵀ)``, not from the full
-    update. Returns how many layers were scaled and the mean norm before scaling."""
-    scaled, total, n = 0, 0.0, 0
+    update, and stays on the layers' device (one host read per call, for the returned figures). Returns how many
+    layers were scaled and the mean norm before scaling."""
+    norms = []
     for module in layers:
         down, up = module.lora_A["default"].weight, module.lora_B["default"].weight
         a, b = down.flatten(1).float(), up.flatten(1).float()
-        norm = float(((b.T @ b) * (a @ a.T)).sum().clamp_min(0).sqrt()) * abs(module.scaling["default"])
-        total, n = total + norm, n + 1
-        if norm > max_norm:
-            factor = (max_norm / norm) ** 0.5
-            down.mul_(factor)
-            up.mul_(factor)
-            scaled += 1
-    return scaled, total / max(n, 1)
+        norm = ((b.T @ b) * (a @ a.T)).sum().clamp_min(0).sqrt() * abs(module.scaling["default"])
+        factor = (max_norm / norm.clamp_min(1e-12)).clamp(max=1.0).sqrt()  # 1 where the layer is under the cap
+        down.mul_(factor.to(down.dtype))
+        up.mul_(factor.to(up.dtype))
+        norms.append(norm)
+    if not norms:
+        return 0, 0.0
+    every = torch.stack([n.to(norms[0].device) for n in norms])
+    return int((every > max_norm).sum()), float(every.mean())
 
 
 def extract_adapter(pipe, components: list[str], meta: AdapterMeta, clock=None) -> Adapter:
