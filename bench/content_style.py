@@ -25,6 +25,10 @@ adapters combined at sampling time by the ``klora`` composer: K-LoRA's per-layer
 non-default ``--interplay`` trains under ``content-style-free-INTERPLAY/``). The captioned
 DreamBooth LoRAs are trained once, under ``naive+captions``, and reused while their run's settings match.
 
+``--pivotal style|content|both`` trains the captioned DreamBooth LoRAs of those roles with the trainers' ``--pivotal`` (the
+identifier a new token with a learned embedding; ``--embedding-lr`` its rate) under ``METHOD-pivotal/``; ``both`` also
+trains the content-style methods with it (both identifiers).
+
 - style alone: the style adapter alone draws its style on its own images' shapes ("a large {colour} circle in the
   center on a white background, zxy", circle, square, triangle, diamond in turn): how well it learned its style.
 
@@ -119,11 +123,19 @@ def main() -> None:
     parser.add_argument("--cells", nargs="*", default=None, metavar="SHAPE-STYLE",
                         help="only these cells of the grid, e.g. star-shadowed heart-ringed (default: all 9)")
     parser.add_argument("--prompt", default=PROMPT, help="the prompt every cell and every adapter alone is sampled with")
+    parser.add_argument("--pivotal", choices=("none", "content", "style", "both"), default="none",
+                        help="the captioned DreamBooth LoRAs (naive+captions, klora) of these roles trained with --pivotal"
+                        " (their identifier a new token with a learned embedding), under METHOD-pivotal/; both: the"
+                        " content-style methods' too (both identifiers)")
+    parser.add_argument("--embedding-lr", type=float, default=0.0,
+                        help="with --pivotal: the trainers' --embedding-lr (0: --lr); another trains under METHOD-pivotal-elrX/")
     parser.add_argument("--seed", type=int, default=0, help="the trainers' --seed (LoRA init, examples, noise, timesteps);"
                         " another than 0 trains under METHOD-seedN/, to read how much the grid moves with it")
     args = parser.parse_args()
     if not {"sks", "zxy"} <= set(args.prompt.replace(",", " ").split()):
         parser.error(f"--prompt {args.prompt!r} must name both identifiers, sks (content) and zxy (style)")
+    if args.pivotal != "none" and "ziplora" in args.methods:
+        parser.error("--pivotal: the ZipLoRA merge takes adapters without token embeddings; leave out ziplora")
     every = [f"{sh}-{st}" for sh in SHAPES for st in STYLES]
     for cell in args.cells or []:
         if cell not in every:
@@ -138,8 +150,15 @@ def main() -> None:
               "class_data": str(work / "class" / Path(args.model).name)}
     seeded = f"-seed{args.seed}" if args.seed else ""
 
-    def dreambooth(data: Path, out: Path, prompt: str, token: str, captions: bool) -> Path:
-        settings = {**common, "data": str(data), "output": str(out), "instance_prompt": prompt, "token": token, "captions": captions}
+    def pivot_settings(pivotal: bool) -> dict:
+        return ({"pivotal": True, **({"embedding_lr": args.embedding_lr} if args.embedding_lr else {})}) if pivotal else {}
+
+    def pivot_dir(pivotal: bool) -> str:
+        return ("-pivotal" + (f"-elr{args.embedding_lr:g}" if args.embedding_lr else "")) if pivotal else ""
+
+    def dreambooth(data: Path, out: Path, prompt: str, token: str, captions: bool, pivotal: bool = False) -> Path:
+        settings = {**common, "data": str(data), "output": str(out), "instance_prompt": prompt, "token": token, "captions": captions,
+                    **pivot_settings(pivotal)}
         done = out / "adapter.safetensors"
         if done.is_file() and (out / "config.json").is_file():  # trained before with these settings: reuse
             import json
@@ -180,25 +199,29 @@ def main() -> None:
         style_ad: dict[str, object] = {}
         for shape in shapes:
             data = content_images(shape, work)
-            out = work / (("naive+captions" if method in SHARED else method) + seeded) / f"content-{shape}"
+            pivotal = method in SHARED and args.pivotal in ("content", "both")
+            out = work / (("naive+captions" if method in SHARED else method) + seeded + pivot_dir(pivotal)) / f"content-{shape}"
             if method in ("naive", *SHARED):
-                content_ad[shape] = dreambooth(data, out, "a {token} {class_noun}", "sks", method != "naive")
+                content_ad[shape] = dreambooth(data, out, "a {token} {class_noun}", "sks", method != "naive", pivotal)
             elif method == "blora":
                 content_ad[shape] = split(load_adapter(blora(data, out, "a sks shape") / "adapter.safetensors"), *BLOCKS["sdxl"])[0]
         for style in styles:
             data = style_images(style, work)
-            out = work / (("naive+captions" if method in SHARED else method) + seeded) / f"style-{style}"
+            pivotal = method in SHARED and args.pivotal in ("style", "both")
+            out = work / (("naive+captions" if method in SHARED else method) + seeded + pivot_dir(pivotal)) / f"style-{style}"
             if method in ("naive", *SHARED):
-                style_ad[style] = dreambooth(data, out, "a {class_noun}, zxy", "zxy", method != "naive")
+                style_ad[style] = dreambooth(data, out, "a {class_noun}, zxy", "zxy", method != "naive", pivotal)
             elif method == "blora":
                 style_ad[style] = split(load_adapter(blora(data, out, "a shape, zxy") / "adapter.safetensors"), *BLOCKS["sdxl"])[1]
         for shape, style in chosen:
             if method.startswith("content-style"):
-                run = work / (method + ("" if args.interplay == "present" else f"-{args.interplay}") + seeded) / f"{shape}-{style}"
+                pivotal = args.pivotal == "both"  # the decoupled trainer's two identifiers together
+                run = work / (method + ("" if args.interplay == "present" else f"-{args.interplay}") + seeded
+                              + pivot_dir(pivotal)) / f"{shape}-{style}"
                 train(ContentStyle(), build_config(ContentStyleConfig, {}, {
                     **common, "data": str(content_images(shape, work)), "style_data": str(style_images(style, work)),
                     "output": str(run), "orthogonal": method == "content-style", "style_lr_scale": args.style_lr_scale,
-                    "interplay": args.interplay}))
+                    "interplay": args.interplay, **pivot_settings(pivotal)}))
                 c, s = run / "content.safetensors", run / "style.safetensors"
             elif method == "ziplora":
                 run = work / (method + seeded) / f"{shape}-{style}"
@@ -215,7 +238,9 @@ def main() -> None:
             leaks_s.append(rate(sample([s]), lambda o: o.shape in style_shape_names))
             alone.append(rate(sample([s], own_shapes), lambda o, st=style: o.style == st))
             print(method, shape, style, cells[(shape, style)], leaks_c[-1], leaks_s[-1], alone[-1], flush=True)
-        results[method] = {"cells": cells, "leak_content": sum(leaks_c) / len(leaks_c), "leak_style": sum(leaks_s) / len(leaks_s),
+        pivoted = method in SHARED or (method.startswith("content-style") and args.pivotal == "both")
+        label = method + (f" (--pivotal {args.pivotal})" if args.pivotal != "none" and pivoted else "")
+        results[label] = {"cells": cells, "leak_content": sum(leaks_c) / len(leaks_c), "leak_style": sum(leaks_s) / len(leaks_s),
                            "alone": sum(alone) / len(alone)}
 
     summary = ["| method | shape acc | style acc | content adapter draws its images' stripes | style adapter draws its images' shapes"
@@ -229,7 +254,8 @@ def main() -> None:
     for shape, style in chosen:
         grid.append(f"| {shape} x {style} | " + " | ".join(
             f"{r['cells'][(shape, style)][0]:.1f} / {r['cells'][(shape, style)][1]:.1f}" for r in results.values()) + " |")
-    flags = "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k in ("model", "steps", "lr", "n", "zip_steps", "style_lr_scale", "interplay", "seed")
+    flags = "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k in ("model", "steps", "lr", "n", "zip_steps", "style_lr_scale", "interplay",
+                                                                            "pivotal", "embedding_lr", "seed")
                     if getattr(args, k) != parser.get_default(k))
     flags += f' --prompt "{args.prompt}"' if args.prompt != PROMPT else ""
     flags += " --cells " + " ".join(args.cells) if args.cells else ""

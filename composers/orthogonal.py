@@ -24,6 +24,7 @@ import torch
 from studio.composers.base import Composer, Concept
 
 from studio.adapters import Adapter, AdapterMeta, LoraWeights
+from studio.adapters.form import joined_embeddings
 
 
 def _inv_sqrt(m: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
@@ -95,7 +96,7 @@ def merge(adapters: list[Adapter], weights: list[float] | None = None, orthogona
                        trainer=f"merge:{'orthogonal' if orthogonalize else 'sum'}",
                        token=" ".join(a.meta.token for a in adapters if a.meta.token),
                        extra={"merged": [a.meta.to_dict() for a in adapters], "weights": list(weights)})
-    return Adapter(merged, meta)
+    return Adapter(merged, meta, joined_embeddings(adapters))
 
 
 class Orthogonal(Composer):

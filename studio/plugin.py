@@ -1,8 +1,9 @@
 """Attach studio adapters to a stock diffusers pipeline, change their weights, fuse, detach.
 
 Every targeted ``nn.Linear``/``nn.Conv2d`` is swapped for a :class:`LoraStack` that keeps the
-original module and adds ``sum_i weight_i * (alpha_i / rank_i) * up_i(down_i(x))``; detaching puts
-the original modules back, so the pipeline is exactly what it was. Composers (``studio.composers``)
+original module and adds ``sum_i weight_i * (alpha_i / rank_i) * up_i(down_i(x))``; an adapter's token
+embeddings (pivotal tuning) are added to the tokenizers and text encoders with diffusers' textual inversion
+loader. Detaching puts the original modules back and takes the tokens out, so the pipeline is exactly what it was. Composers (``studio.composers``)
 set a stack's ``router`` to gate each adapter per token or region; ``compose``/``composing`` are
 re-exported here for plugin users.
 
@@ -16,7 +17,7 @@ re-exported here for plugin users.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -156,6 +157,7 @@ class Attached:
 
     names: list[str]
     stacks: dict[str, LoraStack]  # canonical module name -> the stack installed there
+    tokens: dict[str, list[str]] = field(default_factory=dict)  # adapter name -> the tokens its embeddings added
 
 
 def _check_weight(weight: float, what: str) -> float:
@@ -272,9 +274,15 @@ def attach(pipe, adapters: list, weights: list[float] | None = None, names: list
         what = str(item) if isinstance(item, (str, Path)) else f"adapter {i}"
         adapter = load_adapter(item) if isinstance(item, (str, Path)) else item
         check_base(pipe, adapter, what)
-        name = (names[i] if names else None) or (Path(item).stem if isinstance(item, (str, Path)) else f"adapter{len(handle.names)}")
-        if name in handle.names:
+        given = names[i] if names else None
+        name = given or (Path(item).stem if isinstance(item, (str, Path)) else f"adapter{len(handle.names) + i}")
+        taken = set(handle.names) | {n for n, _, _ in loaded}
+        if given and name in taken:
             raise ValueError(f"an adapter named {name!r} is already attached")
+        stem, k = name, 1
+        while name in taken:  # files of the same name (run folders' adapter.safetensors): numbered
+            k += 1
+            name = f"{stem}-{k}"
         weight = block_scales(pipe.unet, weights[i], what) if isinstance(weights[i], dict) else _check_weight(weights[i], what)
         loaded.append((name, adapter, weight))
     # check every target before changing anything, so a bad adapter leaves the pipeline as it was
@@ -292,6 +300,7 @@ def attach(pipe, adapters: list, weights: list[float] | None = None, names: list
                 raise ValueError(f"adapter {name!r} does not fit {canonical}: its update is {lora.shape},"
                                  f" the layer's weight {tuple(module.weight.shape)} (another base model?)")
             targets[canonical] = module
+    _check_embeddings(pipe, handle, loaded)
     if handle.stacks:
         unfuse(pipe)
     for name, adapter, weight in loaded:
@@ -304,8 +313,69 @@ def attach(pipe, adapters: list, weights: list[float] | None = None, names: list
                 handle.stacks[canonical] = stack
             stack.add(name, lora.down, lora.up, lora.scale, block_weight(weight, canonical) if isinstance(weight, dict) else weight)
         handle.names.append(name)
+        if adapter.embeddings:
+            handle.tokens[name] = _load_embeddings(pipe, adapter.embeddings)
     pipe._studio_attached = handle
     return handle
+
+
+def _token_names(token: str, vectors: torch.Tensor) -> list[str]:
+    """The tokens diffusers' ``load_textual_inversion`` adds for an embedding of ``len(vectors)`` vectors."""
+    return [token] + [f"{token}_{i}" for i in range(1, len(vectors))]
+
+
+def _check_embeddings(pipe, handle: Attached, loaded: list) -> None:
+    """Refuse, before anything changes, token embeddings the pipeline cannot take: a text encoder it lacks, another
+    width, a token already in its vocabulary or given by another adapter."""
+    seen = {t: n for n, tokens in handle.tokens.items() for t in tokens}
+    for name, adapter, _ in loaded:
+        for token, per in adapter.embeddings.items():
+            if token in seen:
+                raise ValueError(f"adapters {seen[token]!r} and {name!r} both embed the token {token!r}; attach one of"
+                                 " them, or retrain one with another --token")
+            for component, vectors in per.items():
+                encoder, tokenizer = getattr(pipe, component, None), getattr(pipe, component.replace("text_encoder", "tokenizer"), None)
+                if encoder is None or tokenizer is None:
+                    raise ValueError(f"adapter {name!r} embeds {token!r} for {component}, which this pipeline does not have")
+                width = encoder.get_input_embeddings().weight.shape[1]
+                if vectors.shape[1] != width:
+                    raise ValueError(f"adapter {name!r} embeds {token!r} for {component} in width {vectors.shape[1]}, but"
+                                     f" that encoder's embeddings are {width} wide (another base model?)")
+                taken = [t for t in _token_names(token, vectors) if t in tokenizer.get_vocab()]
+                if taken:
+                    raise ValueError(f"adapter {name!r} embeds {token!r}, but {', '.join(taken)} is already a token of"
+                                     f" this pipeline's {component.replace('text_encoder', 'tokenizer')}")
+            seen[token] = name
+    if seen and not hasattr(pipe, "load_textual_inversion"):
+        raise ValueError(f"{type(pipe).__name__} cannot load token embeddings (no load_textual_inversion); the adapters"
+                         f" embedding {', '.join(sorted(seen))} need a pipeline with diffusers' textual inversion loader")
+
+
+def _load_embeddings(pipe, embeddings: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+    """Add each token and its embedding to the tokenizer and text encoder they are for (diffusers' textual inversion
+    loader); returns the tokens added."""
+    added = []
+    for token, per in embeddings.items():
+        for component, vectors in per.items():
+            encoder = getattr(pipe, component)
+            weight = encoder.get_input_embeddings().weight
+            pipe.load_textual_inversion(vectors.to(weight.device, weight.dtype), token=token, text_encoder=encoder,
+                                        tokenizer=getattr(pipe, component.replace("text_encoder", "tokenizer")))
+        added += _token_names(token, next(iter(per.values())))
+    return added
+
+
+def _unload_embeddings(pipe, tokens: list[str]) -> None:
+    """Take ``tokens`` out of every tokenizer and text encoder that has them."""
+    for component in ("text_encoder", "text_encoder_2"):
+        encoder, tokenizer = getattr(pipe, component, None), getattr(pipe, component.replace("text_encoder", "tokenizer"), None)
+        if encoder is None or tokenizer is None:
+            continue
+        present = [t for t in tokens if t in tokenizer.get_vocab()]
+        if present:
+            device, dtype = encoder.get_input_embeddings().weight.device, encoder.get_input_embeddings().weight.dtype
+            pipe.unload_textual_inversion(present, tokenizer=tokenizer, text_encoder=encoder)
+            encoder.get_input_embeddings().to(device, dtype)
 
 
 def _put(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -351,6 +421,7 @@ def detach(pipe) -> None:
     unfuse(pipe)
     for canonical, stack in handle.stacks.items():
         _put(getattr(pipe, canonical.partition(".")[0]), stack.path, stack.base)
+    _unload_embeddings(pipe, [t for tokens in handle.tokens.values() for t in tokens])
     pipe._studio_attached = None
 
 
@@ -372,6 +443,7 @@ def remove(pipe, names: list[str]) -> None:
         stack.ups = nn.ModuleList([stack.ups[i] for i in keep])
         for attr in ("names", "scales", "weights"):
             setattr(stack, attr, [getattr(stack, attr)[i] for i in keep])
+    _unload_embeddings(pipe, [t for n in names for t in handle.tokens.pop(n, [])])
     handle.names = [n for n in handle.names if n not in names]
     if not handle.names:
         pipe._studio_attached = None

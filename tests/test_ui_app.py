@@ -124,6 +124,7 @@ def test_train_an_adapter_and_generate_with_it(page, server, images, shots):
     page.locator("#random-flip input").check()
     page.locator("#class-prompts input").check()
     page.locator("#masked-loss input").check()
+    page.locator("#pivotal input").check()
     _choose(page, "save-precision", "fp16")
     page.click("#start-training")
 
@@ -148,7 +149,7 @@ def test_train_an_adapter_and_generate_with_it(page, server, images, shots):
     assert config["steps"] == 40 and config["token"] == "sks" and config["random_flip"] is True
     assert config["save_precision"] == "fp16" and config["class_prompts"] == "captions"
     assert config["prior_preservation"] is True  # the quick preset's is off; the box turns it on
-    assert config["masked_loss"] is True
+    assert config["masked_loss"] is True and config["pivotal"] is True
     page.screenshot(path=str(shots / "train.png"), full_page=True)
 
     _tab(page, "Library")
@@ -166,6 +167,14 @@ def test_train_an_adapter_and_generate_with_it(page, server, images, shots):
     assert {str(w.up.dtype) for w in trained.modules.values()} == {"torch.float16"}
     assert trained.meta.dataset["masked_loss"] == 0.0
     assert trained.meta.dataset["class_prompts"] == ["a shape"]  # uncaptioned images: their prompt without the token
+    # pivotal tuning: the token's embeddings came into the library beside the adapter, and went into its resized copy
+    import torch
+    from studio.ui.workspace import Workspace
+
+    assert set(trained.embeddings) == {"sks"} and set(trained.embeddings["sks"]) == {"text_encoder", "text_encoder_2"}
+    assert torch.equal(load_adapter(server["data"] / "adapters" / "star-r2.safetensors").embeddings["sks"]["text_encoder"],
+                       trained.embeddings["sks"]["text_encoder"])
+    assert "star_emb" not in {row["name"] for row in Workspace(server["data"]).adapters()}
 
     _tab(page, "Generate")
     _choose(page, "slot-1-adapter", "star")

@@ -48,6 +48,8 @@ class BLoRAConfig(DreamBoothConfig):
         super().check()
         if self.train_text_encoder:
             raise ValueError("--train-text-encoder: B-LoRA trains only the two UNet blocks")
+        if self.pivotal:
+            raise ValueError("--pivotal: B-LoRA trains only the two UNet blocks (its parts carry no token embedding)")
         if self.content_block and self.content_block == self.style_block:
             raise ValueError(
                 f"--content-block and --style-block are both {self.content_block!r}; give two different blocks"

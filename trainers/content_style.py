@@ -104,6 +104,12 @@ class ContentStyleConfig(DreamBoothConfig):
             raise ValueError(f"--token and --style-token are both {self.token!r}; give two different identifiers")
         if self.train_text_encoder:
             raise ValueError("--train-text-encoder is not supported by the content-style trainer")
+        if self.pivotal and self.content_adapter:
+            raise ValueError("--pivotal trains the identifiers' embeddings with the adapters; the ZipLoRA merge"
+                             " (--content-adapter/--style-adapter) trains merge coefficients only")
+        if self.pivotal and (len(self.style_token.split()) != 1 or "." in self.style_token):
+            raise ValueError(f"--pivotal makes --style-token one new token, so it must be one word without dots; got"
+                             f" {self.style_token!r}")
         if self.adapter != "lora":
             raise ValueError("--adapter: the content-style trainer trains LoRA pairs (use --orthogonal to fix the downs)")
         if self.attention_loss:
@@ -269,9 +275,14 @@ class ContentStyle(DreamBooth):
         ctx.store["style"] = self._buckets(ctx, images, captions)
         ctx.store["prompts"]["style"] = prompt
         ctx.store["style_files"] = [f.relative_to(cfg.style_data).as_posix() for f in files]
-        with torch.no_grad():
-            ctx.store["cond"].update({p: _encode(ctx.pipe, [p]) for p in bucket_prompts(ctx.store["style"]) - set(ctx.store["cond"])})
+        if "cond" in ctx.store:  # cached prompts (not with --pivotal: the encoders then run every step)
+            with torch.no_grad():
+                ctx.store["cond"].update({p: _encode(ctx.pipe, [p]) for p in bucket_prompts(ctx.store["style"]) - set(ctx.store["cond"])})
         ctx.store["router"] = Router()
+
+    @staticmethod
+    def identifiers(cfg: ContentStyleConfig) -> list[str]:
+        return [cfg.token, cfg.style_token]
 
     def inject(self, ctx: Context, targets: dict[str, list[str]], rank: int, alpha: float) -> list[torch.nn.Parameter]:
         cfg: ContentStyleConfig = ctx.cfg
@@ -307,6 +318,9 @@ class ContentStyle(DreamBooth):
         loaded = {"content": load_adapter(cfg.content_adapter), "style": load_adapter(cfg.style_adapter)}
         for role, path in (("content", cfg.content_adapter), ("style", cfg.style_adapter)):
             check_base(ctx.pipe, loaded[role], f"--{role}-adapter {path}")
+            if loaded[role].embeddings:
+                raise ValueError(f"--{role}-adapter {path} carries token embeddings (trained with --pivotal); the ZipLoRA"
+                                 " merge here takes adapters without them")
             others = [k for k in loaded[role].modules if not k.startswith("unet.")]
             if others:
                 raise ValueError(f"--{role}-adapter {path} has LoRA outside the UNet ({others[0]}, {len(others)} in all);"
@@ -414,7 +428,10 @@ class ContentStyle(DreamBooth):
         for role in ROLES:
             meta = copy.deepcopy(adapter.meta)
             meta.extra["part"] = role
-            save_adapter(Adapter(ctx.store["parts"][role], meta), out.with_name(f"{role}.safetensors"), dtype=ctx.cfg.save_precision)
+            token = ctx.cfg.token if role == "content" else ctx.cfg.style_token  # each part keeps its own token's embedding
+            kept = {token: adapter.embeddings[token]} if token in adapter.embeddings else {}
+            save_adapter(Adapter(ctx.store["parts"][role], meta, kept), out.with_name(f"{role}.safetensors"),
+                         dtype=ctx.cfg.save_precision)
 
 
 command = command_from_config(

@@ -37,6 +37,7 @@ from studio.trainers.data import (
     without_token,
 )
 from studio.trainers.loop import Cancelled, Context, TrainConfig, _help, denoise_losses, shard, train
+from studio.trainers.pivotal import add_token
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -107,6 +108,16 @@ class DreamBoothConfig(TrainConfig):
     text_encoder_lr: float = field(
         default=0.0, metadata=_help("With --train-text-encoder: the text encoders' learning rate (diffusers' and kohya's"
                                     " --text_encoder_lr, e.g. 5e-6); 0: --lr."))
+    pivotal: bool = field(
+        default=False,
+        metadata=_help("Pivotal tuning (diffusers' advanced script's --train_text_encoder_ti): the identifier (--token)"
+                       " becomes a new token of its own in each tokenizer, and its embedding in each text encoder trains"
+                       " beside the LoRA; the embeddings are written beside the adapter (NAME_emb.safetensors, keys"
+                       " clip_l and clip_g as diffusers' script writes them) and the studio's loaders add the token when"
+                       " they attach the adapter."),
+    )
+    embedding_lr: float = field(
+        default=0.0, metadata=_help("With --pivotal: the token embeddings' learning rate; 0: --lr."))
     lora_layers: str = field(
         default=",".join(UNET_TARGETS),
         metadata=_help("The UNet layers that get LoRA: module name endings, comma-separated (as diffusers' --lora_layers);"
@@ -162,6 +173,12 @@ class DreamBoothConfig(TrainConfig):
             raise ValueError(f"--text-encoder-lr must be 0 (= --lr) or positive, got {self.text_encoder_lr:g}")
         if self.text_encoder_lr and not self.train_text_encoder:
             raise ValueError("--text-encoder-lr needs --train-text-encoder (the text encoders get no LoRA without it)")
+        if self.embedding_lr < 0:
+            raise ValueError(f"--embedding-lr must be 0 (= --lr) or positive, got {self.embedding_lr:g}")
+        if self.embedding_lr and not self.pivotal:
+            raise ValueError("--embedding-lr is the token embeddings' rate under --pivotal; add --pivotal")
+        if self.pivotal and (not self.token.strip() or len(self.token.split()) != 1 or "." in self.token):
+            raise ValueError(f"--pivotal makes --token one new token, so it must be one word without dots; got {self.token!r}")
         if not 0 <= self.mask_min_value <= 1:
             raise ValueError(f"--mask-min-value must be between 0 and 1, got {self.mask_min_value:g}")
         if self.mask_min_value and not self.masked_loss:
@@ -245,6 +262,8 @@ class DreamBooth:
     def prepare(self, ctx: Context) -> None:
         cfg: DreamBoothConfig = ctx.cfg
         pipe = ctx.pipe
+        if cfg.pivotal:  # before any prompt is tokenized: each identifier is one token from here on
+            ctx.store["pivotal"] = {t: add_token(pipe, t) for t in self.identifiers(cfg)}
         images, files = load_images(cfg.data, ctx.resolution, ctx.size_multiple if cfg.aspect_buckets else 0)
         prompt = self.instance_prompt(cfg)
         captions = [(im.caption if cfg.captions and im.caption else prompt) for im in images]
@@ -269,7 +288,7 @@ class DreamBooth:
         ctx.store["prompts"] = {"instance": prompt, "class": f"a {cfg.class_noun}"}
         if cfg.prior_preservation:
             self._prior(ctx, captions)
-        if not cfg.train_text_encoder:
+        if not cfg.train_text_encoder and not cfg.pivotal:  # the prompts' conditioning does not change: cache it
             with torch.no_grad():
                 texts = ({*bucket_prompts(ctx.store["instance"]), *ctx.store["prompts"].values(), *ctx.store.get("class_prompts", ())}
                          | ({""} if cfg.caption_dropout else set()))
@@ -291,6 +310,11 @@ class DreamBooth:
             else:
                 out.append(Bucket(self._latents(ctx.pipe, chosen), ids, texts, repeats=repeats))
         return out
+
+    @staticmethod
+    def identifiers(cfg: DreamBoothConfig) -> list[str]:
+        """The identifier tokens this trainer's prompts carry (``--pivotal`` gives each a learned embedding)."""
+        return [cfg.token]
 
     @staticmethod
     def instance_prompt(cfg: DreamBoothConfig) -> str:

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import torch
 from studio.kernels import lora as kernels_lora
 from studio.trainers.attention import trainable_lora, use_training_attention
+from studio.trainers.pivotal import embeddings
 from tqdm.auto import tqdm
 
 from studio.adapters import SAVE_DTYPES, Adapter, AdapterMeta, LoraWeights, save_adapter
@@ -501,6 +502,19 @@ def init_from_adapter(ctx: Context, components: list[str], path: str | Path) -> 
         with torch.no_grad():
             down.copy_(weights.down.to(down.dtype))
             up.copy_((weights.up.float() * (weights.scale / module.scaling["default"])).to(up.dtype))
+    pivotal = ctx.store.get("pivotal") or {}
+    if adapter.embeddings and not pivotal:
+        raise ValueError(f"{what} was trained with --pivotal (it embeds {', '.join(sorted(adapter.embeddings))}); add"
+                         " --pivotal, so that its tokens are read as it learned them")
+    for token, per in pivotal.items():  # the file's embeddings of this run's tokens are where they start
+        for component, param in per.items():
+            vectors = adapter.embeddings.get(token, {}).get(component)
+            if vectors is not None:
+                if vectors.shape != param.shape:
+                    raise ValueError(f"{what}: its embedding of {token!r} for {component} is {tuple(vectors.shape)}, this"
+                                     f" run's is {tuple(param.shape)}")
+                with torch.no_grad():
+                    param.copy_(vectors.to(param.dtype))
     return len(adapter.modules)
 
 
@@ -564,13 +578,24 @@ def adapter_at(trainer: Trainer, ctx: Context, components: list[str], step: int)
         meta.extra.update(init_adapter=Path(cfg.init_adapter).name)
     if cfg.ema_decay:
         meta.extra.update(ema_decay=cfg.ema_decay)
-    if hasattr(trainer, "extract"):
-        return trainer.extract(ctx, components, meta)
-    return extract_adapter(pipe, components, meta, clock)
+    pivotal = ctx.store.get("pivotal")
+    if pivotal:
+        meta.extra.update(pivotal=True)
+    adapter = trainer.extract(ctx, components, meta) if hasattr(trainer, "extract") else extract_adapter(pipe, components, meta, clock)
+    if pivotal:
+        adapter.embeddings = embeddings(pivotal)
+    return adapter
 
 
 def lora_state(pipe, components: list[str]) -> dict[str, torch.Tensor]:
     return {f"{c}.{n}": p for c in components for n, p in getattr(pipe, c).named_parameters() if "lora_" in n}
+
+
+def trained_state(ctx: Context, components: list[str]) -> dict[str, torch.Tensor]:
+    """Every trained tensor by name, as a checkpoint keeps it: the LoRA layers' and, with --pivotal, the tokens'
+    embeddings (``pivotal.TOKEN.text_encoder``, ``pivotal.TOKEN.text_encoder_2``)."""
+    pivotal = ctx.store.get("pivotal") or {}
+    return {**lora_state(ctx.pipe, components), **{f"pivotal.{t}.{c}": p for t, per in pivotal.items() for c, p in per.items()}}
 
 
 def shard(ctx: Context, n_global: int) -> slice:
@@ -879,6 +904,12 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
             raise ValueError(f"--loraplus-ratio {cfg.loraplus_ratio:g} needs LoRA up-projections to train; this run has"
                              " none (SingLoRA has one matrix per layer, ZipLoRA trains merge coefficients)")
         groups = scaled_groups(groups or [{"params": params, "lr_scale": 1.0}], ups, cfg.loraplus_ratio)
+    pivotal = ctx.store.get("pivotal")  # {token: its embedding per text encoder}: --pivotal
+    if pivotal:
+        embeds = [p for per in pivotal.values() for p in per.values()]
+        scale = (getattr(cfg, "embedding_lr", 0.0) or cfg.lr) / cfg.lr
+        groups = [*(groups or [{"params": params, "lr_scale": 1.0}]), {"params": embeds, "lr_scale": scale}]
+        params = [*params, *embeds]
     use_training_attention(pipe.unet)  # the UNet's attention with fused projections
     if hasattr(trainer, "after_inject"):  # e.g. DreamBooth's attention loss: a recorder in that attention
         trainer.after_inject(ctx)
@@ -890,15 +921,16 @@ def train(trainer: Trainer, cfg: TrainConfig) -> Path:
     ctx.store["unet"] = torch.compile(unet, backend=cfg.compile_backend) if cfg.compile else unet
     # LoRA on the text encoders is trained outside DDP's wrapper: average its gradients by hand
     te_grads = [p for c in components if c != "unet" for n, p in getattr(pipe, c).named_parameters() if "lora_" in n]
+    te_grads += embeds if pivotal else []
     ema = EMA(params, cfg.ema_decay) if cfg.ema_decay else None
     averaged = ema.applied if ema else contextlib.nullcontext  # what the adapter and validation images are made with
 
     def kept() -> dict[str, dict[str, torch.Tensor]]:  # the checkpoint's tensors
-        return {"lora": lora_state(pipe, components), **({"ema": ema.state()} if ema else {})}
+        return {"lora": trained_state(ctx, components), **({"ema": ema.state()} if ema else {})}
 
     start = 0
     if resume_from is not None:
-        holder = {"lora": _Holder(lora_state(pipe, components))}
+        holder = {"lora": _Holder(trained_state(ctx, components))}
         if ema:
             if not (resume_from / "ema.safetensors").is_file():
                 raise ValueError(f"--ema-decay {cfg.ema_decay:g}: checkpoint {resume_from} holds no moving average (its"

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from studio.adapters.files import EMB_SUFFIX, embeddings_path
 from studio.families import EMBEDDED_MODEL
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -310,10 +311,14 @@ class Workspace:
         added, new = [], False
         previews = sorted((run_dir / "validation").glob("step-*.png"))
         for src in sorted(run_dir.glob("*.safetensors")):
+            if src.name.endswith(EMB_SUFFIX):  # an adapter's token embeddings: copied with it
+                continue
             stem = name if src.stem == "adapter" else f"{name}-{src.stem}"
             dest = self.path("adapters", f"{stem}.safetensors")
             if not dest.exists() and not (run_dir / ".collected").exists():
                 new = True
+                if embeddings_path(src).is_file():
+                    _atomic_copy(embeddings_path(src), embeddings_path(dest))
                 _atomic_copy(src, dest)
                 if previews:
                     _atomic_copy(previews[-1], dest.with_suffix(".png"))
@@ -326,6 +331,8 @@ class Workspace:
     def adapters(self) -> list[dict[str, Any]]:
         rows = []
         for p in sorted((self.root / "adapters").glob("*.safetensors")):
+            if p.name.endswith(EMB_SUFFIX):
+                continue
             rows.append({"name": p.stem, **self.adapter_meta(p.stem)})
         return rows
 
@@ -355,6 +362,8 @@ class Workspace:
         dest = self.path("adapters", f"{new}.safetensors")
         if dest.exists():
             raise InputError(f"an adapter named {new!r} is already in the library")
+        if embeddings_path(src).is_file():
+            embeddings_path(src).rename(embeddings_path(dest))
         src.rename(dest)
         if src.with_suffix(".png").is_file():
             src.with_suffix(".png").rename(dest.with_suffix(".png"))
@@ -363,6 +372,7 @@ class Workspace:
     def delete(self, name: str) -> None:
         src = self.adapter_file(name)
         src.with_suffix(".png").unlink(missing_ok=True)
+        embeddings_path(src).unlink(missing_ok=True)
         src.unlink()
 
     def export(self, name: str, layout: str) -> Path:

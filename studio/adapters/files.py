@@ -29,6 +29,54 @@ STUDIO_KEY = "studio"  # header key holding AdapterMeta as JSON
 PEFT_KEY = "lora_adapter_metadata"  # header key diffusers' load_lora_weights reads LoraConfig kwargs from
 _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 _KOHYA_BASE = {"sdxl": "sdxl_base_v1-0", "sd15": "sd_v1"}
+# pivotal tuning's token embeddings: written beside the adapter, in NAME_emb.safetensors, as diffusers' advanced
+# DreamBooth script writes them (``clip_l``, ``clip_g``: one token's vectors for each encoder; its name in the header),
+# so the LoRA file stays one that stock loaders take (diffusers refuses a LoRA file with other keys); several tokens
+# (a merged adapter) are keyed ``TOKEN.clip_l``. Read also from kohya/A1111 files that bundle them:
+# ``bundle_emb.TOKEN.clip_l`` / ``.clip_g``, ``bundle_emb.TOKEN.string_to_param.*`` for SD1.x.
+BUNDLE = "bundle_emb."
+EMB_SUFFIX = "_emb.safetensors"
+_ENCODER_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
+_BUNDLE_NAMES = {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "string_to_param.*": "text_encoder"}
+
+
+def embeddings_path(path: str | Path) -> Path:
+    """Where the token embeddings of the adapter file ``path`` are kept: ``NAME_emb.safetensors`` beside it."""
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".safetensors") + EMB_SUFFIX)
+
+
+def _embedding_tensors(embeddings: dict[str, dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if len(embeddings) == 1:
+        (token, per), = embeddings.items()
+        return {_ENCODER_KEYS[c]: v for c, v in per.items()}, {"token": token}
+    return ({f"{t}.{_ENCODER_KEYS[c]}": v for t, per in embeddings.items() for c, v in per.items()},
+            {"tokens": json.dumps(sorted(embeddings))})
+
+
+def _read_embeddings(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    header, tensors = _header(path), load_file(str(path))
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        token, _, encoder = key.rpartition(".")
+        token = token or header.get("token", "")
+        if encoder not in ("clip_l", "clip_g") or not token:
+            raise ValueError(f"{path}: key {key!r} is not a token embedding (clip_l, clip_g, or TOKEN.clip_l with"
+                             " several tokens; one token is named in the header)")
+        out.setdefault(token, {})[_BUNDLE_NAMES[encoder]] = value if value.ndim == 2 else value.reshape(-1, value.shape[-1])
+    return out
+
+
+def _split_bundles(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Take the bundled embeddings out of ``tensors``: ``{token: {component: (vectors, width)}}``."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key in [k for k in tensors if k.startswith(BUNDLE)]:
+        token, _, rest = key[len(BUNDLE):].partition(".")
+        if rest not in _BUNDLE_NAMES:
+            raise ValueError(f"unexpected key {key!r}: a bundled embedding is {BUNDLE}TOKEN.clip_l, .clip_g or .string_to_param.*")
+        value = tensors.pop(key)
+        out.setdefault(token, {})[_BUNDLE_NAMES[rest]] = value if value.ndim == 2 else value.reshape(-1, value.shape[-1])
+    return out
 
 
 def family_layout(family: str) -> UNetLayout:
@@ -142,8 +190,11 @@ def load_adapter(path: str | Path) -> Adapter:
         raise ValueError(f"{path}: adapter files must be .safetensors (or a PEFT folder)")
     header = _header(path)
     tensors = load_file(str(path))
+    embeddings = _split_bundles(tensors)
     if not tensors:
-        raise ValueError(f"{path}: holds no tensors")
+        raise ValueError(f"{path}: holds no LoRA tensors")
+    if embeddings_path(path).is_file():
+        embeddings.update(_read_embeddings(embeddings_path(path)))
     family = _detect_family(header, list(tensors))
     meta = AdapterMeta.from_dict(json.loads(header[STUDIO_KEY])) if STUDIO_KEY in header else AdapterMeta(family=family)
     if any(k.startswith("lora_") for k in tensors):
@@ -152,7 +203,10 @@ def load_adapter(path: str | Path) -> Adapter:
         flat = json.loads(header.get(PEFT_KEY, "{}"))
         configs = {c: {k[len(c) + 1:]: v for k, v in flat.items() if k.startswith(c + ".")} for c in COMPONENTS}
         modules = _from_diffusers(tensors, configs)
-    return Adapter(modules, meta)
+    if meta.extra.get("pivotal") and not embeddings:
+        raise ValueError(f"{path} was trained with --pivotal, but its token embeddings ({embeddings_path(path).name}, kept"
+                         " beside it) are missing; copy that file next to it")
+    return Adapter(modules, meta, embeddings)
 
 
 def _load_peft_folder(folder: Path) -> Adapter:
@@ -239,5 +293,13 @@ def save_adapter(adapter: Adapter, path: str | Path, layout: str = "diffusers", 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=header)
+    side = embeddings_path(path)
+    if adapter.embeddings:  # both files written whole before either replaces what was there
+        vectors, side_header = _embedding_tensors(adapter.embeddings)
+        side_tmp = side.with_name(side.name + ".tmp")
+        save_file({k: v.contiguous() for k, v in vectors.items()}, str(side_tmp), metadata=side_header)
+        side_tmp.replace(side)
+    else:  # an earlier adapter's embeddings must not be read with this one
+        side.unlink(missing_ok=True)
     tmp.replace(path)
     return path

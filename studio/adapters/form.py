@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 KINDS = ("lora",)  # every kind we write must be expressible as a plain LoRA on disk
 
 
@@ -103,15 +104,25 @@ class AdapterMeta:
 
 @dataclass
 class Adapter:
-    """Low-rank weights per canonical module name, plus metadata."""
+    """Low-rank weights per canonical module name, plus metadata and, from pivotal tuning, token embeddings:
+    ``embeddings[token][text encoder component]`` is the ``(vectors, width)`` input embedding of the token in that
+    encoder (one vector per token as the studio trains them)."""
 
     modules: dict[str, LoraWeights]
     meta: AdapterMeta = field(default_factory=AdapterMeta)
+    embeddings: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in self.modules:
             if name.split(".", 1)[0] not in COMPONENTS:
                 raise ValueError(f"adapter module {name!r} names no pipeline component; expected one of {COMPONENTS}")
+        for token, per in self.embeddings.items():
+            if not token or any(c in token for c in ". \t\n"):
+                raise ValueError(f"embedded token {token!r} must be one word without dots")
+            for component, vectors in per.items():
+                if component not in TEXT_ENCODERS or vectors.ndim != 2:
+                    raise ValueError(f"the embedding of {token!r} for {component!r} must be a (vectors, width) tensor of"
+                                     f" one of {', '.join(TEXT_ENCODERS)}")
         if not self.meta.rank and self.modules:
             self.meta.rank = max(w.rank for w in self.modules.values())
 
@@ -123,6 +134,20 @@ class Adapter:
     @property
     def components(self) -> list[str]:
         return [c for c in COMPONENTS if any(k.startswith(c + ".") for k in self.modules)]
+
+
+def joined_embeddings(adapters: list[Adapter]) -> dict[str, dict[str, torch.Tensor]]:
+    """The token embeddings of several adapters together (an adapter merged from them keeps every token); refuses a
+    token two of them embed differently, naming it."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for a in adapters:
+        for token, per in a.embeddings.items():
+            if token in out and (out[token].keys() != per.keys()
+                                 or any(not torch.equal(out[token][c], per[c]) for c in per)):
+                raise ValueError(f"two adapters embed the token {token!r} differently; one merged adapter can keep only"
+                                 " one embedding per token (retrain one with another --token)")
+            out[token] = per
+    return out
 
 
 # transformers 5 dropped the ``text_model`` level from ``CLIPTextModel`` (not from the model with a

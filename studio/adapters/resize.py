@@ -86,4 +86,4 @@ def resize(adapter: Adapter, rank: int, fro: float | None = None) -> tuple[Adapt
                "min_kept": round(min(shares), 6), "mean_kept": round(sum(shares) / len(shares), 6)}
     extra = {**adapter.meta.extra, "resized": {**summary, **({"fro": fro} if fro is not None else {})}}
     meta = dataclasses.replace(adapter.meta, rank=max(ranks), extra=extra)
-    return Adapter(modules, meta), summary
+    return Adapter(modules, meta, adapter.embeddings), summary
