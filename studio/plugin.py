@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from studio.adapters import Adapter, load_adapter
-from studio.adapters.form import module_path
+from studio.adapters.form import TEXT_ENCODERS, module_path, tokenizer_of
 from studio.kernels.lora import GatedPlan, LinearPlan, Packed, TokenGates, multi_lora_linear, plan_fits
 
 WEIGHT_RANGE = (-2.0, 2.0)
@@ -334,7 +334,7 @@ def _check_embeddings(pipe, handle: Attached, loaded: list) -> None:
                 raise ValueError(f"adapters {seen[token]!r} and {name!r} both embed the token {token!r}; attach one of"
                                  " them, or retrain one with another --token")
             for component, vectors in per.items():
-                encoder, tokenizer = getattr(pipe, component, None), getattr(pipe, component.replace("text_encoder", "tokenizer"), None)
+                encoder, tokenizer = getattr(pipe, component, None), getattr(pipe, tokenizer_of(component), None)
                 if encoder is None or tokenizer is None:
                     raise ValueError(f"adapter {name!r} embeds {token!r} for {component}, which this pipeline does not have")
                 width = encoder.get_input_embeddings().weight.shape[1]
@@ -344,7 +344,7 @@ def _check_embeddings(pipe, handle: Attached, loaded: list) -> None:
                 taken = [t for t in _token_names(token, vectors) if t in tokenizer.get_vocab()]
                 if taken:
                     raise ValueError(f"adapter {name!r} embeds {token!r}, but {', '.join(taken)} is already a token of"
-                                     f" this pipeline's {component.replace('text_encoder', 'tokenizer')}")
+                                     f" this pipeline's {tokenizer_of(component)}")
             seen[token] = name
     if seen and not hasattr(pipe, "load_textual_inversion"):
         raise ValueError(f"{type(pipe).__name__} cannot load token embeddings (no load_textual_inversion); the adapters"
@@ -360,15 +360,15 @@ def _load_embeddings(pipe, embeddings: dict[str, dict[str, torch.Tensor]]) -> li
             encoder = getattr(pipe, component)
             weight = encoder.get_input_embeddings().weight
             pipe.load_textual_inversion(vectors.to(weight.device, weight.dtype), token=token, text_encoder=encoder,
-                                        tokenizer=getattr(pipe, component.replace("text_encoder", "tokenizer")))
+                                        tokenizer=getattr(pipe, tokenizer_of(component)))
         added += _token_names(token, next(iter(per.values())))
     return added
 
 
 def _unload_embeddings(pipe, tokens: list[str]) -> None:
     """Take ``tokens`` out of every tokenizer and text encoder that has them."""
-    for component in ("text_encoder", "text_encoder_2"):
-        encoder, tokenizer = getattr(pipe, component, None), getattr(pipe, component.replace("text_encoder", "tokenizer"), None)
+    for component in TEXT_ENCODERS:
+        encoder, tokenizer = getattr(pipe, component, None), getattr(pipe, tokenizer_of(component), None)
         if encoder is None or tokenizer is None:
             continue
         present = [t for t in tokens if t in tokenizer.get_vocab()]

@@ -9,12 +9,12 @@ from safetensors.torch import load_file, save_file
 from studio.trainers.config import build_config
 from studio.trainers.dreambooth import DreamBooth, DreamBoothConfig, _encode
 from studio.trainers.loop import train
-from studio.trainers.pivotal import add_token, tokenizer_of
+from studio.trainers.pivotal import add_token
 from test_dreambooth import star_folder
 
 from studio.adapters import Adapter, load_adapter, save_adapter
 from studio.adapters.files import embeddings_path
-from studio.adapters.form import TEXT_ENCODERS, joined_embeddings
+from studio.adapters.form import TEXT_ENCODERS, joined_embeddings, tokenizer_of
 from studio.families import load_pipeline
 from studio.plugin import attach, detach
 from studio.sampling import generate

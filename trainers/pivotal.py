@@ -25,12 +25,7 @@ from functools import partial
 
 import torch
 
-from studio.adapters.form import TEXT_ENCODERS
-
-
-def tokenizer_of(component: str) -> str:
-    """The pipeline attribute of the tokenizer that feeds the text encoder ``component``."""
-    return component.replace("text_encoder", "tokenizer")
+from studio.adapters.form import TEXT_ENCODERS, tokenizer_of
 
 
 def _put_embedding(token_id: int, vector: torch.nn.Parameter, module, args, out: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,11 @@ def _embedding_tensors(embeddings: dict[str, dict[str, torch.Tensor]]) -> tuple[
             {"tokens": json.dumps(sorted(embeddings))})
 
 
+def _vectors(value: torch.Tensor) -> torch.Tensor:
+    """An embedding as ``(vectors, width)`` (A1111's files may hold one vector as ``(width,)``)."""
+    return value if value.ndim == 2 else value.reshape(-1, value.shape[-1])
+
+
 def _read_embeddings(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     header, tensors = _header(path), load_file(str(path))
     out: dict[str, dict[str, torch.Tensor]] = {}
@@ -63,7 +68,7 @@ def _read_embeddings(path: Path) -> dict[str, dict[str, torch.Tensor]]:
         if encoder not in ("clip_l", "clip_g") or not token:
             raise ValueError(f"{path}: key {key!r} is not a token embedding (clip_l, clip_g, or TOKEN.clip_l with"
                              " several tokens; one token is named in the header)")
-        out.setdefault(token, {})[_BUNDLE_NAMES[encoder]] = value if value.ndim == 2 else value.reshape(-1, value.shape[-1])
+        out.setdefault(token, {})[_BUNDLE_NAMES[encoder]] = _vectors(value)
     return out
 
 
@@ -74,8 +79,7 @@ def _split_bundles(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torc
         token, _, rest = key[len(BUNDLE):].partition(".")
         if rest not in _BUNDLE_NAMES:
             raise ValueError(f"unexpected key {key!r}: a bundled embedding is {BUNDLE}TOKEN.clip_l, .clip_g or .string_to_param.*")
-        value = tensors.pop(key)
-        out.setdefault(token, {})[_BUNDLE_NAMES[rest]] = value if value.ndim == 2 else value.reshape(-1, value.shape[-1])
+        out.setdefault(token, {})[_BUNDLE_NAMES[rest]] = _vectors(tensors.pop(key))
     return out
 
 

@@ -26,6 +26,13 @@ import torch
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+def tokenizer_of(component: str) -> str:
+    """The pipeline attribute of the tokenizer that feeds the text encoder ``component``."""
+    return component.replace("text_encoder", "tokenizer")
+
+
 KINDS = ("lora",)  # every kind we write must be expressible as a plain LoRA on disk
 
 
