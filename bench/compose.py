@@ -47,10 +47,12 @@ concepts' own images first; that time is not counted), ``orthogonal``. Not run b
 (CLoRA whose concepts, in a described composition, watch their colour word too: ``words`` "sks blue shape"
 instead of "sks shape"), ``clora-exclusive`` (CLoRA with each pixel of overlapping masks given to the concept
 whose normalised map is highest, instead of shared), ``clora-clause-exclusive`` (each concept's tokens widened to its
-clause's content words, "sks shape left", and each pixel given to one concept), ``clora-layout-prompt-half``.
+clause's content words, "sks shape left", and each pixel given to one concept), ``clora-layout-prompt-half``, ``clora-token`` (each concept watches its identifier alone, "sks", not the class
+noun: with ``--pivotal`` the identifier is one token of its own).
 ``--attention-loss W`` trains the
 subjects' adapters with that attention-loss weight (in their own ``--work`` folder) and writes its own section;
-so do ``--subject-steps N`` (the subjects' adapters trained N steps instead of the default) and ``--subjects A B C``
+so do ``--subject-steps N`` (the subjects' adapters trained N steps instead of the default), ``--pivotal`` (the
+subjects' adapters trained with pivotal tuning: each identifier one new token with a learned embedding) and ``--subjects A B C``
 (three other held-out shapes in the roles of star, heart and cross; ``--subjects crescent heart cross``).
 
     python bench/compose.py                       # all methods, 20 seeds
@@ -93,6 +95,7 @@ VARIANTS = {  # method name in the table -> (composer, options)
     "clora-clause": ("clora", {"clause_words": True}),
     "clora-exclusive": ("clora", {"exclusive": True}),  # each pixel to one concept: the highest normalised map
     "clora-colour": ("clora", {}),  # its concepts' words take their colour where the prompt names one (below)
+    "clora-token": ("clora", {}),  # its concepts' words are their identifiers alone, without the class noun (below)
     "clora-clause-s200": ("clora", {"clause_words": True, "step_size": 200.0}),
     "clora-clause-exclusive": ("clora", {"clause_words": True, "exclusive": True}),
     "clora-layout": ("clora", {"layout": True}),
@@ -297,6 +300,9 @@ def main() -> None:
     parser.add_argument("--subject-steps", type=int, default=None,
                         help="train the subjects' adapters for this many steps instead of the default, in their own"
                              " --work folder")
+    parser.add_argument("--pivotal", action="store_true",
+                        help="train the subjects' adapters with --pivotal (each identifier one new token whose embedding"
+                             " trains beside the LoRA), in their own --work folder")
     parser.add_argument("--clora-step", type=float, default=None, help="CLoRA's latent step size (default: the composer's)")
     parser.add_argument("--compositions", nargs="*", default=None, metavar="NAME",
                         help="run only these compositions (by name, e.g. 'star + heart + cross, described'); the"
@@ -318,14 +324,15 @@ def main() -> None:
     bad = [m for m in args.methods if m not in METHODS and m not in VARIANTS]
     if bad:
         raise SystemExit(f"--methods: unknown {bad}; choose from {list(dict.fromkeys(METHODS + list(VARIANTS)))}")
-    if (args.attention_loss or args.subject_steps or args.train_text_encoder) and args.work == parser.get_default("work"):
-        raise SystemExit("--attention-loss, --subject-steps and --train-text-encoder train other adapters than the"
-                         " default: give them their own --work folder (the default one holds the default adapters)")
+    if (args.attention_loss or args.subject_steps or args.train_text_encoder or args.pivotal) and args.work == parser.get_default("work"):
+        raise SystemExit("--attention-loss, --subject-steps, --pivotal and --train-text-encoder train other adapters than"
+                         " the default: give them their own --work folder (the default one holds the default adapters)")
     torch.manual_seed(0)
     work = Path(args.work)
     files = train_concepts(work, {"train_text_encoder": True} if args.train_text_encoder else None,
                            {**({"attention_loss": args.attention_loss} if args.attention_loss else {}),
-                            **({"steps": args.subject_steps} if args.subject_steps else {})} or None)
+                            **({"steps": args.subject_steps} if args.subject_steps else {}),
+                            **({"pivotal": True} if args.pivotal else {})} or None)
     judge = load_judge()
     pipe = load_pipeline(EMBEDDED_MODEL)
     pipe.set_progress_bar_config(disable=True)
@@ -403,6 +410,8 @@ def main() -> None:
             if method == "clora-colour" and described:
                 used = [Concept.load(files[c], name=c, region=BOXES[p], words=f"{SUBJECTS[c][0]} {COLOURS[c]} shape")
                         for c, p in items]
+            elif method == "clora-token":
+                used = [Concept.load(files[c], name=c, region=BOXES[p], words=SUBJECTS[c][0]) for c, p in items] + concepts[len(items):]
             for start in range(0, args.seeds, 10):
                 images += compose(pipe, composer, prompt, used, seed=start, num=min(10, args.seeds - start),
                                   steps=args.steps, batch_size=10)
@@ -444,6 +453,7 @@ def main() -> None:
     flags += " --train-text-encoder" if args.train_text_encoder else ""
     flags += f" --attention-loss {args.attention_loss:g}" if args.attention_loss else ""
     flags += f" --subject-steps {args.subject_steps}" if args.subject_steps else ""
+    flags += " --pivotal" if args.pivotal else ""
     flags += f" --work {args.work}" if args.work != "runs/bench-compose" else ""
     custom = list(SUBJECTS) != list(DEFAULT_SUBJECTS)
     flags += f" --subjects {' '.join(SUBJECTS)}" if custom else ""
@@ -460,10 +470,11 @@ def main() -> None:
             for shape, (t, tpr, fpr) in calibration_described.items()) + ".")
     title = ("Composition: several concepts in one image" + (f" ({', '.join(SUBJECTS)})" if custom else "")
              + (", adapters trained with the attention loss" if args.attention_loss else "")
-             + (f", subjects' adapters trained {args.subject_steps} steps" if args.subject_steps else ""))
+             + (f", subjects' adapters trained {args.subject_steps} steps" if args.subject_steps else "")
+             + (", subjects' adapters with pivotal tuning" if args.pivotal else ""))
     text = (f"## {title}\n\nCommand: `python bench/compose.py{flags}` (revision "
             f"{git_revision()}; {machine()}). {args.seeds} seeds per composition and method, {args.steps} steps, guidance 5. "
-            f"Adapters: DreamBooth-LoRA, default settings ({defaults()}{'; plus LoRA on the text encoders' if args.train_text_encoder else ''}{f'; the subjects with --attention-loss {args.attention_loss:g}' if args.attention_loss else ''}{f'; the subjects {args.subject_steps} steps' if args.subject_steps else ''}), one per concept ({', '.join(f'{c} `{t}`' for c, (t, _) in SUBJECTS.items())}, {STYLE} "
+            f"Adapters: DreamBooth-LoRA, default settings ({defaults()}{'; plus LoRA on the text encoders' if args.train_text_encoder else ''}{f'; the subjects with --attention-loss {args.attention_loss:g}' if args.attention_loss else ''}{f'; the subjects {args.subject_steps} steps' if args.subject_steps else ''}{'; the subjects with --pivotal' if args.pivotal else ''}), one per concept ({', '.join(f'{c} `{t}`' for c, (t, _) in SUBJECTS.items())}, {STYLE} "
             f"style `zxy`), trained on {', '.join(f'{COLOURS[c]} {c}' + ('es' if c.endswith('s') else 's') for c in SUBJECTS)}. Regions (for lora-composer): boxes around each "
             f"object's place, {BOXES}; the style's box is its subject's.\n\n{head}{body}\n{summary}"
             "A subject is read two ways (a prompt never names its shape, and one named by token not its colour either: only its adapter can put them there). "
@@ -481,7 +492,8 @@ def main() -> None:
     if args.compositions is None:
         write_section("compose" + ("-" + "-".join(SUBJECTS) if custom else "")
                       + ("-attention-loss" if args.attention_loss else "")
-                      + (f"-steps{args.subject_steps}" if args.subject_steps else ""), text)
+                      + (f"-steps{args.subject_steps}" if args.subject_steps else "")
+                      + ("-pivotal" if args.pivotal else ""), text)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ download) against ``studio ui`` started as its own process, as a user would star
 
 The tests run in order against one server and one data folder: the first trains the adapter the
 later ones use. Screenshots of each tab go to ``$STUDIO_SCREENSHOTS`` (docs/screenshots for the
-README: ``STUDIO_SCREENSHOTS=docs/screenshots pytest tests/test_ui_browser.py``), else to a temp folder.
+README: ``STUDIO_SCREENSHOTS=docs/screenshots pytest tests/test_ui_app.py``), else to a temp folder.
 """
 
 from __future__ import annotations
@@ -198,14 +198,16 @@ def test_compose_two_adapters_in_drawn_regions(page, server, tmp_path, shots):
     from studio.adapters import load_adapter, save_adapter
 
     # a second concept, imported through the Library tab: the star adapter under another token
+    # the star was trained with pivotal tuning: its copy comes as two files, the LoRA and its token's embeddings
     second = load_adapter(server["data"] / "adapters" / "star.safetensors")
     second.meta.token = "zwx"
-    second.embeddings = {}  # the star was trained with pivotal tuning; the import takes one file, so none here
-    second.meta.extra.pop("pivotal")
+    second.embeddings = {"zwx": second.embeddings["sks"]}
     save_adapter(second, tmp_path / "zwx.safetensors")
     _tab(page, "Library")
-    page.locator("#import-file input[type=file]").set_input_files(str(tmp_path / "zwx.safetensors"))
+    page.locator("#import-file input[type=file]").set_input_files([str(tmp_path / "zwx.safetensors"),
+                                                                   str(tmp_path / "zwx_emb.safetensors")])
     page.locator("#library-status").get_by_text("imported zwx").wait_for()
+    assert (server["data"] / "adapters" / "zwx_emb.safetensors").is_file()
 
     _tab(page, "Generate")
     _choose(page, "composer", "lora-composer")

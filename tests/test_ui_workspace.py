@@ -189,23 +189,23 @@ def test_library_rename_delete_export_import(tmp_path):
     adapter = random_adapter(load_pipeline(ws.model))
     adapter.meta.token = "sks"
     save_adapter(adapter, tmp_path / "mine.safetensors")
-    assert ws.import_adapter("mine.safetensors", tmp_path / "mine.safetensors") == "mine"
+    assert ws.import_adapters([("mine.safetensors", tmp_path / "mine.safetensors")]) == ["mine"]
     with pytest.raises(InputError, match="already in the library"):
-        ws.import_adapter("mine.safetensors", tmp_path / "mine.safetensors")
+        ws.import_adapters([("mine.safetensors", tmp_path / "mine.safetensors")])
     (tmp_path / "model.ckpt").write_bytes(b"\x80\x04" + bytes(64))
     with pytest.raises(InputError, match="only .safetensors"):
-        ws.import_adapter("model.ckpt", tmp_path / "model.ckpt")
+        ws.import_adapters([("model.ckpt", tmp_path / "model.ckpt")])
     (tmp_path / "pickle.safetensors").write_bytes(b"\x80\x04" + bytes(64))
     with pytest.raises(InputError, match="not a LoRA adapter this studio reads"):
-        ws.import_adapter("pickle.safetensors", tmp_path / "pickle.safetensors")
+        ws.import_adapters([("pickle.safetensors", tmp_path / "pickle.safetensors")])
     with pytest.raises(InputError, match="refused"):
-        ws.import_adapter("../mine2.safetensors", tmp_path / "mine.safetensors")
+        ws.import_adapters([("../mine2.safetensors", tmp_path / "mine.safetensors")])
     assert [p.name for p in (ws.root / "adapters").iterdir()] == ["mine.safetensors"]  # nothing half-written
 
     assert ws.rename("mine", "star") == "star"
     with pytest.raises(InputError, match="new name '../star' is refused"):
         ws.rename("star", "../star")
-    out = ws.export("star", "kohya")
+    [out] = ws.export("star", "kohya")
     assert out.parent == ws.root / "exports"
     assert set(load_adapter(out).modules) == set(adapter.modules)
     with pytest.raises(InputError, match="layout 'ckpt' is not known"):
@@ -234,6 +234,49 @@ def test_library_rename_delete_export_import(tmp_path):
         ws.delete("star")
 
 
+def test_import_takes_a_pivotal_adapter_with_its_embeddings_all_or_nothing(tmp_path):
+    """A pivotal adapter is two files (NAME.safetensors and its token embeddings, NAME_emb.safetensors): the
+    import takes them together, refuses either alone, and adds nothing when any file of an upload is refused."""
+    import torch
+    from conftest import random_adapter
+
+    from studio.adapters import load_adapter, save_adapter
+    from studio.adapters.files import embeddings_path
+    from studio.families import load_pipeline
+
+    ws = Workspace(tmp_path / "data")
+    adapter = random_adapter(load_pipeline(ws.model))
+    adapter.meta.token, adapter.meta.extra["pivotal"] = "sks", True
+    vector = torch.randn(1, 64)
+    adapter.embeddings = {"sks": {"text_encoder": vector, "text_encoder_2": torch.randn(1, 64)}}
+    save_adapter(adapter, tmp_path / "up" / "star.safetensors")
+    plain = random_adapter(load_pipeline(ws.model), seed=1)
+    save_adapter(plain, tmp_path / "up" / "plain.safetensors")
+    star, emb = tmp_path / "up" / "star.safetensors", embeddings_path(tmp_path / "up" / "star.safetensors")
+    assert emb.name == "star_emb.safetensors" and emb.is_file()
+    library = ws.root / "adapters"
+
+    with pytest.raises(InputError, match="file 'star.safetensors' was trained with pivotal tuning: upload its token"
+                                         " embeddings, star_emb.safetensors, with it"):
+        ws.import_adapters([("plain.safetensors", tmp_path / "up" / "plain.safetensors"), ("star.safetensors", star)])
+    with pytest.raises(InputError, match="file 'star_emb.safetensors' holds the token embeddings of an adapter"
+                                         " star.safetensors: upload the two together"):
+        ws.import_adapters([("star_emb.safetensors", emb)])
+    with pytest.raises(InputError, match="file 'star_emb.safetensors' holds the token embeddings"):
+        ws.import_adapters([("plain.safetensors", tmp_path / "up" / "plain.safetensors"), ("star_emb.safetensors", emb)])
+    assert sorted(p.name for p in library.iterdir()) == []  # nothing of a refused upload, nothing staged left
+
+    assert ws.import_adapters([("star_emb.safetensors", emb), ("star.safetensors", star),
+                               ("plain.safetensors", tmp_path / "up" / "plain.safetensors")]) == ["star", "plain"]
+    assert sorted(p.name for p in library.iterdir()) == ["plain.safetensors", "star.safetensors", "star_emb.safetensors"]
+    assert [(r["name"], r["pivotal"]) for r in ws.adapters()] == [("plain", False), ("star", True)]
+    assert torch.equal(load_adapter(ws.adapter_file("star")).embeddings["sks"]["text_encoder"], vector)
+    files = ws.export("star", "diffusers")
+    assert [f.name for f in files] == ["star.diffusers.safetensors", "star.diffusers_emb.safetensors"]
+    assert torch.equal(load_adapter(files[0]).embeddings["sks"]["text_encoder"], vector)
+    assert [f.name for f in ws.export("plain", "kohya")] == ["plain.kohya.safetensors"]
+
+
 def test_generate_keeps_the_settings_in_the_png(tmp_path):
     from conftest import random_adapter
 
@@ -242,7 +285,7 @@ def test_generate_keeps_the_settings_in_the_png(tmp_path):
     ws = Workspace(tmp_path / "data")
     engine = Engine(ws)
     save_adapter(random_adapter(engine.pipe), tmp_path / "a.safetensors")
-    ws.import_adapter("a.safetensors", tmp_path / "a.safetensors")
+    ws.import_adapters([("a.safetensors", tmp_path / "a.safetensors")])
     steps = []
     settings = Settings(prompt="a red circle on the left", negative_prompt="blue", seed=5, steps=3, num=2,
                         adapters=[{"name": "a", "weight": 0.5, "region": ""}])
@@ -289,7 +332,7 @@ def test_repeat_makes_an_app_image_again_headless(tmp_path):
     ws = Workspace(tmp_path / "data")
     engine = Engine(ws)
     save_adapter(random_adapter(engine.pipe), tmp_path / "a.safetensors")
-    ws.import_adapter("a.safetensors", tmp_path / "a.safetensors")
+    ws.import_adapters([("a.safetensors", tmp_path / "a.safetensors")])
     [made] = engine.generate(Settings(prompt="a red circle on the left", seed=7, steps=4,
                                       adapters=[{"name": "a", "weight": 0.8, "region": ""}]))
     out = tmp_path / "again.png"

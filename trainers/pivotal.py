@@ -7,15 +7,16 @@ embeddings) the identifier is added to each tokenizer as one new token; its embe
 parameter trained with the LoRA (``--embedding-lr``), starting from the mean of its pieces' embeddings; the encoders'
 weights and the rest of the vocabulary stay as they are. One vector per encoder.
 
-The adapter file keeps the embeddings beside the LoRA (``bundle_emb.TOKEN.clip_l`` / ``.clip_g``,
-:mod:`studio.adapters.files`); :func:`studio.plugin.attach` adds the token and its embeddings to a pipeline's
+The embeddings are written beside the adapter file, in ``NAME_emb.safetensors`` (keys ``clip_l`` / ``clip_g``, the
+token named in the header; :mod:`studio.adapters.files`), so that the LoRA file stays one that stock
+``load_lora_weights`` accepts; :func:`studio.plugin.attach` adds the token and its embeddings to a pipeline's
 tokenizers and text encoders with diffusers' textual inversion loader, and detaching takes them out again. Stock
 diffusers loads them as::
 
-    state = safetensors.torch.load_file("adapter.safetensors")
-    pipe.load_textual_inversion(state["bundle_emb.zxy.clip_l"], token="zxy", text_encoder=pipe.text_encoder,
-                                tokenizer=pipe.tokenizer)
-    pipe.load_textual_inversion(state["bundle_emb.zxy.clip_g"], token="zxy", text_encoder=pipe.text_encoder_2,
+    pipe.load_lora_weights("adapter.safetensors")
+    state = safetensors.torch.load_file("adapter_emb.safetensors")
+    pipe.load_textual_inversion(state["clip_l"], token="zxy", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(state["clip_g"], token="zxy", text_encoder=pipe.text_encoder_2,
                                 tokenizer=pipe.tokenizer_2)
 """
 

@@ -215,12 +215,14 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
                         with gr.Row():
                             layout = gr.Radio(["kohya", "diffusers"], value="kohya", label="Export layout")
                             export = gr.Button("Export", elem_id="export")
-                        exported = gr.File(label="Exported file", interactive=False, elem_id="exported")
+                        exported = gr.File(label="Exported files", file_count="multiple", interactive=False,
+                                           elem_id="exported")
                         with gr.Row():
                             resize_rank = gr.Number(label="Rank (a smaller copy: each layer's largest singular values)",
                                                     value=4, precision=0, elem_id="resize-rank")
                             resize = gr.Button("Resize", elem_id="resize")
-                        imported = Uploads(label="Import an adapter (.safetensors only)", elem_id="import-file")
+                        imported = Uploads(label="Import adapters (.safetensors only; a pivotal adapter with its"
+                                                 " NAME_emb.safetensors)", file_count="multiple", elem_id="import-file")
 
             # ---------------------------------------------------------------- Generate
             with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
@@ -397,8 +399,9 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
         def on_export(name, layout_):
             if not name:
                 raise InputError("pick an adapter to export")
-            out = ws.export(name, layout_)
-            return str(out), f"exported **{name}** in the {layout_} layout: `{out.name}`"
+            files = ws.export(name, layout_)
+            return ([str(f) for f in files], f"exported **{name}** in the {layout_} layout: "
+                    + " and ".join(f"`{f.name}`" for f in files))
 
         export.click(on_export, [pick, layout], [exported, lib_status])
 
@@ -414,11 +417,11 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
         resize.click(on_resize, [pick, resize_rank], [lib_status, *lib_outputs])
 
         @_guarded
-        def on_import(item):
-            if item is None:
+        def on_import(items):
+            if not items:
                 return gr.skip(), *(gr.skip() for _ in lib_outputs)
-            name = ws.import_adapter(*_upload_name(item))
-            return (f"imported **{name}**", *refresh_lists(name))
+            names = ws.import_adapters([_upload_name(f) for f in items])
+            return (f"imported {', '.join(f'**{n}**' for n in names)}", *refresh_lists(names[0]))
 
         imported.upload(on_import, [imported], [lib_status, *lib_outputs])
 

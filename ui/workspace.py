@@ -350,7 +350,8 @@ class Workspace:
         size = self.adapter_file(name).stat().st_size
         return {"trainer": meta.get("trainer", ""), "base_model": meta.get("base_model", ""),
                 "token": meta.get("token", ""), "class_noun": meta.get("class_noun", ""), "rank": meta.get("rank", ""),
-                "steps": meta.get("steps", ""), "size_mb": round(size / 2**20, 2)}
+                "steps": meta.get("steps", ""), "size_mb": round(size / 2**20, 2),
+                "pivotal": bool(meta.get("extra", {}).get("pivotal"))}  # its token's embeddings in NAME_emb.safetensors
 
     def preview(self, name: str) -> str | None:
         p = self.adapter_file(name).with_suffix(".png")
@@ -375,14 +376,15 @@ class Workspace:
         embeddings_path(src).unlink(missing_ok=True)
         src.unlink()
 
-    def export(self, name: str, layout: str) -> Path:
+    def export(self, name: str, layout: str) -> list[Path]:
+        """A library adapter in ``layout``: the file, and its token embeddings' file if it has any."""
         from studio.adapters import LAYOUTS, load_adapter, save_adapter
 
         if layout not in LAYOUTS:
             raise InputError(f"layout {layout!r} is not known; choose one of {', '.join(LAYOUTS)}")
         out = self.path("exports", f"{safe_name(name, 'adapter')}.{layout}.safetensors")
         save_adapter(load_adapter(self.adapter_file(name)), out, layout=layout)
-        return out
+        return [out] + ([embeddings_path(out)] if embeddings_path(out).is_file() else [])
 
     def resize(self, name: str, rank: int) -> tuple[str, dict[str, float]]:
         """A lower-rank copy of a library adapter (``studio resize``) in the library as ``NAME-rRANK``, with its
@@ -404,34 +406,74 @@ class Workspace:
             _atomic_copy(src.with_suffix(".png"), dest.with_suffix(".png"))
         return new, kept
 
-    def import_adapter(self, orig_name: str, tmp: str | Path) -> str:
-        """Add an uploaded adapter file to the library: safetensors only (a pickle is refused unread),
-        checked by loading it, then copied in under its own name."""
+    def import_adapters(self, files: list[tuple[str, str | Path]]) -> list[str]:
+        """Add uploaded adapter files to the library: ``(the name the user's file had, where it lies)`` each.
+        Safetensors only (a pickle is refused unread); a pivotal adapter comes with its token embeddings,
+        ``NAME_emb.safetensors``, in the same upload. Each adapter is checked by loading it (with its embeddings)
+        and copied in under its own name. All or nothing: one refused file and none is added."""
         from studio.adapters import load_adapter
 
-        base = safe_name(orig_name, "file name")
-        if Path(base).suffix.lower() != ".safetensors":
-            raise InputError(f"file {orig_name!r} is refused: only .safetensors adapters can be imported")
-        if os.path.getsize(tmp) > MAX_ADAPTER_BYTES:
-            raise InputError(f"file {orig_name!r} is larger than {MAX_ADAPTER_BYTES // 2**30} GB")
-        staged = self.path("adapters", f".import-{os.getpid()}-{time.time_ns()}.safetensors")
-        shutil.copyfile(tmp, staged)
+        adapters, embeddings = {}, {}
+        for orig_name, tmp in files:
+            base = safe_name(orig_name, "file name")
+            if Path(base).suffix.lower() != ".safetensors":
+                raise InputError(f"file {orig_name!r} is refused: only .safetensors adapters can be imported")
+            if os.path.getsize(tmp) > MAX_ADAPTER_BYTES:
+                raise InputError(f"file {orig_name!r} is larger than {MAX_ADAPTER_BYTES // 2**30} GB")
+            group = embeddings if base.endswith(EMB_SUFFIX) else adapters
+            name = base.removesuffix(EMB_SUFFIX) if group is embeddings else Path(base).stem
+            if name in group:
+                raise InputError(f"file {orig_name!r} is uploaded twice")
+            group[name] = (orig_name, tmp)
+        lone = [orig for name, (orig, _) in embeddings.items() if name not in adapters]
+        if lone:
+            raise InputError(f"file {lone[0]!r} holds the token embeddings of an adapter"
+                             f" {lone[0].removesuffix(EMB_SUFFIX)}.safetensors: upload the two together")
+        if not adapters:
+            raise InputError("no adapter file: upload NAME.safetensors (with NAME_emb.safetensors for a pivotal adapter)")
+        taken = [n for n in adapters if self.path("adapters", f"{n}.safetensors").exists()]
+        if taken:
+            raise InputError(f"an adapter named {taken[0]!r} is already in the library; rename it first")
+        staged: dict[str, Path] = {}
         try:
-            load_adapter(staged)
-        except (ValueError, FileNotFoundError, KeyError) as e:
-            staged.unlink(missing_ok=True)
-            raise InputError(f"file {orig_name!r} is not a LoRA adapter this studio reads: {e}") from None
-        name = Path(base).stem
-        if self.path("adapters", f"{name}.safetensors").exists():
-            staged.unlink(missing_ok=True)
-            raise InputError(f"an adapter named {name!r} is already in the library; rename it first")
-        staged.rename(self.path("adapters", f"{name}.safetensors"))
-        return name
+            for name, (orig_name, tmp) in adapters.items():
+                stage = self.path("adapters", f".import-{os.getpid()}-{time.time_ns()}.safetensors")
+                staged[name] = stage
+                shutil.copyfile(tmp, stage)
+                if name in embeddings:
+                    shutil.copyfile(embeddings[name][1], embeddings_path(stage))
+                try:
+                    load_adapter(stage)
+                except (ValueError, FileNotFoundError, KeyError) as e:
+                    if name not in embeddings and _pivotal(stage):
+                        raise InputError(f"file {orig_name!r} was trained with pivotal tuning: upload its token"
+                                         f" embeddings, {name}{EMB_SUFFIX}, with it") from None
+                    raise InputError(f"file {orig_name!r} is not a LoRA adapter this studio reads:"
+                                     f" {str(e).replace(str(stage.parent) + os.sep, '').replace(stage.stem, name)}") from None
+            for name, stage in staged.items():  # the embeddings first: a library adapter never lacks its own
+                if embeddings_path(stage).is_file():
+                    embeddings_path(stage).rename(embeddings_path(self.path("adapters", f"{name}.safetensors")))
+                stage.rename(self.path("adapters", f"{name}.safetensors"))
+        finally:
+            for stage in staged.values():
+                stage.unlink(missing_ok=True)
+                embeddings_path(stage).unlink(missing_ok=True)
+        return list(adapters)
 
     # --- outputs ----------------------------------------------------------------------------------
 
     def output_path(self, seed: int) -> Path:
         return self.path("outputs", f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}-s{seed}.png")
+
+
+def _pivotal(path: Path) -> bool:
+    """Whether the adapter file ``path`` says it was trained with pivotal tuning (it has token embeddings)."""
+    from studio.adapters.files import STUDIO_KEY, _header
+
+    try:
+        return bool(json.loads(_header(path).get(STUDIO_KEY, "{}") or "{}").get("extra", {}).get("pivotal"))
+    except (ValueError, OSError, AttributeError):
+        return False
 
 
 def _atomic_copy(src: Path, dest: Path) -> None:
