@@ -437,7 +437,7 @@ class Workspace:
         staged: dict[str, Path] = {}
         try:
             for name, (orig_name, tmp) in adapters.items():
-                stage = self.path("adapters", f".import-{os.getpid()}-{time.time_ns()}.safetensors")
+                stage = self.path("adapters", f".import-{os.getpid()}-{time.time_ns()}-{len(staged)}.safetensors")
                 staged[name] = stage
                 shutil.copyfile(tmp, stage)
                 if name in embeddings:
