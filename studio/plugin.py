@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from studio.adapters import Adapter, load_adapter
-from studio.adapters.form import TEXT_ENCODERS, module_path, tokenizer_of
+from studio.adapters.form import TEXT_ENCODERS, module_path, token_names, tokenizer_of
 from studio.kernels.lora import GatedPlan, LinearPlan, Packed, TokenGates, multi_lora_linear, plan_fits
 
 WEIGHT_RANGE = (-2.0, 2.0)
@@ -319,11 +319,6 @@ def attach(pipe, adapters: list, weights: list[float] | None = None, names: list
     return handle
 
 
-def _token_names(token: str, vectors: torch.Tensor) -> list[str]:
-    """The tokens diffusers' ``load_textual_inversion`` adds for an embedding of ``len(vectors)`` vectors."""
-    return [token] + [f"{token}_{i}" for i in range(1, len(vectors))]
-
-
 def _check_embeddings(pipe, handle: Attached, loaded: list) -> None:
     """Refuse, before anything changes, token embeddings the pipeline cannot take: a text encoder it lacks, another
     width, a token already in its vocabulary or given by another adapter."""
@@ -341,7 +336,7 @@ def _check_embeddings(pipe, handle: Attached, loaded: list) -> None:
                 if vectors.shape[1] != width:
                     raise ValueError(f"adapter {name!r} embeds {token!r} for {component} in width {vectors.shape[1]}, but"
                                      f" that encoder's embeddings are {width} wide (another base model?)")
-                taken = [t for t in _token_names(token, vectors) if t in tokenizer.get_vocab()]
+                taken = [t for t in token_names(token, len(vectors)) if t in tokenizer.get_vocab()]
                 if taken:
                     raise ValueError(f"adapter {name!r} embeds {token!r}, but {', '.join(taken)} is already a token of"
                                      f" this pipeline's {tokenizer_of(component)}")
@@ -361,7 +356,7 @@ def _load_embeddings(pipe, embeddings: dict[str, dict[str, torch.Tensor]]) -> li
             weight = encoder.get_input_embeddings().weight
             pipe.load_textual_inversion(vectors.to(weight.device, weight.dtype), token=token, text_encoder=encoder,
                                         tokenizer=getattr(pipe, tokenizer_of(component)))
-        added += _token_names(token, next(iter(per.values())))
+        added += token_names(token, len(next(iter(per.values()))))
     return added
 
 

@@ -61,6 +61,25 @@ def test_token_positions_assign_repeated_words_in_order(pipe):
     assert not set(first) & set(second)
 
 
+def test_token_positions_cover_every_vector_of_a_multi_vector_token(pipe):
+    """An identifier with a 2-vector embedding (diffusers' advanced script's default) is encoded as "zwx zwx_1": its
+    positions are both vectors', and the words after it keep theirs in the prompt the pipeline encodes."""
+    tok = pipe.tokenizer
+    pipe.load_textual_inversion(torch.randn(2, pipe.text_encoder.get_input_embeddings().weight.shape[1]), token="zwx",
+                                text_encoder=pipe.text_encoder, tokenizer=tok)
+    try:
+        encoded = tok(pipe.maybe_convert_prompt(PROMPT, tok))["input_ids"]
+        assert pipe.maybe_convert_prompt(PROMPT, tok) != PROMPT  # the pipeline does expand it
+        first, second = token_positions(tok, PROMPT, ["sks shape", "zwx shape"])
+        zwx = tok.convert_tokens_to_ids(["zwx", "zwx_1"])
+        shape = tok("shape", add_special_tokens=False)["input_ids"]
+        assert [encoded[i] for i in second] == zwx + shape
+        assert [encoded[i] for i in first] == tok("sks", add_special_tokens=False)["input_ids"] + shape
+    finally:
+        pipe.unload_textual_inversion(["zwx", "zwx_1"], tokenizer=tok, text_encoder=pipe.text_encoder)
+    assert "zwx_1" not in tok.get_vocab()
+
+
 def test_nt_xent_matches_a_hand_computation():
     e = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
     labels = torch.tensor([0, 0, 1])

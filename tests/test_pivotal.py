@@ -56,6 +56,64 @@ def test_add_token_starts_at_its_pieces_and_replaces_only_its_own_row():
         add_token(pipe, "zxy")
 
 
+def test_two_vectors_are_two_tokens_each_put_in_its_own_row_and_written_out_in_prompts():
+    """--embedding-vectors 2: "zxy" and "zxy_1", each with its own vector; a prompt naming "zxy" is encoded as
+    "zxy zxy_1" (as diffusers' pipelines encode a 2-vector textual inversion), the same as a table holding the rows."""
+    pipe = load_pipeline()
+    params = add_token(pipe, "zxy", 2)
+    with torch.no_grad():
+        for p in params.values():
+            assert p.shape[0] == 2
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+    prompt = ["a large zxy circle in the center"]
+    assert pipe.maybe_convert_prompt(prompt[0], pipe.tokenizer) == "a large zxy zxy_1 circle in the center"
+    with torch.no_grad():
+        got = _encode(pipe, prompt)["embeds"]
+        for c, p in params.items():  # by hand: the table's rows set to the vectors, the prompt written out
+            table, tok = getattr(pipe, c).get_input_embeddings(), getattr(pipe, tokenizer_of(c))
+            table._forward_hooks.clear()
+            table.weight[tok.convert_tokens_to_ids(["zxy", "zxy_1"])] = p
+        from studio.families import encode_prompt_sdxl
+
+        hand, _ = encode_prompt_sdxl([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
+                                     ["a large zxy zxy_1 circle in the center"])
+        torch.testing.assert_close(got, hand)
+        assert not torch.allclose(got, encode_prompt_sdxl([pipe.tokenizer, pipe.tokenizer_2],
+                                                          [pipe.text_encoder, pipe.text_encoder_2], prompt)[0])
+
+
+def test_a_two_vector_run_loads_in_stock_diffusers_and_attaches_both_tokens(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from studio.families import EMBEDDED_MODEL
+
+    with pytest.raises(ValueError, match="--embedding-vectors is how many tokens --pivotal gives"):
+        pivotal_config(tmp_path, pivotal=False, embedding_vectors=2).check()
+    with pytest.raises(ValueError, match="--embedding-vectors must be 1 to 16, got 0"):
+        pivotal_config(tmp_path, embedding_vectors=0).check()
+    out = train(DreamBooth(), pivotal_config(tmp_path, embedding_vectors=2, steps=2, checkpoint_every=0))
+    adapter = load_adapter(out)
+    assert {c: tuple(v.shape) for c, v in adapter.embeddings["zxy"].items()} == {"text_encoder": (2, 64),
+                                                                                 "text_encoder_2": (2, 64)}
+    base = load_pipeline()
+    for c in TEXT_ENCODERS:  # both vectors trained: the prompts carried both tokens
+        ids = getattr(base, tokenizer_of(c))("zxy", add_special_tokens=False).input_ids
+        start = getattr(base, c).get_input_embeddings().weight[ids].mean(0).detach()
+        assert all(not torch.allclose(v, start) for v in adapter.embeddings["zxy"][c])
+    stock = StableDiffusionXLPipeline.from_pretrained(str(EMBEDDED_MODEL), local_files_only=True)
+    state = load_file(str(embeddings_path(out)))
+    stock.load_textual_inversion(state["clip_l"], token="zxy", text_encoder=stock.text_encoder, tokenizer=stock.tokenizer)
+    rows = stock.tokenizer.convert_tokens_to_ids(["zxy", "zxy_1"])
+    torch.testing.assert_close(stock.text_encoder.get_input_embeddings().weight[rows].detach(),
+                               adapter.embeddings["zxy"]["text_encoder"])
+    pipe = load_pipeline()
+    attach(pipe, [out])
+    assert {"zxy", "zxy_1"} <= set(pipe.tokenizer_2.get_vocab())
+    generate(pipe, ["a zxy shape"], seed=0, steps=2)
+    detach(pipe)
+    assert "zxy_1" not in pipe.tokenizer.get_vocab() and "zxy_1" not in pipe.tokenizer_2.get_vocab()
+
+
 def pivotal_config(tmp_path, **extra):
     data = star_folder(tmp_path / "stars")
     return build_config(DreamBoothConfig, {}, {"data": str(data), "output": str(tmp_path / "run"), "steps": 4, "batch_size": 2,

@@ -118,6 +118,10 @@ class DreamBoothConfig(TrainConfig):
     )
     embedding_lr: float = field(
         default=0.0, metadata=_help("With --pivotal: the token embeddings' learning rate; 0: --lr."))
+    embedding_vectors: int = field(
+        default=1, metadata=_help("With --pivotal: how many new tokens (embedding vectors) the identifier gets, 1 to 16"
+                                  " (diffusers' --num_new_tokens_per_abstraction, 2 there): 'zxy', 'zxy_1', ...; prompts"
+                                  " that name 'zxy' are encoded as all of them, as diffusers' pipelines do."))
     lora_layers: str = field(
         default=",".join(UNET_TARGETS),
         metadata=_help("The UNet layers that get LoRA: module name endings, comma-separated (as diffusers' --lora_layers);"
@@ -177,6 +181,10 @@ class DreamBoothConfig(TrainConfig):
             raise ValueError(f"--embedding-lr must be 0 (= --lr) or positive, got {self.embedding_lr:g}")
         if self.embedding_lr and not self.pivotal:
             raise ValueError("--embedding-lr is the token embeddings' rate under --pivotal; add --pivotal")
+        if not 1 <= self.embedding_vectors <= 16:
+            raise ValueError(f"--embedding-vectors must be 1 to 16, got {self.embedding_vectors}")
+        if self.embedding_vectors > 1 and not self.pivotal:
+            raise ValueError("--embedding-vectors is how many tokens --pivotal gives the identifier; add --pivotal")
         if self.pivotal and (not self.token.strip() or len(self.token.split()) != 1 or "." in self.token):
             raise ValueError(f"--pivotal makes --token one new token, so it must be one word without dots; got {self.token!r}")
         if not 0 <= self.mask_min_value <= 1:
@@ -212,10 +220,13 @@ class DreamBoothConfig(TrainConfig):
 
 
 def _encode(pipe, prompts: list[str]) -> dict[str, Any]:
-    """Conditioning for the UNet as the family's stock pipeline computes it."""
+    """Conditioning for the UNet as the family's stock pipeline computes it (a multi-vector token written out)."""
+    from studio.composers.base import multi_vector
+
     from studio.families import encode_prompt_sdxl
 
     device = pipe.unet.device
+    prompts = [multi_vector(pipe.tokenizer, p) for p in prompts]
     if hasattr(pipe, "text_encoder_2"):
         embeds, pooled = encode_prompt_sdxl(
             [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2], prompts
@@ -263,7 +274,7 @@ class DreamBooth:
         cfg: DreamBoothConfig = ctx.cfg
         pipe = ctx.pipe
         if cfg.pivotal:  # before any prompt is tokenized: each identifier is one token from here on
-            ctx.store["pivotal"] = {t: add_token(pipe, t) for t in self.identifiers(cfg)}
+            ctx.store["pivotal"] = {t: add_token(pipe, t, cfg.embedding_vectors) for t in self.identifiers(cfg)}
         images, files = load_images(cfg.data, ctx.resolution, ctx.size_multiple if cfg.aspect_buckets else 0)
         prompt = self.instance_prompt(cfg)
         captions = [(im.caption if cfg.captions and im.caption else prompt) for im in images]

@@ -33,6 +33,12 @@ def tokenizer_of(component: str) -> str:
     return component.replace("text_encoder", "tokenizer")
 
 
+def token_names(token: str, n: int) -> list[str]:
+    """The tokens of an ``n``-vector embedding of ``token``, named as diffusers' textual inversion loader names them:
+    "zxy", "zxy_1", ...; a pipeline encodes "zxy" in a prompt as all of them."""
+    return [token] + [f"{token}_{i}" for i in range(1, n)]
+
+
 KINDS = ("lora",)  # every kind we write must be expressible as a plain LoRA on disk
 
 
