@@ -125,6 +125,7 @@ def test_train_an_adapter_and_generate_with_it(page, server, images, shots):
     page.locator("#class-prompts input").check()
     page.locator("#masked-loss input").check()
     page.locator("#pivotal input").check()
+    _fill(page, "embedding-vectors", "2")
     _choose(page, "save-precision", "fp16")
     page.click("#start-training")
 
@@ -149,7 +150,7 @@ def test_train_an_adapter_and_generate_with_it(page, server, images, shots):
     assert config["steps"] == 40 and config["token"] == "sks" and config["random_flip"] is True
     assert config["save_precision"] == "fp16" and config["class_prompts"] == "captions"
     assert config["prior_preservation"] is True  # the quick preset's is off; the box turns it on
-    assert config["masked_loss"] is True and config["pivotal"] is True
+    assert config["masked_loss"] is True and config["pivotal"] is True and config["embedding_vectors"] == 2
     page.screenshot(path=str(shots / "train.png"), full_page=True)
 
     _tab(page, "Library")
@@ -201,6 +202,7 @@ def test_compose_two_adapters_in_drawn_regions(page, server, tmp_path, shots):
     # the star was trained with pivotal tuning: its copy comes as two files, the LoRA and its token's embeddings
     second = load_adapter(server["data"] / "adapters" / "star.safetensors")
     second.meta.token = "zwx"
+    assert second.embeddings["sks"]["text_encoder"].shape[0] == 2  # the two embedding vectors the run was given
     second.embeddings = {"zwx": second.embeddings["sks"]}
     save_adapter(second, tmp_path / "zwx.safetensors")
     _tab(page, "Library")

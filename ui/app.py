@@ -175,6 +175,8 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
                                                              value=False, elem_id="class-prompts")
                                 pivotal = gr.Checkbox(label="Pivotal tuning (the token gets a learned embedding of its own;"
                                                             " DreamBooth, content-style)", value=False, elem_id="pivotal")
+                                vectors = gr.Number(label="Embedding vectors (with pivotal tuning; diffusers' advanced"
+                                                          " script uses 2)", value=1, precision=0, elem_id="embedding-vectors")
                             layers = gr.Textbox(label="LoRA layers (empty: the attention projections; e.g. add"
                                                       " ff.net.0.proj,ff.net.2,conv1,conv2 for kohya's LoCon)", value="",
                                                 elem_id="lora-layers")
@@ -280,7 +282,7 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
         @_guarded
         def on_start(dataset_, style_, trainer_, preset_, token_, noun_, name_, steps_, rank_, lr_, attention_, layers_,
                      schedule_, warmup_, snr_, offset_, perturb_, bias_, bias_x_, loss_kind_, optimizer_, flip_, dropout_,
-                     masked_, class_captions_, pivotal_, start_from_, ema_, lora_drop_, precision_):
+                     masked_, class_captions_, pivotal_, vectors_, start_from_, ema_, lora_drop_, precision_):
             if not dataset_:
                 raise InputError("no dataset: upload images and add them, or pick a dataset")
             name_ = name_.strip() or f"{token_}-{dataset_}"
@@ -294,6 +296,7 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
                          "optimizer": optimizer_ if optimizer_ and optimizer_ != "adamw" else None,
                          "random_flip": True if flip_ else None, "caption_dropout": float(dropout_ or 0) or None,
                          "masked_loss": True if masked_ else None, "pivotal": True if pivotal_ else None,
+                         "embedding_vectors": int(vectors_) if vectors_ not in (None, 1) else None,
                          **({"class_prompts": "captions", "prior_preservation": True} if class_captions_ else {}),
                          "ema_decay": float(ema_ or 0) or None, "lora_dropout": float(lora_drop_ or 0) or None,
                          "save_precision": precision_ if precision_ and precision_ != "fp32" else None}
@@ -306,7 +309,7 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
 
         start.click(on_start, [dataset, style_dataset, trainer, preset, token, class_noun, run_name, steps, rank, lr,
                                attention, layers, schedule, warmup, snr, offset, perturb, bias, bias_x, loss_kind, optimizer,
-                               flip, dropout, masked, class_captions, pivotal, start_from, ema, lora_drop, precision],
+                               flip, dropout, masked, class_captions, pivotal, vectors, start_from, ema, lora_drop, precision],
                     [current, runs, headless])
 
         @_guarded
