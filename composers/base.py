@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from studio.adapters import Adapter, load_adapter
+from studio.adapters.form import multi_vector
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 as fractions of the image
 
@@ -147,25 +148,11 @@ def _encode(pipe, prompt: list[str]) -> dict:
     return {"embeds": embeds}
 
 
-def multi_vector(tokenizer, text: str) -> str:
-    """``text`` as the pipeline encodes it when a token of it has a multi-vector embedding (diffusers' textual
-    inversion loader adds "zxy", "zxy_1", ... and the pipeline's ``maybe_convert_prompt`` writes "zxy zxy_1 ..." for
-    "zxy"): the same replacement, so that token positions match the encoded prompt."""
-    added = tokenizer.added_tokens_encoder
-    for token in set(tokenizer.tokenize(text)):
-        if token in added and f"{token}_1" in added:
-            n = 1
-            while f"{token}_{n}" in added:
-                n += 1
-            text = text.replace(token, " ".join([token] + [f"{token}_{i}" for i in range(1, n)]))
-    return text
-
-
 def token_positions(tokenizer, prompt: str, words: list[str]) -> list[list[int]]:
     """For each entry of ``words`` ("sks1 shape"), the positions of its tokens in ``prompt`` as ``tokenizer``
     splits it, assigned in order so that no position goes to two entries (the second "shape" of a prompt
     belongs to the second concept that names it). An entry none of whose words is found gets ``[]``. A token with a
-    multi-vector embedding stands for all its vectors' positions (:func:`multi_vector`)."""
+    multi-vector embedding stands for all its vectors' positions (:func:`studio.adapters.form.multi_vector`)."""
     ids = tokenizer(multi_vector(tokenizer, prompt), truncation=True, max_length=tokenizer.model_max_length)["input_ids"]
     taken: set[int] = set()
     out = []

@@ -221,8 +221,7 @@ class DreamBoothConfig(TrainConfig):
 
 def _encode(pipe, prompts: list[str]) -> dict[str, Any]:
     """Conditioning for the UNet as the family's stock pipeline computes it (a multi-vector token written out)."""
-    from studio.composers.base import multi_vector
-
+    from studio.adapters.form import multi_vector
     from studio.families import encode_prompt_sdxl
 
     device = pipe.unet.device

@@ -8,7 +8,7 @@ parameter trained with the LoRA (``--embedding-lr``), starting from the mean of 
 weights and the rest of the vocabulary stay as they are. One vector per encoder by default; ``--embedding-vectors N``
 (diffusers' ``--num_new_tokens_per_abstraction``) gives the identifier N tokens, "zxy", "zxy_1", ..., which prompts carry
 as "zxy zxy_1 ..." wherever they name "zxy" (as diffusers' pipelines write a multi-vector embedding's token,
-:func:`studio.composers.base.multi_vector`).
+:func:`studio.adapters.form.multi_vector`).
 
 The embeddings are written beside the adapter file, in ``NAME_emb.safetensors`` (keys ``clip_l`` / ``clip_g``, the
 token named in the header; :mod:`studio.adapters.files`), so that the LoRA file stays one that stock

@@ -343,10 +343,7 @@ class Workspace:
         return p
 
     def adapter_meta(self, name: str) -> dict[str, Any]:
-        from studio.adapters.files import _header
-
-        header = _header(self.adapter_file(name))
-        meta = json.loads(header.get("studio", "{}") or "{}")
+        meta = _studio_meta(self.adapter_file(name))
         size = self.adapter_file(name).stat().st_size
         return {"trainer": meta.get("trainer", ""), "base_model": meta.get("base_model", ""),
                 "token": meta.get("token", ""), "class_noun": meta.get("class_noun", ""), "rank": meta.get("rank", ""),
@@ -445,7 +442,7 @@ class Workspace:
                 try:
                     load_adapter(stage)
                 except (ValueError, FileNotFoundError, KeyError) as e:
-                    if name not in embeddings and _pivotal(stage):
+                    if name not in embeddings and _studio_meta(stage, quiet=True).get("extra", {}).get("pivotal"):
                         raise InputError(f"file {orig_name!r} was trained with pivotal tuning: upload its token"
                                          f" embeddings, {name}{EMB_SUFFIX}, with it") from None
                     raise InputError(f"file {orig_name!r} is not a LoRA adapter this studio reads:"
@@ -466,14 +463,18 @@ class Workspace:
         return self.path("outputs", f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}-s{seed}.png")
 
 
-def _pivotal(path: Path) -> bool:
-    """Whether the adapter file ``path`` says it was trained with pivotal tuning (it has token embeddings)."""
+def _studio_meta(path: Path, quiet: bool = False) -> dict[str, Any]:
+    """The studio's metadata in the adapter file's header (``{}`` for a file from elsewhere); with ``quiet``, also
+    ``{}`` for a file whose header cannot be read."""
     from studio.adapters.files import STUDIO_KEY, _header
 
     try:
-        return bool(json.loads(_header(path).get(STUDIO_KEY, "{}") or "{}").get("extra", {}).get("pivotal"))
-    except (ValueError, OSError, AttributeError):
-        return False
+        meta = json.loads(_header(path).get(STUDIO_KEY, "{}") or "{}")
+    except ValueError:
+        if not quiet:
+            raise
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def _atomic_copy(src: Path, dest: Path) -> None:

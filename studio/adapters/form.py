@@ -39,6 +39,21 @@ def token_names(token: str, n: int) -> list[str]:
     return [token] + [f"{token}_{i}" for i in range(1, n)]
 
 
+def multi_vector(tokenizer, text: str) -> str:
+    """``text`` as the pipeline encodes it when a token of it has a multi-vector embedding (diffusers' textual
+    inversion loader adds "zxy", "zxy_1", ... and the pipeline's ``maybe_convert_prompt`` writes "zxy zxy_1 ..." for
+    "zxy"): the same replacement (written again here because diffusers' is a pipeline method and trainers and
+    composers hold a tokenizer), so that training prompts and token positions match what sampling encodes."""
+    added = tokenizer.added_tokens_encoder
+    for token in set(tokenizer.tokenize(text)):
+        if token in added and f"{token}_1" in added:
+            n = 1
+            while f"{token}_{n}" in added:
+                n += 1
+            text = text.replace(token, " ".join([token] + [f"{token}_{i}" for i in range(1, n)]))
+    return text
+
+
 KINDS = ("lora",)  # every kind we write must be expressible as a plain LoRA on disk
 
 
