@@ -46,7 +46,8 @@ the studio's default), ``gated`` (training-free token gates), ``gated-fit`` (gat
 concepts' own images first; that time is not counted), ``orthogonal``. Not run by default: ``clora-colour``
 (CLoRA whose concepts, in a described composition, watch their colour word too: ``words`` "sks blue shape"
 instead of "sks shape"), ``clora-exclusive`` (CLoRA with each pixel of overlapping masks given to the concept
-whose normalised map is highest, instead of shared), ``clora-clause-exclusive`` (each concept's tokens widened to its
+whose normalised map is highest, instead of shared), ``clora-t0.2`` (CLoRA's masks above 0.2 of each map's range
+instead of the official 0.4: wider masks), ``clora-clause-exclusive`` (each concept's tokens widened to its
 clause's content words, "sks shape left", and each pixel given to one concept), ``clora-layout-prompt-half``, ``clora-token`` (each concept watches its identifier alone, "sks", not the class
 noun: with ``--pivotal`` the identifier is one token of its own).
 ``--attention-loss W`` trains the
@@ -94,6 +95,7 @@ VARIANTS = {  # method name in the table -> (composer, options)
     "clora-gates": ("clora", {"mixing": "gates"}),  # one pass, each adapter gated by its mask inside the UNet
     "clora-clause": ("clora", {"clause_words": True}),
     "clora-exclusive": ("clora", {"exclusive": True}),  # each pixel to one concept: the highest normalised map
+    "clora-t0.2": ("clora", {"threshold": 0.2}),  # wider masks: above 0.2 of each map's range (the official 0.4)
     "clora-colour": ("clora", {}),  # its concepts' words take their colour where the prompt names one (below)
     "clora-token": ("clora", {}),  # its concepts' words are their identifiers alone, without the class noun (below)
     "clora-clause-s200": ("clora", {"clause_words": True, "step_size": 200.0}),
@@ -455,6 +457,7 @@ def main() -> None:
     flags += f" --subject-steps {args.subject_steps}" if args.subject_steps else ""
     flags += " --pivotal" if args.pivotal else ""
     flags += f" --work {args.work}" if args.work != "runs/bench-compose" else ""
+    flags += f" --methods {' '.join(args.methods)}" if args.methods != METHODS else ""
     custom = list(SUBJECTS) != list(DEFAULT_SUBJECTS)
     flags += f" --subjects {' '.join(SUBJECTS)}" if custom else ""
     alone = ", ".join(f"{shape} {colour} ({rate:.2f} of images alone)" for shape, (colour, rate) in solo.items())
