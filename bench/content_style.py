@@ -29,6 +29,9 @@ DreamBooth LoRAs are trained once, under ``naive+captions``, and reused while th
 identifier a new token with a learned embedding; ``--embedding-lr`` its rate) under ``METHOD-pivotal/``; ``both`` also
 trains the content-style methods with it (both identifiers).
 
+``--style-timesteps START:END`` samples the composed methods' style adapter only at those training timesteps
+(``Concept.timesteps``; ``0:500``: the late steps, where this world's texture is made), through the ``naive`` composer.
+
 - style alone: the style adapter alone draws its style on its own images' shapes ("a large {colour} circle in the
   center on a white background, zxy", circle, square, triangle, diamond in turn): how well it learned its style.
 
@@ -96,7 +99,7 @@ def style_images(style: str, work: Path) -> Path:
 
 def main() -> None:
     import torch
-    from studio.composers import Concept, compose
+    from studio.composers import Concept, compose, parse_timesteps
     from studio.trainers.blora import BLOCKS, BLoRA, BLoRAConfig, split
     from studio.trainers.config import build_config
     from studio.trainers.content_style import ContentStyle, ContentStyleConfig
@@ -129,11 +132,19 @@ def main() -> None:
                         " content-style methods' too (both identifiers)")
     parser.add_argument("--embedding-lr", type=float, default=0.0,
                         help="with --pivotal: the trainers' --embedding-lr (0: --lr); another trains under METHOD-pivotal-elrX/")
+    parser.add_argument("--style-timesteps", default="all", metavar="START:END",
+                        help="the composed methods (naive, naive+captions, klora) sample the style adapter only at these"
+                        " training timesteps (0 clean, 1000 noise), e.g. 0:500; the adapters alone are sampled as trained")
     parser.add_argument("--seed", type=int, default=0, help="the trainers' --seed (LoRA init, examples, noise, timesteps);"
                         " another than 0 trains under METHOD-seedN/, to read how much the grid moves with it")
     args = parser.parse_args()
     if not {"sks", "zxy"} <= set(args.prompt.replace(",", " ").split()):
         parser.error(f"--prompt {args.prompt!r} must name both identifiers, sks (content) and zxy (style)")
+    try:
+        style_window = parse_timesteps(args.style_timesteps)
+    except ValueError as e:
+        parser.error(f"--style-timesteps: {e}")
+
     if args.pivotal != "none" and "ziplora" in args.methods:
         parser.error("--pivotal: the ZipLoRA merge takes adapters without token embeddings; leave out ziplora")
     every = [f"{sh}-{st}" for sh in SHAPES for st in STYLES]
@@ -177,8 +188,10 @@ def main() -> None:
         prompts = prompts or grid_prompts(args.prompt, args.n)
         with torch.no_grad():
             if composer:  # the adapters combined by a composer, image i with seed i as generate draws it
+                windows = (None, style_window)
                 images = [im for i, p in enumerate(prompts) for im in compose(
-                    pipe, composer, p, [Concept.load(a, name=r) for a, r in zip(adapters, ("content", "style"))], seed=i)]
+                    pipe, composer, p, [Concept.load(a, name=r, timesteps=w)
+                                        for a, r, w in zip(adapters, ("content", "style"), windows)], seed=i)]
             else:
                 attach(pipe, adapters)
                 images = generate(pipe, prompts, seed=0)
@@ -232,7 +245,8 @@ def main() -> None:
                 c, s = run / "content.safetensors", run / "style.safetensors"
             else:
                 c, s = content_ad[shape], style_ad[style]
-            both = sample([c, s], composer="klora" if method == "klora" else None)
+            composer = "klora" if method == "klora" else "naive" if style_window and method in ("naive", *SHARED) else None
+            both = sample([c, s], composer=composer)
             cells[(shape, style)] = (rate(both, lambda o, sh=shape: o.shape == sh), rate(both, lambda o, st=style: o.style == st))
             leaks_c.append(rate(sample([c]), lambda o: o.style == "striped"))
             leaks_s.append(rate(sample([s]), lambda o: o.shape in style_shape_names))
@@ -240,6 +254,8 @@ def main() -> None:
             print(method, shape, style, cells[(shape, style)], leaks_c[-1], leaks_s[-1], alone[-1], flush=True)
         pivoted = method in SHARED or (method.startswith("content-style") and args.pivotal == "both")
         label = method + (f" (--pivotal {args.pivotal})" if args.pivotal != "none" and pivoted else "")
+        if style_window and method in ("naive", *SHARED):
+            label += f" (style at t in [{style_window[0]:g}, {style_window[1]:g}))"
         results[label] = {"cells": cells, "leak_content": sum(leaks_c) / len(leaks_c), "leak_style": sum(leaks_s) / len(leaks_s),
                            "alone": sum(alone) / len(alone)}
 
@@ -255,7 +271,7 @@ def main() -> None:
         grid.append(f"| {shape} x {style} | " + " | ".join(
             f"{r['cells'][(shape, style)][0]:.1f} / {r['cells'][(shape, style)][1]:.1f}" for r in results.values()) + " |")
     flags = "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k in ("model", "steps", "lr", "n", "zip_steps", "style_lr_scale", "interplay",
-                                                                            "pivotal", "embedding_lr", "seed")
+                                                                            "pivotal", "embedding_lr", "style_timesteps", "seed")
                     if getattr(args, k) != parser.get_default(k))
     flags += f' --prompt "{args.prompt}"' if args.prompt != PROMPT else ""
     flags += " --cells " + " ".join(args.cells) if args.cells else ""

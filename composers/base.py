@@ -68,13 +68,36 @@ def parse_region(text: str | Box | None) -> Box | None:
     return box  # type: ignore[return-value]
 
 
+def parse_timesteps(text: str | tuple[float, float] | None) -> tuple[float, float] | None:
+    """A timestep window: ``"START:END"`` (either side may be empty: ``":500"`` is ``0:500``) or a pair, of the
+    training timesteps 0-1000 with ``START < END``; ``None``, ``""`` or ``"all"``: every step."""
+    if text is None or (isinstance(text, str) and text.strip().lower() in ("", "all")):
+        return None
+    try:
+        if isinstance(text, str):
+            start, end = text.split(":")
+            window = (float(start) if start.strip() else 0.0, float(end) if end.strip() else 1000.0)
+        else:
+            window = (float(text[0]), float(text[1]))
+    except (ValueError, TypeError, IndexError):
+        window = ()
+    if len(window) != 2 or not (0 <= window[0] < window[1] <= 1000):
+        raise ValueError(f"timesteps {text!r} is not a timestep window; accepted: START:END of the training timesteps"
+                         " with 0 <= START < END <= 1000 (0 is the clean image, 1000 pure noise), e.g. 0:500 for the"
+                         " late, detail-making steps, or 'all'")
+    return window
+
+
 @dataclass
 class Concept:
     """One adapter in a composition.
 
     ``prompt``: the concept's own prompt ("a sks1 shape"), used where a method encodes a prompt per concept;
     ``words``: the words of the global prompt that name it ("sks1 shape"), whose tokens a method watches;
-    ``region``: where it goes, for region-based methods.
+    ``region``: where it goes, for region-based methods;
+    ``timesteps``: ``(start, end)``, the training timesteps (0 clean, 1000 pure noise) at which its adapter acts in
+    the UNet, ``start <= t < end``; ``None``: at every step. A style adapter acting only late, ``(0, 500)``, leaves
+    the layout to the other adapters (:func:`parse_timesteps`).
     """
 
     adapter: Adapter
@@ -83,6 +106,14 @@ class Concept:
     words: str = ""
     region: Box | None = None
     weight: float = 1.0
+    timesteps: tuple[float, float] | None = None
+
+    def acts_at(self, t) -> bool:
+        """Whether the adapter acts at timestep ``t`` (a number or a tensor; ``None``, outside sampling: yes)."""
+        if self.timesteps is None or t is None:
+            return True
+        t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
+        return self.timesteps[0] <= t < self.timesteps[1]
 
     @classmethod
     def load(cls, item: str | Path | Adapter, name: str | None = None, **kwargs) -> Concept:
@@ -91,7 +122,8 @@ class Concept:
         token = adapter.meta.token or name
         words = kwargs.pop("words", None) or " ".join(w for w in (token, adapter.meta.class_noun) if w)
         prompt = kwargs.pop("prompt", None) or f"a {words}"
-        return cls(adapter, name, prompt=prompt, words=words, region=parse_region(kwargs.pop("region", None)), **kwargs)
+        return cls(adapter, name, prompt=prompt, words=words, region=parse_region(kwargs.pop("region", None)),
+                   timesteps=parse_timesteps(kwargs.pop("timesteps", None)), **kwargs)
 
 
 class Composer:
@@ -262,21 +294,28 @@ class Run:
         # the same list for the same question, so that the layer can keep a prepared call; a cross-attention
         # key/value's gates follow the prompt's spans of the pass (``segments``), part of the question
         spans = tuple(self.segments) if stack.text_input and self.segments is not None else None
-        key = (stack, x.shape, x.dtype, x.device, self.only, spans)
+        key = (stack, x.shape, x.dtype, x.device, self.only, spans, self._acting())
         out = self._gates.get(key)
         if out is None:
             out = self._gates[key] = self._gates_for(stack, x)
         return out
 
+    def _acting(self) -> tuple[bool, ...]:
+        """Which concepts with a timestep window act at this step (part of the static gates' question)."""
+        return tuple(c.acts_at(self.timestep) for c in self.concepts if c.timesteps is not None)
+
     def _gates_for(self, stack, x: torch.Tensor) -> list:
         out = []
+        unet = getattr(stack, "component", "unet") == "unet"
         for name, weight in zip(stack.names, stack.weights):
             k = self.index.get(name)
             if k is None:  # attached outside this composition: keeps its own weight
                 out.append(weight)
+            elif unet and not self.concepts[k].acts_at(self.timestep):  # outside its timestep window
+                out.append(0.0)
             elif self.only is not None:
                 out.append(self.concepts[k].weight if k == self.only else 0.0)
-            elif getattr(stack, "component", "unet") != "unet":  # a text encoder: off where the pipeline's pass is plain
+            elif not unet:  # a text encoder: off where the pipeline's pass is plain
                 out.append(0.0 if self.composer.plain_pipeline_pass else self.concepts[k].weight)
             elif stack.text_input:  # a cross-attention key/value: per prompt token, not per image token
                 if self.segments is None:

@@ -77,6 +77,7 @@ def generate(
     adapter: Annotated[list[str] | None, typer.Option("--adapter", "-a", help="FILE[:WEIGHT] (repeatable): an adapter .safetensors or PEFT folder, weight 1.0 by default.")] = None,
     compose: Annotated[str | None, typer.Option("--compose", "-c", help="Combine the adapters with a composer: naive, clora, lora-composer, gated, orthogonal. Each adapter is a concept named in the prompt by its token and class noun.")] = None,
     region: Annotated[list[str] | None, typer.Option("--region", "-r", help="Region of each adapter, in --adapter order (lora-composer): left, right, top, bottom, top-left, ..., center, all, or x0,y0,x1,y1 fractions.")] = None,
+    timesteps: Annotated[list[str] | None, typer.Option("--timesteps", "-t", help="Timestep window of each adapter, in --adapter order (any composer): START:END of the training timesteps (0 clean, 1000 noise) at which it acts in the UNet, e.g. 0:500 for a style that should only draw the details; 'all' for every step.")] = None,
     block_weights: Annotated[list[str] | None, typer.Option("--block-weights", help="Block weights of each adapter, in --adapter order, as JSON in diffusers' set_adapters form (instead of :WEIGHT), e.g. '{\"unet\": {\"down\": 0, \"mid\": 0, \"up\": {\"block_0\": [0, 1, 0]}}}'; '1' for an adapter at weight 1.")] = None,
 ) -> None:
     """Generate images from prompts and write them to one PNG.
@@ -85,12 +86,14 @@ def generate(
     With adapters: studio generate "a sks shape on the left" --adapter star.safetensors:0.8 -o star.png
     Block weights: studio generate "a sks shape" -a star.safetensors --block-weights '{"unet": {"down": 0, "mid": 0}}'
     Composed: studio generate "a sks shape on the left and a zwx shape on the right" -a star.safetensors -a heart.safetensors --compose lora-composer -r left -r right -o pair.png
+    Style late: studio generate "a sks shape, zxy" -a star.safetensors -a style.safetensors -t all -t 0:500 -o styled.png
     """
     _setup_warnings()
     specs = [_adapter_spec(a) for a in adapter or []]
     if block_weights:
-        if compose is not None or region:
-            _fail("--block-weights go with plain attaching, not with --compose or --region (a composer weighs each adapter itself)")
+        if compose is not None or region or timesteps:
+            _fail("--block-weights go with plain attaching, not with --compose, --region or --timesteps (a composer weighs"
+                  " each adapter itself)")
         if len(block_weights) != len(specs):
             _fail(f"give one --block-weights per --adapter: {len(specs)} adapters, {len(block_weights)} block weights")
         parsed = []
@@ -106,8 +109,8 @@ def generate(
             parsed.append((path, value))
         specs = parsed
     composition = None
-    if compose is not None or region:
-        from studio.composers import METHODS, parse_region
+    if compose is not None or region or timesteps:
+        from studio.composers import METHODS, parse_region, parse_timesteps
 
         method = compose or "naive"
         if method not in METHODS:
@@ -116,11 +119,17 @@ def generate(
             _fail("--compose needs at least one --adapter")
         if region and len(region) != len(specs):
             _fail(f"give one --region per --adapter: {len(specs)} adapters, {len(region)} regions")
+        if timesteps and len(timesteps) != len(specs):
+            _fail(f"give one --timesteps per --adapter: {len(specs)} adapters, {len(timesteps)} windows")
         try:
             regions = [parse_region(r) for r in region] if region else [None] * len(specs)
         except ValueError as e:
             _fail(f"--region: {e}")
-        composition = (method, regions)
+        try:
+            windows = [parse_timesteps(t) for t in timesteps] if timesteps else [None] * len(specs)
+        except ValueError as e:
+            _fail(f"--timesteps: {e}")
+        composition = (method, regions, windows)
     _generate(prompts, out, model, steps, guidance, seed, num, scale, specs, composition=composition)
 
 
@@ -133,6 +142,7 @@ def compose(
     style: Annotated[Path, typer.Option(help="Style adapter, e.g. runs/painting/style.safetensors.")],
     content_weight: Annotated[float, typer.Option(help="Weight of the content adapter.")] = 1.0,
     style_weight: Annotated[float, typer.Option(help="Weight of the style adapter.")] = 1.0,
+    style_timesteps: Annotated[str, typer.Option(help="Training timesteps (START:END, 0 clean, 1000 noise) at which the style adapter acts, e.g. 0:500: only the late, detail-making steps, leaving the layout to the content adapter; 'all': every step.")] = "all",
     out: OutOpt = Path("out.png"),
     model: ModelOpt = EMBEDDED_MODEL,
     steps: StepsOpt = 25,
@@ -146,8 +156,13 @@ def compose(
     Example: studio compose "a sks" --content runs/star/content.safetensors --style runs/ringed/style.safetensors -o out.png
     """
     _setup_warnings()
+    from studio.composers import parse_timesteps
     from studio.plugin import check_same_base
 
+    try:
+        window = parse_timesteps(style_timesteps)
+    except ValueError as e:
+        _fail(f"--style-timesteps: {e}")
     _generate(
         prompts,
         out,
@@ -159,6 +174,7 @@ def compose(
         scale,
         [(content, content_weight), (style, style_weight)],
         check=lambda: check_same_base({"content adapter": content, "style adapter": style}),
+        composition=("naive", [None, None], [None, window]) if window else None,
     )
 
 
@@ -173,7 +189,7 @@ def _generate(
     scale: int,
     specs: list[tuple[Path, float]],
     check=None,
-    composition: tuple[str, list] | None = None,
+    composition: tuple[str, list, list] | None = None,
 ) -> None:
     """``generate``'s work, shared by ``compose``: check every input, attach adapters, sample, write."""
     from studio.sampling import check_prompt, image_grid
@@ -230,10 +246,10 @@ def _composed(pipe, prompts, specs, composition, seed, num, steps, guidance) -> 
     from studio.composers import Concept, compose
     from studio.plugin import check_same_base
 
-    method, regions = composition
+    method, regions, windows = composition
     try:
         check_same_base({f"adapter {p}": p for p, _ in specs})
-        concepts = [Concept.load(p, weight=w, region=r) for (p, w), r in zip(specs, regions)]
+        concepts = [Concept.load(p, weight=w, region=r, timesteps=t) for (p, w), r, t in zip(specs, regions, windows)]
         images = []
         for prompt in prompts:
             with torch.no_grad():

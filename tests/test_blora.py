@@ -165,3 +165,13 @@ def test_compose_writes_an_image_from_a_content_and_a_style_part(tmp_path):
     from PIL import Image
 
     assert Image.open(out).size == (64, 64)
+    pair = ["--content", str(tmp_path / "run" / "content.safetensors"), "--style", str(tmp_path / "run" / "style.safetensors")]
+    late = tmp_path / "late.png"
+    r = subprocess.run([*STUDIO, "compose", "a sks", *pair, "--style-timesteps", "0:500", "--steps", "2", "-o", str(late)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert Image.open(late).size == (64, 64)
+    r = subprocess.run([*STUDIO, "compose", "a sks", *pair, "--style-timesteps", "late", "-o", str(tmp_path / "bad.png")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--style-timesteps: timesteps 'late' is not a timestep window" in r.stderr
+    assert not (tmp_path / "bad.png").exists()

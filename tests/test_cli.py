@@ -178,10 +178,15 @@ def test_generate_composed_and_its_errors(tmp_path):
         (["--compose", "lora-composer", "-r", "left"], "give one --region per --adapter: 2 adapters, 1 regions"),
         (["--compose", "lora-composer", "-r", "left", "-r", "0.7,0,0.2,1"], "--region: region '0.7,0,0.2,1' is not a region"),
         (["--compose", "lora-composer"], "lora-composer needs a region for every concept; none for sks, zwx"),
+        (["-t", "0:500"], "give one --timesteps per --adapter: 2 adapters, 1 windows"),
+        (["-t", "all", "-t", "500:100"], "--timesteps: timesteps '500:100' is not a timestep window; accepted: START:END"),
     ):
         r = run("generate", prompt, "-a", str(a), "-a", str(b), *extra, "-o", str(tmp_path / "x.png"), "--steps", "2")
         lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("warning")]
         assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
+    r = run("generate", prompt, "-a", str(a), "-a", str(b), "-t", "all", "-t", ":500", "--steps", "3", "-o", str(out))
+    assert r.returncode == 0, r.stderr  # the naive sum with the second adapter acting late only
+    assert Image.open(out).size == (64, 64)  # one image now: rewritten
     r = run("generate", "a red circle", "-a", str(a), "-a", str(b), "--compose", "clora", "-o", str(tmp_path / "x.png"))
     assert r.returncode == 2 and "concept 'sks': none of its words 'sks shape' is in the prompt" in r.stderr
     assert not (tmp_path / "x.png").exists()

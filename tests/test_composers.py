@@ -9,12 +9,12 @@ import torch
 from conftest import random_adapter
 from diffusers import StableDiffusionXLPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
-from studio.composers import Concept, compose, composing, get_composer, parse_region
+from studio.composers import Concept, compose, composing, get_composer, parse_region, parse_timesteps
 from studio.composers.base import default_attention, token_positions
 from studio.composers.clora import CLoRA, nt_xent
 from studio.composers.orthogonal import merge, merge_layer
 
-from studio.adapters import LoraWeights
+from studio.adapters import Adapter, LoraWeights
 from studio.families import EMBEDDED_MODEL
 from studio.plugin import LoraStack
 
@@ -237,6 +237,41 @@ def test_naive_composer_equals_plain_attach(pipe, concepts):
     plain = generate(pipe, [PROMPT], seed=0, steps=3)[0]
     detach(pipe)
     assert np.abs(np.asarray(composed, dtype=int) - np.asarray(plain, dtype=int)).max() <= 1
+
+
+def test_timestep_windows_parse_and_refuse_bad_input():
+    assert parse_timesteps("0:500") == (0.0, 500.0)
+    assert parse_timesteps(":300") == (0.0, 300.0) and parse_timesteps("700:") == (700.0, 1000.0)
+    assert parse_timesteps("all") is None and parse_timesteps(None) is None and parse_timesteps((100, 200)) == (100.0, 200.0)
+    for bad in ("500:100", "0:2000", "late", "1:2:3", "-5:10"):
+        with pytest.raises(ValueError, match="accepted: START:END"):
+            parse_timesteps(bad)
+
+
+def test_a_timestep_window_turns_the_adapter_off_outside_it(pipe, concepts):
+    """A concept with ``timesteps=(0, 500)`` gets its weight at t < 500 and 0 at t >= 500, in the naive composer's
+    cached gates too; a window holding every step is the plain composition, one holding none leaves the other
+    adapter alone (the window is the UNet's: text-encoder layers encode the prompt once, so they act throughout)."""
+    late = [concepts[0], Concept.load(concepts[1].adapter, name="zwx", timesteps="0:500", weight=0.7)]
+    with composing(pipe, "naive", PROMPT, late) as run:
+        stack = _stack(pipe, "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")
+        x = torch.randn(1, 64, stack.base.in_features)
+        k = stack.names.index("zwx")
+        run.timestep = torch.tensor(800)
+        assert run.gates(stack, x)[k] == 0.0 and run.gates(stack, x)[1 - k] == 1.0
+        run.timestep = torch.tensor(499)
+        assert run.gates(stack, x)[k] == 0.7
+        run.timestep = 500
+        assert run.gates(stack, x)[k] == 0.0
+    plain = compose(pipe, "naive", PROMPT, concepts, seed=1, steps=3)[0]
+    everywhere = [concepts[0], Concept.load(concepts[1].adapter, name="zwx", timesteps="0:1000")]
+    assert np.array_equal(np.asarray(compose(pipe, "naive", PROMPT, everywhere, seed=1, steps=3)[0]), np.asarray(plain))
+    unet_only = Adapter({k: v for k, v in concepts[1].adapter.modules.items() if k.startswith("unet.")}, concepts[1].adapter.meta)
+    never = [concepts[0], Concept.load(unet_only, name="zwx", timesteps="0:1")]  # 3 steps: t >= 1 always
+    alone = compose(pipe, "naive", PROMPT, concepts[:1], seed=1, steps=3)[0]
+    off = np.asarray(compose(pipe, "naive", PROMPT, never, seed=1, steps=3)[0], dtype=int)
+    assert np.abs(off - np.asarray(alone, dtype=int)).max() <= 1  # the same sum, the zero term kept: rounding only
+    assert np.abs(np.asarray(alone, dtype=int) - np.asarray(plain, dtype=int)).max() > 10
 
 
 @pytest.mark.parametrize("mixing", ["noise", "gates"])

@@ -237,6 +237,7 @@ def test_compose_two_adapters_in_drawn_regions(page, server, tmp_path, shots):
     x0, _, x1, _ = (float(v) for v in region2.input_value().split(","))
     assert x0 > 0.5 and x1 > 0.9
     _fill(page, "prompt", "a sks shape on the left and a zwx shape on the right")
+    _fill(page, "slot-2-timesteps", "0:700")  # the second concept acts only below t = 700
     before = set((server["data"] / "outputs").glob("*.png"))
     page.click("#generate-button")
     page.locator("#gallery").get_by_text("lora-composer").first.wait_for(timeout=120_000)
@@ -250,6 +251,7 @@ def test_compose_two_adapters_in_drawn_regions(page, server, tmp_path, shots):
     assert settings["composer"] == "lora-composer"
     assert [a["name"] for a in settings["adapters"]] == ["star", "zwx"]
     assert all(a["region"] for a in settings["adapters"])
+    assert "timesteps" not in settings["adapters"][0] and settings["adapters"][1]["timesteps"] == "0:700"
     page.screenshot(path=str(shots / "compose.png"), full_page=True)
 
 

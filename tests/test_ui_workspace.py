@@ -3,6 +3,7 @@ resume), the library, settings in PNG metadata."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -301,6 +302,11 @@ def test_generate_keeps_the_settings_in_the_png(tmp_path):
     # the same request again gives the same pixels (the adapter was attached and removed cleanly)
     again = engine.generate(settings)
     assert [Image.open(f).tobytes() for f in again] == [Image.open(f).tobytes() for f in files]
+    # a timestep window: the adapter acts only at t < 500 (through the naive composer), and the PNG keeps the window
+    late = dataclasses.replace(settings, adapters=[{"name": "a", "weight": 0.5, "region": "", "timesteps": "0:500"}])
+    windowed = engine.generate(late)
+    assert Settings.from_png(windowed[0]).adapters == late.adapters
+    assert [Image.open(f).tobytes() for f in windowed] != [Image.open(f).tobytes() for f in files]
 
 
 @pytest.mark.parametrize("change,message", [
@@ -311,6 +317,8 @@ def test_generate_keeps_the_settings_in_the_png(tmp_path):
     ({"num": 9}, "images per request 9 is out of range"),
     ({"adapters": [{"name": "nope", "weight": 1.0}]}, "adapter 'nope' is not in the library"),
     ({"adapters": [{"name": "../../x", "weight": 1.0}]}, "adapter '../../x' is refused"),
+    ({"adapters": [{"name": "a", "weight": 1.0, "timesteps": "900:100"}]},
+     "adapter 'a': timesteps '900:100' is not a timestep window; accepted: START:END"),
 ])
 def test_bad_generate_settings_are_named(tmp_path, change, message):
     ws = Workspace(tmp_path / "data")

@@ -251,7 +251,10 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
                                 w = gr.Slider(-2, 2, value=1.0, step=0.05, label="weight", scale=2)
                                 r = gr.Textbox(value="", label="region (lora-composer)", placeholder="left, right, x0,y0,x1,y1",
                                                elem_id=f"slot-{i + 1}-region", scale=2)
-                            slots.append((a, w, r))
+                                t = gr.Textbox(value="", label="timesteps", placeholder="all, or 0:500 (late only)",
+                                               elem_id=f"slot-{i + 1}-timesteps", scale=1,
+                                               info="START:END of 0 (clean) to 1000 (noise) where it acts")
+                            slots.append((a, w, r, t))
                         go = gr.Button("Generate", variant="primary", elem_id="generate-button")
                     with gr.Column():
                         gr.Markdown("**Draw a region**: pick the concept, then click two opposite corners on the canvas.")
@@ -265,7 +268,7 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
                                              object_fit="contain", preview=False, fit_columns=False)
                         shown = gr.State([])
 
-        regions = [r for _, _, r in slots]
+        regions = [r for _, _, r, _ in slots]
 
         # ---------------------------------------------------------------- Train handlers
         @_guarded
@@ -362,7 +365,7 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
             return (library_rows(), gr.update(choices=names, value=selected if selected in names else None),
                     *[gr.update(choices=[""] + names) for _ in range(SLOTS)], gr.update(choices=[""] + names))
 
-        lib_outputs = [table, pick, *[a for a, _, _ in slots], start_from]  # every list of the library's names
+        lib_outputs = [table, pick, *[a for a, _, _, _ in slots], start_from]  # every list of the library's names
         table.change(lambda: refresh_lists()[1:], None, lib_outputs[1:], queue=False)
 
         @_guarded
@@ -453,16 +456,19 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
                         progress=gr.Progress()):  # noqa: B008 - gradio's way to ask for a progress bar
             adapters = []
             for i in range(SLOTS):
-                name, weight, region = slot_values[3 * i : 3 * i + 3]
+                name, weight, region, window = slot_values[4 * i : 4 * i + 4]
+                window = (window or "").strip()
                 if name:
-                    adapters.append({"name": name, "weight": float(weight), "region": (region or "").strip()})
+                    adapters.append({"name": name, "weight": float(weight), "region": (region or "").strip(),
+                                     **({"timesteps": window} if window and window != "all" else {})})
             settings = Settings(prompt=prompt_, negative_prompt=negative_, seed=int(seed_ or 0), steps=int(steps_),
                                 guidance=float(guidance_), width=int(width_ or 0), height=int(height_ or 0),
                                 num=int(num_), adapters=adapters, composer=composer_)
             files = engine.generate(settings, progress=lambda i, n: progress((i, n), desc="sampling"))
             caption = " · ".join(filter(None, [
                 f"steps {settings.steps}", f"cfg {settings.guidance}", settings.composer if adapters else "",
-                " ".join(f"{a['name']}:{a['weight']:g}" + (f"@{a['region']}" if a["region"] else "") for a in adapters)]))
+                " ".join(f"{a['name']}:{a['weight']:g}" + (f"@{a['region']}" if a["region"] else "")
+                         + (f" t{a['timesteps']}" if a.get("timesteps") else "") for a in adapters)]))
             new = [(str(f), f"seed {settings.seed + i} · {caption}") for i, f in enumerate(files)]
             shown_ = (new + list(shown_))[:48]
             return shown_, shown_

@@ -34,7 +34,7 @@ class Settings:
     width: int = 0  # 0: the model's native size
     height: int = 0
     num: int = 1
-    adapters: list[dict] = field(default_factory=list)  # {"name", "weight", "region"}
+    adapters: list[dict] = field(default_factory=list)  # {"name", "weight", "region"[, "timesteps": "START:END"]}
     composer: str = "naive"
 
     def check(self, multiple: int) -> None:
@@ -53,9 +53,15 @@ class Settings:
             raise InputError(f"composer {self.composer!r} is not known; choose one of {', '.join(COMPOSERS)}")
         if len({a["name"] for a in self.adapters}) != len(self.adapters):
             raise InputError("the same adapter is picked twice; pick each adapter once")
+        from studio.composers import parse_timesteps
+
         for a in self.adapters:
             if not -4 <= float(a.get("weight", 1.0)) <= 4:
                 raise InputError(f"weight {a.get('weight')} of adapter {a['name']!r} is out of range; accepted: -4 to 4")
+            try:
+                parse_timesteps(a.get("timesteps") or None)
+            except ValueError as e:
+                raise InputError(f"adapter {a['name']!r}: {e}") from None
 
     def parameters(self, model: str) -> str:
         """A1111-style ``parameters`` text."""
@@ -128,7 +134,8 @@ class Engine:
                 progress(i + 1, settings.steps)
                 return kwargs
         with torch.no_grad():
-            if settings.adapters and (settings.composer != "naive" or any(a.get("region") for a in settings.adapters)):
+            if settings.adapters and (settings.composer != "naive" or any(a.get("region") or a.get("timesteps")
+                                                                          for a in settings.adapters)):
                 images = self._composed(settings, files, size)
             else:
                 images = self._plain(settings, files, size, callback)
@@ -171,8 +178,8 @@ class Engine:
         from studio.composers import Concept, compose, parse_region
 
         try:
-            concepts = [Concept.load(f, weight=float(a.get("weight", 1.0)), region=parse_region(a.get("region") or None))
-                        for f, a in zip(files, s.adapters)]
+            concepts = [Concept.load(f, weight=float(a.get("weight", 1.0)), region=parse_region(a.get("region") or None),
+                                     timesteps=a.get("timesteps") or None) for f, a in zip(files, s.adapters)]
             return compose(self.pipe, s.composer, s.prompt, concepts, seed=s.seed, num=s.num, steps=s.steps,
                            guidance=s.guidance, negative_prompt=s.negative_prompt or None, **size)
         except (ValueError, FileNotFoundError) as e:

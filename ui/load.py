@@ -70,10 +70,10 @@ def server(data_dir: str | Path, port: int | None = None, log: str | Path | None
 
 def generate_args(prompt: str, seed: int, steps: int, adapter: str = "", weight: float = 1.0) -> list:
     """The positional inputs of the app's ``/generate`` endpoint (prompt, negative, seed, steps, guidance,
-    width, height, images, composer, then adapter/weight/region for each concept slot)."""
+    width, height, images, composer, then adapter/weight/region/timesteps for each concept slot)."""
     from studio.ui.app import SLOTS
 
-    slots = [adapter, weight, ""] + ["", 1.0, ""] * (SLOTS - 1)
+    slots = [adapter, weight, "", ""] + ["", 1.0, "", ""] * (SLOTS - 1)
     return [prompt, "", seed, steps, 5.0, 0, 0, 1, "naive", *slots]
 
 
