@@ -133,7 +133,7 @@ def main() -> None:
     parser.add_argument("--embedding-lr", type=float, default=0.0,
                         help="with --pivotal: the trainers' --embedding-lr (0: --lr); another trains under METHOD-pivotal-elrX/")
     parser.add_argument("--style-timesteps", default="all", metavar="START:END",
-                        help="the composed methods (naive, naive+captions, klora) sample the style adapter only at these"
+                        help="the composed methods (naive, naive+captions, ziplora, klora) sample the style adapter only at these"
                         " training timesteps (0 clean, 1000 noise), e.g. 0:500; the adapters alone are sampled as trained")
     parser.add_argument("--seed", type=int, default=0, help="the trainers' --seed (LoRA init, examples, noise, timesteps);"
                         " another than 0 trains under METHOD-seedN/, to read how much the grid moves with it")

@@ -228,7 +228,7 @@ class Run:
         self.height, self.width = height, width
         self.index = {c.name: k for k, c in enumerate(concepts)}  # adapter name on the pipeline -> concept
         self.step = -1  # index of the denoising step the UNet is in
-        self.timestep = None
+        self.timestep = None  # sets ``acting`` too
         self.pipeline_kwargs: dict = {}  # the keyword arguments of the pipeline's own UNet call this step
         self.only: int | None = None  # while set, only this concept's adapter acts (encoding its prompt)
         self.segments: list[tuple[int, int, int | None]] | None = None  # prompt-token spans -> concept, in expanded attention
@@ -294,15 +294,23 @@ class Run:
         # the same list for the same question, so that the layer can keep a prepared call; a cross-attention
         # key/value's gates follow the prompt's spans of the pass (``segments``), part of the question
         spans = tuple(self.segments) if stack.text_input and self.segments is not None else None
-        key = (stack, x.shape, x.dtype, x.device, self.only, spans, self._acting())
+        key = (stack, x.shape, x.dtype, x.device, self.only, spans, self._windows)
         out = self._gates.get(key)
         if out is None:
             out = self._gates[key] = self._gates_for(stack, x)
         return out
 
-    def _acting(self) -> tuple[bool, ...]:
-        """Which concepts with a timestep window act at this step (part of the static gates' question)."""
-        return tuple(c.acts_at(self.timestep) for c in self.concepts if c.timesteps is not None)
+    @property
+    def timestep(self):
+        """The timestep of the UNet call in progress (``None`` outside sampling)."""
+        return self._timestep
+
+    @timestep.setter
+    def timestep(self, t) -> None:
+        # which concepts act at it, read once per step here rather than per layer (a tensor's value is a device sync)
+        self._timestep = t
+        self.acting = tuple(c.acts_at(t) for c in self.concepts)
+        self._windows = tuple(a for a, c in zip(self.acting, self.concepts) if c.timesteps is not None)
 
     def _gates_for(self, stack, x: torch.Tensor) -> list:
         out = []
@@ -311,7 +319,7 @@ class Run:
             k = self.index.get(name)
             if k is None:  # attached outside this composition: keeps its own weight
                 out.append(weight)
-            elif unet and not self.concepts[k].acts_at(self.timestep):  # outside its timestep window
+            elif unet and not self.acting[k]:  # outside its timestep window
                 out.append(0.0)
             elif self.only is not None:
                 out.append(self.concepts[k].weight if k == self.only else 0.0)
