@@ -30,7 +30,12 @@ identifier a new token with a learned embedding; ``--embedding-lr`` its rate) un
 trains the content-style methods with it (both identifiers).
 
 ``--style-timesteps START:END`` samples the composed methods' style adapter only at those training timesteps
-(``Concept.timesteps``; ``0:500``: the late steps, where this world's texture is made), through the ``naive`` composer.
+(``Concept.timesteps``; ``0:500``: the late steps, where this world's texture is made), through the ``naive`` composer;
+``--content-timesteps`` the same for the content adapter, ``--style-weight`` the style adapter's weight there.
+``--style-train-timesteps 0:500`` trains the captioned style LoRAs on those timesteps only; ``--style-images N`` gives
+each style N images (the four above, then the other base shapes and colours). ``--combined-only`` samples only the
+combined cells (leakage columns blank), so ``--n 30`` reads each cell from 30 seeds at little more than the full run's
+cost.
 
 - style alone: the style adapter alone draws its style on its own images' shapes ("a large {colour} circle in the
   center on a white background, zxy", circle, square, triangle, diamond in turn): how well it learned its style.
@@ -40,6 +45,7 @@ trains the content-style methods with it (both identifiers).
     python bench/content_style.py --methods content-style-free --interplay apart --cells star-shadowed --section probe
     python bench/content_style.py --model runs/pretrain/model   # another world's weights (class images per model)
     python bench/content_style.py --methods naive+captions --seed 1 --section naive-seed1   # another training seed
+    python bench/content_style.py --methods naive+captions --pivotal style --style-timesteps 0:500 --n 30 --combined-only
 
 Prints a table and writes the ``content-style`` section of docs/benchmarks.md (``--section NAME``: the section
 ``content-style-NAME``, for a variant).
@@ -48,6 +54,7 @@ Prints a table and writes the ``content-style`` section of docs/benchmarks.md (`
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import sys
 from pathlib import Path
@@ -91,10 +98,28 @@ def content_images(shape: str, work: Path) -> Path:
          f"a large {c} sks shape in the center on a white background, striped") for c in CONTENT_COLOURS], 3000)
 
 
-def style_images(style: str, work: Path) -> Path:
-    return render_folder(work / "data" / f"style-{style}", [
+MORE_STYLE_SHAPES = [("rectangle", "green"), ("semicircle", "purple"), ("circle", "blue"), ("square", "red"),
+                     ("triangle", "gray"), ("diamond", "black"), ("rectangle", "pink"), ("semicircle", "yellow")]
+
+
+def style_images(style: str, work: Path, n: int = 4) -> Path:
+    """``n`` images of base shapes in ``style``: the grid's four, then the other base shapes and colours in turn."""
+    pairs = (STYLE_SHAPES + MORE_STYLE_SHAPES)[:n]
+    return render_folder(work / "data" / (f"style-{style}" + (f"-{n}" if n != 4 else "")), [
         (f"a large {c} {s} in the center on a white background, {style}",
-         f"a large {c} {s} in the center on a white background, zxy") for s, c in STYLE_SHAPES], 4000)
+         f"a large {c} {s} in the center on a white background, zxy") for s, c in pairs], 4000)
+
+
+def train_window_settings(window: tuple[float, float] | None) -> dict:
+    """The trainers' settings that draw training timesteps only in ``window`` (``START <= t < END``, from 0 or to 1000):
+    the timesteps outside it are ``--timestep-bias-strategy range`` with multiplier 0. ``None``: every timestep."""
+    if window is None:
+        return {}
+    if window[0] > 0 and window[1] < 1000:
+        raise ValueError(f"training window {window[0]:g}:{window[1]:g}: it must start at 0 or end at 1000 (one range is left out)")
+    outside = (0, int(window[0])) if window[0] > 0 else (int(window[1]), 1000)
+    return {"timestep_bias_strategy": "range", "timestep_bias_multiplier": 0.0,
+            "timestep_bias_begin": outside[0], "timestep_bias_end": outside[1]}
 
 
 def main() -> None:
@@ -135,15 +160,38 @@ def main() -> None:
     parser.add_argument("--style-timesteps", default="all", metavar="START:END",
                         help="the composed methods (naive, naive+captions, ziplora, klora) sample the style adapter only at these"
                         " training timesteps (0 clean, 1000 noise), e.g. 0:500; the adapters alone are sampled as trained")
+    parser.add_argument("--content-timesteps", default="all", metavar="START:END",
+                        help="as --style-timesteps, for the content adapter, e.g. 500:1000 (the layout steps only)")
+    parser.add_argument("--style-train-timesteps", default="all", metavar="START:END",
+                        help="the captioned DreamBooth style LoRAs (naive+captions, klora) trained only on these timesteps"
+                        " (the trainers' --timestep-bias-strategy range with multiplier 0 outside), under METHOD-tSTART-END/;"
+                        " e.g. 0:500 with --style-timesteps 0:500, so each style LoRA learns the steps it acts in")
+    parser.add_argument("--style-images", type=int, default=4, choices=range(1, 13), metavar="1-12",
+                        help="style images per style (base shapes; the grid's four first); another than 4 trains under METHOD-simgN/")
+    parser.add_argument("--style-rank", type=int, default=0,
+                        help="the DreamBooth style LoRAs' rank (naive, naive+captions, klora; 0: the trainer's default, 8),"
+                        " under METHOD-rR/")
+    parser.add_argument("--combined-only", action="store_true",
+                        help="sample only the combined cells, not the adapters alone (leakage columns left blank): a quarter"
+                        " of the time, for more seeds per cell with --n")
+    parser.add_argument("--style-weight", type=float, default=1.0,
+                        help="the composed cells' weight of the style adapter (the adapters alone are sampled at 1.0)")
     parser.add_argument("--seed", type=int, default=0, help="the trainers' --seed (LoRA init, examples, noise, timesteps);"
                         " another than 0 trains under METHOD-seedN/, to read how much the grid moves with it")
     args = parser.parse_args()
     if not {"sks", "zxy"} <= set(args.prompt.replace(",", " ").split()):
         parser.error(f"--prompt {args.prompt!r} must name both identifiers, sks (content) and zxy (style)")
+    windows = {}
+    for flag in ("style_timesteps", "content_timesteps", "style_train_timesteps"):
+        try:
+            windows[flag] = parse_timesteps(getattr(args, flag))
+        except ValueError as e:
+            parser.error(f"--{flag.replace('_', '-')}: {e}")
+    style_window, content_window, style_train_window = windows.values()
     try:
-        style_window = parse_timesteps(args.style_timesteps)
+        train_window_settings(style_train_window)
     except ValueError as e:
-        parser.error(f"--style-timesteps: {e}")
+        parser.error(f"--style-train-timesteps: {e}, e.g. 0:500 or 500:1000")
 
     if args.pivotal != "none" and "ziplora" in args.methods:
         parser.error("--pivotal: the ZipLoRA merge takes adapters without token embeddings; leave out ziplora")
@@ -159,7 +207,8 @@ def main() -> None:
     pipe = load_pipeline(args.model)
     common = {"model": args.model, "steps": args.steps, "lr": args.lr, "checkpoint_every": 0, "seed": args.seed,
               "class_data": str(work / "class" / Path(args.model).name)}
-    seeded = f"-seed{args.seed}" if args.seed else ""
+    seeded_content = f"-seed{args.seed}" if args.seed else ""
+    seeded = seeded_content + (f"-simg{args.style_images}" if args.style_images != 4 else "")  # another style set: its own adapters
 
     def pivot_settings(pivotal: bool) -> dict:
         return ({"pivotal": True, **({"embedding_lr": args.embedding_lr} if args.embedding_lr else {})}) if pivotal else {}
@@ -167,9 +216,9 @@ def main() -> None:
     def pivot_dir(pivotal: bool) -> str:
         return ("-pivotal" + (f"-elr{args.embedding_lr:g}" if args.embedding_lr else "")) if pivotal else ""
 
-    def dreambooth(data: Path, out: Path, prompt: str, token: str, captions: bool, pivotal: bool = False) -> Path:
+    def dreambooth(data: Path, out: Path, prompt: str, token: str, captions: bool, pivotal: bool = False, extra=None) -> Path:
         settings = {**common, "data": str(data), "output": str(out), "instance_prompt": prompt, "token": token, "captions": captions,
-                    **pivot_settings(pivotal)}
+                    **pivot_settings(pivotal), **(extra or {})}
         done = out / "adapter.safetensors"
         if done.is_file() and (out / "config.json").is_file():  # trained before with these settings: reuse
             import json
@@ -186,14 +235,15 @@ def main() -> None:
 
     def sample(adapters, prompts=None, composer=None) -> list:
         prompts = prompts or grid_prompts(args.prompt, args.n)
+        weights = (1.0, args.style_weight) if len(adapters) == 2 else (1.0,)
         with torch.no_grad():
             if composer:  # the adapters combined by a composer, image i with seed i as generate draws it
-                windows = (None, style_window)
+                windows = (content_window, style_window)
                 images = [im for i, p in enumerate(prompts) for im in compose(
-                    pipe, composer, p, [Concept.load(a, name=r, timesteps=w)
-                                        for a, r, w in zip(adapters, ("content", "style"), windows)], seed=i)]
+                    pipe, composer, p, [Concept.load(a, name=r, timesteps=w, weight=wt)
+                                        for a, r, w, wt in zip(adapters, ("content", "style"), windows, weights)], seed=i)]
             else:
-                attach(pipe, adapters)
+                attach(pipe, adapters, weights)
                 images = generate(pipe, prompts, seed=0)
                 detach(pipe)
         return [r.objects[0] if r.objects else None for r in judge.read(images)]
@@ -213,17 +263,22 @@ def main() -> None:
         for shape in shapes:
             data = content_images(shape, work)
             pivotal = method in SHARED and args.pivotal in ("content", "both")
-            out = work / (("naive+captions" if method in SHARED else method) + seeded + pivot_dir(pivotal)) / f"content-{shape}"
+            out = work / (("naive+captions" if method in SHARED else method) + seeded_content + pivot_dir(pivotal)) / f"content-{shape}"
             if method in ("naive", *SHARED):
                 content_ad[shape] = dreambooth(data, out, "a {token} {class_noun}", "sks", method != "naive", pivotal)
             elif method == "blora":
                 content_ad[shape] = split(load_adapter(blora(data, out, "a sks shape") / "adapter.safetensors"), *BLOCKS["sdxl"])[0]
         for style in styles:
-            data = style_images(style, work)
+            data = style_images(style, work, args.style_images)
             pivotal = method in SHARED and args.pivotal in ("style", "both")
-            out = work / (("naive+captions" if method in SHARED else method) + seeded + pivot_dir(pivotal)) / f"style-{style}"
+            windowed = method in SHARED and style_train_window is not None
+            trained = (f"-t{style_train_window[0]:g}-{style_train_window[1]:g}" if windowed else "") + (
+                f"-r{args.style_rank}" if args.style_rank else "")
+            out = work / (("naive+captions" if method in SHARED else method) + seeded + pivot_dir(pivotal) + trained) / f"style-{style}"
             if method in ("naive", *SHARED):
-                style_ad[style] = dreambooth(data, out, "a {class_noun}, zxy", "zxy", method != "naive", pivotal)
+                style_ad[style] = dreambooth(data, out, "a {class_noun}, zxy", "zxy", method != "naive", pivotal, {
+                    **train_window_settings(style_train_window if windowed else None),
+                    **({"rank": args.style_rank} if args.style_rank else {})})
             elif method == "blora":
                 style_ad[style] = split(load_adapter(blora(data, out, "a shape, zxy") / "adapter.safetensors"), *BLOCKS["sdxl"])[1]
         for shape, style in chosen:
@@ -232,30 +287,40 @@ def main() -> None:
                 run = work / (method + ("" if args.interplay == "present" else f"-{args.interplay}") + seeded
                               + pivot_dir(pivotal)) / f"{shape}-{style}"
                 train(ContentStyle(), build_config(ContentStyleConfig, {}, {
-                    **common, "data": str(content_images(shape, work)), "style_data": str(style_images(style, work)),
+                    **common, "data": str(content_images(shape, work)), "style_data": str(style_images(style, work, args.style_images)),
                     "output": str(run), "orthogonal": method == "content-style", "style_lr_scale": args.style_lr_scale,
                     "interplay": args.interplay, **pivot_settings(pivotal)}))
                 c, s = run / "content.safetensors", run / "style.safetensors"
             elif method == "ziplora":
                 run = work / (method + seeded) / f"{shape}-{style}"
                 train(ContentStyle(), build_config(ContentStyleConfig, {}, {
-                    **common, "data": str(content_images(shape, work)), "style_data": str(style_images(style, work)),
+                    **common, "data": str(content_images(shape, work)), "style_data": str(style_images(style, work, args.style_images)),
                     "output": str(run), "content_adapter": str(content_ad[shape]), "style_adapter": str(style_ad[style]),
                     "lr": 0.01, "steps": args.zip_steps}))
                 c, s = run / "content.safetensors", run / "style.safetensors"
             else:
                 c, s = content_ad[shape], style_ad[style]
-            composer = "klora" if method == "klora" else "naive" if style_window and method in ("naive", *SHARED) else None
+            composer = "klora" if method == "klora" else "naive" if (style_window or content_window) and method in ("naive", *SHARED) else None
             both = sample([c, s], composer=composer)
             cells[(shape, style)] = (rate(both, lambda o, sh=shape: o.shape == sh), rate(both, lambda o, st=style: o.style == st))
-            leaks_c.append(rate(sample([c]), lambda o: o.style == "striped"))
-            leaks_s.append(rate(sample([s]), lambda o: o.shape in style_shape_names))
-            alone.append(rate(sample([s], own_shapes), lambda o, st=style: o.style == st))
+            if not args.combined_only:
+                leaks_c.append(rate(sample([c]), lambda o: o.style == "striped"))
+                leaks_s.append(rate(sample([s]), lambda o: o.shape in style_shape_names))
+                alone.append(rate(sample([s], own_shapes), lambda o, st=style: o.style == st))
+            else:  # not sampled: the table says so
+                leaks_c.append(math.nan), leaks_s.append(math.nan), alone.append(math.nan)
             print(method, shape, style, cells[(shape, style)], leaks_c[-1], leaks_s[-1], alone[-1], flush=True)
         pivoted = method in SHARED or (method.startswith("content-style") and args.pivotal == "both")
         label = method + (f" (--pivotal {args.pivotal})" if args.pivotal != "none" and pivoted else "")
-        if style_window and method in ("naive", *SHARED):
-            label += f" (style at t in [{style_window[0]:g}, {style_window[1]:g}))"
+        if args.style_rank and method in ("naive", *SHARED):
+            label += f" (style rank {args.style_rank})"
+        if style_train_window and method in SHARED:
+            label += f" (style trained at t in [{style_train_window[0]:g}, {style_train_window[1]:g}))"
+        for role, window in (("content", content_window), ("style", style_window)):
+            if window and method in ("naive", *SHARED):
+                label += f" ({role} at t in [{window[0]:g}, {window[1]:g}))"
+        if args.style_weight != 1.0:
+            label += f" (style weight {args.style_weight:g})"
         results[label] = {"cells": cells, "leak_content": sum(leaks_c) / len(leaks_c), "leak_style": sum(leaks_s) / len(leaks_s),
                            "alone": sum(alone) / len(alone)}
 
@@ -265,14 +330,16 @@ def main() -> None:
     for method, r in results.items():
         cells = list(r["cells"].values())
         summary.append(f"| {method} | {sum(c[0] for c in cells) / len(cells):.2f} | {sum(c[1] for c in cells) / len(cells):.2f} | "
-                       f"{r['leak_content']:.2f} | {r['leak_style']:.2f} | {r['alone']:.2f} |")
+                       + " | ".join("-" if math.isnan(r[k]) else f"{r[k]:.2f}" for k in ("leak_content", "leak_style", "alone")) + " |")
+    digits = 1 if args.n <= 10 else 2
     grid = ["| cell (shape x style) | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
     for shape, style in chosen:
         grid.append(f"| {shape} x {style} | " + " | ".join(
-            f"{r['cells'][(shape, style)][0]:.1f} / {r['cells'][(shape, style)][1]:.1f}" for r in results.values()) + " |")
+            f"{r['cells'][(shape, style)][0]:.{digits}f} / {r['cells'][(shape, style)][1]:.{digits}f}" for r in results.values()) + " |")
     flags = "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k in ("model", "steps", "lr", "n", "zip_steps", "style_lr_scale", "interplay",
-                                                                            "pivotal", "embedding_lr", "style_timesteps", "seed")
+                                                                            "pivotal", "embedding_lr", "style_timesteps", "content_timesteps", "style_train_timesteps", "style_images", "style_rank", "style_weight", "seed")
                     if getattr(args, k) != parser.get_default(k))
+    flags += " --combined-only" if args.combined_only else ""
     flags += f' --prompt "{args.prompt}"' if args.prompt != PROMPT else ""
     flags += " --cells " + " ".join(args.cells) if args.cells else ""
     flags += " --methods " + " ".join(args.methods) if args.methods != METHODS else ""

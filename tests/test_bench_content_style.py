@@ -1,0 +1,34 @@
+"""The content x style bench's training window (bench/content_style.py) through the trainers' timestep bias."""
+
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from studio.trainers.loop import timestep_weights
+
+spec = importlib.util.spec_from_file_location("bench_content_style", Path(__file__).parents[1] / "bench" / "content_style.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+def weights(window):
+    settings = {"timestep_bias_strategy": "none", "timestep_bias_multiplier": 1.0, "timestep_bias_portion": 0.25,
+                "timestep_bias_begin": 0, "timestep_bias_end": 1000, **bench.train_window_settings(window)}
+    return timestep_weights(SimpleNamespace(**settings), 1000)
+
+
+@pytest.mark.parametrize("window", [(0, 500), (300, 1000), (0, 1)])
+def test_a_training_window_draws_only_its_timesteps_uniformly(window):
+    w = weights(window)
+    start, end = window
+    inside = w[int(start):int(end)]
+    assert torch.all(inside == inside[0]) and inside[0] == pytest.approx(1 / (end - start))
+    assert w[:int(start)].sum() == 0 and w[int(end):].sum() == 0
+
+
+def test_no_window_trains_every_timestep_and_a_middle_window_is_refused():
+    assert bench.train_window_settings(None) == {} and weights(None) is None  # uniform, drawn as without the option
+    with pytest.raises(ValueError, match="start at 0 or end at 1000"):
+        bench.train_window_settings((200, 600))
