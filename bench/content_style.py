@@ -36,6 +36,8 @@ trains the content-style methods with it (both identifiers).
 each style N images (the four above, then the other base shapes and colours). ``--combined-only`` samples only the
 combined cells (leakage columns blank), so ``--n 30`` reads each cell from 30 seeds at little more than the full run's
 cost.
+``--ceiling`` adds a row of what the judge reads of each cell drawn right: the cell's prompts rendered by the world
+and passed through the model's VAE, the most any method can read (``--methods`` with no name: that row alone).
 
 - style alone: the style adapter alone draws its style on its own images' shapes ("a large {colour} circle in the
   center on a white background, zxy", circle, square, triangle, diamond in turn): how well it learned its style.
@@ -123,6 +125,7 @@ def train_window_settings(window: tuple[float, float] | None) -> dict:
 
 
 def main() -> None:
+    import numpy as np
     import torch
     from studio.composers import Concept, compose, parse_timesteps
     from studio.trainers.blora import BLOCKS, BLoRA, BLoRAConfig, split
@@ -171,6 +174,9 @@ def main() -> None:
     parser.add_argument("--style-rank", type=int, default=0,
                         help="the DreamBooth style LoRAs' rank (naive, naive+captions, klora; 0: the trainer's default, 8),"
                         " under METHOD-rR/")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="also a row of what the judge reads of each cell drawn right: its prompts rendered by the world"
+                        " and passed through the model's VAE (the most any method can read)")
     parser.add_argument("--combined-only", action="store_true",
                         help="sample only the combined cells, not the adapters alone (leakage columns left blank): a quarter"
                         " of the time, for more seeds per cell with --n")
@@ -255,6 +261,24 @@ def main() -> None:
         return sum(o is not None and test(o) for o in objs) / len(objs)
 
     results: dict[str, dict] = {}
+    if args.ceiling:  # what the judge reads of each cell drawn right: its renders through the model's VAE
+        from codec import through
+        from PIL import Image
+
+        from studio.world.grammar import parse_prompt, scene_from_prompt
+        from studio.world.render import render_array
+
+        cells = {}
+        for shape, style in chosen:
+            texts = grid_prompts(f"a large {{colour}} {shape} in the center on a white background, {style}", args.n)
+            renders = [render_array(scene_from_prompt(parse_prompt(t), random.Random(i)), seed=i) for i, t in enumerate(texts)]
+            with torch.no_grad():
+                decoded, _ = through(pipe.vae, np.stack(renders))
+            objs = [r.objects[0] if r.objects else None for r in judge.read([Image.fromarray(a) for a in decoded])]
+            cells[(shape, style)] = (rate(objs, lambda o, sh=shape: o.shape == sh), rate(objs, lambda o, st=style: o.style == st))
+            print("ceiling", shape, style, cells[(shape, style)], flush=True)
+        results["ceiling: the cells' renders through the model's VAE"] = {
+            "cells": cells, "leak_content": math.nan, "leak_style": math.nan, "alone": math.nan}
     style_shape_names = {s for s, _ in STYLE_SHAPES}
     for method in args.methods:
         cells, leaks_c, leaks_s, alone = {}, [], [], []
@@ -340,9 +364,10 @@ def main() -> None:
                                                                             "pivotal", "embedding_lr", "style_timesteps", "content_timesteps", "style_train_timesteps", "style_images", "style_rank", "style_weight", "seed")
                     if getattr(args, k) != parser.get_default(k))
     flags += " --combined-only" if args.combined_only else ""
+    flags += " --ceiling" if args.ceiling else ""
     flags += f' --prompt "{args.prompt}"' if args.prompt != PROMPT else ""
     flags += " --cells " + " ".join(args.cells) if args.cells else ""
-    flags += " --methods " + " ".join(args.methods) if args.methods != METHODS else ""
+    flags += " --methods" + "".join(" " + m for m in args.methods) if args.methods != METHODS else ""
     flags += f" --section {args.section}" if args.section else ""
     title = "Content x style: combining a subject adapter with a style adapter" + (f" ({args.section})" if args.section else "")
     text = (f"## {title}\n\nCommand: `python bench/content_style.py{flags}` "
