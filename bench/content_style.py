@@ -79,17 +79,21 @@ METHODS = ["naive", "naive+captions", "blora", "content-style", "content-style-f
 SHARED = ("naive+captions", "ziplora", "klora")  # methods built on the same captioned DreamBooth LoRAs (trained once)
 
 
+def render(text: str, seed: int):
+    """The world's render (uint8 HWC) of a scene text, its layout and texture drawn with ``seed``."""
+    from studio.world.grammar import parse_prompt, scene_from_prompt
+    from studio.world.render import render_array
+
+    return render_array(scene_from_prompt(parse_prompt(text), random.Random(seed)), seed=seed)
+
+
 def render_folder(folder: Path, items: list[tuple[str, str]], seed: int) -> Path:
     """Renders of ``(scene text, caption)``, each with its caption sidecar."""
     from PIL import Image
 
-    from studio.world.grammar import parse_prompt, scene_from_prompt
-    from studio.world.render import render_array
-
     folder.mkdir(parents=True, exist_ok=True)
     for i, (text, caption) in enumerate(items):
-        scene = scene_from_prompt(parse_prompt(text), random.Random(seed + i))
-        Image.fromarray(render_array(scene, seed=seed + i)).save(folder / f"{i}.png")
+        Image.fromarray(render(text, seed + i)).save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text(caption)
     return folder
 
@@ -265,13 +269,10 @@ def main() -> None:
         from codec import through
         from PIL import Image
 
-        from studio.world.grammar import parse_prompt, scene_from_prompt
-        from studio.world.render import render_array
-
         cells = {}
         for shape, style in chosen:
             texts = grid_prompts(f"a large {{colour}} {shape} in the center on a white background, {style}", args.n)
-            renders = [render_array(scene_from_prompt(parse_prompt(t), random.Random(i)), seed=i) for i, t in enumerate(texts)]
+            renders = [render(t, i) for i, t in enumerate(texts)]
             with torch.no_grad():
                 decoded, _ = through(pipe.vae, np.stack(renders))
             objs = [r.objects[0] if r.objects else None for r in judge.read([Image.fromarray(a) for a in decoded])]
