@@ -36,6 +36,10 @@ trains the content-style methods with it (both identifiers).
 each style N images (the four above, then the other base shapes and colours). ``--combined-only`` samples only the
 combined cells (leakage columns blank), so ``--n 30`` reads each cell from 30 seeds at little more than the full run's
 cost.
+``--style-first style`` trains the captioned style LoRAs on captions that name the style before the noun ("a large
+orange zxy circle in the center on a white background"; the grammar's other place for a style word, where the base
+model binds it best) under ``METHOD-sf/``, and samples "a large {colour} sks zxy shape in the center on a white
+background"; ``both`` captions the content images so too ("a large blue striped sks shape ...").
 ``--ceiling`` adds a row of what the judge reads of each cell drawn right: the cell's prompts rendered by the world
 and passed through the model's VAE, the most any method can read (``--methods`` with no name: that row alone).
 
@@ -48,6 +52,7 @@ and passed through the model's VAE, the most any method can read (``--methods`` 
     python bench/content_style.py --model runs/pretrain/model   # another world's weights (class images per model)
     python bench/content_style.py --methods naive+captions --seed 1 --section naive-seed1   # another training seed
     python bench/content_style.py --methods naive+captions --pivotal style --style-timesteps 0:500 --n 30 --combined-only
+    python bench/content_style.py --methods naive+captions --pivotal style --style-first style --n 30 --combined-only
 
 Prints a table and writes the ``content-style`` section of docs/benchmarks.md (``--section NAME``: the section
 ``content-style-NAME``, for a variant).
@@ -69,6 +74,7 @@ STYLES = ["shadowed", "ringed", "halved"]
 CONTENT_COLOURS = ["blue", "red", "green", "purple"]
 STYLE_SHAPES = [("circle", "orange"), ("square", "cyan"), ("triangle", "pink"), ("diamond", "yellow")]
 PROMPT = "a large {colour} sks shape in the center on a white background, zxy"
+PROMPT_STYLE_FIRST = "a large {colour} sks zxy shape in the center on a white background"  # --style-first: the style word before the noun
 GRID_COLOURS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink", "black", "gray")  # not white
 
 
@@ -98,22 +104,28 @@ def render_folder(folder: Path, items: list[tuple[str, str]], seed: int) -> Path
     return folder
 
 
-def content_images(shape: str, work: Path) -> Path:
-    return render_folder(work / "data" / f"content-{shape}", [
-        (f"a large {c} {shape} in the center on a white background, striped",
-         f"a large {c} sks shape in the center on a white background, striped") for c in CONTENT_COLOURS], 3000)
+def caption(colour: str, subject: str, style: str, style_first: bool = False) -> str:
+    """A grid caption: the style word after the sentence ("..., zxy") or, ``style_first``, before the noun
+    ("a large red zxy circle ..."), the grammar's two places for it."""
+    if style_first:
+        return f"a large {colour} {style} {subject} in the center on a white background"
+    return f"a large {colour} {subject} in the center on a white background, {style}"
+
+
+def content_images(shape: str, work: Path, style_first: bool = False) -> Path:
+    return render_folder(work / "data" / (f"content-{shape}" + ("-sf" if style_first else "")), [
+        (caption(c, shape, "striped"), caption(c, "sks shape", "striped", style_first)) for c in CONTENT_COLOURS], 3000)
 
 
 MORE_STYLE_SHAPES = [("rectangle", "green"), ("semicircle", "purple"), ("circle", "blue"), ("square", "red"),
                      ("triangle", "gray"), ("diamond", "black"), ("rectangle", "pink"), ("semicircle", "yellow")]
 
 
-def style_images(style: str, work: Path, n: int = 4) -> Path:
+def style_images(style: str, work: Path, n: int = 4, style_first: bool = False) -> Path:
     """``n`` images of base shapes in ``style``: the grid's four, then the other base shapes and colours in turn."""
     pairs = (STYLE_SHAPES + MORE_STYLE_SHAPES)[:n]
-    return render_folder(work / "data" / (f"style-{style}" + (f"-{n}" if n != 4 else "")), [
-        (f"a large {c} {s} in the center on a white background, {style}",
-         f"a large {c} {s} in the center on a white background, zxy") for s, c in pairs], 4000)
+    return render_folder(work / "data" / (f"style-{style}" + (f"-{n}" if n != 4 else "") + ("-sf" if style_first else "")), [
+        (caption(c, s, style), caption(c, s, "zxy", style_first)) for s, c in pairs], 4000)
 
 
 def train_window_settings(window: tuple[float, float] | None) -> dict:
@@ -157,7 +169,8 @@ def main() -> None:
     parser.add_argument("--interplay", default="present", help="the content-style methods' --interplay (present, apart, cooperative)")
     parser.add_argument("--cells", nargs="*", default=None, metavar="SHAPE-STYLE",
                         help="only these cells of the grid, e.g. star-shadowed heart-ringed (default: all 9)")
-    parser.add_argument("--prompt", default=PROMPT, help="the prompt every cell and every adapter alone is sampled with")
+    parser.add_argument("--prompt", default=None, help="the prompt every cell and every adapter alone is sampled with"
+                        f" (default {PROMPT!r}; with --style-first style|both {PROMPT_STYLE_FIRST!r})")
     parser.add_argument("--pivotal", choices=("none", "content", "style", "both"), default="none",
                         help="the captioned DreamBooth LoRAs (naive+captions, klora) of these roles trained with --pivotal"
                         " (their identifier a new token with a learned embedding), under METHOD-pivotal/; both: the"
@@ -186,9 +199,17 @@ def main() -> None:
                         " of the time, for more seeds per cell with --n")
     parser.add_argument("--style-weight", type=float, default=1.0,
                         help="the composed cells' weight of the style adapter (the adapters alone are sampled at 1.0)")
+    parser.add_argument("--style-first", choices=("none", "style", "both"), default="none",
+                        help="the captioned DreamBooth LoRAs of these roles (style: the style LoRAs; both: the content LoRAs too) train"
+                        " on captions naming the style before the noun (\"a large orange zxy circle in the center ...\", where"
+                        " the base model binds style words best) instead of after the sentence, under METHOD-sf/; the grid"
+                        f" prompt becomes {PROMPT_STYLE_FIRST!r}")
     parser.add_argument("--seed", type=int, default=0, help="the trainers' --seed (LoRA init, examples, noise, timesteps);"
                         " another than 0 trains under METHOD-seedN/, to read how much the grid moves with it")
     args = parser.parse_args()
+    default_prompt = PROMPT_STYLE_FIRST if args.style_first != "none" else PROMPT
+    content_first, style_first = args.style_first == "both", args.style_first != "none"  # whose captions name the style first
+    args.prompt = args.prompt or default_prompt
     if not {"sks", "zxy"} <= set(args.prompt.replace(",", " ").split()):
         parser.error(f"--prompt {args.prompt!r} must name both identifiers, sks (content) and zxy (style)")
     windows = {}
@@ -217,8 +238,10 @@ def main() -> None:
     pipe = load_pipeline(args.model)
     common = {"model": args.model, "steps": args.steps, "lr": args.lr, "checkpoint_every": 0, "seed": args.seed,
               "class_data": str(work / "class" / Path(args.model).name)}
-    seeded_content = f"-seed{args.seed}" if args.seed else ""
-    seeded = seeded_content + (f"-simg{args.style_images}" if args.style_images != 4 else "")  # another style set: its own adapters
+    seeded_content = (f"-seed{args.seed}" if args.seed else "") + ("-sf" if content_first else "")  # other captions: own adapters
+    seeded = (f"-seed{args.seed}" if args.seed else "") + ("-sf" if style_first else "") + (
+        f"-simg{args.style_images}" if args.style_images != 4 else "")  # another style set: its own adapters
+    paired = seeded + ("-both" if content_first else "")  # a run trained on both image sets
 
     def pivot_settings(pivotal: bool) -> dict:
         return ({"pivotal": True, **({"embedding_lr": args.embedding_lr} if args.embedding_lr else {})}) if pivotal else {}
@@ -258,7 +281,7 @@ def main() -> None:
                 detach(pipe)
         return [r.objects[0] if r.objects else None for r in judge.read(images)]
 
-    own_shapes = [PROMPT.replace("sks shape", STYLE_SHAPES[i % len(STYLE_SHAPES)][0]).replace("{colour}", GRID_COLOURS[i % len(GRID_COLOURS)])
+    own_shapes = [caption(GRID_COLOURS[i % len(GRID_COLOURS)], STYLE_SHAPES[i % len(STYLE_SHAPES)][0], "zxy", style_first)
                   for i in range(args.n)]
 
     def rate(objs, test) -> float:
@@ -271,7 +294,7 @@ def main() -> None:
 
         cells = {}
         for shape, style in chosen:
-            texts = grid_prompts(f"a large {{colour}} {shape} in the center on a white background, {style}", args.n)
+            texts = grid_prompts(caption("{colour}", shape, style), args.n)
             renders = [render(t, i) for i, t in enumerate(texts)]
             with torch.no_grad():
                 decoded, _ = through(pipe.vae, np.stack(renders))
@@ -286,7 +309,7 @@ def main() -> None:
         content_ad: dict[str, object] = {}
         style_ad: dict[str, object] = {}
         for shape in shapes:
-            data = content_images(shape, work)
+            data = content_images(shape, work, content_first)
             pivotal = method in SHARED and args.pivotal in ("content", "both")
             out = work / (("naive+captions" if method in SHARED else method) + seeded_content + pivot_dir(pivotal)) / f"content-{shape}"
             if method in ("naive", *SHARED):
@@ -294,7 +317,7 @@ def main() -> None:
             elif method == "blora":
                 content_ad[shape] = split(load_adapter(blora(data, out, "a sks shape") / "adapter.safetensors"), *BLOCKS["sdxl"])[0]
         for style in styles:
-            data = style_images(style, work, args.style_images)
+            data = style_images(style, work, args.style_images, style_first)
             pivotal = method in SHARED and args.pivotal in ("style", "both")
             windowed = method in SHARED and style_train_window is not None
             trained = (f"-t{style_train_window[0]:g}-{style_train_window[1]:g}" if windowed else "") + (
@@ -309,17 +332,19 @@ def main() -> None:
         for shape, style in chosen:
             if method.startswith("content-style"):
                 pivotal = args.pivotal == "both"  # the decoupled trainer's two identifiers together
-                run = work / (method + ("" if args.interplay == "present" else f"-{args.interplay}") + seeded
+                run = work / (method + ("" if args.interplay == "present" else f"-{args.interplay}") + paired
                               + pivot_dir(pivotal)) / f"{shape}-{style}"
                 train(ContentStyle(), build_config(ContentStyleConfig, {}, {
-                    **common, "data": str(content_images(shape, work)), "style_data": str(style_images(style, work, args.style_images)),
+                    **common, "data": str(content_images(shape, work, content_first)),
+                    "style_data": str(style_images(style, work, args.style_images, style_first)),
                     "output": str(run), "orthogonal": method == "content-style", "style_lr_scale": args.style_lr_scale,
                     "interplay": args.interplay, **pivot_settings(pivotal)}))
                 c, s = run / "content.safetensors", run / "style.safetensors"
             elif method == "ziplora":
-                run = work / (method + seeded) / f"{shape}-{style}"
+                run = work / (method + paired) / f"{shape}-{style}"
                 train(ContentStyle(), build_config(ContentStyleConfig, {}, {
-                    **common, "data": str(content_images(shape, work)), "style_data": str(style_images(style, work, args.style_images)),
+                    **common, "data": str(content_images(shape, work, content_first)),
+                    "style_data": str(style_images(style, work, args.style_images, style_first)),
                     "output": str(run), "content_adapter": str(content_ad[shape]), "style_adapter": str(style_ad[style]),
                     "lr": 0.01, "steps": args.zip_steps}))
                 c, s = run / "content.safetensors", run / "style.safetensors"
@@ -362,11 +387,11 @@ def main() -> None:
         grid.append(f"| {shape} x {style} | " + " | ".join(
             f"{r['cells'][(shape, style)][0]:.{digits}f} / {r['cells'][(shape, style)][1]:.{digits}f}" for r in results.values()) + " |")
     flags = "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k in ("model", "steps", "lr", "n", "zip_steps", "style_lr_scale", "interplay",
-                                                                            "pivotal", "embedding_lr", "style_timesteps", "content_timesteps", "style_train_timesteps", "style_images", "style_rank", "style_weight", "seed")
+                                                                            "pivotal", "embedding_lr", "style_timesteps", "content_timesteps", "style_train_timesteps", "style_images", "style_rank", "style_weight", "style_first", "seed")
                     if getattr(args, k) != parser.get_default(k))
     flags += " --combined-only" if args.combined_only else ""
     flags += " --ceiling" if args.ceiling else ""
-    flags += f' --prompt "{args.prompt}"' if args.prompt != PROMPT else ""
+    flags += f' --prompt "{args.prompt}"' if args.prompt != default_prompt else ""
     flags += " --cells " + " ".join(args.cells) if args.cells else ""
     flags += " --methods" + "".join(" " + m for m in args.methods) if args.methods != METHODS else ""
     flags += f" --section {args.section}" if args.section else ""

@@ -1,4 +1,4 @@
-"""The content x style bench's training window (bench/content_style.py) through the trainers' timestep bias."""
+"""The content x style bench (bench/content_style.py): its training window through the trainers' timestep bias, its captions."""
 
 import importlib.util
 from pathlib import Path
@@ -32,3 +32,13 @@ def test_no_window_trains_every_timestep_and_a_middle_window_is_refused():
     assert bench.train_window_settings(None) == {} and weights(None) is None  # uniform, drawn as without the option
     with pytest.raises(ValueError, match="start at 0 or end at 1000"):
         bench.train_window_settings((200, 600))
+
+
+@pytest.mark.parametrize("style_first", [False, True])
+def test_a_caption_names_the_same_scene_with_the_style_in_either_place(style_first):
+    from studio.world.grammar import parse_prompt
+
+    text = bench.caption("orange", "circle", "shadowed", style_first)
+    assert text.index("shadowed") < text.index("circle") if style_first else text.endswith(", shadowed")
+    (obj,) = parse_prompt(text).objects
+    assert (obj.size, obj.colour, obj.shape, obj.position, obj.style) == ("large", "orange", "circle", "center", "shadowed")
