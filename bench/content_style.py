@@ -106,7 +106,9 @@ def render_folder(folder: Path, items: list[tuple[str, str]], seed: int) -> Path
 
 def caption(colour: str, subject: str, style: str, style_first: bool = False) -> str:
     """A grid caption: the style word after the sentence ("..., zxy") or, ``style_first``, before the noun
-    ("a large red zxy circle ..."), the grammar's two places for it."""
+    ("a large red zxy circle ..."), the grammar's two places for it. Not ``studio.world.grammar.format_prompt``: that
+    writes a trailing style before the background ("..., zxy on a white background"), and the grid's adapters were
+    trained on captions ending with it."""
     if style_first:
         return f"a large {colour} {style} {subject} in the center on a white background"
     return f"a large {colour} {subject} in the center on a white background, {style}"
