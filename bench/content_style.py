@@ -33,13 +33,15 @@ trains the content-style methods with it (both identifiers).
 (``Concept.timesteps``; ``0:500``: the late steps, where this world's texture is made), through the ``naive`` composer;
 ``--content-timesteps`` the same for the content adapter, ``--style-weight`` the style adapter's weight there.
 ``--style-train-timesteps 0:500`` trains the captioned style LoRAs on those timesteps only; ``--style-images N`` gives
-each style N images (the four above, then the other base shapes and colours). ``--combined-only`` samples only the
+each style N images (the four above, then the other base shapes and colours); ``--style-steps N`` trains them N steps. ``--combined-only`` samples only the
 combined cells (leakage columns blank), so ``--n 30`` reads each cell from 30 seeds at little more than the full run's
 cost.
 ``--style-first style`` trains the captioned style LoRAs on captions that name the style before the noun ("a large
 orange zxy circle in the center on a white background"; the grammar's other place for a style word, where the base
 model binds it best) under ``METHOD-sf/``, and samples "a large {colour} sks zxy shape in the center on a white
-background"; ``both`` captions the content images so too ("a large blue striped sks shape ...").
+background"; ``both`` captions the content images so too ("a large blue striped sks shape ..."), ``both-after`` with the
+style word right after the identifier ("a large blue sks striped shape ...", the slot the prompt gives zxy, so the content
+adapter meets a style word where it learned one, and nothing new stands before its identifier).
 ``--ceiling`` adds a row of what the judge reads of each cell drawn right: the cell's prompts rendered by the world
 and passed through the model's VAE, the most any method can read (``--methods`` with no name: that row alone).
 
@@ -114,9 +116,19 @@ def caption(colour: str, subject: str, style: str, style_first: bool = False) ->
     return f"a large {colour} {subject} in the center on a white background, {style}"
 
 
-def content_images(shape: str, work: Path, style_first: bool = False) -> Path:
-    return render_folder(work / "data" / (f"content-{shape}" + ("-sf" if style_first else "")), [
-        (caption(c, shape, "striped"), caption(c, "sks shape", "striped", style_first)) for c in CONTENT_COLOURS], 3000)
+CONTENT_ORDERS = {"none": "", "both": "-sf", "both-after": "-sfa"}  # --style-first: the content captions' order, its folders' suffix
+
+
+def content_images(shape: str, work: Path, order: str = "none") -> Path:
+    """The content images of ``shape``, captioned by ``order`` (``--style-first``): ``none`` "a large blue sks shape ...,
+    striped", ``both`` "a large blue striped sks shape ...", ``both-after`` "a large blue sks striped shape ..." (the style
+    word right after the identifier, the slot the style-first grid prompt gives zxy)."""
+    def text(c: str) -> str:
+        if order == "both-after":  # the identifier in the adjective's place, the style word after it
+            return caption(c, "striped shape", "sks", style_first=True)
+        return caption(c, "sks shape", "striped", order == "both")
+    return render_folder(work / "data" / f"content-{shape}{CONTENT_ORDERS[order]}",
+                         [(caption(c, shape, "striped"), text(c)) for c in CONTENT_COLOURS], 3000)
 
 
 MORE_STYLE_SHAPES = [("rectangle", "green"), ("semicircle", "purple"), ("circle", "blue"), ("square", "red"),
@@ -193,6 +205,8 @@ def main() -> None:
     parser.add_argument("--style-rank", type=int, default=0,
                         help="the DreamBooth style LoRAs' rank (naive, naive+captions, klora; 0: the trainer's default, 8),"
                         " under METHOD-rR/")
+    parser.add_argument("--style-steps", type=int, default=0,
+                        help="the DreamBooth style LoRAs' steps (naive, naive+captions, klora; 0: --steps), under METHOD-sN/")
     parser.add_argument("--ceiling", action="store_true",
                         help="also a row of what the judge reads of each cell drawn right: its prompts rendered by the world"
                         " and passed through the model's VAE (the most any method can read)")
@@ -201,16 +215,18 @@ def main() -> None:
                         " of the time, for more seeds per cell with --n")
     parser.add_argument("--style-weight", type=float, default=1.0,
                         help="the composed cells' weight of the style adapter (the adapters alone are sampled at 1.0)")
-    parser.add_argument("--style-first", choices=("none", "style", "both"), default="none",
+    parser.add_argument("--style-first", choices=("none", "style", *list(CONTENT_ORDERS)[1:]), default="none",
                         help="the captioned DreamBooth LoRAs of these roles (style: the style LoRAs; both: the content LoRAs too) train"
                         " on captions naming the style before the noun (\"a large orange zxy circle in the center ...\", where"
-                        " the base model binds style words best) instead of after the sentence, under METHOD-sf/; the grid"
+                        " the base model binds style words best) instead of after the sentence, under METHOD-sf/; both-after: the content"
+                        " captions with the style word right after the identifier (\"a large blue sks striped shape ...\"); the grid"
                         f" prompt becomes {PROMPT_STYLE_FIRST!r}")
     parser.add_argument("--seed", type=int, default=0, help="the trainers' --seed (LoRA init, examples, noise, timesteps);"
                         " another than 0 trains under METHOD-seedN/, to read how much the grid moves with it")
     args = parser.parse_args()
     default_prompt = PROMPT_STYLE_FIRST if args.style_first != "none" else PROMPT
-    content_first, style_first = args.style_first == "both", args.style_first != "none"  # whose captions name the style first
+    content_order = args.style_first if args.style_first in CONTENT_ORDERS else "none"
+    style_first = args.style_first != "none"  # the style LoRAs' captions name the style first
     args.prompt = args.prompt or default_prompt
     if not {"sks", "zxy"} <= set(args.prompt.replace(",", " ").split()):
         parser.error(f"--prompt {args.prompt!r} must name both identifiers, sks (content) and zxy (style)")
@@ -240,10 +256,10 @@ def main() -> None:
     pipe = load_pipeline(args.model)
     common = {"model": args.model, "steps": args.steps, "lr": args.lr, "checkpoint_every": 0, "seed": args.seed,
               "class_data": str(work / "class" / Path(args.model).name)}
-    seeded_content = (f"-seed{args.seed}" if args.seed else "") + ("-sf" if content_first else "")  # other captions: own adapters
+    seeded_content = (f"-seed{args.seed}" if args.seed else "") + CONTENT_ORDERS[content_order]  # other captions: own adapters
     seeded = (f"-seed{args.seed}" if args.seed else "") + ("-sf" if style_first else "") + (
         f"-simg{args.style_images}" if args.style_images != 4 else "")  # another style set: its own adapters
-    paired = seeded + ("-both" if content_first else "")  # a run trained on both image sets
+    paired = seeded + ("" if content_order == "none" else f"-{content_order}")  # a run trained on both image sets
 
     def pivot_settings(pivotal: bool) -> dict:
         return ({"pivotal": True, **({"embedding_lr": args.embedding_lr} if args.embedding_lr else {})}) if pivotal else {}
@@ -311,7 +327,7 @@ def main() -> None:
         content_ad: dict[str, object] = {}
         style_ad: dict[str, object] = {}
         for shape in shapes:
-            data = content_images(shape, work, content_first)
+            data = content_images(shape, work, content_order)
             pivotal = method in SHARED and args.pivotal in ("content", "both")
             out = work / (("naive+captions" if method in SHARED else method) + seeded_content + pivot_dir(pivotal)) / f"content-{shape}"
             if method in ("naive", *SHARED):
@@ -323,12 +339,13 @@ def main() -> None:
             pivotal = method in SHARED and args.pivotal in ("style", "both")
             windowed = method in SHARED and style_train_window is not None
             trained = (f"-t{style_train_window[0]:g}-{style_train_window[1]:g}" if windowed else "") + (
-                f"-r{args.style_rank}" if args.style_rank else "")
+                f"-r{args.style_rank}" if args.style_rank else "") + (f"-s{args.style_steps}" if args.style_steps else "")
             out = work / (("naive+captions" if method in SHARED else method) + seeded + pivot_dir(pivotal) + trained) / f"style-{style}"
             if method in ("naive", *SHARED):
                 style_ad[style] = dreambooth(data, out, "a {class_noun}, zxy", "zxy", method != "naive", pivotal, {
                     **train_window_settings(style_train_window if windowed else None),
-                    **({"rank": args.style_rank} if args.style_rank else {})})
+                    **({"rank": args.style_rank} if args.style_rank else {}),
+                    **({"steps": args.style_steps} if args.style_steps else {})})
             elif method == "blora":
                 style_ad[style] = split(load_adapter(blora(data, out, "a shape, zxy") / "adapter.safetensors"), *BLOCKS["sdxl"])[1]
         for shape, style in chosen:
@@ -337,7 +354,7 @@ def main() -> None:
                 run = work / (method + ("" if args.interplay == "present" else f"-{args.interplay}") + paired
                               + pivot_dir(pivotal)) / f"{shape}-{style}"
                 train(ContentStyle(), build_config(ContentStyleConfig, {}, {
-                    **common, "data": str(content_images(shape, work, content_first)),
+                    **common, "data": str(content_images(shape, work, content_order)),
                     "style_data": str(style_images(style, work, args.style_images, style_first)),
                     "output": str(run), "orthogonal": method == "content-style", "style_lr_scale": args.style_lr_scale,
                     "interplay": args.interplay, **pivot_settings(pivotal)}))
@@ -345,7 +362,7 @@ def main() -> None:
             elif method == "ziplora":
                 run = work / (method + paired) / f"{shape}-{style}"
                 train(ContentStyle(), build_config(ContentStyleConfig, {}, {
-                    **common, "data": str(content_images(shape, work, content_first)),
+                    **common, "data": str(content_images(shape, work, content_order)),
                     "style_data": str(style_images(style, work, args.style_images, style_first)),
                     "output": str(run), "content_adapter": str(content_ad[shape]), "style_adapter": str(style_ad[style]),
                     "lr": 0.01, "steps": args.zip_steps}))
@@ -366,6 +383,8 @@ def main() -> None:
         label = method + (f" (--pivotal {args.pivotal})" if args.pivotal != "none" and pivoted else "")
         if args.style_rank and method in ("naive", *SHARED):
             label += f" (style rank {args.style_rank})"
+        if args.style_steps and method in ("naive", *SHARED):
+            label += f" (style {args.style_steps} steps)"
         if style_train_window and method in SHARED:
             label += f" (style trained at t in [{style_train_window[0]:g}, {style_train_window[1]:g}))"
         for role, window in (("content", content_window), ("style", style_window)):
@@ -389,7 +408,7 @@ def main() -> None:
         grid.append(f"| {shape} x {style} | " + " | ".join(
             f"{r['cells'][(shape, style)][0]:.{digits}f} / {r['cells'][(shape, style)][1]:.{digits}f}" for r in results.values()) + " |")
     flags = "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k in ("model", "steps", "lr", "n", "zip_steps", "style_lr_scale", "interplay",
-                                                                            "pivotal", "embedding_lr", "style_timesteps", "content_timesteps", "style_train_timesteps", "style_images", "style_rank", "style_weight", "style_first", "seed")
+                                                                            "pivotal", "embedding_lr", "style_timesteps", "content_timesteps", "style_train_timesteps", "style_images", "style_rank", "style_steps", "style_weight", "style_first", "seed")
                     if getattr(args, k) != parser.get_default(k))
     flags += " --combined-only" if args.combined_only else ""
     flags += " --ceiling" if args.ceiling else ""

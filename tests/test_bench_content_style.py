@@ -42,3 +42,16 @@ def test_a_caption_names_the_same_scene_with_the_style_in_either_place(style_fir
     assert text.index("shadowed") < text.index("circle") if style_first else text.endswith(", shadowed")
     (obj,) = parse_prompt(text).objects
     assert (obj.size, obj.colour, obj.shape, obj.position, obj.style) == ("large", "orange", "circle", "center", "shadowed")
+
+
+@pytest.mark.parametrize("order, words", [("none", "a large blue sks shape in the center on a white background, striped"),
+                                          ("both", "a large blue striped sks shape in the center on a white background"),
+                                          ("both-after", "a large blue sks striped shape in the center on a white background")])
+def test_content_captions_put_the_style_word_where_the_order_says_and_the_images_stay_the_same(tmp_path, order, words):
+    from PIL import Image
+
+    folder = bench.content_images("star", tmp_path, order)
+    assert folder.name == "content-star" + bench.CONTENT_ORDERS[order]
+    assert (folder / "0.txt").read_text() == words  # the first colour, blue
+    reference = bench.content_images("star", tmp_path / "reference")  # the same renders whatever the captions
+    assert list(Image.open(folder / "0.png").getdata()) == list(Image.open(reference / "0.png").getdata())
