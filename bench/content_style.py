@@ -31,7 +31,7 @@ trains the content-style methods with it (both identifiers).
 
 ``--style-timesteps START:END`` samples the composed methods' style adapter only at those training timesteps
 (``Concept.timesteps``; ``0:500``: the late steps, where this world's texture is made), through the ``naive`` composer;
-``--content-timesteps`` the same for the content adapter, ``--style-weight`` the style adapter's weight there.
+``--content-timesteps`` the same for the content adapter, ``--style-weight`` / ``--content-weight`` the adapters' weights there.
 ``--style-train-timesteps 0:500`` trains the captioned style LoRAs on those timesteps only; ``--style-images N`` gives
 each style N images (the four above, then the other base shapes and colours); ``--style-steps N`` trains them N steps. ``--combined-only`` samples only the
 combined cells (leakage columns blank), so ``--n 30`` reads each cell from 30 seeds at little more than the full run's
@@ -215,6 +215,8 @@ def main() -> None:
                         " of the time, for more seeds per cell with --n")
     parser.add_argument("--style-weight", type=float, default=1.0,
                         help="the composed cells' weight of the style adapter (the adapters alone are sampled at 1.0)")
+    parser.add_argument("--content-weight", type=float, default=1.0,
+                        help="the composed cells' weight of the content adapter (the adapters alone are sampled at 1.0)")
     parser.add_argument("--style-first", choices=("none", "style", *list(CONTENT_ORDERS)[1:]), default="none",
                         help="the captioned DreamBooth LoRAs of these roles (style: the style LoRAs; both: the content LoRAs too) train"
                         " on captions naming the style before the noun (\"a large orange zxy circle in the center ...\", where"
@@ -286,7 +288,7 @@ def main() -> None:
 
     def sample(adapters, prompts=None, composer=None) -> list:
         prompts = prompts or grid_prompts(args.prompt, args.n)
-        weights = (1.0, args.style_weight) if len(adapters) == 2 else (1.0,)
+        weights = (args.content_weight, args.style_weight) if len(adapters) == 2 else (1.0,)
         with torch.no_grad():
             if composer:  # the adapters combined by a composer, image i with seed i as generate draws it
                 windows = (content_window, style_window)
@@ -390,8 +392,9 @@ def main() -> None:
         for role, window in (("content", content_window), ("style", style_window)):
             if window and method in ("naive", *SHARED):
                 label += f" ({role} at t in [{window[0]:g}, {window[1]:g}))"
-        if args.style_weight != 1.0:
-            label += f" (style weight {args.style_weight:g})"
+        for role, weight in (("content", args.content_weight), ("style", args.style_weight)):
+            if weight != 1.0:
+                label += f" ({role} weight {weight:g})"
         results[label] = {"cells": cells, "leak_content": sum(leaks_c) / len(leaks_c), "leak_style": sum(leaks_s) / len(leaks_s),
                            "alone": sum(alone) / len(alone)}
 
@@ -408,7 +411,7 @@ def main() -> None:
         grid.append(f"| {shape} x {style} | " + " | ".join(
             f"{r['cells'][(shape, style)][0]:.{digits}f} / {r['cells'][(shape, style)][1]:.{digits}f}" for r in results.values()) + " |")
     flags = "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k in ("model", "steps", "lr", "n", "zip_steps", "style_lr_scale", "interplay",
-                                                                            "pivotal", "embedding_lr", "style_timesteps", "content_timesteps", "style_train_timesteps", "style_images", "style_rank", "style_steps", "style_weight", "style_first", "seed")
+                                                                            "pivotal", "embedding_lr", "style_timesteps", "content_timesteps", "style_train_timesteps", "style_images", "style_rank", "style_steps", "content_weight", "style_weight", "style_first", "seed")
                     if getattr(args, k) != parser.get_default(k))
     flags += " --combined-only" if args.combined_only else ""
     flags += " --ceiling" if args.ceiling else ""
