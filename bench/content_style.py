@@ -30,8 +30,9 @@ identifier a new token with a learned embedding; ``--embedding-lr`` its rate) un
 trains the content-style methods with it (both identifiers).
 
 ``--style-timesteps START:END`` samples the composed methods' style adapter only at those training timesteps
-(``Concept.timesteps``; ``0:500``: the late steps, where this world's texture is made), through the ``naive`` composer;
-``--content-timesteps`` the same for the content adapter, ``--style-weight`` / ``--content-weight`` the adapters' weights there.
+(``Concept.timesteps``; ``0:500``: the late steps, where this world's texture is made), through the ``naive`` composer
+(``0:500,0.5`` keeps half its weight at the other steps); ``--content-timesteps`` the same for the content adapter,
+``--style-weight`` / ``--content-weight`` the adapters' weights there.
 ``--style-train-timesteps 0:500`` trains the captioned style LoRAs on those timesteps only; ``--style-images N`` gives
 each style N images (the four above, then the other base shapes and colours); ``--style-steps N`` trains them N steps. ``--combined-only`` samples only the
 combined cells (leakage columns blank), so ``--n 30`` reads each cell from 30 seeds at little more than the full run's
@@ -147,6 +148,8 @@ def train_window_settings(window: tuple[float, float] | None) -> dict:
     the timesteps outside it are ``--timestep-bias-strategy range`` with multiplier 0. ``None``: every timestep."""
     if window is None:
         return {}
+    if len(window) == 3:
+        raise ValueError(f"training window {window[0]:g}:{window[1]:g},{window[2]:g}: a training window keeps no share outside it")
     if window[0] > 0 and window[1] < 1000:
         raise ValueError(f"training window {window[0]:g}:{window[1]:g}: it must start at 0 or end at 1000 (one range is left out)")
     outside = (0, int(window[0])) if window[0] > 0 else (int(window[1]), 1000)
@@ -193,7 +196,8 @@ def main() -> None:
                         help="with --pivotal: the trainers' --embedding-lr (0: --lr); another trains under METHOD-pivotal-elrX/")
     parser.add_argument("--style-timesteps", default="all", metavar="START:END",
                         help="the composed methods (naive, naive+captions, ziplora, klora) sample the style adapter only at these"
-                        " training timesteps (0 clean, 1000 noise), e.g. 0:500; the adapters alone are sampled as trained")
+                        " training timesteps (0 clean, 1000 noise), e.g. 0:500 (0:500,0.5: half its weight at the other steps);"
+                        " the adapters alone are sampled as trained")
     parser.add_argument("--content-timesteps", default="all", metavar="START:END",
                         help="as --style-timesteps, for the content adapter, e.g. 500:1000 (the layout steps only)")
     parser.add_argument("--style-train-timesteps", default="all", metavar="START:END",
@@ -391,7 +395,8 @@ def main() -> None:
             label += f" (style trained at t in [{style_train_window[0]:g}, {style_train_window[1]:g}))"
         for role, window in (("content", content_window), ("style", style_window)):
             if window and method in ("naive", *SHARED):
-                label += f" ({role} at t in [{window[0]:g}, {window[1]:g}))"
+                label += f" ({role} at t in [{window[0]:g}, {window[1]:g})" + (
+                    f", {window[2]:g} of its weight elsewhere)" if len(window) == 3 else ")")
         for role, weight in (("content", args.content_weight), ("style", args.style_weight)):
             if weight != 1.0:
                 label += f" ({role} weight {weight:g})"

@@ -68,24 +68,29 @@ def parse_region(text: str | Box | None) -> Box | None:
     return box  # type: ignore[return-value]
 
 
-def parse_timesteps(text: str | tuple[float, float] | None) -> tuple[float, float] | None:
+def parse_timesteps(text: str | tuple[float, ...] | None) -> tuple[float, ...] | None:
     """A timestep window: ``"START:END"`` (either side may be empty: ``":500"`` is ``0:500``) or a pair, of the
-    training timesteps 0-1000 with ``START < END``; ``None``, ``""`` or ``"all"``: every step."""
+    training timesteps 0-1000 with ``START < END``; ``None``, ``""`` or ``"all"``: every step. ``"START:END,SHARE"``
+    (or a triple) also keeps ``SHARE`` (0-1) of the adapter's weight outside the window, e.g. ``"0:500,0.5"``: full
+    weight late, half weight in the layout steps; without it the adapter is off outside."""
     if text is None or (isinstance(text, str) and text.strip().lower() in ("", "all")):
         return None
     try:
         if isinstance(text, str):
-            start, end = text.split(":")
-            window = (float(start) if start.strip() else 0.0, float(end) if end.strip() else 1000.0)
+            span, *rest = text.split(",")
+            start, end = span.split(":")
+            window = (float(start) if start.strip() else 0.0, float(end) if end.strip() else 1000.0,
+                      *(float(v) for v in rest))
         else:
-            window = (float(text[0]), float(text[1]))
+            window = tuple(float(v) for v in text)
     except (ValueError, TypeError, IndexError):
         window = ()
-    if len(window) != 2 or not (0 <= window[0] < window[1] <= 1000):
+    if not (len(window) in (2, 3) and 0 <= window[0] < window[1] <= 1000 and (len(window) == 2 or 0 <= window[2] <= 1)):
         raise ValueError(f"timesteps {text!r} is not a timestep window; accepted: START:END of the training timesteps"
                          " with 0 <= START < END <= 1000 (0 is the clean image, 1000 pure noise), e.g. 0:500 for the"
-                         " late, detail-making steps, or 'all'")
-    return window
+                         " late, detail-making steps, optionally ,SHARE: the share 0-1 of the weight kept outside the"
+                         " window (e.g. 0:500,0.5), or 'all'")
+    return window[:2] if len(window) == 3 and window[2] == 0 else window
 
 
 @dataclass
@@ -97,7 +102,8 @@ class Concept:
     ``region``: where it goes, for region-based methods;
     ``timesteps``: ``(start, end)``, the training timesteps (0 clean, 1000 pure noise) at which its adapter acts in
     the UNet, ``start <= t < end``; ``None``: at every step. A style adapter acting only late, ``(0, 500)``, leaves
-    the layout to the other adapters (:func:`parse_timesteps`).
+    the layout to the other adapters; ``(start, end, share)`` keeps ``share`` of its weight outside the window
+    (:func:`parse_timesteps`).
     """
 
     adapter: Adapter
@@ -106,14 +112,17 @@ class Concept:
     words: str = ""
     region: Box | None = None
     weight: float = 1.0
-    timesteps: tuple[float, float] | None = None
+    timesteps: tuple[float, ...] | None = None
 
-    def acts_at(self, t) -> bool:
-        """Whether the adapter acts at timestep ``t`` (a number or a tensor; ``None``, outside sampling: yes)."""
+    def scale_at(self, t) -> float:
+        """The share of its weight the adapter acts with at timestep ``t`` (a number or a tensor; ``None``, outside
+        sampling: all of it): 1 inside its window, 0 or the window's share outside."""
         if self.timesteps is None or t is None:
-            return True
+            return 1.0
         t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
-        return self.timesteps[0] <= t < self.timesteps[1]
+        if self.timesteps[0] <= t < self.timesteps[1]:
+            return 1.0
+        return self.timesteps[2] if len(self.timesteps) == 3 else 0.0
 
     @classmethod
     def load(cls, item: str | Path | Adapter, name: str | None = None, **kwargs) -> Concept:
@@ -228,7 +237,7 @@ class Run:
         self.height, self.width = height, width
         self.index = {c.name: k for k, c in enumerate(concepts)}  # adapter name on the pipeline -> concept
         self.step = -1  # index of the denoising step the UNet is in
-        self.timestep = None  # sets ``acting`` too
+        self.timestep = None  # sets ``acting`` too: each concept's share of its weight at the step
         self.pipeline_kwargs: dict = {}  # the keyword arguments of the pipeline's own UNet call this step
         self.only: int | None = None  # while set, only this concept's adapter acts (encoding its prompt)
         self.segments: list[tuple[int, int, int | None]] | None = None  # prompt-token spans -> concept, in expanded attention
@@ -309,7 +318,7 @@ class Run:
     def timestep(self, t) -> None:
         # which concepts act at it, read once per step here rather than per layer (a tensor's value is a device sync)
         self._timestep = t
-        self.acting = tuple(c.acts_at(t) for c in self.concepts)
+        self.acting = tuple(c.scale_at(t) for c in self.concepts)
         self._windows = tuple(a for a, c in zip(self.acting, self.concepts) if c.timesteps is not None)
 
     def _gates_for(self, stack, x: torch.Tensor) -> list:
@@ -319,28 +328,30 @@ class Run:
             k = self.index.get(name)
             if k is None:  # attached outside this composition: keeps its own weight
                 out.append(weight)
-            elif unet and not self.acting[k]:  # outside its timestep window
-                out.append(0.0)
-            elif self.only is not None:
-                out.append(self.concepts[k].weight if k == self.only else 0.0)
-            elif not unet:  # a text encoder: off where the pipeline's pass is plain
-                out.append(0.0 if self.composer.plain_pipeline_pass else self.concepts[k].weight)
-            elif stack.text_input:  # a cross-attention key/value: per prompt token, not per image token
-                if self.segments is None:
-                    out.append(self.composer.gate(self, stack, x, k) if self.composer.gates_text_layers
-                               else self.concepts[k].weight)
-                    continue
-                key = ("text-gate", tuple(self.segments), k, x.shape[1], x.device, x.dtype)
-                if key not in self.state:
-                    mask = torch.zeros(x.shape[1], device=x.device, dtype=x.dtype)
-                    for start, end, owner in self.segments:
-                        if owner == k:
-                            mask[start:end] = 1
-                    self.state[key] = self.concepts[k].weight * mask[None, :, None]
-                out.append(self.state[key])
-            else:
-                out.append(self.composer.gate(self, stack, x, k))
+                continue
+            share = self.acting[k] if unet else 1.0  # its timestep window's: 0 outside it, or the share kept there
+            gate = self._gate(stack, x, k, unet) if share else 0.0
+            out.append(gate if share in (0, 1) else gate * share)
         return out
+
+    def _gate(self, stack, x: torch.Tensor, k: int, unet: bool):
+        """Concept ``k``'s gate on layer ``stack`` before its timestep window's share."""
+        if self.only is not None:
+            return self.concepts[k].weight if k == self.only else 0.0
+        if not unet:  # a text encoder: off where the pipeline's pass is plain
+            return 0.0 if self.composer.plain_pipeline_pass else self.concepts[k].weight
+        if stack.text_input:  # a cross-attention key/value: per prompt token, not per image token
+            if self.segments is None:
+                return self.composer.gate(self, stack, x, k) if self.composer.gates_text_layers else self.concepts[k].weight
+            key = ("text-gate", tuple(self.segments), k, x.shape[1], x.device, x.dtype)
+            if key not in self.state:
+                mask = torch.zeros(x.shape[1], device=x.device, dtype=x.dtype)
+                for start, end, owner in self.segments:
+                    if owner == k:
+                        mask[start:end] = 1
+                self.state[key] = self.concepts[k].weight * mask[None, :, None]
+            return self.state[key]
+        return self.composer.gate(self, stack, x, k)
 
     @contextlib.contextmanager
     def restricted(self, k: int | None):

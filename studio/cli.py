@@ -77,7 +77,7 @@ def generate(
     adapter: Annotated[list[str] | None, typer.Option("--adapter", "-a", help="FILE[:WEIGHT] (repeatable): an adapter .safetensors or PEFT folder, weight 1.0 by default.")] = None,
     compose: Annotated[str | None, typer.Option("--compose", "-c", help="Combine the adapters with a composer: naive, clora, lora-composer, gated, orthogonal. Each adapter is a concept named in the prompt by its token and class noun.")] = None,
     region: Annotated[list[str] | None, typer.Option("--region", "-r", help="Region of each adapter, in --adapter order (lora-composer): left, right, top, bottom, top-left, ..., center, all, or x0,y0,x1,y1 fractions.")] = None,
-    timesteps: Annotated[list[str] | None, typer.Option("--timesteps", "-t", help="Timestep window of each adapter, in --adapter order (any composer): START:END of the training timesteps (0 clean, 1000 noise) at which it acts in the UNet, e.g. 0:500 for a style that should only draw the details; 'all' for every step.")] = None,
+    timesteps: Annotated[list[str] | None, typer.Option("--timesteps", "-t", help="Timestep window of each adapter, in --adapter order (any composer): START:END of the training timesteps (0 clean, 1000 noise) at which it acts in the UNet, e.g. 0:500 for a style that should only draw the details; 0:500,0.5 keeps half its weight at the other steps; 'all' for every step.")] = None,
     block_weights: Annotated[list[str] | None, typer.Option("--block-weights", help="Block weights of each adapter, in --adapter order, as JSON in diffusers' set_adapters form (instead of :WEIGHT), e.g. '{\"unet\": {\"down\": 0, \"mid\": 0, \"up\": {\"block_0\": [0, 1, 0]}}}'; '1' for an adapter at weight 1.")] = None,
 ) -> None:
     """Generate images from prompts and write them to one PNG.
@@ -142,7 +142,7 @@ def compose(
     style: Annotated[Path, typer.Option(help="Style adapter, e.g. runs/painting/style.safetensors.")],
     content_weight: Annotated[float, typer.Option(help="Weight of the content adapter.")] = 1.0,
     style_weight: Annotated[float, typer.Option(help="Weight of the style adapter.")] = 1.0,
-    style_timesteps: Annotated[str, typer.Option(help="Training timesteps (START:END, 0 clean, 1000 noise) at which the style adapter acts, e.g. 0:500: only the late, detail-making steps, leaving the layout to the content adapter; 'all': every step.")] = "all",
+    style_timesteps: Annotated[str, typer.Option(help="Training timesteps (START:END, 0 clean, 1000 noise) at which the style adapter acts, e.g. 0:500: only the late, detail-making steps, leaving the layout to the content adapter; 0:500,0.5: half its weight at the other steps; 'all': every step.")] = "all",
     out: OutOpt = Path("out.png"),
     model: ModelOpt = EMBEDDED_MODEL,
     steps: StepsOpt = 25,

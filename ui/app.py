@@ -253,7 +253,7 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
                                                elem_id=f"slot-{i + 1}-region", scale=2)
                                 t = gr.Textbox(value="", label="timesteps", placeholder="all, or 0:500 (late only)",
                                                elem_id=f"slot-{i + 1}-timesteps", scale=1,
-                                               info="START:END of 0 (clean) to 1000 (noise) where it acts")
+                                               info="START:END of 0 (clean) to 1000 (noise) where it acts; ,SHARE keeps that share of its weight elsewhere")
                             slots.append((a, w, r, t))
                         go = gr.Button("Generate", variant="primary", elem_id="generate-button")
                     with gr.Column():
