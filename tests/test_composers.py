@@ -254,27 +254,19 @@ def test_a_timestep_window_turns_the_adapter_off_outside_it(pipe, concepts):
     it), in the naive composer's cached gates too; a window holding every step is the plain composition, one holding
     none leaves the other adapter alone (the window is the UNet's: text-encoder layers encode the prompt once, so they
     act throughout)."""
-    late = [concepts[0], Concept.load(concepts[1].adapter, name="zwx", timesteps="0:500", weight=0.7)]
-    with composing(pipe, "naive", PROMPT, late) as run:
-        stack = _stack(pipe, "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")
-        x = torch.randn(1, 64, stack.base.in_features)
-        k = stack.names.index("zwx")
-        run.timestep = torch.tensor(800)
-        assert run.gates(stack, x)[k] == 0.0 and run.gates(stack, x)[1 - k] == 1.0
-        run.timestep = torch.tensor(499)
-        assert run.gates(stack, x)[k] == 0.7
-        run.timestep = 500
-        assert run.gates(stack, x)[k] == 0.0
-    # a share kept outside the window: 0.3 of the weight 0.7 at t >= 500, all of it inside
-    shared = [concepts[0], Concept.load(concepts[1].adapter, name="zwx", timesteps="0:500,0.3", weight=0.7)]
-    with composing(pipe, "naive", PROMPT, shared) as run:
-        stack = _stack(pipe, "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")
-        x = torch.randn(1, 64, stack.base.in_features)
-        k = stack.names.index("zwx")
-        run.timestep = torch.tensor(800)
-        assert run.gates(stack, x)[k] == pytest.approx(0.21) and run.gates(stack, x)[1 - k] == 1.0
-        run.timestep = torch.tensor(499)
-        assert run.gates(stack, x)[k] == 0.7
+    # outside the window: nothing of the weight 0.7, or the share 0.3 of it kept there; all of it inside
+    for window, outside in (("0:500", 0.0), ("0:500,0.3", 0.21)):
+        late = [concepts[0], Concept.load(concepts[1].adapter, name="zwx", timesteps=window, weight=0.7)]
+        with composing(pipe, "naive", PROMPT, late) as run:
+            stack = _stack(pipe, "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")
+            x = torch.randn(1, 64, stack.base.in_features)
+            k = stack.names.index("zwx")
+            run.timestep = torch.tensor(800)
+            assert run.gates(stack, x)[k] == pytest.approx(outside) and run.gates(stack, x)[1 - k] == 1.0
+            run.timestep = torch.tensor(499)
+            assert run.gates(stack, x)[k] == 0.7
+            run.timestep = 500
+            assert run.gates(stack, x)[k] == pytest.approx(outside)
     plain = compose(pipe, "naive", PROMPT, concepts, seed=1, steps=3)[0]
     everywhere = [concepts[0], Concept.load(concepts[1].adapter, name="zwx", timesteps="0:1000")]
     assert np.array_equal(np.asarray(compose(pipe, "naive", PROMPT, everywhere, seed=1, steps=3)[0]), np.asarray(plain))
