@@ -28,10 +28,12 @@ def test_a_training_window_draws_only_its_timesteps_uniformly(window):
     assert w[:int(start)].sum() == 0 and w[int(end):].sum() == 0
 
 
-def test_no_window_trains_every_timestep_and_a_middle_window_is_refused():
+def test_no_window_trains_every_timestep_and_a_middle_window_or_a_share_is_refused():
     assert bench.train_window_settings(None) == {} and weights(None) is None  # uniform, drawn as without the option
     with pytest.raises(ValueError, match="start at 0 or end at 1000"):
         bench.train_window_settings((200, 600))
+    with pytest.raises(ValueError, match="a training window keeps no share outside it"):
+        bench.train_window_settings((0, 500, 0.5))  # a sampling window's share has no meaning in training
 
 
 @pytest.mark.parametrize("style_first", [False, True])
