@@ -21,6 +21,9 @@ so the dispatch can be checked.
 - ``merged``: one adapter fused into the weights (for N = 1: the unfused single adapter against it);
 - ``general path``: the studio's layers with ``LoraStack.prepared`` off, every call through the general dispatch
   (``multi_lora_linear``) instead of the prepared call a layer keeps after its first (``LinearPlan``, ``GatedPlan``).
+- ``prompt update per step``: the studio's layers with ``LoraStack.keep_prompt`` off: each cross-attention key/value
+  projection computes the adapters' update of the prompt's tokens at every step, instead of once for the prompt
+  tensor the pipeline passes at every step.
 
 Also: the FLOPs of the studio's masked forward (``torch.utils.flop_counter``) against the analytical
 count (base FLOPs + ``2 M R (d_in + d_out)`` per adapted layer with M tokens, or ``2 sum_k M_k r (d_in + d_out)``
@@ -134,12 +137,8 @@ class Studio:
         n = len(adapters)
         concepts = [Concept(a, f"c{i}", region=(i / n, 0.0, (i + 1) / n, 1.0)) for i, a in enumerate(adapters)]
         self.run = Run(self.pipe, LoRAComposer(), "", concepts, side * 8, side * 8) if masked else None
-        from studio.composers.base import cross_kv_layers
-
-        cross = cross_kv_layers(unet)
         for stack in self.handle.stacks.values():
             stack.router = self.run
-            stack.text_input = id(stack) in cross
 
     def off(self):
         """The UNet's own modules back in place; the adapter layers (and what they built on their first call: the
@@ -162,14 +161,17 @@ class Studio:
         detach(self.pipe)
 
 
-def lora_flops(stack, lead: tuple[int, ...], n: int, run) -> int:
-    """FLOPs of one adapted layer's low-rank work, by hand: dense, ``2 M R (d_in + d_out)`` for M tokens; where the
-    kernel runs each adapter on its own tokens (N stripes, each a rank-r update on its columns' tokens),
-    ``2 sum_k M_k r (d_in + d_out)``."""
+def lora_flops(stack, lead: tuple[int, ...], n: int, run, later: bool) -> int:
+    """FLOPs of one adapted layer's low-rank work in a step, by hand: dense, ``2 M R (d_in + d_out)`` for M tokens;
+    where the kernel runs each adapter on its own tokens (N stripes, each a rank-r update on its columns' tokens),
+    ``2 sum_k M_k r (d_in + d_out)``; on a cross-attention key/value after the first step (``later``), none: the
+    prompt's update is kept."""
     from studio.kernels.lora import use_segments
 
     d = stack.base.in_features + stack.base.out_features
     tokens, rank = math.prod(lead), stack.packed().down.shape[0]
+    if stack.text_input and later:
+        return 0
     if stack.text_input or n == 1:
         return 2 * tokens * rank * d
     h, w = run.spatial_hw(lead[-1])
@@ -236,7 +238,7 @@ def measure_case(unet, inputs, side: int, rank: int, n: int, repeats: int, base_
         unet.set_adapters(names, [1.0] * n)
         unet.to(unet.dtype)  # peft keeps 16-bit models' adapters in fp32 (casting each input up): here in the model's dtype
 
-    timings: dict[str, list[float]] = {"base": [], "studio": [], "studio_general": [], "peft": []}
+    timings: dict[str, list[float]] = {"base": [], "studio": [], "studio_general": [], "studio_per_step": [], "peft": []}
     if cuda:
         timings["studio_triton"] = []
     if n == 1:
@@ -260,19 +262,19 @@ def measure_case(unet, inputs, side: int, rank: int, n: int, repeats: int, base_
             unet.unload_lora()  # peft's layers out: the UNet's own modules back
 
     @contextlib.contextmanager
-    def studio(kept, fuse=False, path=None, prepared=True):
+    def studio(kept, fuse=False, path=None, prepared=True, keep_prompt=True):
         from studio.plugin import LoraStack, unfuse
         from studio.plugin import fuse as fuse_weights
 
         kept.on()
         if fuse:
             fuse_weights(kept.pipe)
-        LoraStack.prepared = prepared
+        LoraStack.prepared, LoraStack.keep_prompt = prepared, keep_prompt
         try:
             with cuda_path(path) if path else contextlib.nullcontext():
                 yield
         finally:
-            LoraStack.prepared = True
+            LoraStack.prepared = LoraStack.keep_prompt = True
             if fuse:
                 unfuse(kept.pipe)
             kept.off()
@@ -288,8 +290,9 @@ def measure_case(unet, inputs, side: int, rank: int, n: int, repeats: int, base_
     leads = {}
     hooks = [st.register_forward_pre_hook(lambda m, a, _n=name: leads.__setitem__(_n, tuple(a[0].shape[:-1])))
              for name, st in s.handle.stacks.items()]
-    flops = counted_flops()
-    analytic = base_flops + sum(lora_flops(st, leads[name], n, s.run) for name, st in s.handle.stacks.items())
+    flops = counted_flops(), counted_flops()  # the first step, and a later one (the prompt's update kept)
+    analytic = tuple(base_flops + sum(lora_flops(st, leads[name], n, s.run, later) for name, st in s.handle.stacks.items())
+                     for later in (False, True))
     for h in hooks:
         h.remove()
     s.close()
@@ -299,7 +302,8 @@ def measure_case(unet, inputs, side: int, rank: int, n: int, repeats: int, base_
     masked = Studio(unet, adapters, side, masked=True)
     masked.off()
     plan = {"base": contextlib.nullcontext, "studio": lambda: studio(masked),  # label -> its setting
-            "studio_general": lambda: studio(masked, prepared=False), "peft": peft}
+            "studio_general": lambda: studio(masked, prepared=False),
+            "studio_per_step": lambda: studio(masked, keep_prompt=False), "peft": peft}
     if cuda:
         plan["studio_triton"] = lambda: studio(masked, path="triton")
     if n == 1:
@@ -332,7 +336,7 @@ def measure_case(unet, inputs, side: int, rank: int, n: int, repeats: int, base_
     if n == 1:
         single.close()
     med = {k: statistics.median(v) for k, v in timings.items()}
-    return med, (rank, n, flops / analytic, diff, flops / base_flops)
+    return med, (rank, n, tuple(f / a for f, a in zip(flops, analytic)), diff, flops[1] / base_flops)
 
 
 def section(model: str, args, rows: list, checks: list, total: int) -> str:
@@ -341,14 +345,16 @@ def section(model: str, args, rows: list, checks: list, total: int) -> str:
     cuda = args.device == "cuda"
     triton_col = (" studio triton / base |", "---|") if cuda else ("", "")
     head = (f"| rank | N | base ms | studio masked ms | peft ms | studio / base |{triton_col[0]} FLOPs studio / base | "
-            f"peft / studio | general path / studio | FLOPs counted / analytical | studio vs peft output |\n"
-            f"|---|---|---|---|---|---|{triton_col[1]}---|---|---|---|---|\n")
+            f"peft / studio | general path / studio | prompt update per step / studio | FLOPs counted / analytical "
+            f"(first step / later) | studio vs peft output |\n"
+            f"|---|---|---|---|---|---|{triton_col[1]}---|---|---|---|---|---|\n")
     body = ""
     for (rank, n, med), (_, _, flop_ratio, diff, over_base) in zip(rows, checks):
         triton_cell = f" {med['studio_triton'] / med['base']:.3f} |" if cuda else ""
         body += (f"| {rank} | {n} | {med['base'] * 1000:.1f} | {med['studio'] * 1000:.1f} | {med['peft'] * 1000:.1f} | "
                  f"**{med['studio'] / med['base']:.3f}** |{triton_cell} {over_base:.3f} | **{med['peft'] / med['studio']:.2f}x** | "
-                 f"{med['studio_general'] / med['studio']:.2f}x | {flop_ratio:.4f} | {diff:.1e} |\n")
+                 f"{med['studio_general'] / med['studio']:.2f}x | {med['studio_per_step'] / med['studio']:.2f}x | "
+                 f"{flop_ratio[0]:.4f} / {flop_ratio[1]:.4f} | {diff:.1e} |\n")
     singles = [(rank, med) for rank, n, med in rows if n == 1]
     single = "".join(f"- rank {rank}: one unmasked adapter, unfused {med['single'] * 1000:.1f} ms vs fused into the weights "
                      f"{med['merged'] * 1000:.1f} ms: **{med['single'] / med['merged']:.3f}x** (goal at most 1.05; the "
@@ -372,10 +378,12 @@ def section(model: str, args, rows: list, checks: list, total: int) -> str:
             "kernels" if cuda else "") + "; `peft`: the "
             "same adapters as peft layers with `set_adapters`, unfused" + (", in the model's dtype" if args.dtype != "fp32"
             else "") + "; `general path / studio`: the same studio layers with `LoraStack.prepared` off (every call "
-            "through the general dispatch, as before the prepared calls) over the default. Goals (issue 6): studio / base at most 1.10 at "
+            "through the general dispatch, as before the prepared calls) over the default; `prompt update per step / "
+            "studio`: the same with `LoraStack.keep_prompt` off (the cross-attention keys' and values' low-rank update "
+            "of the prompt computed at every step instead of kept from the first) over the default. Goals (issue 6): studio / base at most 1.10 at "
             "N = 4; peft / studio at least 2x at N = 4; FLOPs within 1% of the analytical count.\n\n"
-            f"{head}{body}\n{single}\n`FLOPs studio / base`: the masked multi-adapter forward's FLOPs over the base model's "
-            "(the time ratio's floor where compute bounds it)" + ("; counted on the torch path, since the flop counter does not see "
+            f"{head}{body}\n{single}\n`FLOPs studio / base`: the masked multi-adapter forward's FLOPs over the base model's, "
+            "at a step after the first (the time ratio's floor where compute bounds it)" + ("; counted on the torch path, since the flop counter does not see "
             "inside Triton kernels" if cuda else "") + ". `studio vs peft output`: the largest difference between "
             "the two paths' outputs (unmasked, same adapters), relative to the output's largest value.\n")
     return text

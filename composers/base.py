@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from studio.adapters import Adapter, load_adapter
 from studio.adapters.form import multi_vector
@@ -545,18 +544,6 @@ def default_attention(attn, hidden_states, encoder_hidden_states=None, attention
     return out / attn.rescale_output_factor
 
 
-def cross_kv_layers(unet: nn.Module) -> set[int]:
-    """ids of the key/value projections that read the prompt (cross-attention)."""
-    ids = set()
-    for module in unet.modules():
-        if getattr(module, "is_cross_attention", False):
-            for leaf in ("to_k", "to_v"):
-                layer = getattr(module, leaf, None)
-                if layer is not None:
-                    ids.add(id(layer))
-    return ids
-
-
 @contextlib.contextmanager
 def composing(pipe, method: str | Composer, prompt: str, concepts: list[Concept], height: int | None = None,
               width: int | None = None):
@@ -588,13 +575,11 @@ def composing(pipe, method: str | Composer, prompt: str, concepts: list[Concept]
             remove(pipe, [f"{composer.name}-merge"])
         return
     handle = attach(pipe, [c.adapter for c in concepts], weights=[max(-2.0, min(2.0, c.weight)) for c in concepts], names=names)
-    cross = cross_kv_layers(pipe.unet)
     ours = [s for s in handle.stacks.values() if set(s.names) & set(names)]
     for canonical, stack in handle.stacks.items():
         if stack in ours:
             stack.router = run
             stack.component = canonical.partition(".")[0]
-            stack.text_input = id(stack) in cross
     saved = None
     if composer.needs_attention:
         saved = dict(pipe.unet.attn_processors)

@@ -20,6 +20,9 @@ prepared once for a layer (the plugin's layer keeps one while its weights or its
 the same ops, without the per-call dispatch and checks, which cost more than the GEMMs on small layers and are
 what a launch-bound GPU waits on.
 
+:func:`multi_lora_delta` is the dense form's update alone (no base layer), for a layer whose input comes back
+unchanged from call to call (the plugin keeps it for the prompt's tokens at a cross-attention key/value).
+
 :func:`lora_linear` is the one-adapter form that training differentiates through (three GEMMs, the scale and
 the sum folded into the last).
 
@@ -282,23 +285,35 @@ def multi_lora_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     segmented form where the gates are sparse and the layer big (see the module's text)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    k, R = len(packed.ranks), packed.down.shape[0]
-    routed = _token_gates(gates, x, k)
+    routed = _token_gates(gates, x, len(packed.ranks))
     inplace = not torch.is_grad_enabled()  # sampling; with autograd on (fitting gates) every step is out of place
     base = F.linear(x2, weight, bias)
-    if isinstance(routed, tuple):  # one number per adapter: folded into the ups
-        h = x2 @ packed.down.T
-        up = packed.weighted_up(routed)
-        out = _add_mm(base, h, up, inplace)
-        return out.reshape(*lead, weight.shape[0])
-    if inplace and (seg := _segments_if_paying(routed, lead, packed, x2.shape[1], weight.shape[0])) is not None:
+    if inplace and isinstance(routed, TokenGates) and (
+            seg := _segments_if_paying(routed, lead, packed, x2.shape[1], weight.shape[0])) is not None:
         return _segmented(x2, base, packed, seg).reshape(*lead, weight.shape[0])
+    h, up = _low_rank(x2, packed, routed, lead, inplace)
+    return _add_mm(base, h, up, inplace).reshape(*lead, weight.shape[0])
+
+
+def _low_rank(x2: torch.Tensor, packed: Packed, routed: TokenGates | tuple[float, ...], lead: tuple[int, ...],
+              inplace: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense form's two factors: the rank-space activations ``x A^T`` (times the token gates, in place when
+    allowed) and the ups they multiply (numeric gates folded into them)."""
     h = x2 @ packed.down.T
+    if isinstance(routed, tuple):  # one number per adapter: folded into the ups
+        return h, packed.weighted_up(routed)
     h_shape, g = _rank_gates(packed, routed, lead)
     hv = h.view(h_shape)
-    h = (hv.mul_(g) if inplace else hv * g).reshape(-1, R)
-    out = _add_mm(base, h, packed.up_t, inplace)
-    return out.reshape(*lead, weight.shape[0])
+    return (hv.mul_(g) if inplace else hv * g).reshape(-1, packed.down.shape[0]), packed.up_t
+
+
+def multi_lora_delta(x: torch.Tensor, packed: Packed, gates: list | TokenGates | None = None) -> torch.Tensor:
+    """The adapters' update alone, ``sum_i s_i g_i (x A_i^T) B_i^T`` (the dense form, no base layer): what the plugin
+    keeps for a layer whose input stays the same from step to step (the prompt's tokens)."""
+    lead = x.shape[:-1]
+    h, up = _low_rank(x.reshape(-1, x.shape[-1]), packed, _token_gates(gates, x, len(packed.ranks)), lead,
+                      not torch.is_grad_enabled())
+    return (h @ up).reshape(*lead, up.shape[1])
 
 
 def _add_mm(base: torch.Tensor, h: torch.Tensor, up_t: torch.Tensor, inplace: bool) -> torch.Tensor:

@@ -17,6 +17,7 @@ re-exported here for plugin users.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,15 @@ from torch import nn
 
 from studio.adapters import Adapter, load_adapter
 from studio.adapters.form import TEXT_ENCODERS, module_path, token_names, tokenizer_of
-from studio.kernels.lora import GatedPlan, LinearPlan, Packed, TokenGates, multi_lora_linear, plan_fits
+from studio.kernels.lora import (
+    GatedPlan,
+    LinearPlan,
+    Packed,
+    TokenGates,
+    multi_lora_delta,
+    multi_lora_linear,
+    plan_fits,
+)
 
 WEIGHT_RANGE = (-2.0, 2.0)
 
@@ -47,6 +56,8 @@ class LoraStack(nn.Module):
     """A base layer plus any number of low-rank updates, each with its own weight."""
 
     prepared = True  # keep a prepared call after the first (LinearPlan / GatedPlan); False: every call the general path
+    keep_prompt = True  # text-input layers keep the adapters' update for a prompt tensor that comes back (see forward)
+    KEPT = 4  # prompt tensors kept per layer (a composer's passes may each bring their own)
 
     def __init__(self, base: nn.Linear | nn.Conv2d, path: str):
         super().__init__()
@@ -66,6 +77,7 @@ class LoraStack(nn.Module):
         self._plan = None  # a LinearPlan for fixed weights (no router), rebuilt on any change
         self._gated = None  # a GatedPlan for the router's fixed gates (a composer's masks during a run)
         self.text_input = False  # True for a cross-attention key/value projection (its input is the prompt's tokens)
+        self._kept: dict[int, tuple] = {}  # text input: id(prompt tensor) -> (weakref, key, gates, the adapters' update)
 
     def add(self, name: str, down: torch.Tensor, up: torch.Tensor, scale: float, weight: float) -> None:
         ref = self.base.weight
@@ -89,6 +101,7 @@ class LoraStack(nn.Module):
         self.scales.append(scale)
         self.weights.append(weight)
         self._packed = self._routed = self._plan = self._gated = None
+        self._kept.clear()
 
     def delta(self) -> torch.Tensor:
         total = torch.zeros_like(self.base.weight, dtype=torch.float32)
@@ -102,6 +115,7 @@ class LoraStack(nn.Module):
         ref = self.downs[0].weight
         if p is None or p.down.device != ref.device or p.down.dtype != ref.dtype:
             p = self._packed = Packed.pack([d.weight for d in self.downs], [u.weight for u in self.ups], self.scales)
+            self._kept.clear()
             for d, (a, b) in zip(self.downs, p.bounds):  # the downs kept once: each adapter's is a view of its rows
                 d.weight.data = p.down[a:b]
         return p
@@ -121,7 +135,32 @@ class LoraStack(nn.Module):
             self._routed = (key, gates, TokenGates.of(gates, x))  # holding the gates keeps their ids theirs
         return self._routed[2]
 
+    def _prompt_update(self, x: torch.Tensor, weights: list) -> torch.Tensor:
+        """The adapters' update for prompt tokens ``x`` under ``weights``, computed once and kept while the same tensor,
+        unchanged, comes back with the same gates: a pipeline passes one prompt tensor to the UNet at every denoising
+        step, so a cross-attention key/value's low-rank work is done once per prompt instead of once per step."""
+        key = (x._version, x.shape, x.dtype, x.device, tuple(id(g) if isinstance(g, torch.Tensor) else float(g) for g in weights))
+        entry = self._kept.get(id(x))
+        if entry is not None and entry[0]() is x and entry[1] == key:
+            return entry[3]
+        delta = multi_lora_delta(x, self.packed(), self.routed(weights, x))
+        kept, slot = self._kept, id(x)
+
+        def forget(ref):  # the prompt tensor is gone: so is its update
+            if kept.get(slot, (None,))[0] is ref:
+                del kept[slot]
+
+        kept.pop(slot, None)
+        if len(kept) >= self.KEPT:
+            kept.pop(next(iter(kept)))
+        kept[slot] = (weakref.ref(x, forget), key, weights, delta)  # holding the gates keeps their ids theirs
+        return delta
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.text_input and self.keep_prompt and self.downs and self.fused_from is None
+                and isinstance(self.base, nn.Linear) and not torch.is_grad_enabled()):
+            delta = self._prompt_update(x, self.weights if self.router is None else self.router.gates(self, x))
+            return self.base(x).add_(delta)
         plan = self._plan  # the last call's prepared form, while nothing changed since: no per-call bookkeeping
         if (plan is not None and self.router is None and self.fused_from is None and self.prepared
                 and plan.weights == self.weights and plan.device == x.device and plan.dtype == x.dtype):
@@ -149,6 +188,12 @@ class LoraStack(nn.Module):
             elif w:
                 out = out + (w * s) * u(d(x))
         return out
+
+
+def reads_prompt(model: nn.Module, path: str) -> bool:
+    """Whether the layer at ``path`` is a cross-attention key/value projection: its input is the prompt's tokens."""
+    parent, _, leaf = path.rpartition(".")
+    return leaf in ("to_k", "to_v") and getattr(model.get_submodule(parent), "is_cross_attention", False)
 
 
 @dataclass
@@ -309,6 +354,7 @@ def attach(pipe, adapters: list, weights: list[float] | None = None, names: list
             stack = handle.stacks.get(canonical)
             if stack is None:
                 stack = LoraStack(targets[canonical], module_path(model, canonical.partition(".")[2]))
+                stack.text_input = reads_prompt(model, stack.path)
                 _put(model, stack.path, stack)
                 handle.stacks[canonical] = stack
             stack.add(name, lora.down, lora.up, lora.scale, block_weight(weight, canonical) if isinstance(weight, dict) else weight)

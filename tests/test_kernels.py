@@ -311,6 +311,68 @@ def test_the_plugins_prepared_calls_give_the_reference_and_follow_every_change(s
         assert stack._plan.dtype == torch.bfloat16
 
 
+def test_a_prompt_layer_keeps_its_update_while_the_same_prompt_comes_back_and_recomputes_on_any_change():
+    """A cross-attention key/value (``text_input``) keeps the adapters' update of a prompt tensor under ``no_grad``:
+    the same tensor, unchanged, with the same gates gets the kept update (the reference's output, no new low-rank
+    work); a change of gates, the tensor's values in place, another tensor, new adapters or grad mode is computed
+    afresh; a prompt tensor that is gone takes its update with it."""
+    import gc
+
+    import studio.plugin as plugin
+
+    x, w, bias, downs, ups, scales = _case(2, 7, 12, 10, [3, 5])
+    stack = plugin.LoraStack(torch.nn.Linear(12, 10), "layer")
+    with torch.no_grad():
+        stack.base.weight.copy_(w)
+        stack.base.bias.copy_(bias)
+    for i, (d, u, s) in enumerate(zip(downs, ups, scales)):
+        stack.add(f"a{i}", d, u, s, 1.0)
+    stack.text_input = True
+    calls = []
+    real = plugin.multi_lora_delta
+    plugin.multi_lora_delta = lambda *a: calls.append(1) or real(*a)
+    try:
+        def check(inp, gates=None):
+            torch.testing.assert_close(stack(inp), multi_lora_reference(inp, w, bias, downs, ups, scales, gates),
+                                       atol=1e-5, rtol=1e-5)
+
+        with torch.no_grad():
+            for _ in range(3):
+                check(x)
+            assert len(calls) == 1  # computed once, then kept
+            stack.weights = [0.5, 2.0]
+            check(x, stack.weights)
+            assert len(calls) == 2
+            mask = (torch.arange(7) < 3).float().view(1, 7, 1)  # a router's per-token gates (a prompt's spans)
+            stack.router = _Router([mask, 1.0])
+            check(x, [mask, 1.0])
+            check(x, [mask, 1.0])
+            assert len(calls) == 3
+            stack.router = _Router([mask.clone(), 1.0])  # another gate tensor: its values are not compared
+            check(x, [mask, 1.0])
+            assert len(calls) == 4
+            stack.router = None
+            x.mul_(2.0)  # the prompt changed in place
+            check(x, stack.weights)
+            y = x.clone()  # the same values in another tensor
+            check(y, stack.weights)
+            assert len(calls) == 6 and len(stack._kept) == 2
+            del y
+            gc.collect()
+            assert len(stack._kept) == 1  # its update went with it
+            stack.add("a2", downs[0], ups[0], 1.0, 1.0)  # another adapter: nothing kept from before
+            assert not stack._kept
+            torch.testing.assert_close(stack(x), multi_lora_reference(x, w, bias, [*downs, downs[0]], [*ups, ups[0]],
+                                                                      [*scales, 1.0], stack.weights), atol=1e-5, rtol=1e-5)
+            assert len(calls) == 7
+        x.requires_grad_(True)  # grad mode: the general path, nothing kept
+        before = len(calls)
+        stack(x).sum().backward()
+        assert len(calls) == before and x.grad is not None
+    finally:
+        plugin.multi_lora_delta = real
+
+
 def test_no_gated_plan_where_the_segmented_form_runs(monkeypatch):
     import studio.kernels.lora as lora
 

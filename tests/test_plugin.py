@@ -46,11 +46,14 @@ def test_same_images_as_stock_load_lora_weights(pipe, files, base_images):
     stock.load_lora_weights(str(files[1]), adapter_name="a1")
     stock.set_adapters(["a0", "a1"], adapter_weights=[0.8, -0.5])
     theirs = sample(stock)
-    attach(pipe, files, weights=[0.8, -0.5])
+    handle = attach(pipe, files, weights=[0.8, -0.5])
     try:
-        ours = sample(pipe)
+        ours = sample(pipe)  # the cross-attention keys' and values' updates kept from the first step on
     finally:
         detach(pipe)
+    prompt_layers = {name for name, stack in handle.stacks.items() if stack.text_input}
+    assert prompt_layers and prompt_layers == {name for name in handle.stacks
+                                               if name.startswith("unet.") and name.endswith(("attn2.to_k", "attn2.to_v"))}
     assert np.abs(ours - base_images).max() > 0.05  # the adapters do change the image
     np.testing.assert_allclose(ours, theirs, atol=2e-4)
 
