@@ -176,17 +176,26 @@ class LinearPlan:
     """One layer's adapters at fixed per-adapter weights, prepared for repeated calls: ``x W^T + b + (x A^T) U``
     with every adapter's down stacked (``A``) and its up times its scale and weight (``U``), as three ops and no
     per-call bookkeeping. What the plugin calls per layer while nothing routes its adapters (sampling with fixed
-    weights); the same arithmetic as :func:`multi_lora_fused` with numeric gates."""
+    weights); the same arithmetic as :func:`multi_lora_fused` with numeric gates. Where the adapters' ranks together
+    reach ``d_in d_out / (d_in + d_out)``, the low-rank form costs at least as many multiply-adds as a dense update,
+    so the plan keeps ``W + A^T U`` (the update merged into a copy of the weight, no larger than the adapters'
+    factors) and runs one GEMM under ``no_grad``; ``version`` is the base weight's when the plan was made."""
 
-    __slots__ = ("weight", "bias", "down_t", "up", "weights", "device", "dtype", "d_out")
+    __slots__ = ("weight", "bias", "down_t", "up", "weights", "device", "dtype", "d_out", "merged", "version")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: Packed, weights: list[float]):
         self.weight, self.bias = weight, bias
         self.down_t, self.up = packed.down.T, packed.weighted_up(tuple(float(w) for w in weights))
         self.weights, self.device, self.dtype = list(weights), packed.down.device, packed.down.dtype
-        self.d_out = weight.shape[0]
+        self.d_out, d_in = weight.shape
+        self.version = weight._version
+        dense = packed.down.shape[0] * (d_in + self.d_out) >= d_in * self.d_out
+        with torch.no_grad():
+            self.merged = torch.addmm(weight, self.up.T, packed.down) if dense else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged is not None and not torch.is_grad_enabled():  # with autograd on, the factors (grads reach W)
+            return F.linear(x, self.merged, self.bias)
         x2 = x.reshape(-1, x.shape[-1])
         base = F.linear(x2, self.weight, self.bias)
         if torch.is_grad_enabled():

@@ -69,6 +69,7 @@ class LoraStack(nn.Module):
         self.scales: list[float] = []  # alpha / rank
         self.weights: list[float] = []
         self.fused_from: torch.Tensor | None = None  # the base weight before fusing, kept for an exact unfuse
+        self.fused_version = 0  # the base weight's version before fusing (a plan made on it holds again after unfuse)
         # a composer's router (``studio.composers.base.Run``) sets each adapter's weight per call: a number or
         # a tensor over the output's tokens (per region, per text token); None: the fixed ``weights``
         self.router = None
@@ -163,7 +164,8 @@ class LoraStack(nn.Module):
             return self.base(x).add_(delta)
         plan = self._plan  # the last call's prepared form, while nothing changed since: no per-call bookkeeping
         if (plan is not None and self.router is None and self.fused_from is None and self.prepared
-                and plan.weights == self.weights and plan.device == x.device and plan.dtype == x.dtype):
+                and plan.weights == self.weights and plan.device == x.device and plan.dtype == x.dtype
+                and plan.version == self.base.weight._version):
             return plan(x)
         if self.fused_from is not None or not self.downs:
             return self.base(x)
@@ -440,7 +442,7 @@ def fuse(pipe) -> None:
     for stack in _handle(pipe).stacks.values():
         if stack.fused_from is None:
             w = stack.base.weight
-            stack.fused_from = w.detach().clone()
+            stack.fused_from, stack.fused_version = w.detach().clone(), w._version
             with torch.no_grad():
                 w += stack.delta().to(w.dtype)
 
@@ -452,6 +454,8 @@ def unfuse(pipe) -> None:
             with torch.no_grad():
                 stack.base.weight.copy_(stack.fused_from)
             stack.fused_from = None
+            if stack._plan is not None and stack._plan.version == stack.fused_version:  # made on the weight now back
+                stack._plan.version = stack.base.weight._version
 
 
 def detach(pipe) -> None:

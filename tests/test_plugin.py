@@ -126,6 +126,7 @@ def test_fuse_matches_unfused_and_unfuse_is_exact(pipe, files):
         x = torch.randn(2, 64, q.base.in_features)
         with torch.no_grad():
             layer_unfused = q(x)
+        plan = q._plan
         fuse(pipe)
         assert not torch.equal(q.base.weight, original)
         with torch.no_grad():  # one layer: (W + dW) x against W x + dW x, to rounding
@@ -135,6 +136,8 @@ def test_fuse_matches_unfused_and_unfuse_is_exact(pipe, files):
         np.testing.assert_allclose(sample(pipe, steps=1), unfused, atol=1e-3)
         unfuse(pipe)
         assert torch.equal(q.base.weight, original)
+        with torch.no_grad():  # the plan made before fusing holds again: the weight it was made on is back
+            assert torch.equal(q(x), layer_unfused) and q._plan is plan is not None
     finally:
         detach(pipe)
 
