@@ -410,13 +410,18 @@ class Run:
             if "cond" not in self.state:
                 self.state["cond"] = self.encode([self.prompt], only=None)
             cond = self.state["cond"]
+        key = ("conditioning", id(cond), n)
+        kept = self.state.get(key)
+        if kept is not None and kept[0] is cond:  # the same tensors every step: a prompt layer keeps its update for them
+            return dict(kept[1])
         kwargs = {"encoder_hidden_states": cond["embeds"].repeat(n, 1, 1)}
         if "pooled" in cond:
             from studio.families import sdxl_time_ids
 
             time_ids = sdxl_time_ids(self.height, self.width, n).to(cond["pooled"].device, cond["pooled"].dtype)
             kwargs["added_cond_kwargs"] = {"text_embeds": cond["pooled"].repeat(n, 1), "time_ids": time_ids}
-        return kwargs
+        self.state[key] = (cond, kwargs)  # holding cond keeps its id its own
+        return dict(kwargs)
 
     def model_input(self, latents: torch.Tensor, t) -> tuple[torch.Tensor, float]:
         """The UNet's input for ``latents`` at ``t`` (the scheduler's scaling) and the factor back to latents."""
@@ -443,9 +448,18 @@ class Run:
             if key == "added_cond_kwargs" and value is not None:
                 value = {k: v[rows] for k, v in value.items()}
             elif isinstance(value, torch.Tensor) and value.ndim and key != "timestep_cond":
-                value = value[rows]
+                value = self._rows_of(value, rows)
             kwargs[key] = value
         return self._extra_call(x, t, kwargs, only)
+
+    def _rows_of(self, value: torch.Tensor, rows: slice) -> torch.Tensor:
+        """``value[rows]``, the same view object while the pipeline passes the same tensor (its prompt embeddings are
+        one tensor for the whole sampling), so that a prompt layer keeps its update for it."""
+        key = ("rows", id(value), rows.start, rows.stop, rows.step)
+        kept = self.state.get(key)
+        if kept is None or kept[0] is not value:  # a view shares its tensor's version: changed in place, it tells
+            kept = self.state[key] = (value, value[rows])
+        return kept[1]
 
     def _extra_call(self, x: torch.Tensor, t, kwargs: dict, only: int | None) -> torch.Tensor:
         """A composer's own UNet call (not counted as a step), only concept ``only``'s adapter acting if given."""

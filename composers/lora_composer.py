@@ -128,9 +128,22 @@ class LoRAComposer(Composer):
             run.segments = None
 
     def expanded_context(self, run: Run, encoder_hidden_states: torch.Tensor):
-        """``[global | concept 1 | ...]`` prompt embeddings for this batch, and the spans (start, end, concept)."""
+        """``[global | concept 1 | ...]`` prompt embeddings for this batch, and the spans (start, end, concept): built
+        once for each prompt tensor the pipeline passes (the same at every layer and step), so that the same expanded
+        tensor comes back and each cross-attention key/value keeps its adapters' update for it."""
         rows = encoder_hidden_states.shape[0]
         n = getattr(run, "batch", rows)
+        if encoder_hidden_states.requires_grad:  # part of a graph: built afresh
+            return self._expand(run, encoder_hidden_states, rows, n)
+        key = ("expanded", id(encoder_hidden_states), rows, n, run.extra_unet_call)
+        kept = run.state.get(key)
+        if kept is None or kept[0] is not encoder_hidden_states or kept[1] != encoder_hidden_states._version:
+            kept = run.state[key] = (encoder_hidden_states, encoder_hidden_states._version,
+                                     *self._expand(run, encoder_hidden_states, rows, n))
+        return kept[2], kept[3]
+
+    @staticmethod
+    def _expand(run: Run, encoder_hidden_states: torch.Tensor, rows: int, n: int):
         parts, segments = [encoder_hidden_states], [(0, encoder_hidden_states.shape[1], None)]
         pos = encoder_hidden_states.shape[1]
         for k in range(len(run.concepts)):

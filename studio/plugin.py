@@ -57,7 +57,7 @@ class LoraStack(nn.Module):
 
     prepared = True  # keep a prepared call after the first (LinearPlan / GatedPlan); False: every call the general path
     keep_prompt = True  # text-input layers keep the adapters' update for a prompt tensor that comes back (see forward)
-    KEPT = 4  # prompt tensors kept per layer (a composer's passes may each bring their own)
+    KEPT = 8  # (prompt tensor, gates) pairs kept per layer (CLoRA's passes bring 2 per concept and 1 for the base)
 
     def __init__(self, base: nn.Linear | nn.Conv2d, path: str):
         super().__init__()
@@ -78,7 +78,7 @@ class LoraStack(nn.Module):
         self._plan = None  # a LinearPlan for fixed weights (no router), rebuilt on any change
         self._gated = None  # a GatedPlan for the router's fixed gates (a composer's masks during a run)
         self.text_input = False  # True for a cross-attention key/value projection (its input is the prompt's tokens)
-        self._kept: dict[int, tuple] = {}  # text input: id(prompt tensor) -> (weakref, key, gates, the adapters' update)
+        self._kept: dict[tuple, tuple] = {}  # text input: (id(prompt), gates) -> (weakref, check, gates, the update)
 
     def add(self, name: str, down: torch.Tensor, up: torch.Tensor, scale: float, weight: float) -> None:
         ref = self.base.weight
@@ -136,16 +136,20 @@ class LoraStack(nn.Module):
             self._routed = (key, gates, TokenGates.of(gates, x))  # holding the gates keeps their ids theirs
         return self._routed[2]
 
-    def _prompt_update(self, x: torch.Tensor, weights: list) -> torch.Tensor:
-        """The adapters' update for prompt tokens ``x`` under ``weights``, computed once and kept while the same tensor,
-        unchanged, comes back with the same gates: a pipeline passes one prompt tensor to the UNet at every denoising
-        step, so a cross-attention key/value's low-rank work is done once per prompt instead of once per step."""
-        key = (x._version, x.shape, x.dtype, x.device, tuple(id(g) if isinstance(g, torch.Tensor) else float(g) for g in weights))
-        entry = self._kept.get(id(x))
-        if entry is not None and entry[0]() is x and entry[1] == key:
+    def _prompt_update(self, x: torch.Tensor, weights: list) -> torch.Tensor | None:
+        """The adapters' update for prompt tokens ``x`` under ``weights`` (``None`` where every weight is 0), computed
+        once and kept while the same tensor, unchanged, comes back with the same gates: a pipeline passes one prompt
+        tensor to the UNet at every denoising step, so a cross-attention key/value's low-rank work is done once per
+        prompt (and per gate setting: a composer's passes may each bring their own) instead of once per step."""
+        gates = tuple(id(g) if isinstance(g, torch.Tensor) else float(g) for g in weights)
+        if not any(gates):
+            return None
+        slot, check = (id(x), gates), (x._version, x.shape, x.dtype, x.device)
+        kept = self._kept
+        entry = kept.get(slot)
+        if entry is not None and entry[0]() is x and entry[1] == check:
             return entry[3]
         delta = multi_lora_delta(x, self.packed(), self.routed(weights, x))
-        kept, slot = self._kept, id(x)
 
         def forget(ref):  # the prompt tensor is gone: so is its update
             if kept.get(slot, (None,))[0] is ref:
@@ -154,14 +158,14 @@ class LoraStack(nn.Module):
         kept.pop(slot, None)
         if len(kept) >= self.KEPT:
             kept.pop(next(iter(kept)))
-        kept[slot] = (weakref.ref(x, forget), key, weights, delta)  # holding the gates keeps their ids theirs
+        kept[slot] = (weakref.ref(x, forget), check, weights, delta)  # holding the gates keeps their ids theirs
         return delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.text_input and self.keep_prompt and self.downs and self.fused_from is None
                 and isinstance(self.base, nn.Linear) and not torch.is_grad_enabled()):
             delta = self._prompt_update(x, self.weights if self.router is None else self.router.gates(self, x))
-            return self.base(x).add_(delta)
+            return self.base(x) if delta is None else self.base(x).add_(delta)
         plan = self._plan  # the last call's prepared form, while nothing changed since: no per-call bookkeeping
         if (plan is not None and self.router is None and self.fused_from is None and self.prepared
                 and plan.weights == self.weights and plan.device == x.device and plan.dtype == x.dtype

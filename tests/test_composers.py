@@ -228,6 +228,27 @@ def test_every_method_samples_reproducibly(pipe, concepts):
         assert not np.array_equal(np.asarray(first[0]), np.asarray(first[1])), method
 
 
+def test_prompt_layers_work_once_per_prompt_not_per_step_and_give_the_same_images(pipe, concepts, monkeypatch):
+    """The cross-attention keys' and values' low-rank update of each prompt tensor (the pipeline's, and each concept
+    pass's own in CLoRA) is computed once, whatever the number of steps, and the images are those computed afresh."""
+    import studio.plugin as plugin
+
+    calls = []
+    real = plugin.multi_lora_delta
+    monkeypatch.setattr(plugin, "multi_lora_delta", lambda *a: calls.append(1) or real(*a))
+    for method in ("naive", "lora-composer", "clora"):
+        counts = []
+        for steps in (3, 6):
+            calls.clear()
+            kept = compose(pipe, method, PROMPT, concepts, seed=2, steps=steps)[0]
+            counts.append(len(calls))
+        assert counts[0] == counts[1] > 0, (method, counts)
+        monkeypatch.setattr(plugin.LoraStack, "keep_prompt", False)
+        afresh = compose(pipe, method, PROMPT, concepts, seed=2, steps=6)[0]
+        monkeypatch.setattr(plugin.LoraStack, "keep_prompt", True)
+        assert np.array_equal(np.asarray(kept), np.asarray(afresh)), method
+
+
 def test_naive_composer_equals_plain_attach(pipe, concepts):
     from studio.plugin import attach, detach
     from studio.sampling import generate

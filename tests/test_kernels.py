@@ -361,15 +361,22 @@ def test_a_prompt_layer_keeps_its_update_while_the_same_prompt_comes_back_and_re
             check(x, stack.weights)
             y = x.clone()  # the same values in another tensor
             check(y, stack.weights)
-            assert len(calls) == 6 and len(stack._kept) == 2
+            assert len(calls) == 6 and any(entry[0]() is y for entry in stack._kept.values())
+            kept = len(stack._kept)
             del y
             gc.collect()
-            assert len(stack._kept) == 1  # its update went with it
+            assert len(stack._kept) == kept - 1 and all(entry[0]() is x for entry in stack._kept.values())  # gone with y
+            stack.weights = [0.0, 0.0]  # no adapter acting: the base layer alone, nothing computed
+            torch.testing.assert_close(stack(x), torch.nn.functional.linear(x, w, bias))
+            for weights in ([1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]):  # one prompt under two gate settings in
+                stack.weights = weights  # turn (CLoRA's passes): both kept
+                check(x, weights)
+            assert len(calls) == 8
             stack.add("a2", downs[0], ups[0], 1.0, 1.0)  # another adapter: nothing kept from before
             assert not stack._kept
             torch.testing.assert_close(stack(x), multi_lora_reference(x, w, bias, [*downs, downs[0]], [*ups, ups[0]],
                                                                       [*scales, 1.0], stack.weights), atol=1e-5, rtol=1e-5)
-            assert len(calls) == 7
+            assert len(calls) == 9
         x.requires_grad_(True)  # grad mode: the general path, nothing kept
         before = len(calls)
         stack(x).sum().backward()
