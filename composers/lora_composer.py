@@ -133,7 +133,7 @@ class LoRAComposer(Composer):
         tensor comes back and each cross-attention key/value keeps its adapters' update for it."""
         rows = encoder_hidden_states.shape[0]
         n = getattr(run, "batch", rows)
-        if encoder_hidden_states.requires_grad:  # part of a graph: built afresh
+        if encoder_hidden_states.requires_grad or encoder_hidden_states.is_inference():  # a graph, or no version: afresh
             return self._expand(run, encoder_hidden_states, rows, n)
         key = ("expanded", id(encoder_hidden_states), rows, n, run.extra_unet_call)
         kept = run.state.get(key)

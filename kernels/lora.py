@@ -172,6 +172,12 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
+def version(t: torch.Tensor) -> int | None:
+    """``t``'s version counter (bumped by every in-place change), or ``None`` for an inference-mode tensor, which
+    keeps none: nothing derived from it can be kept."""
+    return None if t.is_inference() else t._version
+
+
 class LinearPlan:
     """One layer's adapters at fixed per-adapter weights, prepared for repeated calls: ``x W^T + b + (x A^T) U``
     with every adapter's down stacked (``A``) and its up times its scale and weight (``U``), as three ops and no
@@ -188,8 +194,8 @@ class LinearPlan:
         self.down_t, self.up = packed.down.T, packed.weighted_up(tuple(float(w) for w in weights))
         self.weights, self.device, self.dtype = list(weights), packed.down.device, packed.down.dtype
         self.d_out, d_in = weight.shape
-        self.version = weight._version
-        dense = packed.down.shape[0] * (d_in + self.d_out) >= d_in * self.d_out
+        self.version = version(weight)  # an inference-mode weight: no merged copy, whose staleness could not be seen
+        dense = self.version is not None and packed.down.shape[0] * (d_in + self.d_out) >= d_in * self.d_out
         with torch.no_grad():
             self.merged = torch.addmm(weight, self.up.T, packed.down) if dense else None
 

@@ -34,6 +34,7 @@ from studio.kernels.lora import (
     multi_lora_delta,
     multi_lora_linear,
     plan_fits,
+    version,
 )
 
 WEIGHT_RANGE = (-2.0, 2.0)
@@ -144,6 +145,8 @@ class LoraStack(nn.Module):
         gates = tuple(id(g) if isinstance(g, torch.Tensor) else float(g) for g in weights)
         if not any(gates):
             return None
+        if x.is_inference():  # keeps no version counter: an in-place change could not be seen
+            return multi_lora_delta(x, self.packed(), self.routed(weights, x))
         slot, check = (id(x), gates), (x._version, x.shape, x.dtype, x.device)
         kept = self._kept
         entry = kept.get(slot)
@@ -169,7 +172,7 @@ class LoraStack(nn.Module):
         plan = self._plan  # the last call's prepared form, while nothing changed since: no per-call bookkeeping
         if (plan is not None and self.router is None and self.fused_from is None and self.prepared
                 and plan.weights == self.weights and plan.device == x.device and plan.dtype == x.dtype
-                and plan.version == self.base.weight._version):
+                and plan.version == version(self.base.weight)):
             return plan(x)
         if self.fused_from is not None or not self.downs:
             return self.base(x)
@@ -446,7 +449,7 @@ def fuse(pipe) -> None:
     for stack in _handle(pipe).stacks.values():
         if stack.fused_from is None:
             w = stack.base.weight
-            stack.fused_from, stack.fused_version = w.detach().clone(), w._version
+            stack.fused_from, stack.fused_version = w.detach().clone(), version(w)
             with torch.no_grad():
                 w += stack.delta().to(w.dtype)
 
@@ -459,7 +462,7 @@ def unfuse(pipe) -> None:
                 stack.base.weight.copy_(stack.fused_from)
             stack.fused_from = None
             if stack._plan is not None and stack._plan.version == stack.fused_version:  # made on the weight now back
-                stack._plan.version = stack.base.weight._version
+                stack._plan.version = version(stack.base.weight)
 
 
 def detach(pipe) -> None:

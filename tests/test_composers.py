@@ -247,6 +247,10 @@ def test_prompt_layers_work_once_per_prompt_not_per_step_and_give_the_same_image
         afresh = compose(pipe, method, PROMPT, concepts, seed=2, steps=6)[0]
         monkeypatch.setattr(plugin.LoraStack, "keep_prompt", True)
         assert np.array_equal(np.asarray(kept), np.asarray(afresh)), method
+        if method != "clora":  # (CLoRA's latent update needs autograd, which inference mode does not have)
+            with torch.inference_mode():  # tensors without a version counter: nothing kept, the same images
+                inference = compose(pipe, method, PROMPT, concepts, seed=2, steps=6)[0]
+            assert np.array_equal(np.asarray(inference), np.asarray(afresh)), method
 
 
 def test_naive_composer_equals_plain_attach(pipe, concepts):

@@ -58,6 +58,19 @@ def test_same_images_as_stock_load_lora_weights(pipe, files, base_images):
     np.testing.assert_allclose(ours, theirs, atol=2e-4)
 
 
+def test_sampling_under_inference_mode_gives_the_same_images(pipe, files):
+    """Inference-mode tensors keep no version counter: the layers then keep nothing derived from them (the prompt's
+    update, a merged weight) and still give the images of ``no_grad`` sampling."""
+    attach(pipe, files, weights=[0.8, -0.5])
+    try:
+        plain = sample(pipe, steps=3)
+        with torch.inference_mode():
+            inference = sample(pipe, steps=3)
+    finally:
+        detach(pipe)
+    np.testing.assert_array_equal(inference, plain)
+
+
 BLOCKS = {"text_encoder": 0.5, "unet": {"down": {"block_2": [0.0, 1.5]}, "mid": 0.0, "up": {"block_0": [1.0, 0.2, -1.0], "block_1": 0.7}}}
 
 
