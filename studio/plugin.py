@@ -156,11 +156,11 @@ class LoraStack(nn.Module):
 
         def forget(ref):  # the prompt tensor is gone: so is its update
             if kept.get(slot, (None,))[0] is ref:
-                del kept[slot]
+                kept.pop(slot, None)
 
         kept.pop(slot, None)
-        if len(kept) >= self.KEPT:
-            kept.pop(next(iter(kept)))
+        for old in list(kept)[: max(0, len(kept) - self.KEPT + 1)]:  # the oldest out (a copy of the keys: a callback
+            kept.pop(old, None)  # may take an entry out meanwhile)
         kept[slot] = (weakref.ref(x, forget), check, weights, delta)  # holding the gates keeps their ids theirs
         return delta
 

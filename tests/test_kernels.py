@@ -377,6 +377,13 @@ def test_a_prompt_layer_keeps_its_update_while_the_same_prompt_comes_back_and_re
             torch.testing.assert_close(stack(x), multi_lora_reference(x, w, bias, [*downs, downs[0]], [*ups, ups[0]],
                                                                       [*scales, 1.0], stack.weights), atol=1e-5, rtol=1e-5)
             assert len(calls) == 9
+            prompts = [x + i for i in range(stack.KEPT + 2)]  # more prompts than a layer keeps: the oldest go first
+            for p in prompts:
+                stack(p)
+            assert len(stack._kept) == stack.KEPT and len(calls) == 9 + len(prompts)
+            stack(prompts[-1])
+            stack(prompts[0])  # evicted: computed again
+            assert len(calls) == 10 + len(prompts)
         x.requires_grad_(True)  # grad mode: the general path, nothing kept
         before = len(calls)
         stack(x).sum().backward()
