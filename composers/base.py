@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from studio.kernels.lora import version
 
 from studio.adapters import Adapter, load_adapter
 from studio.adapters.form import multi_vector
@@ -437,29 +438,39 @@ class Run:
             latents = self.pipe.scheduler.scale_model_input(latents, t)
         return self._extra_call(latents, t, self.conditioning(latents.shape[0], cond), only)
 
-    def pipeline_rows(self, x: torch.Tensor, t, rows: slice, only: int | None = None) -> torch.Tensor:
+    def pipeline_rows(self, x: torch.Tensor, t, rows: slice, only: int | None = None, cond: dict | None = None
+                      ) -> torch.Tensor:
         """The UNet on ``x`` (already its input) at ``t`` with the conditioning rows ``rows`` of the pipeline's own
         pass this step (``slice(0, n)``: the negative half of a guidance batch), only concept ``only``'s adapter
-        acting; outside the step count."""
+        acting; outside the step count. With ``cond`` (what :meth:`encode` returns) ``x`` has more rows than
+        ``rows`` selects, and those that follow are conditioned on ``cond``: one call for a pass's negative half and
+        its own prompt."""
+        extra = None if cond is None else self.conditioning(x.shape[0] - len(range(*rows.indices(x.shape[0]))), cond)
         kwargs = {}
         for key, value in self.pipeline_kwargs.items():
             if key in ("sample", "timestep"):
                 continue
             if key == "added_cond_kwargs" and value is not None:
                 value = {k: v[rows] for k, v in value.items()}
+                if extra is not None:
+                    value = {k: torch.cat([v, extra["added_cond_kwargs"][k]]) for k, v in value.items()}
             elif isinstance(value, torch.Tensor) and value.ndim and key != "timestep_cond":
-                value = self._rows_of(value, rows)
+                value = self._rows_of(value, rows, None if extra is None else extra.get(key))
             kwargs[key] = value
         return self._extra_call(x, t, kwargs, only)
 
-    def _rows_of(self, value: torch.Tensor, rows: slice) -> torch.Tensor:
-        """``value[rows]``, the same view object while the pipeline passes the same tensor (its prompt embeddings are
-        one tensor for the whole sampling), so that a prompt layer keeps its update for it."""
-        key = ("rows", id(value), rows.start, rows.stop, rows.step)
+    def _rows_of(self, value: torch.Tensor, rows: slice, then: torch.Tensor | None = None) -> torch.Tensor:
+        """``value[rows]`` (followed by ``then``'s rows where given), the same tensor object while the pipeline passes
+        the same tensor (its prompt embeddings are one tensor for the whole sampling) and ``then`` is the same, so
+        that a prompt layer keeps its update for it."""
+        stamp = tuple(0 if t is None else version(t) for t in (value, then))  # None: an inference tensor
+        if None in stamp:
+            return value[rows] if then is None else torch.cat([value[rows], then])
+        key = ("rows", id(value), rows.start, rows.stop, rows.step, None if then is None else id(then))
         kept = self.state.get(key)
-        if kept is None or kept[0] is not value:  # a view shares its tensor's version: changed in place, it tells
-            kept = self.state[key] = (value, value[rows])
-        return kept[1]
+        if kept is None or kept[0] is not value or kept[1] is not then or kept[3] != stamp:
+            kept = self.state[key] = (value, then, value[rows] if then is None else torch.cat([value[rows], then]), stamp)
+        return kept[2]
 
     def _extra_call(self, x: torch.Tensor, t, kwargs: dict, only: int | None) -> torch.Tensor:
         """A composer's own UNet call (not counted as a step), only concept ``only``'s adapter acting if given."""

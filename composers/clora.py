@@ -8,8 +8,8 @@ The prompt names every concept ("a sks1 shape on the left and a sks2 shape on th
   the global prompt without the other concepts' identifiers ("a sks1 shape on the left and a shape on the
   right"); the noise prediction is the base's where no mask is set and concept k's inside its mask (shared where
   masks overlap), in both halves of the guidance batch: concept k's pass runs on the negative half too (the
-  pipeline's negative conditioning, its adapter acting), as the official code runs each LoRA on the whole guidance
-  batch. ``guided=False`` mixes the prompt half only (the studio's form until 2026-12-04, one pass fewer per
+  pipeline's negative conditioning, its adapter acting; the same UNet call as its prompt half), as the official
+  code runs each LoRA on the whole guidance batch. ``guided=False`` mixes the prompt half only (the studio's form until 2026-12-04, one pass fewer per
   concept): the negative half stays the base's, so guidance multiplies each adapter's whole effect inside its mask. ``mixing="gates"`` is the studio's earlier one-pass form: each
   adapter's layers gated by its mask inside the pipeline's single pass.
 - **attention maps**: the cross-attention probabilities of each concept's tokens in its pass, averaged over
@@ -144,7 +144,7 @@ class CLoRA(Composer):
     def attention(self, run: Run, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
         n_tokens = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[2] * hidden_states.shape[3]
         read = encoder_hidden_states is not None and min(h_w := run.spatial_hw(n_tokens)) == run.map_size()
-        if self.mixing == "noise" and run.state.get("pass") is None and not self.layout or run.state.get("pass") == "negative":
+        if self.mixing == "noise" and run.state.get("pass") is None and not self.layout:
             read = False  # the pipeline's own pass is the base model's: its maps are not the concepts'
         if not read:
             return default_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
@@ -196,19 +196,27 @@ class CLoRA(Composer):
         return torch.stack([nt_xent(flat[b], labels, self.temperature) for b in range(flat.shape[0])]).mean()
 
     # -- the official form: one pass per LoRA with its own prompt, noise predictions mixed by the masks ----------
-    def lora_passes(self, run: Run, x: torch.Tensor, t) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    def lora_passes(self, run: Run, x: torch.Tensor, t, negative: torch.Tensor | None = None):
         """Concept k's pass for every k (its prompt, only its adapter) on the UNet input ``x``: the noise
-        predictions, each pass's token maps (B, M_k, h, w) and their concept labels."""
-        preds, maps, labels = [], [], []
+        predictions, each pass's token maps (B, M_k, h, w), their concept labels, and with ``negative`` (the
+        negative half's UNet input) each pass's predictions there too, in the same UNet call (the pipeline's
+        negative conditioning for those rows; the maps read from the prompt rows only)."""
+        preds, maps, labels, negatives = [], [], [], []
         try:
             for k in range(len(run.concepts)):
                 run.state["pass"], run.state["maps"] = k, []
-                preds.append(run.unet_call(x, t, scaled=True, cond=run.state["lora_cond"][k], only=k))
+                cond = run.state["lora_cond"][k]
+                if negative is None:
+                    preds.append(run.unet_call(x, t, scaled=True, cond=cond, only=k))
+                else:
+                    out = run.pipeline_rows(torch.cat([negative, x]), t, slice(0, len(negative)), only=k, cond=cond)
+                    negatives.append(out[: len(negative)])
+                    preds.append(out[len(negative):])
                 maps.append(self.token_maps(run))
                 labels.append(self.labels(run, x.device, run.state["lora_tokens"][k]))
         finally:
             run.state["pass"], run.state["maps"] = None, []
-        return preds, maps, labels
+        return preds, maps, labels, negatives
 
     def pass_masks(self, run: Run, maps: list[torch.Tensor], labels: list[torch.Tensor]) -> torch.Tensor:
         """(B, K, h, w): concept k's mask from its tokens' map in its own pass."""
@@ -232,23 +240,17 @@ class CLoRA(Composer):
             return None
         b = run.batch
         base_maps = self.token_maps(run) if self.layout and run.state["maps"] else None  # the pipeline's own pass
+        negative = sample[:-b]
+        guided = self.guided and len(negative)  # each concept's pass on the negative half too, in the same call
         with torch.no_grad():
-            preds, maps, labels = self.lora_passes(run, latents[-b:], t)
+            preds, maps, labels, negatives = self.lora_passes(run, latents[-b:], t, latents[:-b] if guided else None)
         if base_maps is not None:
             masks = self.threshold_masks(self.concept_maps(base_maps, self.labels(run, base_maps.device,
                                                                                   run.state["layout_tokens"]), len(preds)))
         else:
             masks = self.pass_masks(run, maps, labels)
         run.state["masks"] = masks
-        negative = sample[:-b]
-        if self.guided and len(negative):  # each concept's negative half with its adapter too, mixed by the same masks
-            try:
-                run.state["pass"] = "negative"
-                with torch.no_grad():
-                    negatives = [run.pipeline_rows(latents[:-b], t, slice(0, len(negative)), only=k)
-                                 for k in range(len(preds))]
-            finally:
-                run.state["pass"] = None
+        if guided:  # mixed by the same masks
             negative = self.mix(negative, negatives, masks)
         return torch.cat([negative, self.mix(sample[-b:], preds, masks)])
 
@@ -258,7 +260,7 @@ class CLoRA(Composer):
         run.state["maps"] = []
         with torch.enable_grad():
             if self.mixing == "noise":  # the maps of every pass: a concept's maps are positives across passes
-                _, maps, labels = self.lora_passes(run, x, t)
+                _, maps, labels, _ = self.lora_passes(run, x, t)
                 maps, labels = torch.cat(maps, 1), torch.cat(labels)
             else:
                 run.unet_call(x, t, scaled=True)

@@ -317,7 +317,7 @@ def test_clora_latent_step_lowers_the_contrastive_loss(pipe, concepts, mixing):
             run.state["maps"] = []
             with torch.no_grad():
                 if mixing == "noise":  # every concept's pass, its own prompt and adapter
-                    _, maps, labels = composer.lora_passes(run, run.model_input(z, t)[0], t)
+                    _, maps, labels, _ = composer.lora_passes(run, run.model_input(z, t)[0], t)
                     return float(composer.loss(run, torch.cat(maps, 1), torch.cat(labels)))
                 run.unet_call(z, t)
             return float(composer.loss(run, composer.token_maps(run)))
@@ -577,8 +577,8 @@ def test_clora_passes_run_one_adapter_each_and_the_pipeline_pass_none(pipe, conc
             hook.remove()
         assert run.state["masks"].shape == (1, 2, 8, 8)
     assert image.size == (64, 64)
-    # per step: the base, then one pass per concept on the prompt half and one on the negative half
-    assert seen == [(False, []), (True, [0]), (True, [1]), (True, [0]), (True, [1])] * 2
+    # per step: the base, then one pass per concept on both halves (one call each)
+    assert seen == [(False, []), (True, [0]), (True, [1])] * 2
 
 
 def _sample(output):
@@ -607,12 +607,19 @@ def test_clora_guided_mixes_both_guidance_halves_from_the_concepts_passes(pipe, 
             finally:
                 last.remove()
             masks = run.state["masks"]
+            # the rows of one call are independent: concept 0's prompt row as a call of its own gives the same
+            alone = run.unet_call(calls[1][2][1:], pipe.scheduler.timesteps[0], scaled=True,
+                                  cond=run.state["lora_cond"][0], only=0)
+            calls.pop()
     finally:
         first.remove()
-    (_, _, x, cond, base), (_, o0, _, _, p0), (_, o1, _, _, p1), (_, o2, x2, c2, n0), (_, o3, x3, c3, n1) = calls
-    assert [c[0] for c in calls] == [False, True, True, True, True] and [o0, o1, o2, o3] == [0, 1, 0, 1]
-    for xk, ck in ((x2, c2), (x3, c3)):  # the negative passes: the pipeline's negative rows of input and conditioning
-        assert torch.equal(xk, x[:1]) and torch.equal(ck, cond[:1])
+    (_, _, x, cond, base), (_, o0, x0, c0, out0), (_, o1, x1, c1, out1) = calls
+    assert [c[0] for c in calls] == [False, True, True] and [o0, o1] == [0, 1]
+    for k, (xk, ck) in enumerate(((x0, c0), (x1, c1))):  # each concept's call: the pipeline's negative row of input and
+        assert torch.equal(xk, x) and torch.equal(ck[:1], cond[:1])  # conditioning, then the prompt row with its own
+        torch.testing.assert_close(ck[1:], run.state["lora_cond"][k]["embeds"])  # prompt
+    (n0, p0), (n1, p1) = (out0[:1], out0[1:]), (out1[:1], out1[1:])
+    torch.testing.assert_close(alone, p0, atol=1e-5 * float(p0.abs().max()), rtol=0)
     mixed = [out for extra, out in final if not extra][0]
     torch.testing.assert_close(mixed[:1], CLoRA.mix(base[:1], [n0, n1], masks))
     torch.testing.assert_close(mixed[1:], CLoRA.mix(base[1:], [p0, p1], masks))
