@@ -102,6 +102,10 @@ class LoraStack(nn.Module):
         self.names.append(name)
         self.scales.append(scale)
         self.weights.append(weight)
+        self.changed()
+
+    def changed(self) -> None:
+        """Forget everything built from the adapters (after one is added or taken out)."""
         self._packed = self._routed = self._plan = self._gated = None
         self._kept.clear()
 
@@ -490,7 +494,7 @@ def remove(pipe, names: list[str]) -> None:
             _put(getattr(pipe, canonical.partition(".")[0]), stack.path, stack.base)
             del handle.stacks[canonical]
             continue
-        stack._packed = stack._routed = stack._plan = stack._gated = None
+        stack.changed()
         stack.downs = nn.ModuleList([stack.downs[i] for i in keep])
         stack.ups = nn.ModuleList([stack.ups[i] for i in keep])
         for attr in ("names", "scales", "weights"):

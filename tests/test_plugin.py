@@ -71,6 +71,33 @@ def test_sampling_under_inference_mode_gives_the_same_images(pipe, files):
     np.testing.assert_array_equal(inference, plain)
 
 
+def test_a_prompt_tensor_passed_again_follows_the_adapters_taken_out(pipe, files):
+    """Without guidance a pipeline hands the UNet the caller's own prompt tensor, so one tensor can come back across
+    calls; what a prompt layer kept for it goes when an adapter is taken out."""
+    from studio.plugin import remove
+
+    def run(embeds, pooled):
+        return pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, guidance_scale=1.0, num_inference_steps=2,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(PROMPT, do_classifier_free_guidance=False)
+    attach(pipe, files, weights=[0.8, -0.5])
+    try:
+        both = run(embeds, pooled)
+        remove(pipe, [files[0].stem])
+        after = run(embeds, pooled)
+    finally:
+        detach(pipe)
+    attach(pipe, files[1:], weights=[-0.5])
+    try:
+        alone = run(embeds, pooled)
+    finally:
+        detach(pipe)
+    assert np.abs(both - alone).max() > 0.01  # the adapter taken out did change the image
+    np.testing.assert_array_equal(after, alone)
+
+
 BLOCKS = {"text_encoder": 0.5, "unet": {"down": {"block_2": [0.0, 1.5]}, "mid": 0.0, "up": {"block_0": [1.0, 0.2, -1.0], "block_1": 0.7}}}
 
 
