@@ -4,7 +4,19 @@ under TRITON_INTERPRET=1 (set in conftest.py, before anything imports triton).""
 
 import pytest
 import torch
-from studio.kernels.lora import Packed, lora_linear, multi_lora_fused, multi_lora_linear, multi_lora_reference
+from studio.kernels.lora import (
+    Packed,
+    lora_linear,
+    multi_lora_delta,
+    multi_lora_fused,
+    multi_lora_linear,
+    multi_lora_reference,
+)
+
+
+def _with_delta(x, w, bias, packed, gates):
+    """The base layer plus :func:`multi_lora_delta`: the update alone, as the plugin keeps it for a prompt."""
+    return torch.nn.functional.linear(x, w, bias).add_(multi_lora_delta(x, packed, gates))
 
 SHAPES = [  # (batch, tokens, d_in, d_out, ranks)
     (1, 1, 8, 8, [1]),
@@ -42,7 +54,7 @@ def _gates(kind, b, n, k, seed=1):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("kind", ["none", "scalar", "regions", "all-masked", "soft"])
-@pytest.mark.parametrize("path", ["fused", "segmented", "triton"])
+@pytest.mark.parametrize("path", ["fused", "segmented", "triton", "delta"])
 def test_every_path_matches_the_reference(shape, kind, path, monkeypatch):
     """The fused torch path (dense, and segmented: each adapter on its own tokens, forced here on small shapes),
     and the Triton kernels run by Triton's interpreter on the CPU (the [dev] extra installs triton), against the
@@ -59,7 +71,7 @@ def test_every_path_matches_the_reference(shape, kind, path, monkeypatch):
             monkeypatch.setattr(lora, name, value)
         real = lora._segmented
         monkeypatch.setattr(lora, "_segmented", lambda *a: segmented.append(1) or real(*a))
-    run = lora.multi_lora_triton if path == "triton" else multi_lora_fused
+    run = {"triton": lora.multi_lora_triton, "delta": _with_delta}.get(path, multi_lora_fused)
     with torch.no_grad():  # sampling: the in-place steps run
         out = run(x, w, bias, Packed.pack(downs, ups, scales), gates)
     assert torch.allclose(out, ref, atol=1e-4 if path == "triton" else 1e-5, rtol=1e-4 if path == "triton" else 1e-5)
@@ -73,7 +85,7 @@ def test_every_path_matches_the_reference(shape, kind, path, monkeypatch):
 
 
 @pytest.mark.parametrize("shape", SHAPES[1:3])
-@pytest.mark.parametrize("path", ["fused", "triton"])
+@pytest.mark.parametrize("path", ["fused", "triton", "delta"])
 def test_bf16_is_close_to_the_fp32_reference(shape, path):
     """bf16 through the torch path and through the Triton kernels (their 16-bit branch: the products in bf16,
     accumulated in fp32, rank space held in bf16)."""
@@ -83,7 +95,7 @@ def test_bf16_is_close_to_the_fp32_reference(shape, path):
     gates = _gates("regions", shape[0], shape[1], len(db))
     # the reference in fp32 on the same (bf16-rounded) inputs: what is left is bf16 arithmetic
     ref = multi_lora_reference(xb.float(), wb.float(), bb.float(), [d.float() for d in db], [u.float() for u in ub], scales, gates)
-    run = lora.multi_lora_triton if path == "triton" else multi_lora_fused
+    run = {"triton": lora.multi_lora_triton, "delta": _with_delta}.get(path, multi_lora_fused)
     with torch.no_grad():
         out = run(xb, wb, bb, Packed.pack(db, ub, scales), [g.bfloat16() for g in gates])
     assert out.dtype == torch.bfloat16
