@@ -33,8 +33,10 @@ between the studio's and peft's outputs (unmasked, same adapters).
     python bench/speed.py                         # embedded model, N = 1 2 4 8, ranks 16 64
     python bench/speed.py --models sdxl --repeats 3
     python bench/speed.py --models sdxl --device cuda --resolution 1024
+    python bench/speed.py --models sdxl --repeats 3 --ns 4 --label n4   # some cases, in a section of their own
 
-Prints a table and writes the ``speed-<model>`` section of docs/benchmarks.md (``speed-<model>-cuda`` on the GPU).
+Prints a table and writes the ``speed-<model>`` section of docs/benchmarks.md (``speed-<model>-cuda`` on the GPU;
+``--label L`` appends ``-L``).
 """
 
 from __future__ import annotations
@@ -369,7 +371,8 @@ def section(model: str, args, rows: list, checks: list, total: int) -> str:
     flags += " --cuda-graphs" if args.cuda_graphs else ""
     flags += (f" --ns {' '.join(map(str, args.ns))}" if args.ns != [1, 2, 4, 8] else "")
     flags += (f" --ranks {' '.join(map(str, args.ranks))}" if args.ranks != [16, 64] else "")
-    text = (f"## Sampling speed with N adapters: {model}{' on the GPU' if cuda else ''}{' (CUDA graphs)' if args.cuda_graphs else ''}{partial}\n\nCommand: `python bench/speed.py{flags}` (revision {git_revision()}; "
+    flags += f" --label {args.label}" if args.label else ""
+    text = (f"## Sampling speed with N adapters: {model}{' on the GPU' if cuda else ''}{' (CUDA graphs)' if args.cuda_graphs else ''}{f' ({args.label})' if args.label else ''}{partial}\n\nCommand: `python bench/speed.py{flags}` (revision {git_revision()}; "
             f"{machine()}). One denoising step (UNet forward, guidance batch 2) of {where}, {args.dtype}; medians of "
             + (f"{args.repeats} CUDA graph replays of each configuration's step, one configuration after another"
                if args.cuda_graphs else f"{args.repeats} round-robin repeats") + " after a warm-up. Adapters: random LoRA on every attention projection. "
@@ -403,6 +406,8 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=512, help="the SDXL UNet's image side (default 512)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="CUDA: time each configuration's step as a CUDA graph replay (no per-call launch costs)")
+    parser.add_argument("--label", default="", help="a suffix for the section's name and title (e.g. n4), so that a run "
+                        "of some cases does not replace the full table")
     args = parser.parse_args()
     args.dtype = args.dtype or default_dtype(args.device)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -412,6 +417,7 @@ def main() -> None:
     if args.resolution % 64:
         parser.error(f"--resolution {args.resolution}: give a multiple of 64")
     suffix = ("-cuda" if args.device == "cuda" else "") + ("-graphs" if args.cuda_graphs else "")
+    suffix += f"-{args.label}" if args.label else ""
     for model in args.models:
         unet, inputs, side = build(model, args.device, args.dtype, args.resolution)
         with FlopCounterMode(display=False) as counter, torch.no_grad():
