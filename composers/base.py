@@ -411,18 +411,30 @@ class Run:
             if "cond" not in self.state:
                 self.state["cond"] = self.encode([self.prompt], only=None)
             cond = self.state["cond"]
-        key = ("conditioning", id(cond), n)
-        kept = self.state.get(key)
-        if kept is not None and kept[0] is cond:  # the same tensors every step: a prompt layer keeps its update for them
-            return dict(kept[1])
+        return dict(self.kept(("conditioning", n), (cond,), lambda: self._conditioning(n, cond)))
+
+    def _conditioning(self, n: int, cond: dict) -> dict:
         kwargs = {"encoder_hidden_states": cond["embeds"].repeat(n, 1, 1)}
         if "pooled" in cond:
             from studio.families import sdxl_time_ids
 
             time_ids = sdxl_time_ids(self.height, self.width, n).to(cond["pooled"].device, cond["pooled"].dtype)
             kwargs["added_cond_kwargs"] = {"text_embeds": cond["pooled"].repeat(n, 1), "time_ids": time_ids}
-        self.state[key] = (cond, kwargs)  # holding cond keeps its id its own
-        return dict(kwargs)
+        return kwargs
+
+    def kept(self, name: tuple, sources: tuple, build):
+        """``build()``, built once and handed back as the same object while ``sources`` are the same objects and no
+        source tensor changed in place (its version): what the UNet's prompt layers read, so that each keeps its
+        adapters' update for it from step to step (``LoraStack.keep_prompt``). Built afresh where a source tensor
+        has no version counter (inference mode) or is part of a graph."""
+        stamps = tuple(version(s) if isinstance(s, torch.Tensor) else 0 for s in sources)
+        if None in stamps or any(isinstance(s, torch.Tensor) and s.requires_grad for s in sources):
+            return build()
+        key = (name, *map(id, sources))
+        entry = self.state.get(key)
+        if entry is None or entry[1] != stamps or any(a is not b for a, b in zip(entry[0], sources)):
+            entry = self.state[key] = (sources, stamps, build())  # holding the sources keeps their ids theirs
+        return entry[2]
 
     def model_input(self, latents: torch.Tensor, t) -> tuple[torch.Tensor, float]:
         """The UNet's input for ``latents`` at ``t`` (the scheduler's scaling) and the factor back to latents."""
@@ -455,22 +467,11 @@ class Run:
                 if extra is not None:
                     value = {k: torch.cat([v, extra["added_cond_kwargs"][k]]) for k, v in value.items()}
             elif isinstance(value, torch.Tensor) and value.ndim and key != "timestep_cond":
-                value = self._rows_of(value, rows, None if extra is None else extra.get(key))
+                then = None if extra is None else extra.get(key)
+                value = self.kept(("rows", rows.start, rows.stop, rows.step), (value, then),
+                                  lambda v=value, e=then: v[rows] if e is None else torch.cat([v[rows], e]))
             kwargs[key] = value
         return self._extra_call(x, t, kwargs, only)
-
-    def _rows_of(self, value: torch.Tensor, rows: slice, then: torch.Tensor | None = None) -> torch.Tensor:
-        """``value[rows]`` (followed by ``then``'s rows where given), the same tensor object while the pipeline passes
-        the same tensor (its prompt embeddings are one tensor for the whole sampling) and ``then`` is the same, so
-        that a prompt layer keeps its update for it."""
-        stamp = tuple(0 if t is None else version(t) for t in (value, then))  # None: an inference tensor
-        if None in stamp:
-            return value[rows] if then is None else torch.cat([value[rows], then])
-        key = ("rows", id(value), rows.start, rows.stop, rows.step, None if then is None else id(then))
-        kept = self.state.get(key)
-        if kept is None or kept[0] is not value or kept[1] is not then or kept[3] != stamp:
-            kept = self.state[key] = (value, then, value[rows] if then is None else torch.cat([value[rows], then]), stamp)
-        return kept[2]
 
     def _extra_call(self, x: torch.Tensor, t, kwargs: dict, only: int | None) -> torch.Tensor:
         """A composer's own UNet call (not counted as a step), only concept ``only``'s adapter acting if given."""

@@ -133,14 +133,8 @@ class LoRAComposer(Composer):
         tensor comes back and each cross-attention key/value keeps its adapters' update for it."""
         rows = encoder_hidden_states.shape[0]
         n = getattr(run, "batch", rows)
-        if encoder_hidden_states.requires_grad or encoder_hidden_states.is_inference():  # a graph, or no version: afresh
-            return self._expand(run, encoder_hidden_states, rows, n)
-        key = ("expanded", id(encoder_hidden_states), rows, n, run.extra_unet_call)
-        kept = run.state.get(key)
-        if kept is None or kept[0] is not encoder_hidden_states or kept[1] != encoder_hidden_states._version:
-            kept = run.state[key] = (encoder_hidden_states, encoder_hidden_states._version,
-                                     *self._expand(run, encoder_hidden_states, rows, n))
-        return kept[2], kept[3]
+        return run.kept(("expanded", rows, n, run.extra_unet_call), (encoder_hidden_states,),
+                        lambda: self._expand(run, encoder_hidden_states, rows, n))
 
     @staticmethod
     def _expand(run: Run, encoder_hidden_states: torch.Tensor, rows: int, n: int):
