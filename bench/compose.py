@@ -34,7 +34,9 @@ prompt names).
 - **s / image**: sampling time per image, batches of 10.
 
 Methods: ``naive``, ``clora`` (the official form: one pass per LoRA with its own prompt, noise predictions of both
-guidance halves mixed by masks from its cross-attention maps; step size 20), ``clora-prompt-half`` (only the prompt
+guidance halves mixed by masks from its cross-attention maps; step size 20; with the studio's default
+``regions=True`` each mask kept inside its concept's box), ``clora-no-regions`` (the same with the boxes ignored: the
+paper's masks over the whole image; ``clora`` before 2026-12-07), ``clora-prompt-half`` (only the prompt
 half mixed, the negative half the base model's: the studio's form until 2026-12-04; not run by default),
 ``clora-layout`` (the studio's variant: masks from the base pass's maps of each concept's placing words, "left"),
 ``clora-gates`` (one pass, each adapter gated by its mask inside the UNet),
@@ -88,9 +90,10 @@ BOXES = {"left": (0.0, 0.2, 0.4, 0.8), "center": (0.3, 0.2, 0.7, 0.8), "right": 
 COLUMNS = {"left": {"top left", "left", "bottom left"}, "center": {"top", "center", "bottom"},
            "right": {"top right", "right", "bottom right"}}
 PHRASE = {"left": "on the left", "center": "in the center", "right": "on the right"}
-METHODS = ["naive", "clora", "clora-layout", "clora-gates", "lora-composer", "lora-composer-r0.5", "lora-composer-pos", "gated",
+METHODS = ["naive", "clora", "clora-no-regions", "clora-layout", "clora-gates", "lora-composer", "lora-composer-r0.5", "lora-composer-pos", "gated",
            "gated-fit", "orthogonal"]
 VARIANTS = {  # method name in the table -> (composer, options)
+    "clora-no-regions": ("clora", {"regions": False}),  # the paper's form: masks from the maps over the whole image
     "clora-s200": ("clora", {"step_size": 200.0}),
     "clora-gates": ("clora", {"mixing": "gates"}),  # one pass, each adapter gated by its mask inside the UNet
     "clora-clause": ("clora", {"clause_words": True}),
@@ -306,6 +309,8 @@ def main() -> None:
                         help="train the subjects' adapters with --pivotal (each identifier one new token whose embedding"
                              " trains beside the LoRA), in their own --work folder")
     parser.add_argument("--clora-step", type=float, default=None, help="CLoRA's latent step size (default: the composer's)")
+    parser.add_argument("--label", default="", help="a suffix for the section's name and title (e.g. regions), so"
+                                                     " that a run of some methods writes a section of its own")
     parser.add_argument("--compositions", nargs="*", default=None, metavar="NAME",
                         help="run only these compositions (by name, e.g. 'star + heart + cross, described'); the"
                              " table is then printed, not written to docs/benchmarks.md")
@@ -460,6 +465,7 @@ def main() -> None:
     flags += f" --methods {' '.join(args.methods)}" if args.methods != METHODS else ""
     custom = list(SUBJECTS) != list(DEFAULT_SUBJECTS)
     flags += f" --subjects {' '.join(SUBJECTS)}" if custom else ""
+    flags += f" --label {args.label}" if args.label else ""
     alone = ", ".join(f"{shape} {colour} ({rate:.2f} of images alone)" for shape, (colour, rate) in solo.items())
     calib = ", ".join(f"{shape} {t:.3f} (finds {tpr:.2f} of its solo objects, {fpr:.2f} of the others)"
                       for shape, (t, tpr, fpr) in calibration.items())
@@ -474,11 +480,12 @@ def main() -> None:
     title = ("Composition: several concepts in one image" + (f" ({', '.join(SUBJECTS)})" if custom else "")
              + (", adapters trained with the attention loss" if args.attention_loss else "")
              + (f", subjects' adapters trained {args.subject_steps} steps" if args.subject_steps else "")
-             + (", subjects' adapters with pivotal tuning" if args.pivotal else ""))
+             + (", subjects' adapters with pivotal tuning" if args.pivotal else "")
+             + (f" ({args.label})" if args.label else ""))
     text = (f"## {title}\n\nCommand: `python bench/compose.py{flags}` (revision "
             f"{git_revision()}; {machine()}). {args.seeds} seeds per composition and method, {args.steps} steps, guidance 5. "
             f"Adapters: DreamBooth-LoRA, default settings ({defaults()}{'; plus LoRA on the text encoders' if args.train_text_encoder else ''}{f'; the subjects with --attention-loss {args.attention_loss:g}' if args.attention_loss else ''}{f'; the subjects {args.subject_steps} steps' if args.subject_steps else ''}{'; the subjects with --pivotal' if args.pivotal else ''}), one per concept ({', '.join(f'{c} `{t}`' for c, (t, _) in SUBJECTS.items())}, {STYLE} "
-            f"style `zxy`), trained on {', '.join(f'{COLOURS[c]} {c}' + ('es' if c.endswith('s') else 's') for c in SUBJECTS)}. Regions (for lora-composer): boxes around each "
+            f"style `zxy`), trained on {', '.join(f'{COLOURS[c]} {c}' + ('es' if c.endswith('s') else 's') for c in SUBJECTS)}. Regions (for lora-composer, and confining clora's masks): boxes around each "
             f"object's place, {BOXES}; the style's box is its subject's.\n\n{head}{body}\n{summary}"
             "A subject is read two ways (a prompt never names its shape, and one named by token not its colour either: only its adapter can put them there). "
             "**By identity** (the headline rates): an object is the composition's subject whose reference renders its "
@@ -496,7 +503,7 @@ def main() -> None:
         write_section("compose" + ("-" + "-".join(SUBJECTS) if custom else "")
                       + ("-attention-loss" if args.attention_loss else "")
                       + (f"-steps{args.subject_steps}" if args.subject_steps else "")
-                      + ("-pivotal" if args.pivotal else ""), text)
+                      + ("-pivotal" if args.pivotal else "") + (f"-{args.label}" if args.label else ""), text)
 
 
 if __name__ == "__main__":

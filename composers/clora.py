@@ -31,6 +31,12 @@ paper's iterative refinement (Attend-and-Excite's schedule): at those steps the 
 how many maps are positives and negatives). Off by default: on the composition benchmark it changed no rate by
 more than a seed or two's worth (docs/benchmarks.md, ``clora-refine``).
 
+**Regions** (the studio's, not the paper's): where a concept has a region (``Concept.region``, the same boxes
+LoRA-Composer takes), its mask is confined to it: its map is normalised by its minimum and maximum inside the region
+and thresholded there, and nothing outside is set. So a concept goes where the user put it even where its tokens'
+maps do not say where it is (next paragraph), and still keeps to its tokens' map inside the box where they do.
+``regions=False`` ignores them (the paper's form).
+
 ``clause_words=True`` widens each concept's tokens to the content words of the prompt's clause that names it
 ("sks shape left"). ``exclusive=True`` gives a pixel where masks overlap to the concept whose normalised map is
 highest there instead of sharing it. Neither changed the composition benchmark's rates (docs/benchmarks.md).
@@ -101,7 +107,9 @@ class CLoRA(Composer):
     def __init__(self, step_size: float = 20.0, update_fraction: float = 0.5, threshold: float = 0.4,
                  temperature: float = 0.5, latent_update: bool = True, clause_words: bool = False,
                  mixing: str = "noise", exclusive: bool = False, layout: bool = False, guided: bool = True,
-                 refine_steps: tuple[float, ...] = (), refine_iterations: int = 10, refine_target: float | None = None):
+                 refine_steps: tuple[float, ...] = (), refine_iterations: int = 10, refine_target: float | None = None,
+                 regions: bool = True):
+        self.regions = regions
         self.step_size, self.update_fraction, self.clause_words = step_size, update_fraction, clause_words
         if any(not 0 <= f < 1 for f in refine_steps) or refine_iterations < 1:
             raise ValueError(f"CLoRA refine_steps {refine_steps!r}: fractions of the schedule in [0, 1);"
@@ -165,27 +173,39 @@ class CLoRA(Composer):
         tokens = run.state["tokens"] if tokens is None else tokens
         return torch.tensor([k for k, ts in enumerate(tokens) for _ in ts], device=device)
 
-    def masks(self, run: Run, maps: torch.Tensor) -> torch.Tensor:
-        """(B, K, h, w) float masks from the token maps of one pass over the global prompt."""
-        return self.threshold_masks(self.concept_maps(maps, self.labels(run, maps.device), len(run.concepts)))
+    def masks(self, run: Run, maps: torch.Tensor, tokens: list[list[int]] | None = None) -> torch.Tensor:
+        """(B, K, h, w) float masks from the token maps of one pass over the global prompt (``tokens``: the
+        concepts' tokens there, by default their own)."""
+        concept = self.concept_maps(maps, self.labels(run, maps.device, tokens), len(run.concepts))
+        return self.threshold_masks(concept, self.region_masks(run, *concept.shape[-2:]))
+
+    def region_masks(self, run: Run, h: int, w: int) -> torch.Tensor | None:
+        """(K, h, w) bool: each concept's region, all of the image for one without; None with ``regions`` off or
+        no region given."""
+        if not self.regions or all(c.region is None for c in run.concepts):
+            return None
+        return torch.stack([run.region_mask(c.region, h, w) > 0 if c.region is not None
+                            else torch.ones(h, w, dtype=torch.bool) for c in run.concepts])
 
     @staticmethod
     def concept_maps(maps: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Tensor:
         """(B, n, h, w): each concept's map, the mean of its tokens' maps."""
         return torch.stack([maps[:, labels == k].mean(1) for k in range(n)], 1)
 
-    def threshold_masks(self, concept: torch.Tensor) -> torch.Tensor:
-        """Each concept's map above ``threshold`` times its maximum, both counted from the map's minimum. (The
+    def threshold_masks(self, concept: torch.Tensor, regions: torch.Tensor | None = None) -> torch.Tensor:
+        """Each concept's map above ``threshold`` times its maximum, both counted from the map's minimum; with
+        ``regions`` ((K, h, w) bool), minimum and maximum inside concept k's region, and the mask only there. (The
         official code takes the union of per-token masks over raw maps; SD's maps are near zero off the object,
         ours are not, and identifiers that split into many tokens, as rare words do, make that union cover the
         whole image.)"""
         concept = concept.detach().float()
-        flat = concept.flatten(2)
-        lo, hi = flat.amin(-1)[..., None, None], flat.amax(-1)[..., None, None]
+        inside = torch.ones_like(concept, dtype=torch.bool) if regions is None else regions.to(concept.device).expand_as(concept)
+        lo = concept.masked_fill(~inside, float("inf")).flatten(2).amin(-1)[..., None, None]
+        hi = concept.masked_fill(~inside, float("-inf")).flatten(2).amax(-1)[..., None, None]
         norm = (concept - lo) / (hi - lo).clamp_min(1e-8)
-        masks = norm > self.threshold
+        masks = (norm > self.threshold) & inside
         if self.exclusive:  # each pixel to the concept whose normalised map is highest there: no shared pixels
-            masks &= F.one_hot(norm.argmax(1), norm.shape[1]).permute(0, 3, 1, 2).bool()
+            masks &= F.one_hot(norm.masked_fill(~inside, float("-inf")).argmax(1), norm.shape[1]).permute(0, 3, 1, 2).bool()
         return masks.float()
 
     def loss(self, run: Run, maps: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -221,8 +241,8 @@ class CLoRA(Composer):
     def pass_masks(self, run: Run, maps: list[torch.Tensor], labels: list[torch.Tensor]) -> torch.Tensor:
         """(B, K, h, w): concept k's mask from its tokens' map in its own pass."""
         n = len(run.concepts)
-        return self.threshold_masks(torch.stack([self.concept_maps(m, lab, n)[:, k] for k, (m, lab) in
-                                                 enumerate(zip(maps, labels))], 1))
+        concept = torch.stack([self.concept_maps(m, lab, n)[:, k] for k, (m, lab) in enumerate(zip(maps, labels))], 1)
+        return self.threshold_masks(concept, self.region_masks(run, *concept.shape[-2:]))
 
     @staticmethod
     def mix(base: torch.Tensor, preds: list[torch.Tensor], masks: torch.Tensor) -> torch.Tensor:
@@ -245,8 +265,7 @@ class CLoRA(Composer):
         with torch.no_grad():
             preds, maps, labels, negatives = self.lora_passes(run, latents[-b:], t, latents[:-b] if guided else None)
         if base_maps is not None:
-            masks = self.threshold_masks(self.concept_maps(base_maps, self.labels(run, base_maps.device,
-                                                                                  run.state["layout_tokens"]), len(preds)))
+            masks = self.masks(run, base_maps, run.state["layout_tokens"])
         else:
             masks = self.pass_masks(run, maps, labels)
         run.state["masks"] = masks

@@ -76,7 +76,7 @@ def generate(
     scale: ScaleOpt = 1,
     adapter: Annotated[list[str] | None, typer.Option("--adapter", "-a", help="FILE[:WEIGHT] (repeatable): an adapter .safetensors or PEFT folder, weight 1.0 by default.")] = None,
     compose: Annotated[str | None, typer.Option("--compose", "-c", help="Combine the adapters with a composer: naive, clora, lora-composer, gated, orthogonal. Each adapter is a concept named in the prompt by its token and class noun.")] = None,
-    region: Annotated[list[str] | None, typer.Option("--region", "-r", help="Region of each adapter, in --adapter order (lora-composer): left, right, top, bottom, top-left, ..., center, all, or x0,y0,x1,y1 fractions.")] = None,
+    region: Annotated[list[str] | None, typer.Option("--region", "-r", help="Region of each adapter, in --adapter order (lora-composer; clora keeps each mask inside it): left, right, top, bottom, top-left, ..., center, all, or x0,y0,x1,y1 fractions.")] = None,
     timesteps: Annotated[list[str] | None, typer.Option("--timesteps", "-t", help="Timestep window of each adapter, in --adapter order (any composer): START:END of the training timesteps (0 clean, 1000 noise) at which it acts in the UNet, e.g. 0:500 for a style that should only draw the details; 0:500,0.5 keeps half its weight at the other steps; 'all' for every step.")] = None,
     block_weights: Annotated[list[str] | None, typer.Option("--block-weights", help="Block weights of each adapter, in --adapter order, as JSON in diffusers' set_adapters form (instead of :WEIGHT), e.g. '{\"unet\": {\"down\": 0, \"mid\": 0, \"up\": {\"block_0\": [0, 1, 0]}}}'; '1' for an adapter at weight 1.")] = None,
 ) -> None:

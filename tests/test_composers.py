@@ -2,6 +2,7 @@
 that a composition leaves the pipeline exactly as it was."""
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from conftest import random_adapter
 from diffusers import StableDiffusionXLPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 from studio.composers import Concept, compose, composing, get_composer, parse_region, parse_timesteps
-from studio.composers.base import default_attention, token_positions
+from studio.composers.base import Run, default_attention, token_positions
 from studio.composers.clora import CLoRA, nt_xent
 from studio.composers.orthogonal import merge, merge_layer
 
@@ -464,7 +465,7 @@ def test_regions_outside_the_image_are_refused_and_overlaps_shared(pipe, concept
 
 def test_clora_masks_on_a_hand_built_case():
     class FakeRun:
-        concepts = [None, None]
+        concepts = [SimpleNamespace(region=None)] * 2
         state = {"tokens": [[3, 4], [8]]}
 
     maps = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]],    # concept 0, token 3
@@ -473,6 +474,34 @@ def test_clora_masks_on_a_hand_built_case():
     masks = CLoRA(threshold=0.4).masks(FakeRun(), maps)
     # concept 0 (min 0, max 0.8): only the top-left passes 0.32; concept 1 (min 0.3, max 1.0): above 0.3 + 0.28
     assert masks.tolist() == [[[[1.0, 0.0], [0.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]]]
+
+
+def test_clora_masks_keep_to_the_concepts_regions():
+    class FakeRun:
+        concepts = [SimpleNamespace(region=(0.0, 0.0, 0.5, 1.0)), SimpleNamespace(region=(0.5, 0.0, 1.0, 1.0))]
+        state = {"tokens": [[3], [8]]}
+        region_mask = staticmethod(Run._region_mask)
+
+    maps = torch.tensor([[[[0.50, 0.52, 0.9, 0.9], [0.51, 0.50, 0.9, 0.9]],    # concept 0: nearly flat on the left
+                          [[1.0, 0.0, 0.2, 0.8], [0.0, 0.0, 0.1, 0.6]]]])        # concept 1
+    # without regions: each map's range over the image; concept 0 lands on the right, concept 1 in both halves
+    assert CLoRA(threshold=0.4, regions=False).masks(FakeRun(), maps).tolist() == [
+        [[[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]], [[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 1.0]]]]
+    # with them: the range inside each region (0.50-0.52: above 0.508; 0.1-0.8: above 0.38), nothing outside
+    assert CLoRA(threshold=0.4).masks(FakeRun(), maps).tolist() == [
+        [[[0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]], [[0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 1.0]]]]
+    run = FakeRun()
+    run.concepts = [run.concepts[0], SimpleNamespace(region=None)]  # a concept without a region: the whole image
+    assert CLoRA().region_masks(run, 2, 4).tolist() == [[[True, True, False, False]] * 2, [[True] * 4] * 2]
+    run.concepts = [SimpleNamespace(region=None)] * 2
+    assert CLoRA().region_masks(run, 2, 4) is None and CLoRA(regions=False).region_masks(FakeRun(), 2, 4) is None
+
+
+def test_clora_exclusive_masks_keep_a_pixel_for_the_concept_whose_region_holds_it():
+    concept = torch.tensor([[[[1.0, 0.8, 0.0, 0.0]], [[0.0, 5.0, 0.0, 1.0]]]])  # concept 1's map peaks at pixel 1
+    regions = torch.tensor([[[True, True, True, False]], [[False, False, True, True]]])  # outside its region
+    assert CLoRA(threshold=0.4, exclusive=True).threshold_masks(concept, regions).tolist() == [
+        [[[1.0, 1.0, 0.0, 0.0]], [[0.0, 0.0, 0.0, 1.0]]]]
 
 
 def test_clora_exclusive_masks_give_an_overlapping_pixel_to_the_higher_map():
@@ -575,7 +604,10 @@ def test_clora_passes_run_one_adapter_each_and_the_pipeline_pass_none(pipe, conc
             image = pipe(prompt=[PROMPT], guidance_scale=5.0, **run.pipe_kwargs(0, 1, 2)).images[0]
         finally:
             hook.remove()
-        assert run.state["masks"].shape == (1, 2, 8, 8)
+        masks = run.state["masks"]
+        assert masks.shape == (1, 2, 8, 8)
+        assert masks[0, 0, :, 4:].sum() == 0 and masks[0, 1, :, :4].sum() == 0  # each inside its region: left, right
+        assert masks[0, 0].sum() > 0 and masks[0, 1].sum() > 0
     assert image.size == (64, 64)
     # per step: the base, then one pass per concept on both halves (one call each)
     assert seen == [(False, []), (True, [0]), (True, [1])] * 2
@@ -639,7 +671,9 @@ def test_clora_layout_masks_come_from_the_base_pass_maps_of_the_placing_words(pi
         left, right = token_positions(pipe.tokenizer, PROMPT, ["left", "right"])
         assert run.state["layout_tokens"] == [left, right]  # "a sks shape on the left": the word that places it
         pipe(prompt=[PROMPT], guidance_scale=5.0, **run.pipe_kwargs(0, 1, 2))
-        assert run.state["masks"].shape == (1, 2, 8, 8)
+        masks = run.state["masks"]
+        assert masks.shape == (1, 2, 8, 8)
+        assert masks[0, 0, :, 4:].sum() == 0 and masks[0, 1, :, :4].sum() == 0  # each inside its region
     labels = [0] * len(left) + [1] * len(right)
     assert read == [((1, len(labels), 8, 8), labels)] * 2  # per step: the base pass's maps of those words
     with pytest.raises(ValueError, match="layout masks come from the base pass"):
