@@ -3,8 +3,9 @@ the base model, peft's multi-adapter path and merged weights, side by side in on
 
 What is timed is one denoising step: a UNet forward with a guidance batch of 2 (sampling is that,
 times the number of steps, plus one VAE decode; the ratios per step are what adapters change).
-Every configuration is warmed up once, then all are run round-robin ``--repeats`` times; the table
-gives medians and ratios. ``--cuda-graphs`` (CUDA) instead captures each configuration's step in a CUDA graph and
+Every configuration is warmed up with two steps (the second makes the prepared calls), then all are run
+round-robin ``--repeats`` times (the single adapter's configurations, which fuse weights into the shared base layers,
+in a round-robin of their own); the table gives medians and ratios. ``--cuda-graphs`` (CUDA) instead captures each configuration's step in a CUDA graph and
 times its replays: what the step costs without Python and per-kernel launch costs.
 
 Models: the embedded model's UNet at 64x64 (``embedded``); a full-size SDXL UNet built from SDXL's
@@ -16,7 +17,9 @@ so the dispatch can be checked.
 
 - ``studio, masked``: N adapters attached with ``studio.plugin`` and routed by a LoRA-Composer region
   gate (N vertical stripes), i.e. ``base(x) + sum_i m_i ⊙ s_i (x A_i^T) B_i^T`` in two GEMMs per layer, or,
-  on layers where it pays (``studio.kernels.lora.use_segments``), each adapter on its stripe's tokens only;
+  on layers where it pays (``studio.kernels.lora.use_segments``), each adapter on its stripe's tokens only, or,
+  from the second step, where the merged weights are small (``studio.kernels.lora.routes_merge``), each token
+  through its own adapter's merged weight (``RoutedPlan``: no low-rank work at all);
 - ``peft``: the same adapters as peft LoRA layers on the UNet, ``set_adapters`` with weights, unfused;
 - ``merged``: one adapter fused into the weights (for N = 1: the unfused single adapter against it);
 - ``general path``: the studio's layers with ``LoraStack.prepared`` off, every call through the general dispatch
@@ -27,7 +30,7 @@ so the dispatch can be checked.
 
 Also: the FLOPs of the studio's masked forward (``torch.utils.flop_counter``) against the analytical
 count (base FLOPs + ``2 M R (d_in + d_out)`` per adapted layer with M tokens, or ``2 sum_k M_k r (d_in + d_out)``
-where each adapter runs on its own M_k tokens), and the largest difference
+where each adapter runs on its own M_k tokens, or none where the tokens are routed through merged weights), and the largest difference
 between the studio's and peft's outputs (unmasked, same adapters).
 
     python bench/speed.py                         # embedded model, N = 1 2 4 8, ranks 16 64
@@ -166,13 +169,14 @@ class Studio:
 def lora_flops(stack, lead: tuple[int, ...], n: int, run, later: bool) -> int:
     """FLOPs of one adapted layer's low-rank work in a step, by hand: dense, ``2 M R (d_in + d_out)`` for M tokens;
     where the kernel runs each adapter on its own tokens (N stripes, each a rank-r update on its columns' tokens),
-    ``2 sum_k M_k r (d_in + d_out)``; on a cross-attention key/value after the first step (``later``), none: the
-    prompt's update is kept."""
-    from studio.kernels.lora import use_segments
+    ``2 sum_k M_k r (d_in + d_out)``; at a later step (``later``, once the prepared calls are made), none on a
+    cross-attention key/value (the prompt's update is kept) nor where each token goes through its own adapter's
+    merged weight (``studio.kernels.lora.routes_merge``: the stripes put each token under one adapter)."""
+    from studio.kernels.lora import routes_merge, use_segments
 
     d = stack.base.in_features + stack.base.out_features
     tokens, rank = math.prod(lead), stack.packed().down.shape[0]
-    if stack.text_input and later:
+    if later and (stack.text_input or routes_merge(stack.packed(), stack.base.in_features, stack.base.out_features)):
         return 0
     if stack.text_input or n == 1:
         return 2 * tokens * rank * d
@@ -292,15 +296,17 @@ def measure_case(unet, inputs, side: int, rank: int, n: int, repeats: int, base_
     leads = {}
     hooks = [st.register_forward_pre_hook(lambda m, a, _n=name: leads.__setitem__(_n, tuple(a[0].shape[:-1])))
              for name, st in s.handle.stacks.items()]
-    flops = counted_flops(), counted_flops()  # the first step, and a later one (the prompt's update kept)
+    # the first step, and the third (the second makes the prepared calls: the prompt's update kept, merged weights)
+    flops = counted_flops(), counted_flops(), counted_flops()
+    flops = flops[0], flops[2]
     analytic = tuple(base_flops + sum(lora_flops(st, leads[name], n, s.run, later) for name, st in s.handle.stacks.items())
                      for later in (False, True))
     for h in hooks:
         h.remove()
     s.close()
     diff = float((ours - peft_out).abs().max() / peft_out.abs().max())
-    # each studio configuration attached once and swapped in for its runs: a sampling step after the first one,
-    # which builds the packed adapters and the region gates (the warm-up round below)
+    # each studio configuration attached once and swapped in for its runs: a sampling step after the first two, which
+    # build the packed adapters, the region gates and the prepared calls (the two warm-up rounds below)
     masked = Studio(unet, adapters, side, masked=True)
     masked.off()
     plan = {"base": contextlib.nullcontext, "studio": lambda: studio(masked),  # label -> its setting
@@ -325,15 +331,19 @@ def measure_case(unet, inputs, side: int, rank: int, n: int, repeats: int, base_
                 timings[label].pop(0)
                 del graph
     else:
-        for label, setting in plan.items():  # warm-up
-            with setting():
-                timed(label)
-        for v in timings.values():
-            v.clear()
-        for _ in range(repeats):
-            for label, setting in plan.items():
+        # the single adapter's configurations in a round-robin of their own: fusing writes into the base layers that
+        # the masked configuration's prepared calls were made on (its merged weights would be made again each round)
+        singles = {k: plan.pop(k) for k in ("single", "single_general", "merged") if k in plan}
+        for group in (plan, singles):
+            for label, setting in group.items():  # warm-up: the first step, and the second (it makes the prepared calls)
                 with setting():
                     timed(label)
+                    timed(label)
+                timings[label].clear()
+            for _ in range(repeats):
+                for label, setting in group.items():
+                    with setting():
+                        timed(label)
     masked.close()
     if n == 1:
         single.close()
@@ -375,9 +385,10 @@ def section(model: str, args, rows: list, checks: list, total: int) -> str:
     text = (f"## Sampling speed with N adapters: {model}{' on the GPU' if cuda else ''}{' (CUDA graphs)' if args.cuda_graphs else ''}{f' ({args.label})' if args.label else ''}{partial}\n\nCommand: `python bench/speed.py{flags}` (revision {git_revision()}; "
             f"{machine()}). One denoising step (UNet forward, guidance batch 2) of {where}, {args.dtype}; medians of "
             + (f"{args.repeats} CUDA graph replays of each configuration's step, one configuration after another"
-               if args.cuda_graphs else f"{args.repeats} round-robin repeats") + " after a warm-up. Adapters: random LoRA on every attention projection. "
+               if args.cuda_graphs else f"{args.repeats} round-robin repeats") + " after a two-step warm-up (the single adapter's configurations, which fuse into the shared base layers, in a round-robin of their own). Adapters: random LoRA on every attention projection. "
             "`studio masked`: the plugin's fused path with a region gate per adapter (N vertical stripes; on layers where "
-            "it pays, each adapter on its stripe's tokens only)" + ("; `studio triton`: the same layers on the Triton "
+            "it pays, each adapter on its stripe's tokens only; from the second step, where the merged weights are small, each "
+            "token through its own adapter's merged weight)" + ("; `studio triton`: the same layers on the Triton "
             "kernels" if cuda else "") + "; `peft`: the "
             "same adapters as peft layers with `set_adapters`, unfused" + (", in the model's dtype" if args.dtype != "fp32"
             else "") + "; `general path / studio`: the same studio layers with `LoraStack.prepared` off (every call "
@@ -386,7 +397,8 @@ def section(model: str, args, rows: list, checks: list, total: int) -> str:
             "of the prompt computed at every step instead of kept from the first) over the default. Goals (issue 6): studio / base at most 1.10 at "
             "N = 4; peft / studio at least 2x at N = 4; FLOPs within 1% of the analytical count.\n\n"
             f"{head}{body}\n{single}\n`FLOPs studio / base`: the masked multi-adapter forward's FLOPs over the base model's, "
-            "at a step after the first (the time ratio's floor where compute bounds it)" + ("; counted on the torch path, since the flop counter does not see "
+            "at a later step (the third: the second makes the prepared calls; the time ratio's floor where compute "
+            "bounds it)" + ("; counted on the torch path, since the flop counter does not see "
             "inside Triton kernels" if cuda else "") + ". `studio vs peft output`: the largest difference between "
             "the two paths' outputs (unmasked, same adapters), relative to the output's largest value.\n")
     return text

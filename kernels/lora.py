@@ -18,7 +18,8 @@ Three paths, one answer (tests hold them to the reference):
 :class:`LinearPlan` and :class:`GatedPlan` are :func:`multi_lora_fused`'s numeric-gate and dense token-gate forms
 prepared once for a layer (the plugin's layer keeps one while its weights or its router's gates stay the same):
 the same ops, without the per-call dispatch and checks, which cost more than the GEMMs on small layers and are
-what a launch-bound GPU waits on.
+what a launch-bound GPU waits on. :class:`RoutedPlan` is the prepared form for region masks that put each token
+under one adapter at most: each token through its own adapter's merged weight, where those copies stay small.
 
 :func:`multi_lora_delta` is the dense form's update alone (no base layer), for a layer whose input comes back
 unchanged from call to call (the plugin keeps it for the prompt's tokens at a cross-attention key/value).
@@ -46,6 +47,9 @@ import torch.nn.functional as F
 SEGMENT_DENSITY = 0.5  # at most this share of (token, adapter) pairs gated on
 SEGMENT_MIN_RANK = 96  # all adapters' ranks together at least this
 SEGMENT_MIN_WORK = 2**25  # the dense update at least this many multiply-adds
+# Where a prepared call routes each token through its own adapter's merged weight (region masks without overlaps):
+# where each adapter's merged copy of the layer's weight takes at most this many times its factors' memory
+ROUTE_MEMORY = 4
 
 
 @dataclass
@@ -69,6 +73,17 @@ class Packed:
             edges.append(edges[-1] + r)
         return cls(torch.cat(downs).contiguous(), up_t.contiguous(), ranks, tuple(zip(edges, edges[1:])))
 
+    def merged_each(self, weight: torch.Tensor) -> torch.Tensor:
+        """``(K + 1, d_in, d_out)``: each adapter merged into ``weight``, ``W^T + s_k A_k^T B_k^T``, then ``W^T``
+        itself (kept while ``weight`` is the same tensor at the same version; equal ranks or not)."""
+        key = (id(weight), version(weight), weight.dtype, weight.device)
+        if self._weighted.get("merged_key") != key:
+            with torch.no_grad():
+                w_t = weight.T
+                each = [torch.addmm(w_t, self.down[a:b].T, self.up_t[a:b]) for a, b in self.bounds]
+                self._weighted.update(merged_key=key, merged=torch.stack([*each, w_t]))
+        return self._weighted["merged"]
+
     def weighted_up(self, weights: tuple[float, ...]) -> torch.Tensor:
         """``up_t`` with each adapter's rows times its weight (kept for the last weights asked)."""
         if all(w == 1 for w in weights):
@@ -89,6 +104,16 @@ class Segments:
     bounds: list[tuple[int, int]]  # each adapter's pairs in ``index``
     density: float  # S / (tokens * adapters)
     binary: bool  # every gate there is 1 (region masks without overlaps or weights): no multiply
+
+
+@dataclass
+class Routes:
+    """Every token of a layer under at most one adapter, gated 1 (region masks without overlaps or weights): the
+    tokens grouped by their adapter, those under none last."""
+
+    perm: torch.Tensor  # (tokens,): every token once, group by group
+    groups: list[int]  # each group's adapter; K (the number of adapters) for the tokens under none
+    bounds: list[tuple[int, int]]  # each group's tokens in ``perm``
 
 
 class TokenGates:
@@ -119,6 +144,26 @@ class TokenGates:
         if key not in self._derived:
             reps = torch.tensor(ranks, device=self.matrix.device)
             self._derived[key] = self.matrix.repeat_interleave(reps, dim=-1)
+        return self._derived[key]
+
+    def routes(self, lead: tuple[int, ...]) -> Routes | None:
+        """The tokens grouped by the one adapter on for each, or None where some gate is neither 0 nor 1 or some
+        token is under two adapters."""
+        key = ("routes", tuple(lead))
+        if key not in self._derived:
+            seg = self.segments(lead)
+            tokens = math.prod(lead)
+            free = torch.ones(tokens, dtype=torch.bool, device=seg.index.device)
+            free[seg.index] = False
+            routes = None
+            if seg.binary and len(seg.index) + int(free.sum()) == tokens:  # no token twice
+                parts = [(k, seg.index[a:b]) for k, (a, b) in enumerate(seg.bounds)] + [(len(seg.bounds), free.nonzero().flatten())]
+                parts = [(k, idx) for k, idx in parts if len(idx)]
+                edges = [0]
+                for _, idx in parts:
+                    edges.append(edges[-1] + len(idx))
+                routes = Routes(torch.cat([idx for _, idx in parts]), [k for k, _ in parts], list(zip(edges, edges[1:])))
+            self._derived[key] = routes
         return self._derived[key]
 
     def segments(self, lead: tuple[int, ...]) -> Segments:
@@ -214,16 +259,20 @@ class LinearPlan:
 class GatedPlan:
     """One layer's adapters under fixed per-token gates (a composer's region masks, the same for a whole run), for
     inputs of one shape, prepared for repeated calls while sampling: the dense form of :func:`multi_lora_fused`
-    (the gates multiplied in rank space) as four ops and no per-call bookkeeping. :meth:`build` gives ``None``
-    where :func:`multi_lora_fused` would take its segmented form instead."""
+    (the gates multiplied in rank space) as four ops and no per-call bookkeeping. :meth:`build` gives a
+    :class:`RoutedPlan` instead where each token is under one adapter at most and the merged weights are small enough
+    (:func:`routes_merge`), and ``None`` where :func:`multi_lora_fused` would take its segmented form."""
 
     __slots__ = ("weight", "bias", "down_t", "up_t", "gate", "h_shape", "out_shape", "shape", "dtype", "device",
                  "gates")
 
     @classmethod
     def build(cls, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: Packed,
-              routed: TokenGates, gates: list) -> GatedPlan | None:
+              routed: TokenGates, gates: list) -> GatedPlan | RoutedPlan | None:
         lead = x.shape[:-1]
+        if (routes_merge(packed, x.shape[-1], weight.shape[0]) and version(weight) is not None
+                and (routes := routed.routes(lead)) is not None):
+            return RoutedPlan(x, weight, bias, packed, routes, gates)
         if _segments_if_paying(routed, lead, packed, x.shape[-1], weight.shape[0]) is not None:
             return None
         plan = cls.__new__(cls)
@@ -244,6 +293,56 @@ class GatedPlan:
         h = x2 @ self.down_t
         h.view(self.h_shape).mul_(self.gate)
         return torch.addmm(base, h, self.up_t, out=base).view(self.out_shape)
+
+
+class RoutedPlan:
+    """One layer's adapters under fixed region masks that put each token under one adapter at most (gated 1), for
+    inputs of one shape, prepared for repeated calls while sampling: each token through its own adapter's merged
+    weight, ``x_t (W + s_k B_k A_k)^T + b`` (:meth:`Packed.merged_each`), the tokens under none through ``W``. So the
+    adapters cost no multiply-adds per token at all: one gather, one batched GEMM (one GEMM per group where the groups
+    differ in size) and one scatter, against the dense form's rank-R update of every token. Where the merged copies
+    stay small (:func:`routes_merge`: the embedded model's layers at rank 16)."""
+
+    __slots__ = ("weight", "bias", "perm", "bounds", "each", "batched", "out_shape", "shape", "dtype", "device",
+                 "gates", "version")
+
+    def __init__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: Packed, routes: Routes,
+                 gates: list):
+        merged = packed.merged_each(weight)  # (K + 1, d_in, d_out)
+        groups = routes.groups
+        self.weight, self.bias, self.perm, self.bounds = weight, bias, routes.perm, routes.bounds
+        self.each = [merged[g] for g in groups]
+        self.batched = None
+        if len(groups) > 1 and len({b - a for a, b in routes.bounds}) == 1:  # groups of one size: one batched GEMM
+            runs = groups == list(range(groups[0], groups[0] + len(groups)))
+            self.batched = merged[groups[0] : groups[0] + len(groups)] if runs else merged[groups]
+        self.out_shape, self.shape = (*x.shape[:-1], weight.shape[0]), x.shape
+        self.dtype, self.device, self.gates, self.version = x.dtype, x.device, gates, version(weight)
+
+    def fits(self, x: torch.Tensor, gates: list) -> bool:
+        """Whether this plan computes the layer for ``x`` under ``gates`` (the very list it was built for), its
+        weight unchanged since."""
+        return (gates is self.gates and x.shape == self.shape and x.dtype == self.dtype and x.device == self.device
+                and not torch.is_grad_enabled() and version(self.weight) == self.version)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.each) == 1:  # one group holds every token, in order: no gather nor scatter
+            x2 = x.reshape(-1, x.shape[-1])
+            out = x2 @ self.each[0] if self.bias is None else torch.addmm(self.bias, x2, self.each[0])
+            return out.view(self.out_shape)
+        xs = x.reshape(-1, x.shape[-1]).index_select(0, self.perm)
+        if self.batched is not None:
+            xs = xs.view(len(self.bounds), -1, xs.shape[1])
+            ys = torch.bmm(xs, self.batched) if self.bias is None else torch.baddbmm(self.bias, xs, self.batched)
+            ys = ys.view(-1, ys.shape[-1])
+        else:
+            ys = xs.new_empty(xs.shape[0], self.out_shape[-1])
+            for (a, b), w in zip(self.bounds, self.each):
+                if self.bias is None:
+                    torch.mm(xs[a:b], w, out=ys[a:b])
+                else:
+                    torch.addmm(self.bias, xs[a:b], w, out=ys[a:b])
+        return torch.empty_like(ys).index_copy_(0, self.perm, ys).view(self.out_shape)
 
 
 def plan_fits(x: torch.Tensor, packed: Packed) -> bool:
@@ -275,6 +374,12 @@ def use_segments(tokens: int, packed: Packed, d_in: int, d_out: int, density: fl
     """Whether the segmented form runs for a layer: big enough (:func:`_big_enough`), and gates on for at most
     SEGMENT_DENSITY of the (token, adapter) pairs."""
     return _big_enough(tokens, packed, d_in, d_out) and density <= SEGMENT_DENSITY
+
+
+def routes_merge(packed: Packed, d_in: int, d_out: int) -> bool:
+    """Whether every adapter's merged copy of a ``d_out x d_in`` weight takes at most ROUTE_MEMORY times the memory of
+    its factors (each adapter of rank r: ``d_in d_out <= ROUTE_MEMORY r (d_in + d_out)``)."""
+    return bool(packed.ranks) and d_in * d_out <= ROUTE_MEMORY * min(packed.ranks) * (d_in + d_out)
 
 
 def _segments_if_paying(routed: TokenGates, lead: tuple[int, ...], packed: Packed, d_in: int, d_out: int) -> Segments | None:

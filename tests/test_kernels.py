@@ -263,7 +263,7 @@ def test_the_plugins_prepared_calls_give_the_reference_and_follow_every_change(s
     """The plugin's layer prepares its call after the first (``LinearPlan`` for fixed weights, ``GatedPlan`` for a
     router's fixed gates): the same output as the reference, and a change of weights, gates, input shape or dtype,
     fusing or grad mode gets a fresh answer, not the plan's."""
-    from studio.kernels.lora import GatedPlan, LinearPlan
+    from studio.kernels.lora import GatedPlan, LinearPlan, RoutedPlan, routes_merge
 
     from studio.plugin import LoraStack
 
@@ -314,7 +314,12 @@ def test_the_plugins_prepared_calls_give_the_reference_and_follow_every_change(s
     with torch.no_grad():
         for _ in range(3):  # the second call (the same list again) prepares, the third runs the plan
             _close(stack(x), multi_lora_reference(x, w, bias, downs, ups, scales, masks))
-        assert isinstance(stack._gated, GatedPlan) and router.calls == 3
+        disjoint = bool((torch.stack(masks).sum(0) <= 1).all())  # each token under one adapter at most: routed
+        routed = disjoint and routes_merge(stack.packed(), d_in, d_out)
+        assert isinstance(stack._gated, RoutedPlan if routed else GatedPlan) and router.calls == 3
+        stack.base.weight.mul_(1.5)  # changed in place: not the plan's merged weights
+        _close(stack(x), multi_lora_reference(x, 1.5 * w, bias, downs, ups, scales, masks))
+        stack.base.weight.copy_(w)
         router.gates_list = other = [1.0 - m for m in masks]  # new gates (another run): not the plan's
         for _ in range(3):
             _close(stack(x), multi_lora_reference(x, w, bias, downs, ups, scales, other))
@@ -411,6 +416,7 @@ def test_no_gated_plan_where_the_segmented_form_runs(monkeypatch):
 
     monkeypatch.setattr(lora, "SEGMENT_MIN_WORK", 0)
     monkeypatch.setattr(lora, "SEGMENT_MIN_RANK", 0)
+    monkeypatch.setattr(lora, "ROUTE_MEMORY", 0)  # no merged weights (else the tokens are routed through them)
     x, w, bias, downs, ups, scales = _case(1, 8, 12, 10, [3, 3])
     stack = LoraStack(torch.nn.Linear(12, 10), "layer")
     with torch.no_grad():
@@ -425,6 +431,58 @@ def test_no_gated_plan_where_the_segmented_form_runs(monkeypatch):
             torch.testing.assert_close(stack(x), multi_lora_reference(x, w, bias, downs, ups, scales, masks),
                                        atol=1e-5, rtol=1e-5)
     assert stack._gated is None  # each adapter on its own tokens: the general path's segmented form
+
+
+def test_routes_group_each_token_under_its_one_adapter():
+    from studio.kernels.lora import TokenGates
+
+    x = torch.zeros(1, 6, 4)
+    on = [torch.tensor([1, 0, 0, 1, 0, 0.0]).view(1, 6, 1), torch.tensor([0, 1, 0, 0, 0, 1.0]).view(1, 6, 1)]
+    routes = TokenGates.of(on, x).routes((1, 6))
+    assert routes.groups == [0, 1, 2] and routes.bounds == [(0, 2), (2, 4), (4, 6)]  # 2: the tokens under none
+    assert routes.perm.tolist() == [0, 3, 1, 5, 2, 4]
+    assert TokenGates.of([on[0], on[0]], x).routes((1, 6)) is None  # a token under two adapters
+    assert TokenGates.of([on[0] * 0.5, on[1]], x).routes((1, 6)) is None  # a gate that is not 0 or 1
+    assert TokenGates.of([on[0], torch.zeros(1, 6, 1)], x).routes((1, 6)).groups == [0, 2]  # no empty group
+    whole = TokenGates.of([torch.ones(1, 6, 1)], x).routes((1, 6))  # one adapter over every token: one group, in order
+    assert whole.groups == [0] and whole.perm.tolist() == list(range(6))
+
+
+@pytest.mark.parametrize("case", ["equal groups", "unequal groups, ranks and no bias", "one group"])
+def test_routed_plan_sends_each_token_through_its_adapters_merged_weight(case):
+    """Region masks without overlaps: each token through ``W + s_k B_k A_k`` of its one adapter (or ``W``), one batched
+    GEMM where the groups are of one size, one GEMM per group otherwise; the reference's output either way."""
+    from studio.kernels.lora import RoutedPlan
+
+    from studio.plugin import LoraStack
+
+    equal = case == "equal groups"
+    ranks = [2, 2, 2] if equal else [2, 3]
+    x, w, bias, downs, ups, scales = _case(2, 12, 8, 6, ranks)
+    stack = LoraStack(torch.nn.Linear(8, 6, bias=equal), "layer")
+    bias = bias if equal else None
+    with torch.no_grad():
+        stack.base.weight.copy_(w)
+        if equal:
+            stack.base.bias.copy_(bias)
+    for i, (d, u, s) in enumerate(zip(downs, ups, scales)):
+        stack.add(f"a{i}", d, u, s, 1.0)
+    t = torch.arange(12)
+    if equal:  # every fourth token to adapter 0, 1, 2, and one in four under none: four groups of 6 (batch 2)
+        masks = [(t % 4 == k).float().view(1, 12, 1) for k in range(3)]
+    elif case == "one group":  # every token under the second adapter: one merged weight, no gather nor scatter
+        masks = [torch.zeros(1, 12, 1), torch.ones(1, 12, 1)]
+    else:  # 4 tokens, 5 tokens, 3 under none
+        masks = [(t < 4).float().view(1, 12, 1), ((t >= 4) & (t < 9)).float().view(1, 12, 1)]
+    stack.router = _Router(masks)
+    with torch.no_grad():
+        for _ in range(3):
+            _close(stack(x), multi_lora_reference(x, w, bias, downs, ups, scales, masks))
+        plan = stack._gated
+        assert isinstance(plan, RoutedPlan) and (plan.batched is not None) == equal
+        assert len(plan.bounds) == (1 if case == "one group" else len(ranks) + 1)  # each adapter's tokens, those under none
+        ref = multi_lora_reference(x, w, bias, downs, ups, scales, masks)
+        _close(plan(x), ref)
 
 
 def test_checkout_root_on_sys_path_does_not_shadow_hugging_face_kernels():
