@@ -18,7 +18,7 @@ so the dispatch can be checked.
 - ``studio, masked``: N adapters attached with ``studio.plugin`` and routed by a LoRA-Composer region
   gate (N vertical stripes), i.e. ``base(x) + sum_i m_i ⊙ s_i (x A_i^T) B_i^T`` in two GEMMs per layer, or,
   on layers where it pays (``studio.kernels.lora.use_segments``), each adapter on its stripe's tokens only, or,
-  from the second step, where the merged weights are small (``studio.kernels.lora.routes_merge``), each token
+  from the second step, where the merged weights are small (``studio.kernels.lora.merge_fits``), each token
   through its own adapter's merged weight (``RoutedPlan``: no low-rank work at all);
 - ``peft``: the same adapters as peft LoRA layers on the UNet, ``set_adapters`` with weights, unfused;
 - ``merged``: one adapter fused into the weights (for N = 1: the unfused single adapter against it);
@@ -171,12 +171,12 @@ def lora_flops(stack, lead: tuple[int, ...], n: int, run, later: bool) -> int:
     where the kernel runs each adapter on its own tokens (N stripes, each a rank-r update on its columns' tokens),
     ``2 sum_k M_k r (d_in + d_out)``; at a later step (``later``, once the prepared calls are made), none on a
     cross-attention key/value (the prompt's update is kept) nor where each token goes through its own adapter's
-    merged weight (``studio.kernels.lora.routes_merge``: the stripes put each token under one adapter)."""
-    from studio.kernels.lora import routes_merge, use_segments
+    merged weight (``studio.kernels.lora.merge_fits``: the stripes put each token under one adapter)."""
+    from studio.kernels.lora import merge_fits, use_segments
 
     d = stack.base.in_features + stack.base.out_features
     tokens, rank = math.prod(lead), stack.packed().down.shape[0]
-    if later and (stack.text_input or routes_merge(stack.packed(), stack.base.in_features, stack.base.out_features)):
+    if later and (stack.text_input or merge_fits(min(stack.packed().ranks), stack.base.in_features, stack.base.out_features)):
         return 0
     if stack.text_input or n == 1:
         return 2 * tokens * rank * d

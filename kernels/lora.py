@@ -47,9 +47,9 @@ import torch.nn.functional as F
 SEGMENT_DENSITY = 0.5  # at most this share of (token, adapter) pairs gated on
 SEGMENT_MIN_RANK = 96  # all adapters' ranks together at least this
 SEGMENT_MIN_WORK = 2**25  # the dense update at least this many multiply-adds
-# Where a prepared call routes each token through its own adapter's merged weight (region masks without overlaps):
-# where each adapter's merged copy of the layer's weight takes at most this many times its factors' memory
-ROUTE_MEMORY = 4
+# Where a prepared call keeps merged copies of a layer's weight (W + the update: one GEMM, no low-rank work): where a
+# copy takes at most this many times the memory of the factors merged into it (:func:`merge_fits`)
+MERGE_MEMORY = 4
 
 
 @dataclass
@@ -112,6 +112,7 @@ class Routes:
     tokens grouped by their adapter, those under none last."""
 
     perm: torch.Tensor  # (tokens,): every token once, group by group
+    inverse: torch.Tensor  # (tokens,): where each token is in ``perm`` (the output gathered back: faster than a scatter)
     groups: list[int]  # each group's adapter; K (the number of adapters) for the tokens under none
     bounds: list[tuple[int, int]]  # each group's tokens in ``perm``
 
@@ -162,7 +163,10 @@ class TokenGates:
                 edges = [0]
                 for _, idx in parts:
                     edges.append(edges[-1] + len(idx))
-                routes = Routes(torch.cat([idx for _, idx in parts]), [k for k, _ in parts], list(zip(edges, edges[1:])))
+                perm = torch.cat([idx for _, idx in parts])
+                inverse = torch.empty_like(perm)
+                inverse[perm] = torch.arange(tokens, device=perm.device)
+                routes = Routes(perm, inverse, [k for k, _ in parts], list(zip(edges, edges[1:])))
             self._derived[key] = routes
         return self._derived[key]
 
@@ -227,10 +231,9 @@ class LinearPlan:
     """One layer's adapters at fixed per-adapter weights, prepared for repeated calls: ``x W^T + b + (x A^T) U``
     with every adapter's down stacked (``A``) and its up times its scale and weight (``U``), as three ops and no
     per-call bookkeeping. What the plugin calls per layer while nothing routes its adapters (sampling with fixed
-    weights); the same arithmetic as :func:`multi_lora_fused` with numeric gates. Where the adapters' ranks together
-    reach ``d_in d_out / (d_in + d_out)``, the low-rank form costs at least as many multiply-adds as a dense update,
-    so the plan keeps ``W + A^T U`` (the update merged into a copy of the weight, no larger than the adapters'
-    factors) and runs one GEMM under ``no_grad``; ``version`` is the base weight's when the plan was made."""
+    weights); the same arithmetic as :func:`multi_lora_fused` with numeric gates. Where a merged copy of the weight
+    is small beside the adapters' factors (:func:`merge_fits` for their ranks together), the plan keeps ``W + A^T U``
+    and runs one GEMM under ``no_grad``; ``version`` is the base weight's when the plan was made."""
 
     __slots__ = ("weight", "bias", "down_t", "up", "weights", "device", "dtype", "d_out", "merged", "version")
 
@@ -240,7 +243,7 @@ class LinearPlan:
         self.weights, self.device, self.dtype = list(weights), packed.down.device, packed.down.dtype
         self.d_out, d_in = weight.shape
         self.version = version(weight)  # an inference-mode weight: no merged copy, whose staleness could not be seen
-        dense = self.version is not None and packed.down.shape[0] * (d_in + self.d_out) >= d_in * self.d_out
+        dense = self.version is not None and merge_fits(packed.down.shape[0], d_in, self.d_out)
         with torch.no_grad():
             self.merged = torch.addmm(weight, self.up.T, packed.down) if dense else None
 
@@ -261,7 +264,7 @@ class GatedPlan:
     inputs of one shape, prepared for repeated calls while sampling: the dense form of :func:`multi_lora_fused`
     (the gates multiplied in rank space) as four ops and no per-call bookkeeping. :meth:`build` gives a
     :class:`RoutedPlan` instead where each token is under one adapter at most and the merged weights are small enough
-    (:func:`routes_merge`), and ``None`` where :func:`multi_lora_fused` would take its segmented form."""
+    (:func:`merge_fits` for each adapter's rank), and ``None`` where :func:`multi_lora_fused` would take its segmented form."""
 
     __slots__ = ("weight", "bias", "down_t", "up_t", "gate", "h_shape", "out_shape", "shape", "dtype", "device",
                  "gates")
@@ -270,7 +273,7 @@ class GatedPlan:
     def build(cls, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: Packed,
               routed: TokenGates, gates: list) -> GatedPlan | RoutedPlan | None:
         lead = x.shape[:-1]
-        if (routes_merge(packed, x.shape[-1], weight.shape[0]) and version(weight) is not None
+        if (merge_fits(min(packed.ranks), x.shape[-1], weight.shape[0]) and version(weight) is not None
                 and (routes := routed.routes(lead)) is not None):
             return RoutedPlan(x, weight, bias, packed, routes, gates)
         if _segments_if_paying(routed, lead, packed, x.shape[-1], weight.shape[0]) is not None:
@@ -300,17 +303,17 @@ class RoutedPlan:
     inputs of one shape, prepared for repeated calls while sampling: each token through its own adapter's merged
     weight, ``x_t (W + s_k B_k A_k)^T + b`` (:meth:`Packed.merged_each`), the tokens under none through ``W``. So the
     adapters cost no multiply-adds per token at all: one gather, one batched GEMM (one GEMM per group where the groups
-    differ in size) and one scatter, against the dense form's rank-R update of every token. Where the merged copies
-    stay small (:func:`routes_merge`: the embedded model's layers at rank 16)."""
+    differ in size) and the output gathered back, against the dense form's rank-R update of every token. Where the
+    merged copies stay small (:func:`merge_fits` for each adapter's rank: the embedded model's layers at rank 16)."""
 
-    __slots__ = ("weight", "bias", "perm", "bounds", "each", "batched", "out_shape", "shape", "dtype", "device",
-                 "gates", "version")
+    __slots__ = ("weight", "bias", "perm", "inverse", "bounds", "each", "batched", "out_shape", "shape", "dtype",
+                 "device", "gates", "version")
 
     def __init__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: Packed, routes: Routes,
                  gates: list):
         merged = packed.merged_each(weight)  # (K + 1, d_in, d_out)
         groups = routes.groups
-        self.weight, self.bias, self.perm, self.bounds = weight, bias, routes.perm, routes.bounds
+        self.weight, self.bias, self.perm, self.inverse, self.bounds = weight, bias, routes.perm, routes.inverse, routes.bounds
         self.each = [merged[g] for g in groups]
         self.batched = None
         if len(groups) > 1 and len({b - a for a, b in routes.bounds}) == 1:  # groups of one size: one batched GEMM
@@ -326,7 +329,7 @@ class RoutedPlan:
                 and not torch.is_grad_enabled() and version(self.weight) == self.version)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if len(self.each) == 1:  # one group holds every token, in order: no gather nor scatter
+        if len(self.each) == 1:  # one group holds every token, in order: no gather
             x2 = x.reshape(-1, x.shape[-1])
             out = x2 @ self.each[0] if self.bias is None else torch.addmm(self.bias, x2, self.each[0])
             return out.view(self.out_shape)
@@ -342,7 +345,7 @@ class RoutedPlan:
                     torch.mm(xs[a:b], w, out=ys[a:b])
                 else:
                     torch.addmm(self.bias, xs[a:b], w, out=ys[a:b])
-        return torch.empty_like(ys).index_copy_(0, self.perm, ys).view(self.out_shape)
+        return ys.index_select(0, self.inverse).view(self.out_shape)
 
 
 def plan_fits(x: torch.Tensor, packed: Packed) -> bool:
@@ -376,10 +379,12 @@ def use_segments(tokens: int, packed: Packed, d_in: int, d_out: int, density: fl
     return _big_enough(tokens, packed, d_in, d_out) and density <= SEGMENT_DENSITY
 
 
-def routes_merge(packed: Packed, d_in: int, d_out: int) -> bool:
-    """Whether every adapter's merged copy of a ``d_out x d_in`` weight takes at most ROUTE_MEMORY times the memory of
-    its factors (each adapter of rank r: ``d_in d_out <= ROUTE_MEMORY r (d_in + d_out)``)."""
-    return bool(packed.ranks) and d_in * d_out <= ROUTE_MEMORY * min(packed.ranks) * (d_in + d_out)
+def merge_fits(rank: int, d_in: int, d_out: int) -> bool:
+    """Whether a merged copy of a ``d_out x d_in`` weight takes at most MERGE_MEMORY times the memory of the rank-``rank``
+    factors merged into it: ``d_in d_out <= MERGE_MEMORY rank (d_in + d_out)`` (the embedded model's layers from rank
+    16; SDXL's 640-wide layers from rank 80, its 1280-wide ones from 160). A merged weight costs one GEMM, the
+    low-rank form the base GEMM and ``rank (d_in + d_out)`` more multiply-adds per token, in more calls."""
+    return d_in * d_out <= MERGE_MEMORY * rank * (d_in + d_out)
 
 
 def _segments_if_paying(routed: TokenGates, lead: tuple[int, ...], packed: Packed, d_in: int, d_out: int) -> Segments | None:

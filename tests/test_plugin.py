@@ -60,15 +60,17 @@ def test_same_images_as_stock_load_lora_weights(pipe, files, base_images):
 
 def test_sampling_under_inference_mode_gives_the_same_images(pipe, files):
     """Inference-mode tensors keep no version counter: the layers then keep nothing derived from them (the prompt's
-    update, a merged weight) and still give the images of ``no_grad`` sampling."""
-    attach(pipe, files, weights=[0.8, -0.5])
+    update, a merged weight) and still give the images of ``no_grad`` sampling (to rounding: there the layers run
+    merged copies of their weights, here the low-rank form)."""
+    handle = attach(pipe, files, weights=[0.8, -0.5])
     try:
         plain = sample(pipe, steps=3)
+        assert any(s._plan is not None and s._plan.merged is not None for s in handle.stacks.values())
         with torch.inference_mode():
             inference = sample(pipe, steps=3)
     finally:
         detach(pipe)
-    np.testing.assert_array_equal(inference, plain)
+    np.testing.assert_allclose(inference, plain, atol=2e-4)
 
 
 def test_a_prompt_tensor_passed_again_follows_the_adapters_taken_out(pipe, files):
