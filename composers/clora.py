@@ -34,7 +34,8 @@ more than a seed or two's worth (docs/benchmarks.md, ``clora-refine``).
 **Regions** (the studio's, not the paper's): where a concept has a region (``Concept.region``, the same boxes
 LoRA-Composer takes), its mask is confined to it: its map is normalised by its minimum and maximum inside the region
 and thresholded there, and nothing outside is set. So a concept goes where the user put it even where its tokens'
-maps do not say where it is (next paragraph), and still keeps to its tokens' map inside the box where they do.
+maps do not say where it is ("What the masks need", below), and still keeps to its tokens' map inside the box
+where they do.
 ``regions=False`` ignores them (the paper's form).
 
 ``clause_words=True`` widens each concept's tokens to the content words of the prompt's clause that names it
