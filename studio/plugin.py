@@ -56,7 +56,7 @@ def pipeline_family(pipe) -> str:
 class LoraStack(nn.Module):
     """A base layer plus any number of low-rank updates, each with its own weight."""
 
-    prepared = True  # keep a prepared call after the first (LinearPlan / GatedPlan); False: every call the general path
+    prepared = True  # keep a prepared call after the first (LinearPlan / GatedPlan / RoutedPlan); False: the general path
     keep_prompt = True  # text-input layers keep the adapters' update for a prompt tensor that comes back (see forward)
     KEPT = 8  # (prompt tensor, gates) pairs kept per layer (CLoRA's passes bring 2 per concept and 1 for the base)
 
@@ -77,7 +77,7 @@ class LoraStack(nn.Module):
         self._packed = None  # the adapters stacked for the fused kernel (studio.kernels.lora.Packed), rebuilt on change
         self._routed = None  # (key, the router's gates, their TokenGates): reused while the router returns the same gates
         self._plan = None  # a LinearPlan for fixed weights (no router), rebuilt on any change
-        self._gated = None  # a GatedPlan for the router's fixed gates (a composer's masks during a run)
+        self._gated = None  # a GatedPlan or RoutedPlan for the router's fixed gates (a composer's masks during a run)
         self.text_input = False  # True for a cross-attention key/value projection (its input is the prompt's tokens)
         self._kept: dict[tuple, tuple] = {}  # text input: (id(prompt), gates) -> (weakref, check, gates, the update)
 
