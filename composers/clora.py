@@ -185,8 +185,11 @@ class CLoRA(Composer):
         no region given."""
         if not self.regions or all(c.region is None for c in run.concepts):
             return None
-        return torch.stack([run.region_mask(c.region, h, w) > 0 if c.region is not None
-                            else torch.ones(h, w, dtype=torch.bool) for c in run.concepts])
+        key = ("clora-regions", h, w)  # the same for every step of a run
+        if key not in run.state:
+            run.state[key] = torch.stack([run.region_mask(c.region, h, w) > 0 if c.region is not None
+                                          else torch.ones(h, w, dtype=torch.bool) for c in run.concepts])
+        return run.state[key]
 
     @staticmethod
     def concept_maps(maps: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Tensor:

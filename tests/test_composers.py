@@ -479,8 +479,10 @@ def test_clora_masks_on_a_hand_built_case():
 def test_clora_masks_keep_to_the_concepts_regions():
     class FakeRun:
         concepts = [SimpleNamespace(region=(0.0, 0.0, 0.5, 1.0)), SimpleNamespace(region=(0.5, 0.0, 1.0, 1.0))]
-        state = {"tokens": [[3], [8]]}
         region_mask = staticmethod(Run._region_mask)
+
+        def __init__(self):
+            self.state = {"tokens": [[3], [8]]}  # a run's own (what it builds is kept there for the run)
 
     maps = torch.tensor([[[[0.50, 0.52, 0.9, 0.9], [0.51, 0.50, 0.9, 0.9]],    # concept 0: nearly flat on the left
                           [[1.0, 0.0, 0.2, 0.8], [0.0, 0.0, 0.1, 0.6]]]])        # concept 1
