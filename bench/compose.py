@@ -4,9 +4,11 @@ Concepts, each a DreamBooth-LoRA trained with the default settings on 4 renders 
 bench/dreambooth.py) under its own token: star (blue, "sks"), heart (red, "zwx"), cross (green, "qpv"),
 and a style: ringed ("zxy", 4 base shapes drawn ringed, captions naming the token). Compositions:
 
-- two subject pairs, "a sks shape on the left and a zwx shape on the right" (regions: the halves);
-- a subject triple, left / center / right thirds;
-- subject + style, "a sks shape in the center, zxy" (the style's region is the whole image);
+- two subject pairs, "a sks shape on the left and a zwx shape on the right" (regions: boxes around each place,
+  ``BOXES``);
+- a subject triple, left / center / right;
+- subject + style, "a sks shape in the center, zxy" (the style a style concept, ``Concept.style``: the placing
+  composers leave it out of their routing and it acts everywhere);
 - the pairs and the triple again, described: each subject named with its training images' colour, "a blue sks
   shape on the left and a red zwx shape on the right", as a user names a subject with a word the base model
   knows ("a sks dog"). On the embedded model only its own words (colours, base shapes) have cross-attention
@@ -56,7 +58,9 @@ noun: with ``--pivotal`` the identifier is one token of its own).
 subjects' adapters with that attention-loss weight (in their own ``--work`` folder) and writes its own section;
 so do ``--subject-steps N`` (the subjects' adapters trained N steps instead of the default), ``--pivotal`` (the
 subjects' adapters trained with pivotal tuning: each identifier one new token with a learned embedding) and ``--subjects A B C``
-(three other held-out shapes in the roles of star, heart and cross; ``--subjects crescent heart cross``).
+(three other held-out shapes in the roles of star, heart and cross; ``--subjects crescent heart cross``), and
+``--placed-references`` (the subjects' training images drawn at the compositions' places, left, center, right and
+center, instead of all in the center).
 
     python bench/compose.py                       # all methods, 20 seeds
     python bench/compose.py --seeds 4 --methods naive lora-composer
@@ -90,6 +94,7 @@ BOXES = {"left": (0.0, 0.2, 0.4, 0.8), "center": (0.3, 0.2, 0.7, 0.8), "right": 
 COLUMNS = {"left": {"top left", "left", "bottom left"}, "center": {"top", "center", "bottom"},
            "right": {"top right", "right", "bottom right"}}
 PHRASE = {"left": "on the left", "center": "in the center", "right": "on the right"}
+REFERENCE_PLACES: list[str] = []  # where the subjects' training images draw them; none given: in the center
 METHODS = ["naive", "clora", "clora-no-regions", "clora-layout", "clora-gates", "lora-composer", "lora-composer-r0.5", "lora-composer-pos", "gated",
            "gated-fit", "orthogonal"]
 VARIANTS = {  # method name in the table -> (composer, options)
@@ -167,7 +172,7 @@ def train_concepts(work: Path, extra: dict | None = None, subject_extra: dict | 
     for shape, (token, _) in SUBJECTS.items():
         run = subject_dir(work, shape)
         if not (run / "run" / "adapter.safetensors").is_file():
-            references(shape, run / "data")
+            references(shape, run / "data", places=REFERENCE_PLACES)
             train(DreamBooth(), build_config(DreamBoothConfig, {}, {"data": str(run / "data"), "output": str(run / "run"),
                                                                     "token": token, "class_data": str(work / "class"),
                                                                     **(extra or {}), **(subject_extra or {})}))
@@ -308,6 +313,9 @@ def main() -> None:
     parser.add_argument("--pivotal", action="store_true",
                         help="train the subjects' adapters with --pivotal (each identifier one new token whose embedding"
                              " trains beside the LoRA), in their own --work folder")
+    parser.add_argument("--placed-references", action="store_true",
+                        help="render the subjects' training images at the compositions' places (left, center, right,"
+                             " center) instead of all in the center, in their own --work folder")
     parser.add_argument("--clora-step", type=float, default=None, help="CLoRA's latent step size (default: the composer's)")
     parser.add_argument("--label", default="", help="a suffix for the section's name and title (e.g. regions), so"
                                                      " that a run of some methods writes a section of its own")
@@ -331,8 +339,11 @@ def main() -> None:
     bad = [m for m in args.methods if m not in METHODS and m not in VARIANTS]
     if bad:
         raise SystemExit(f"--methods: unknown {bad}; choose from {list(dict.fromkeys(METHODS + list(VARIANTS)))}")
-    if (args.attention_loss or args.subject_steps or args.train_text_encoder or args.pivotal) and args.work == parser.get_default("work"):
-        raise SystemExit("--attention-loss, --subject-steps, --pivotal and --train-text-encoder train other adapters than"
+    if args.placed_references:
+        REFERENCE_PLACES[:] = [PHRASE[p] for p in ("left", "center", "right", "center")]
+    if ((args.attention_loss or args.subject_steps or args.train_text_encoder or args.pivotal or args.placed_references)
+            and args.work == parser.get_default("work")):
+        raise SystemExit("--attention-loss, --subject-steps, --pivotal, --placed-references and --train-text-encoder train other adapters than"
                          " the default: give them their own --work folder (the default one holds the default adapters)")
     torch.manual_seed(0)
     work = Path(args.work)
@@ -345,7 +356,7 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     refs = {}
     for shape in SUBJECTS:
-        emb = judge.identity_embedding(references(shape, subject_dir(work, shape) / "data"))
+        emb = judge.identity_embedding(references(shape, subject_dir(work, shape) / "data", places=REFERENCE_PLACES))
         refs[shape] = emb.numpy()
     # each subject as its adapter draws it alone: its colour (the colour reading) and its objects' identity
     # similarities (the identity reading's positives); the base model's objects and the other subjects' are negatives
@@ -396,8 +407,8 @@ def main() -> None:
         if args.compositions is not None and name not in args.compositions:
             continue
         concepts = [Concept.load(files[c], name=c, region=BOXES[p]) for c, p in items]
-        if style:  # the style's region is its subject's box
-            concepts.append(Concept.load(files[STYLE], name=STYLE, region=BOXES[items[0][1]], words=STYLE_TOKEN,
+        if style:  # a style concept: the placing composers leave it out of their routing, acting everywhere
+            concepts.append(Concept.load(files[STYLE], name=STYLE, style=True, words=STYLE_TOKEN,
                                          prompt=f"a shape, {STYLE_TOKEN}"))
         prompt = prompt_of(items, style, described=described)
         for method in args.methods:
@@ -461,6 +472,7 @@ def main() -> None:
     flags += f" --attention-loss {args.attention_loss:g}" if args.attention_loss else ""
     flags += f" --subject-steps {args.subject_steps}" if args.subject_steps else ""
     flags += " --pivotal" if args.pivotal else ""
+    flags += " --placed-references" if args.placed_references else ""
     flags += f" --work {args.work}" if args.work != "runs/bench-compose" else ""
     flags += f" --methods {' '.join(args.methods)}" if args.methods != METHODS else ""
     custom = list(SUBJECTS) != list(DEFAULT_SUBJECTS)
@@ -481,12 +493,16 @@ def main() -> None:
              + (", adapters trained with the attention loss" if args.attention_loss else "")
              + (f", subjects' adapters trained {args.subject_steps} steps" if args.subject_steps else "")
              + (", subjects' adapters with pivotal tuning" if args.pivotal else "")
+             + (", subjects trained at the compositions' places" if args.placed_references else "")
              + (f" ({args.label})" if args.label else ""))
     text = (f"## {title}\n\nCommand: `python bench/compose.py{flags}` (revision "
             f"{git_revision()}; {machine()}). {args.seeds} seeds per composition and method, {args.steps} steps, guidance 5. "
             f"Adapters: DreamBooth-LoRA, default settings ({defaults()}{'; plus LoRA on the text encoders' if args.train_text_encoder else ''}{f'; the subjects with --attention-loss {args.attention_loss:g}' if args.attention_loss else ''}{f'; the subjects {args.subject_steps} steps' if args.subject_steps else ''}{'; the subjects with --pivotal' if args.pivotal else ''}), one per concept ({', '.join(f'{c} `{t}`' for c, (t, _) in SUBJECTS.items())}, {STYLE} "
-            f"style `zxy`), trained on {', '.join(f'{COLOURS[c]} {c}' + ('es' if c.endswith('s') else 's') for c in SUBJECTS)}. Regions (for lora-composer, and confining clora's masks): boxes around each "
-            f"object's place, {BOXES}; the style's box is its subject's.\n\n{head}{body}\n{summary}"
+            f"style `zxy`), trained on {', '.join(f'{COLOURS[c]} {c}' + ('es' if c.endswith('s') else 's') for c in SUBJECTS)}"
+            f"{(' (large, ' + ', '.join(REFERENCE_PLACES) + ', one place an image)') if REFERENCE_PLACES else ' (large, in the center)'}. "
+            f"Regions (for lora-composer, and confining clora's masks): boxes around each object's place, {BOXES}; the"
+            " style is a style concept (`Concept.style`): clora, lora-composer and gated do not place it, it acts"
+            f" everywhere.\n\n{head}{body}\n{summary}"
             "A subject is read two ways (a prompt never names its shape, and one named by token not its colour either: only its adapter can put them there). "
             "**By identity** (the headline rates): an object is the composition's subject whose reference renders its "
             "judge embedding is most similar to, if that similarity clears the subject's threshold, calibrated on "
@@ -503,7 +519,8 @@ def main() -> None:
         write_section("compose" + ("-" + "-".join(SUBJECTS) if custom else "")
                       + ("-attention-loss" if args.attention_loss else "")
                       + (f"-steps{args.subject_steps}" if args.subject_steps else "")
-                      + ("-pivotal" if args.pivotal else "") + (f"-{args.label}" if args.label else ""), text)
+                      + ("-pivotal" if args.pivotal else "") + ("-placed" if args.placed_references else "")
+                      + (f"-{args.label}" if args.label else ""), text)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,9 @@ BACKGROUNDS = ["yellow", "white", "black", "gray", "cyan", "pink", "white", "gre
 NOTE = ('Prompt fidelity here counts position and background (the prompts name no shape the grammar knows). Identity similarity is the judge\'s identity-embedding cosine to the 4 references; "judge reads the shape" counts images whose first detected object has the concept\'s shape.')
 
 
-def references(shape: str, folder: Path, n: int = 4):
+def references(shape: str, folder: Path, n: int = 4, places: list[str] | None = None):
+    """``n`` renders of a large ``shape`` in its colour on white, in the center, or at ``places`` in turn ("on the
+    left", ...); written to ``folder`` and returned."""
     from PIL import Image
 
     from studio.world.grammar import parse_prompt, scene_from_prompt
@@ -42,7 +44,8 @@ def references(shape: str, folder: Path, n: int = 4):
     folder.mkdir(parents=True, exist_ok=True)
     images = []
     for i in range(n):
-        text = f"a large {COLOURS[shape]} {shape} in the center on a white background"
+        place = places[i % len(places)] if places else "in the center"
+        text = f"a large {COLOURS[shape]} {shape} {place} on a white background"
         scene = scene_from_prompt(parse_prompt(text), random.Random(i))
         im = Image.fromarray(render_array(scene, seed=1000 + i))
         im.save(folder / f"{shape}{i}.png")

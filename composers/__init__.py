@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 
-from studio.composers.base import Composer, Concept, compose, composing, parse_region, parse_timesteps
+from studio.composers.base import Composer, Concept, compose, composing, parse_place, parse_region, parse_timesteps
 
 METHODS = {
     "naive": "studio.composers.base:Composer",
@@ -32,4 +32,4 @@ def get_composer(method, **options) -> Composer:
     return getattr(importlib.import_module(module), cls)(**options)
 
 
-__all__ = ["METHODS", "Composer", "Concept", "compose", "composing", "get_composer", "parse_region", "parse_timesteps"]
+__all__ = ["METHODS", "Composer", "Concept", "compose", "composing", "get_composer", "parse_place", "parse_region", "parse_timesteps"]

@@ -68,6 +68,20 @@ def parse_region(text: str | Box | None) -> Box | None:
     return box  # type: ignore[return-value]
 
 
+STYLE_PLACE = "style"  # the place of a style concept, where a region would go (``-r style``)
+
+
+def parse_place(text: str | Box | None) -> tuple[Box | None, bool]:
+    """A concept's place: ``(region, False)`` for a region (:func:`parse_region`), ``(None, True)`` for
+    ``"style"`` (a style concept, acting everywhere: :class:`Concept`)."""
+    if isinstance(text, str) and text.strip().lower() == STYLE_PLACE:
+        return None, True
+    try:
+        return parse_region(text), False
+    except ValueError as e:
+        raise ValueError(f"{e}; or {STYLE_PLACE} (a style adapter: it acts everywhere, on every concept)") from None
+
+
 def parse_timesteps(text: str | tuple[float, ...] | None) -> tuple[float, ...] | None:
     """A timestep window: ``"START:END"`` (either side may be empty: ``":500"`` is ``0:500``) or a pair, of the
     training timesteps 0-1000 with ``START < END``; ``None``, ``""`` or ``"all"``: every step. ``"START:END,SHARE"``
@@ -103,7 +117,11 @@ class Concept:
     ``timesteps``: ``(start, end)``, the training timesteps (0 clean, 1000 pure noise) at which its adapter acts in
     the UNet, ``start <= t < end``; ``None``: at every step. A style adapter acting only late, ``(0, 500)``, leaves
     the layout to the other adapters; ``(start, end, share)`` keeps ``share`` of its weight outside the window
-    (:func:`parse_timesteps`).
+    (:func:`parse_timesteps`);
+    ``style``: the concept is a style, not a thing to place. A composer that places concepts (``Composer.places``:
+    clora, lora-composer, gated) leaves it out of its routing: its adapter acts at its weight in every pass, on every
+    pixel and so on every concept, and its ``words`` join each concept's own prompt. The others (naive, klora, the
+    merging ones) take it as any concept. ``region="style"`` in :meth:`load` (``-r style`` on the CLI) sets it.
     """
 
     adapter: Adapter
@@ -113,6 +131,12 @@ class Concept:
     region: Box | None = None
     weight: float = 1.0
     timesteps: tuple[float, ...] | None = None
+    style: bool = False
+
+    def __post_init__(self):
+        if self.style and self.region is not None:
+            raise ValueError(f"concept {self.name!r} is a style: a style acts everywhere, on every concept; give it no"
+                             " region")
 
     def scale_at(self, t) -> float:
         """The share of its weight the adapter acts with at timestep ``t`` (a number or a tensor; ``None``, outside
@@ -131,7 +155,8 @@ class Concept:
         token = adapter.meta.token or name
         words = kwargs.pop("words", None) or " ".join(w for w in (token, adapter.meta.class_noun) if w)
         prompt = kwargs.pop("prompt", None) or f"a {words}"
-        return cls(adapter, name, prompt=prompt, words=words, region=parse_region(kwargs.pop("region", None)),
+        region, style = parse_place(kwargs.pop("region", None))
+        return cls(adapter, name, prompt=prompt, words=words, region=region, style=kwargs.pop("style", False) or style,
                    timesteps=parse_timesteps(kwargs.pop("timesteps", None)), **kwargs)
 
 
@@ -149,6 +174,9 @@ class Composer:
     # True: ``gate`` is also asked on the cross-attention keys/values (whose input is the prompt's tokens) when no
     # prompt spans are set; for composers whose gates are numbers per layer, not masks over image tokens
     gates_text_layers = False
+    # True: the composer places concepts (decides where each acts); style concepts (``Concept.style``) are then left
+    # out of ``run.concepts`` and act everywhere at their weight (``run.styles``)
+    places = False
 
     def prepare(self, run: Run) -> None:
         """Called once before sampling (encode per-concept prompts, build masks)."""
@@ -231,11 +259,18 @@ class Run:
     """The state of one composition while the pipeline samples; the router of every adapter layer."""
 
     def __init__(self, pipe, composer: Composer, prompt: str, concepts: list[Concept], height: int, width: int):
-        self.pipe, self.composer, self.prompt, self.concepts = pipe, composer, prompt, concepts
+        self.pipe, self.composer, self.prompt = pipe, composer, prompt
+        # a placing composer routes the concepts that are not styles; styles act everywhere (``Concept.style``)
+        self.concepts = [c for c in concepts if not c.style] if composer.places else list(concepts)
+        self.styles = [c for c in concepts if c.style] if composer.places else []
+        if not self.concepts:
+            raise ValueError(f"{composer.name} places concepts and every concept given is a style; give at least one"
+                             " concept that is not")
         factor = getattr(pipe, "vae_scale_factor", 8)
         self.latent_hw = (height // factor, width // factor)
         self.height, self.width = height, width
-        self.index = {c.name: k for k, c in enumerate(concepts)}  # adapter name on the pipeline -> concept
+        self.index = {c.name: k for k, c in enumerate(self.concepts)}  # adapter name on the pipeline -> concept
+        self.style_index = {c.name: k for k, c in enumerate(self.styles)}  # adapter name -> style
         self.step = -1  # index of the denoising step the UNet is in
         self.timestep = None  # sets ``acting`` too: each concept's share of its weight at the step
         self.pipeline_kwargs: dict = {}  # the keyword arguments of the pipeline's own UNet call this step
@@ -319,15 +354,18 @@ class Run:
         # which concepts act at it, read once per step here rather than per layer (a tensor's value is a device sync)
         self._timestep = t
         self.acting = tuple(c.scale_at(t) for c in self.concepts)
-        self._windows = tuple(a for a, c in zip(self.acting, self.concepts) if c.timesteps is not None)
+        self.styles_acting = tuple(c.scale_at(t) for c in self.styles)
+        self._windows = tuple(a for a, c in zip(self.acting + self.styles_acting, self.concepts + self.styles)
+                              if c.timesteps is not None)
 
     def _gates_for(self, stack, x: torch.Tensor) -> list:
         out = []
         unet = getattr(stack, "component", "unet") == "unet"
         for name, weight in zip(stack.names, stack.weights):
             k = self.index.get(name)
-            if k is None:  # attached outside this composition: keeps its own weight
-                out.append(weight)
+            if k is None:  # a style, or attached outside this composition: keeps its own weight (a style's window's share)
+                s = self.style_index.get(name)
+                out.append(weight if s is None or not unet else weight * self.styles_acting[s])
                 continue
             share = self.acting[k] if unet else 1.0  # its timestep window's: 0 outside it, or the share kept there
             gate = self._gate(stack, x, k, unet) if share else 0.0
@@ -591,7 +629,9 @@ def composing(pipe, method: str | Composer, prompt: str, concepts: list[Concept]
         names.append(name)
     size = pipe.unet.config.sample_size * getattr(pipe, "vae_scale_factor", 8)
     run = Run(pipe, composer, prompt, concepts, height or size, width or size)
-    run.index = {name: k for k, name in enumerate(names)}
+    placed = [name for name, c in zip(names, concepts) if not (composer.places and c.style)]
+    run.index = {name: k for k, name in enumerate(placed)}
+    run.style_index = {name: k for k, name in enumerate(n for n in names if n not in placed)}
     if composer.merges:
         merged = composer.merge(concepts)
         handle = attach(pipe, [merged], names=[f"{composer.name}-merge"])

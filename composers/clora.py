@@ -103,6 +103,7 @@ def concept_tokens(run: Run, clause_words: bool = False) -> list[list[int]]:
 class CLoRA(Composer):
     name = "clora"
     needs_attention = True
+    places = True
     static_gates = False  # the gates follow each step's attention maps
 
     def __init__(self, step_size: float = 20.0, update_fraction: float = 0.5, threshold: float = 0.4,

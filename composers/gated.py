@@ -30,6 +30,7 @@ NUM_TRAIN_TIMESTEPS = 1000
 class Gated(Composer):
     name = "gated"
     static_gates = False  # the gates follow the timestep and each token's adapter responses
+    places = True
 
     def __init__(self, token_gates: bool = True, sharpness: float = 2.0, buckets: int = 4,
                  logits: torch.Tensor | None = None):
@@ -104,13 +105,16 @@ class Gated(Composer):
 
     def fit(self, pipe, concepts: list[Concept], folders: list[str | Path], steps: int = 100, lr: float = 0.05,
             seed: int = 0, progress: bool = True) -> list[float]:
-        """Train the gate logits on each concept's images (``folders[k]`` for concept k); returns the losses."""
+        """Train the gate logits on each concept's images (``folders[k]`` for concept k); returns the losses. Style
+        concepts (``Concept.style``) have no gates: they and their folders are left out."""
         from diffusers import DDPMScheduler
         from studio.composers.base import composing
         from studio.trainers.data import load_images
 
         if len(folders) != len(concepts):
             raise ValueError(f"give one image folder per concept: {len(concepts)} concepts, {len(folders)} folders")
+        folders = [f for c, f in zip(concepts, folders) if not c.style]
+        concepts = [c for c in concepts if not c.style]
         size = pipe.unet.config.sample_size * getattr(pipe, "vae_scale_factor", 8)
         vae = pipe.vae
         latents = []

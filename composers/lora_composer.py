@@ -50,6 +50,7 @@ from studio.kernels.attention import isolation_mask, regional_cross_mask
 class LoRAComposer(Composer):
     name = "lora-composer"
     needs_attention = True
+    places = True
 
     def __init__(self, isolate: bool = True, reinit: bool = True, scope: str = "all", replace_ratio: float = 1.0,
                  positional_prompts: bool = True):
@@ -65,18 +66,20 @@ class LoRAComposer(Composer):
         if missing:
             raise ValueError(f"lora-composer needs a region for every concept; none for {', '.join(missing)}"
                              " (give e.g. left, right, top-left, or x0,y0,x1,y1)")
-        prompts = [self.region_prompt(run.prompt, c) for c in run.concepts]
+        prompts = [self.region_prompt(run.prompt, c, run.styles) for c in run.concepts]
         run.state["region_prompts"] = prompts
         run.state["region_cond"] = [run.encode([p], only=k)["embeds"] for k, p in enumerate(prompts)]
         run.state["region_uncond"] = [run.encode([""], only=k)["embeds"] for k in range(len(run.concepts))]
         run.state["region_tokens"] = [token_positions(run.pipe.tokenizer, p, [c.words])[0] for p, c in zip(prompts, run.concepts)]
 
-    def region_prompt(self, prompt: str, concept) -> str:
+    def region_prompt(self, prompt: str, concept, styles=()) -> str:
         """Concept k's region prompt: with ``positional_prompts``, the clause of the global prompt that names it
         ("a sks shape on the left" of "a sks shape on the left and a zwx shape on the right"), which keeps where
-        it goes; else (or when no clause names it) the concept's own prompt."""
+        it goes; else (or when no clause names it) the concept's own prompt. The words of every style
+        (``Concept.style``) follow it: a style acts on every concept ("a sks shape on the left, zxy")."""
         clause = concept_clause(prompt, concept) if self.positional_prompts else None
-        return clause or concept.prompt
+        text = clause or concept.prompt
+        return ", ".join([text, *(s.words for s in styles if s.words and s.words.split()[0] not in text.split())])
 
     def boxes(self, run: Run, h: int, w: int, device) -> torch.Tensor:
         """(K, h*w) bool: which image tokens of an h x w layer lie in each concept's box."""

@@ -76,7 +76,7 @@ def generate(
     scale: ScaleOpt = 1,
     adapter: Annotated[list[str] | None, typer.Option("--adapter", "-a", help="FILE[:WEIGHT] (repeatable): an adapter .safetensors or PEFT folder, weight 1.0 by default.")] = None,
     compose: Annotated[str | None, typer.Option("--compose", "-c", help="Combine the adapters with a composer: naive, clora, lora-composer, gated, orthogonal. Each adapter is a concept named in the prompt by its token and class noun.")] = None,
-    region: Annotated[list[str] | None, typer.Option("--region", "-r", help="Region of each adapter, in --adapter order (lora-composer; clora keeps each mask inside it): left, right, top, bottom, top-left, ..., center, all, or x0,y0,x1,y1 fractions.")] = None,
+    region: Annotated[list[str] | None, typer.Option("--region", "-r", help="Region of each adapter, in --adapter order (lora-composer; clora keeps each mask inside it): left, right, top, bottom, top-left, ..., center, all, or x0,y0,x1,y1 fractions; or style for a style adapter, which clora, lora-composer and gated do not place: it acts everywhere, on every concept.")] = None,
     timesteps: Annotated[list[str] | None, typer.Option("--timesteps", "-t", help="Timestep window of each adapter, in --adapter order (any composer): START:END of the training timesteps (0 clean, 1000 noise) at which it acts in the UNet, e.g. 0:500 for a style that should only draw the details; 0:500,0.5 keeps half its weight at the other steps; 'all' for every step.")] = None,
     block_weights: Annotated[list[str] | None, typer.Option("--block-weights", help="Block weights of each adapter, in --adapter order, as JSON in diffusers' set_adapters form (instead of :WEIGHT), e.g. '{\"unet\": {\"down\": 0, \"mid\": 0, \"up\": {\"block_0\": [0, 1, 0]}}}'; '1' for an adapter at weight 1.")] = None,
 ) -> None:
@@ -87,6 +87,7 @@ def generate(
     Block weights: studio generate "a sks shape" -a star.safetensors --block-weights '{"unet": {"down": 0, "mid": 0}}'
     Composed: studio generate "a sks shape on the left and a zwx shape on the right" -a star.safetensors -a heart.safetensors --compose lora-composer -r left -r right -o pair.png
     Style late: studio generate "a sks shape, zxy" -a star.safetensors -a style.safetensors -t all -t 0:500 -o styled.png
+    Placed, with a style: studio generate "a sks shape on the left and a zwx shape on the right, zxy" -a star.safetensors -a heart.safetensors -a style.safetensors --compose clora -r left -r right -r style -o styled-pair.png
     """
     _setup_warnings()
     specs = [_adapter_spec(a) for a in adapter or []]
@@ -110,7 +111,7 @@ def generate(
         specs = parsed
     composition = None
     if compose is not None or region or timesteps:
-        from studio.composers import METHODS, parse_region, parse_timesteps
+        from studio.composers import METHODS, parse_place, parse_timesteps
 
         method = compose or "naive"
         if method not in METHODS:
@@ -122,7 +123,9 @@ def generate(
         if timesteps and len(timesteps) != len(specs):
             _fail(f"give one --timesteps per --adapter: {len(specs)} adapters, {len(timesteps)} windows")
         try:
-            regions = [parse_region(r) for r in region] if region else [None] * len(specs)
+            for r in region or []:  # checked here; Concept.load reads each (a region, or style)
+                parse_place(r)
+            regions = list(region) if region else [None] * len(specs)
         except ValueError as e:
             _fail(f"--region: {e}")
         try:

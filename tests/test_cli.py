@@ -177,13 +177,18 @@ def test_generate_composed_and_its_errors(tmp_path):
         (["--compose", "magic"], "--compose 'magic' is not a composer; choose one of naive, clora"),
         (["--compose", "lora-composer", "-r", "left"], "give one --region per --adapter: 2 adapters, 1 regions"),
         (["--compose", "lora-composer", "-r", "left", "-r", "0.7,0,0.2,1"], "--region: region '0.7,0,0.2,1' is not a region"),
+        (["--compose", "lora-composer", "-r", "left", "-r", "styled"], "x0,y0,x1,y1 as fractions of the image with x0 < x1 and y0 < y1, e.g. 0,0,0.5,1; or style"),
         (["--compose", "lora-composer"], "lora-composer needs a region for every concept; none for sks, zwx"),
+        (["--compose", "clora", "-r", "style", "-r", "style"], "clora places concepts and every concept given is a style"),
         (["-t", "0:500"], "give one --timesteps per --adapter: 2 adapters, 1 windows"),
         (["-t", "all", "-t", "500:100"], "--timesteps: timesteps '500:100' is not a timestep window; accepted: START:END"),
     ):
         r = run("generate", prompt, "-a", str(a), "-a", str(b), *extra, "-o", str(tmp_path / "x.png"), "--steps", "2")
         lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("warning")]
         assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
+    r = run("generate", "a sks shape on the left, zwx", "-a", str(a), "-a", str(b), "--compose", "lora-composer", "-r",
+            "left", "-r", "style", "--steps", "2", "-o", str(out))
+    assert r.returncode == 0, r.stderr  # the second adapter a style: placed nowhere, acting everywhere
     r = run("generate", prompt, "-a", str(a), "-a", str(b), "-t", "all", "-t", ":500", "--steps", "3", "-o", str(out))
     assert r.returncode == 0, r.stderr  # the naive sum with the second adapter acting late only
     assert Image.open(out).size == (64, 64)  # one image now: rewritten

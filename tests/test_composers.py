@@ -373,6 +373,57 @@ def test_clora_refinement_repeats_the_update_at_its_steps_only(pipe, concepts):
         assert float((once - latents).norm()) < moved
 
 
+def test_a_style_is_placed_nowhere_and_acts_in_every_pass_and_everywhere(pipe, concepts):
+    """A style concept (``region="style"``) is not routed by a placing composer: clora runs no pass for it and its
+    adapter acts in every pass (the base one too), lora-composer gives it no region and adds its words to each
+    concept's region prompt; its timestep window still holds. Naive takes it as any concept."""
+    adapter = random_adapter(pipe, seed=7, scale=0.3)
+    adapter.meta.token = "zxy"
+    style = Concept.load(adapter, name="zxy", region="style", words="zxy", timesteps="0:500")
+    assert style.style and style.region is None
+    styled = [concepts[0], style, concepts[1]]
+    prompt = PROMPT + ", zxy"
+    seen = []
+    with composing(pipe, CLoRA(latent_update=False), prompt, styled) as run:
+        assert [c.name for c in run.concepts] == ["sks", "zwx"] and [c.name for c in run.styles] == ["zxy"]
+        assert run.state["lora_prompts"] == ["a sks shape on the left and a shape on the right, zxy",
+                                             "a shape on the left and a zwx shape on the right, zxy"]
+        te = next(m for m in pipe.text_encoder.modules() if isinstance(m, LoraStack))
+        x = torch.randn(1, 77, te.base.in_features)
+        assert te.names == ["sks", "zxy", "zwx"]
+        assert run.gates(te, x) == [0.0, 1.0, 0.0]  # the base pass's prompt: the style only
+        with run.restricted(1):  # concept zwx's own prompt: its adapter and the style
+            assert run.gates(te, x) == [0.0, 1.0, 1.0]
+        stack = _stack(pipe, "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")
+        hook = stack.register_forward_pre_hook(lambda m, a: seen.append(
+            (run.extra_unet_call, [k for k, g in enumerate(run.gates(stack, a[0])) if not isinstance(g, float) or g])))
+        try:
+            pipe(prompt=[prompt], guidance_scale=5.0, **run.pipe_kwargs(0, 1, 2))
+        finally:
+            hook.remove()
+        assert run.state["masks"].shape == (1, 2, 8, 8)  # one mask per placed concept
+        run.timestep = torch.tensor(800)  # outside the style's window: off in the UNet
+        with run.restricted(0):
+            assert run.gates(stack, torch.randn(1, 64, stack.base.in_features)) == [1.0, 0.0, 0.0]
+    # two steps, each: the base pass, then one pass per placed concept; the style (adapter 1) acts in all, but only
+    # at timesteps below 500 (the second step's)
+    assert seen == [(False, []), (True, [0]), (True, [2]), (False, [1]), (True, [0, 1]), (True, [1, 2])]
+    with composing(pipe, "lora-composer", prompt, styled) as run:
+        assert run.state["region_prompts"] == ["a sks shape on the left, zxy", "a zwx shape on the right, zxy"]
+        stack = _stack(pipe, "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")
+        gates = run.gates(stack, torch.randn(1, 64, stack.base.in_features))
+        assert isinstance(gates[0], torch.Tensor) and gates[1] == 1.0  # the subjects by region, the style everywhere
+    with composing(pipe, "naive", prompt, styled) as run:
+        assert len(run.concepts) == 3 and run.styles == []
+    with pytest.raises(ValueError, match="'zxy' is a style: a style acts everywhere, on every concept; give it no region"):
+        Concept.load(adapter, name="zxy", region="left", style=True)
+    with pytest.raises(ValueError, match="clora places concepts and every concept given is a style"):
+        with composing(pipe, "clora", "a shape, zxy", [style]):
+            pass
+    with pytest.raises(ValueError, match="accepted: left, right.*; or style"):
+        Concept.load(adapter, region="middle-ish")
+
+
 def test_lora_composer_needs_regions_and_reinitialises_inside_them(pipe, concepts):
     no_region = [Concept(c.adapter, c.name, c.prompt, c.words, None) for c in concepts]
     with pytest.raises(ValueError, match="needs a region for every concept; none for sks, zwx"):

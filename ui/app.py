@@ -249,7 +249,7 @@ def build(ws: Workspace, engine: Engine, concurrency: int = 1):
                                                 allow_custom_value=True,
                                                 elem_id=f"slot-{i + 1}-adapter", scale=3)
                                 w = gr.Slider(-2, 2, value=1.0, step=0.05, label="weight", scale=2)
-                                r = gr.Textbox(value="", label="region (lora-composer, clora)", placeholder="left, right, x0,y0,x1,y1",
+                                r = gr.Textbox(value="", label="region (lora-composer, clora)", placeholder="left, right, x0,y0,x1,y1, or style",
                                                elem_id=f"slot-{i + 1}-region", scale=2)
                                 t = gr.Textbox(value="", label="timesteps", placeholder="all, or 0:500 (late only)",
                                                elem_id=f"slot-{i + 1}-timesteps", scale=1,

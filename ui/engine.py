@@ -175,10 +175,10 @@ class Engine:
                 detach(pipe)
 
     def _composed(self, s: Settings, files, size):
-        from studio.composers import Concept, compose, parse_region
+        from studio.composers import Concept, compose
 
-        try:
-            concepts = [Concept.load(f, weight=float(a.get("weight", 1.0)), region=parse_region(a.get("region") or None),
+        try:  # a region, or "style" for a style adapter (Concept.load reads both)
+            concepts = [Concept.load(f, weight=float(a.get("weight", 1.0)), region=a.get("region") or None,
                                      timesteps=a.get("timesteps") or None) for f, a in zip(files, s.adapters)]
             return compose(self.pipe, s.composer, s.prompt, concepts, seed=s.seed, num=s.num, steps=s.steps,
                            guidance=s.guidance, negative_prompt=s.negative_prompt or None, **size)
