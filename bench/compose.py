@@ -2,7 +2,7 @@
 
 Concepts, each a DreamBooth-LoRA trained with the default settings on 4 renders (as in
 bench/dreambooth.py) under its own token: star (blue, "sks"), heart (red, "zwx"), cross (green, "qpv"),
-and a style: ringed ("zxy", 4 base shapes drawn ringed, captions naming the token). Compositions:
+and a style: ringed ("zxy", 4 base shapes drawn ringed, captions naming the token; ``--style`` another). Compositions:
 
 - two subject pairs, "a sks shape on the left and a zwx shape on the right" (regions: boxes around each place,
   ``BOXES``);
@@ -86,7 +86,7 @@ TOKENS = ["sks", "zwx", "qpv"]  # the first, second and third subject's identifi
 SUBJECTS = {"star": ("sks", "blue"), "heart": ("zwx", "red"), "cross": ("qpv", "green")}  # --subjects replaces it
 DEFAULT_SUBJECTS = dict(SUBJECTS)
 
-STYLE, STYLE_TOKEN = "ringed", "zxy"
+STYLE, STYLE_TOKEN = "ringed", "zxy"  # --style replaces the style (a world style name)
 STYLE_SHAPES = [("circle", "orange"), ("square", "cyan"), ("triangle", "pink"), ("diamond", "yellow")]
 # regions are boxes around where each object goes (the layout a user draws), leaving background to the
 # global prompt: the judge's left / center / right cells are the middle row's thirds
@@ -129,7 +129,7 @@ ROLES = [  # (name pattern, [(subject index, place)], style?, described?)
     ("{0} + {1}", [(0, "left"), (1, "right")], False, False),
     ("{2} + {1}", [(2, "left"), (1, "right")], False, False),
     ("{0} + {1} + {2}", [(0, "left"), (1, "center"), (2, "right")], False, False),
-    ("{0} + ringed style", [(0, "center")], True, False),
+    ("{0} + {style} style", [(0, "center")], True, False),
     ("{0} + {1}, described", [(0, "left"), (1, "right")], False, True),
     ("{2} + {1}, described", [(2, "left"), (1, "right")], False, True),
     ("{0} + {1} + {2}, described", [(0, "left"), (1, "center"), (2, "right")], False, True),
@@ -137,7 +137,7 @@ ROLES = [  # (name pattern, [(subject index, place)], style?, described?)
 
 
 def compositions_of(shapes: list[str]) -> list:
-    return [(name.format(*shapes), [(shapes[i], place) for i, place in items], style, described)
+    return [(name.format(*shapes, style=STYLE), [(shapes[i], place) for i, place in items], style, described)
             for name, items, style, described in ROLES]
 
 
@@ -316,6 +316,9 @@ def main() -> None:
     parser.add_argument("--placed-references", action="store_true",
                         help="render the subjects' training images at the compositions' places (left, center, right,"
                              " center) instead of all in the center, in their own --work folder")
+    parser.add_argument("--style", default=STYLE, metavar="NAME",
+                        help="the style concept's world style (default ringed, held out; a base style such as dotted,"
+                             " which the base model draws, tests the composers apart from how well a style is learnt)")
     parser.add_argument("--clora-step", type=float, default=None, help="CLoRA's latent step size (default: the composer's)")
     parser.add_argument("--label", default="", help="a suffix for the section's name and title (e.g. regions), so"
                                                      " that a run of some methods writes a section of its own")
@@ -326,11 +329,16 @@ def main() -> None:
                         help=f"the three held-out shapes (tokens {', '.join(TOKENS)} in this order; default:"
                              f" {' '.join(SUBJECTS)}); other subjects than the default train in their own folders")
     args = parser.parse_args()
-    global COMPOSITIONS
+    global COMPOSITIONS, STYLE
     if len(set(args.subjects)) != 3 or any(s not in COLOURS for s in args.subjects):
         raise SystemExit(f"--subjects: three different shapes from {sorted(COLOURS)}; got {args.subjects}")
     SUBJECTS.clear()
     SUBJECTS.update({shape: (token, COLOURS[shape]) for shape, token in zip(args.subjects, TOKENS)})
+    from studio.world.concepts import STYLES
+
+    if args.style not in STYLES:
+        raise SystemExit(f"--style: one of {', '.join(STYLES)}; got {args.style!r}")
+    STYLE = args.style
     COMPOSITIONS = compositions_of(args.subjects)
     names = [c[0] for c in COMPOSITIONS]
     unknown = [n for n in args.compositions or [] if n not in names]
@@ -473,6 +481,7 @@ def main() -> None:
     flags += f" --subject-steps {args.subject_steps}" if args.subject_steps else ""
     flags += " --pivotal" if args.pivotal else ""
     flags += " --placed-references" if args.placed_references else ""
+    flags += f" --style {STYLE}" if STYLE != "ringed" else ""
     flags += f" --work {args.work}" if args.work != "runs/bench-compose" else ""
     flags += f" --methods {' '.join(args.methods)}" if args.methods != METHODS else ""
     custom = list(SUBJECTS) != list(DEFAULT_SUBJECTS)
@@ -494,6 +503,7 @@ def main() -> None:
              + (f", subjects' adapters trained {args.subject_steps} steps" if args.subject_steps else "")
              + (", subjects' adapters with pivotal tuning" if args.pivotal else "")
              + (", subjects trained at the compositions' places" if args.placed_references else "")
+             + (f", {STYLE} style" if STYLE != "ringed" else "")
              + (f" ({args.label})" if args.label else ""))
     text = (f"## {title}\n\nCommand: `python bench/compose.py{flags}` (revision "
             f"{git_revision()}; {machine()}). {args.seeds} seeds per composition and method, {args.steps} steps, guidance 5. "
@@ -520,6 +530,7 @@ def main() -> None:
                       + ("-attention-loss" if args.attention_loss else "")
                       + (f"-steps{args.subject_steps}" if args.subject_steps else "")
                       + ("-pivotal" if args.pivotal else "") + ("-placed" if args.placed_references else "")
+                      + (f"-{STYLE}" if STYLE != "ringed" else "")
                       + (f"-{args.label}" if args.label else ""), text)
 
 
