@@ -316,7 +316,7 @@ def main() -> None:
     parser.add_argument("--placed-references", action="store_true",
                         help="render the subjects' training images at the compositions' places (left, center, right,"
                              " center) instead of all in the center, in their own --work folder")
-    parser.add_argument("--style", default=STYLE, metavar="NAME",
+    parser.add_argument("--style", default="ringed", metavar="NAME",
                         help="the style concept's world style (default ringed, held out; a base style such as dotted,"
                              " which the base model draws, tests the composers apart from how well a style is learnt)")
     parser.add_argument("--clora-step", type=float, default=None, help="CLoRA's latent step size (default: the composer's)")
