@@ -258,19 +258,22 @@ def concept_clause(prompt: str, concept: Concept) -> str | None:
 class Run:
     """The state of one composition while the pipeline samples; the router of every adapter layer."""
 
-    def __init__(self, pipe, composer: Composer, prompt: str, concepts: list[Concept], height: int, width: int):
+    def __init__(self, pipe, composer: Composer, prompt: str, concepts: list[Concept], height: int, width: int,
+                 names: list[str] | None = None):
         self.pipe, self.composer, self.prompt = pipe, composer, prompt
+        names = names or [c.name for c in concepts]  # each concept's adapter name on the pipeline
         # a placing composer routes the concepts that are not styles; styles act everywhere (``Concept.style``)
-        self.concepts = [c for c in concepts if not c.style] if composer.places else list(concepts)
-        self.styles = [c for c in concepts if c.style] if composer.places else []
+        styled = [composer.places and c.style for c in concepts]
+        self.concepts = [c for c, s in zip(concepts, styled) if not s]
+        self.styles = [c for c, s in zip(concepts, styled) if s]
+        self.index = {n: k for k, n in enumerate(n for n, s in zip(names, styled) if not s)}  # adapter name -> concept
+        self.style_index = {n: k for k, n in enumerate(n for n, s in zip(names, styled) if s)}  # adapter name -> style
         if not self.concepts:
             raise ValueError(f"{composer.name} places concepts and every concept given is a style; give at least one"
                              " concept that is not")
         factor = getattr(pipe, "vae_scale_factor", 8)
         self.latent_hw = (height // factor, width // factor)
         self.height, self.width = height, width
-        self.index = {c.name: k for k, c in enumerate(self.concepts)}  # adapter name on the pipeline -> concept
-        self.style_index = {c.name: k for k, c in enumerate(self.styles)}  # adapter name -> style
         self.step = -1  # index of the denoising step the UNet is in
         self.timestep = None  # sets ``acting`` too: each concept's share of its weight at the step
         self.pipeline_kwargs: dict = {}  # the keyword arguments of the pipeline's own UNet call this step
@@ -628,10 +631,7 @@ def composing(pipe, method: str | Composer, prompt: str, concepts: list[Concept]
             name = f"{c.name}-{n}"
         names.append(name)
     size = pipe.unet.config.sample_size * getattr(pipe, "vae_scale_factor", 8)
-    run = Run(pipe, composer, prompt, concepts, height or size, width or size)
-    placed = [name for name, c in zip(names, concepts) if not (composer.places and c.style)]
-    run.index = {name: k for k, name in enumerate(placed)}
-    run.style_index = {name: k for k, name in enumerate(n for n in names if n not in placed)}
+    run = Run(pipe, composer, prompt, concepts, height or size, width or size, names)
     if composer.merges:
         merged = composer.merge(concepts)
         handle = attach(pipe, [merged], names=[f"{composer.name}-merge"])
