@@ -319,6 +319,8 @@ def test_generate_keeps_the_settings_in_the_png(tmp_path):
     ({"adapters": [{"name": "../../x", "weight": 1.0}]}, "adapter '../../x' is refused"),
     ({"adapters": [{"name": "a", "weight": 1.0, "timesteps": "900:100"}]},
      "adapter 'a': timesteps '900:100' is not a timestep window; accepted: START:END"),
+    ({"adapters": [{"name": "a", "weight": 1.0, "region": "middle"}]},
+     "adapter 'a': region 'middle' is not a region; accepted: left, right.*; or style"),
 ])
 def test_bad_generate_settings_are_named(tmp_path, change, message):
     ws = Workspace(tmp_path / "data")

@@ -53,12 +53,13 @@ class Settings:
             raise InputError(f"composer {self.composer!r} is not known; choose one of {', '.join(COMPOSERS)}")
         if len({a["name"] for a in self.adapters}) != len(self.adapters):
             raise InputError("the same adapter is picked twice; pick each adapter once")
-        from studio.composers import parse_timesteps
+        from studio.composers import parse_place, parse_timesteps
 
         for a in self.adapters:
             if not -4 <= float(a.get("weight", 1.0)) <= 4:
                 raise InputError(f"weight {a.get('weight')} of adapter {a['name']!r} is out of range; accepted: -4 to 4")
             try:
+                parse_place(a.get("region") or None)  # a region, or style
                 parse_timesteps(a.get("timesteps") or None)
             except ValueError as e:
                 raise InputError(f"adapter {a['name']!r}: {e}") from None
