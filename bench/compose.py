@@ -119,6 +119,9 @@ VARIANTS = {  # method name in the table -> (composer, options)
     "lora-composer": ("lora-composer", {"positional_prompts": False}),  # the official: the concept's own prompt
     "lora-composer-r0.5": ("lora-composer", {"replace_ratio": 0.5, "positional_prompts": False}),
     "lora-composer-pos": ("lora-composer", {}),  # the studio's default: the global prompt's clause naming the concept
+    "lora-composer-cross": ("lora-composer", {"scope": "cross"}),  # adapters only on cross-attention's k/v/out
+    "lora-composer-no-isolation": ("lora-composer", {"isolate": False}),  # self-attention not isolated between boxes
+    "lora-composer-no-reinit": ("lora-composer", {"reinit": False}),  # no latent re-initialisation
 }
 
 # (name, [(concept, place)], style?, described?) ; place picks the region and the judge's column. A described
