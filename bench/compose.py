@@ -46,7 +46,8 @@ half mixed, the negative half the base model's: the studio's form until 2026-12-
 iterative refinement: 10 updates at steps 0, 20% and 40% of the schedule, step size 20 or 100; not run by default), ``lora-composer`` (replace_ratio 1, the official default),
 ``lora-composer-r0.5`` (half the global prompt's output kept inside the boxes), ``lora-composer-pos``
 (replace_ratio 1, each region prompt is the global prompt's clause naming the concept: "a sks shape on the left";
-the studio's default), ``gated`` (training-free token gates), ``gated-fit`` (gates trained 100 steps on the
+the studio's default; not run by default, its parts turned off one at a time: ``lora-composer-cross``, adapters on
+cross-attention only, ``lora-composer-no-isolation``, ``lora-composer-no-reinit``), ``gated`` (training-free token gates), ``gated-fit`` (gates trained 100 steps on the
 concepts' own images first; that time is not counted), ``orthogonal``. Not run by default: ``clora-colour``
 (CLoRA whose concepts, in a described composition, watch their colour word too: ``words`` "sks blue shape"
 instead of "sks shape"), ``clora-exclusive`` (CLoRA with each pixel of overlapping masks given to the concept
