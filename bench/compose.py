@@ -115,6 +115,7 @@ VARIANTS = {  # method name in the table -> (composer, options)
     # the paper's iterative refinement (Attend-and-Excite's schedule: steps 0, 10 and 20 of 50): 10 updates there
     "clora-refine": ("clora", {"refine_steps": (0.0, 0.2, 0.4), "refine_iterations": 10}),
     "clora-refine-s100": ("clora", {"refine_steps": (0.0, 0.2, 0.4), "refine_iterations": 10, "step_size": 100.0}),
+    "clora-reinit": ("clora", {"reinit": True}),  # LoRA-Composer's latent re-initialisation before the first step
     "clora-prompt-half": ("clora", {"guided": False}),  # the negative half stays the base model's
     "clora-layout-prompt-half": ("clora", {"layout": True, "guided": False}),  # masks from the base pass's maps of each clause's placing words
     "lora-composer": ("lora-composer", {"positional_prompts": False}),  # the official: the concept's own prompt

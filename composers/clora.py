@@ -36,7 +36,10 @@ LoRA-Composer takes), its mask is confined to it: its map is normalised by its m
 and thresholded there, and nothing outside is set. So a concept goes where the user put it even where its tokens'
 maps do not say where it is ("What the masks need", below), and still keeps to its tokens' map inside the box
 where they do.
-``regions=False`` ignores them (the paper's form).
+``regions=False`` ignores them (the paper's form). ``reinit=True`` (the studio's, off by default) also borrows
+LoRA-Composer's latent re-initialisation: before the first step each concept's pass reads its map, and the window of
+the start latents where that map is highest, of its region's size, is copied into the region
+(:func:`studio.composers.lora_composer.reinitialise`); measured in docs/benchmarks.md (``clora-reinit``).
 
 ``clause_words=True`` widens each concept's tokens to the content words of the prompt's clause that names it
 ("sks shape left"). ``exclusive=True`` gives a pixel where masks overlap to the concept whose normalised map is
@@ -110,8 +113,10 @@ class CLoRA(Composer):
                  temperature: float = 0.5, latent_update: bool = True, clause_words: bool = False,
                  mixing: str = "noise", exclusive: bool = False, layout: bool = False, guided: bool = True,
                  refine_steps: tuple[float, ...] = (), refine_iterations: int = 10, refine_target: float | None = None,
-                 regions: bool = True):
-        self.regions = regions
+                 regions: bool = True, reinit: bool = False):
+        self.regions, self.reinit = regions, reinit
+        if reinit and mixing != "noise":
+            raise ValueError("CLoRA reinit reads each concept's own pass: it needs mixing='noise'")
         self.step_size, self.update_fraction, self.clause_words = step_size, update_fraction, clause_words
         if any(not 0 <= f < 1 for f in refine_steps) or refine_iterations < 1:
             raise ValueError(f"CLoRA refine_steps {refine_steps!r}: fractions of the schedule in [0, 1);"
@@ -299,9 +304,23 @@ class CLoRA(Composer):
         """The steps (of ``steps``) where the latents are refined repeatedly."""
         return {min(steps - 1, round(f * steps)) for f in self.refine_steps}
 
+    def reinitialise(self, run: Run, t, latents: torch.Tensor) -> torch.Tensor:
+        """LoRA-Composer's latent re-initialisation before the first step (``reinit``, the studio's): each concept's
+        map in its own pass decides which window of the start latents is copied into its region."""
+        from studio.composers.lora_composer import reinitialise
+
+        x, _ = run.model_input(latents, t)
+        with torch.no_grad():
+            _, maps, labels, _ = self.lora_passes(run, x, t)
+        n = len(run.concepts)
+        concept = [self.concept_maps(m, lab, n)[:, k] for k, (m, lab) in enumerate(zip(maps, labels))]
+        return reinitialise(latents, concept, [c.region for c in run.concepts])
+
     def edit_latents(self, run: Run, i: int, t, latents: torch.Tensor) -> torch.Tensor:
         n = len(run.pipe.scheduler.timesteps)
         n_update = round(self.update_fraction * n)
+        if i == 0 and self.reinit and any(c.region is not None for c in run.concepts):
+            latents = self.reinitialise(run, t, latents)
         if self.latent_update and i < n_update:
             x, factor = run.model_input(latents, t)
             x = x.detach()

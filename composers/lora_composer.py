@@ -178,26 +178,33 @@ class LoRAComposer(Composer):
         if not found:
             return latents
         size = min(found, key=lambda hw: abs(hw[0] - run.map_size()))
-        maps = found[size]
-        H, W = latents.shape[-2:]
-        out = latents.clone()
-        for k, c in enumerate(run.concepts):
-            if not maps[k]:
-                continue
-            attn_map = torch.stack(maps[k]).mean(0)[:, None].float()  # (B, 1, h, w)
-            attn_map = F.interpolate(attn_map, size=(H, W), mode="nearest")
-            x0, y0, x1, y1 = c.region
-            ty0, ty1 = round(y0 * H), max(round(y1 * H), round(y0 * H) + 1)
-            tx0, tx1 = round(x0 * W), max(round(x1 * W), round(x0 * W) + 1)
-            bh, bw = ty1 - ty0, tx1 - tx0
-            score = F.avg_pool2d(attn_map, (bh, bw), stride=1)  # (B, 1, H-bh+1, W-bw+1)
-            best = score.flatten(1).argmax(1)
-            for b in range(latents.shape[0]):
-                sy, sx = divmod(int(best[b]), score.shape[-1])
-                out[b, :, ty0:ty1, tx0:tx1] = latents[b, :, sy : sy + bh, sx : sx + bw]
-        mean, std = latents.mean(dim=(1, 2, 3), keepdim=True), latents.std(dim=(1, 2, 3), keepdim=True)
-        out = (out - out.mean(dim=(1, 2, 3), keepdim=True)) / out.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
-        return out * std + mean
+        maps = [torch.stack(m).mean(0) if m else None for m in found[size]]
+        return reinitialise(latents, maps, [c.region for c in run.concepts])
+
+
+def reinitialise(latents: torch.Tensor, maps: list, regions: list) -> torch.Tensor:
+    """LoRA-Composer's latent re-initialisation: for each concept k with a map (``maps[k]``, (B, h, w): where it
+    attends; ``None`` to skip it) and a region (``regions[k]``, a box), the window of its box's size where the map's
+    mean is highest is copied from ``latents`` (B, C, H, W) into the box; the result is then standardised back to
+    each image's mean and variance."""
+    H, W = latents.shape[-2:]
+    out = latents.clone()
+    for attn_map, box in zip(maps, regions):
+        if attn_map is None or box is None:
+            continue
+        attn_map = F.interpolate(attn_map[:, None].float(), size=(H, W), mode="nearest")  # (B, 1, H, W)
+        x0, y0, x1, y1 = box
+        ty0, ty1 = round(y0 * H), max(round(y1 * H), round(y0 * H) + 1)
+        tx0, tx1 = round(x0 * W), max(round(x1 * W), round(x0 * W) + 1)
+        bh, bw = ty1 - ty0, tx1 - tx0
+        score = F.avg_pool2d(attn_map, (bh, bw), stride=1)  # (B, 1, H-bh+1, W-bw+1)
+        best = score.flatten(1).argmax(1)
+        for b in range(latents.shape[0]):
+            sy, sx = divmod(int(best[b]), score.shape[-1])
+            out[b, :, ty0:ty1, tx0:tx1] = latents[b, :, sy : sy + bh, sx : sx + bw]
+    mean, std = latents.mean(dim=(1, 2, 3), keepdim=True), latents.std(dim=(1, 2, 3), keepdim=True)
+    out = (out - out.mean(dim=(1, 2, 3), keepdim=True)) / out.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+    return out * std + mean
 
 
 def _is_cross_out(stack) -> bool:

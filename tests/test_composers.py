@@ -442,6 +442,43 @@ def test_lora_composer_needs_regions_and_reinitialises_inside_them(pipe, concept
     assert best == pytest.approx(1.0, abs=1e-4)
 
 
+def test_reinitialise_copies_the_window_where_the_map_peaks_into_the_box():
+    from studio.composers.lora_composer import reinitialise
+
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    peak = torch.zeros(2, 4, 4)
+    peak[:, 2:, 2:] = 1  # on a 4x4 grid: the bottom-right quarter, rows and columns 4-7 of the latents
+    out = reinitialise(latents, [peak, None], [(0.0, 0.0, 0.5, 0.5), (0.5, 0.0, 1.0, 0.5)])
+    copied = latents.clone()
+    copied[:, :, :4, :4] = latents[:, :, 4:, 4:]  # the second concept has no map: its box keeps its latents
+    mean, std = latents.mean(dim=(1, 2, 3), keepdim=True), latents.std(dim=(1, 2, 3), keepdim=True)
+    expected = (copied - copied.mean(dim=(1, 2, 3), keepdim=True)) / copied.std(dim=(1, 2, 3), keepdim=True) * std + mean
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert torch.allclose(out.mean(dim=(1, 2, 3)), latents.mean(dim=(1, 2, 3)), atol=1e-5)
+
+
+def test_clora_reinit_moves_a_window_of_the_start_latents_into_each_region(pipe, concepts):
+    with pytest.raises(ValueError, match="reinit reads each concept's own pass: it needs mixing='noise'"):
+        CLoRA(reinit=True, mixing="gates")
+    latents = torch.randn(1, pipe.unet.config.in_channels, 16, 16, generator=torch.Generator().manual_seed(1))
+    outs = {}
+    for reinit in (False, True):
+        with composing(pipe, CLoRA(reinit=reinit, latent_update=False), PROMPT, concepts) as run:
+            run.batch = 1
+            pipe.scheduler.set_timesteps(10)
+            outs[reinit] = run.composer.edit_latents(run, 0, pipe.scheduler.timesteps[0], latents)
+    assert torch.equal(outs[False], latents)  # off: untouched
+    out = outs[True]
+    assert out.std().item() == pytest.approx(latents.std().item(), rel=1e-4)
+    shifts = []
+    for x0 in (0, 8):  # each half (the concepts' regions: left, right) is an affine image of some 16x8 window
+        inside = out[0, :, :, x0:x0 + 8].flatten()
+        corr = [float(torch.corrcoef(torch.stack([inside, latents[0, :, :, x:x + 8].flatten()]))[0, 1]) for x in range(9)]
+        assert max(corr) == pytest.approx(1.0, abs=1e-4)
+        shifts.append(corr.index(max(corr)) - x0)
+    assert any(shifts)  # at least one window came from elsewhere than its own box
+
+
 def test_token_gates_on_small_tensors(pipe, concepts):
     from studio.composers.gated import Gated
 
