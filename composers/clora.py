@@ -39,7 +39,8 @@ where they do.
 ``regions=False`` ignores them (the paper's form). ``reinit=True`` (the studio's, off by default) also borrows
 LoRA-Composer's latent re-initialisation: before the first step each concept's pass reads its map, and the window of
 the start latents where that map is highest, of its region's size, is copied into the region
-(:func:`studio.composers.lora_composer.reinitialise`); measured in docs/benchmarks.md (``clora-reinit``).
+(:func:`studio.composers.lora_composer.reinitialise`). On the composition benchmark it changed no rate for the better
+(docs/benchmarks.md, ``clora-reinit``).
 
 ``clause_words=True`` widens each concept's tokens to the content words of the prompt's clause that names it
 ("sks shape left"). ``exclusive=True`` gives a pixel where masks overlap to the concept whose normalised map is
