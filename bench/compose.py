@@ -47,7 +47,8 @@ iterative refinement: 10 updates at steps 0, 20% and 40% of the schedule, step s
 ``lora-composer-r0.5`` (half the global prompt's output kept inside the boxes), ``lora-composer-pos``
 (replace_ratio 1, each region prompt is the global prompt's clause naming the concept: "a sks shape on the left";
 the studio's default; not run by default, its parts turned off one at a time: ``lora-composer-cross``, adapters on
-cross-attention only, ``lora-composer-no-isolation``, ``lora-composer-no-reinit``), ``gated`` (training-free token gates), ``gated-fit`` (gates trained 100 steps on the
+cross-attention only, ``lora-composer-no-isolation``, ``lora-composer-no-reinit``, and ``lora-composer-pos-r0.5``, half
+the global prompt's cross-attention output kept inside the boxes), ``gated`` (training-free token gates), ``gated-fit`` (gates trained 100 steps on the
 concepts' own images first; that time is not counted), ``orthogonal``. Not run by default: ``clora-colour``
 (CLoRA whose concepts, in a described composition, watch their colour word too: ``words`` "sks blue shape"
 instead of "sks shape"), ``clora-exclusive`` (CLoRA with each pixel of overlapping masks given to the concept
@@ -124,6 +125,7 @@ VARIANTS = {  # method name in the table -> (composer, options)
     "lora-composer-cross": ("lora-composer", {"scope": "cross"}),  # adapters only on cross-attention's k/v/out
     "lora-composer-no-isolation": ("lora-composer", {"isolate": False}),  # self-attention not isolated between boxes
     "lora-composer-no-reinit": ("lora-composer", {"reinit": False}),  # no latent re-initialisation
+    "lora-composer-pos-r0.5": ("lora-composer", {"replace_ratio": 0.5}),  # half the global prompt's output kept in the boxes
 }
 
 # (name, [(concept, place)], style?, described?) ; place picks the region and the judge's column. A described
