@@ -2,13 +2,15 @@
 
 Concepts, each a DreamBooth-LoRA trained with the default settings on 4 renders (as in
 bench/dreambooth.py) under its own token: star (blue, "sks"), heart (red, "zwx"), cross (green, "qpv"),
-and a style: ringed ("zxy", 4 base shapes drawn ringed, captions naming the token; ``--style`` another). Compositions:
+and a style: shadowed ("zxy", 4 base shapes drawn shadowed, captions naming the token, trained at lr 1e-3,
+``STYLE_LR``; ``--style`` another). Compositions:
 
 - two subject pairs, "a sks shape on the left and a zwx shape on the right" (regions: boxes around each place,
   ``BOXES``);
 - a subject triple, left / center / right;
-- subject + style, "a sks shape in the center, zxy" (the style a style concept, ``Concept.style``: the placing
-  composers leave it out of their routing and it acts everywhere);
+- subject + style, "a large sks shape in the center, zxy" (the style a style concept, ``Concept.style``: the placing
+  composers leave it out of their routing and it acts everywhere; "large" as in the style's captions: the judge
+  reads a drop shadow only on a large object);
 - the pairs and the triple again, described: each subject named with its training images' colour, "a blue sks
   shape on the left and a red zwx shape on the right", as a user names a subject with a word the base model
   knows ("a sks dog"). On the embedded model only its own words (colours, base shapes) have cross-attention
@@ -68,8 +70,8 @@ center, instead of all in the center).
     python bench/compose.py --seeds 4 --methods naive lora-composer
     python bench/compose.py --methods naive clora clora-colour --compositions "star + heart + cross, described"
 
-Prints a table and writes the ``compose`` section of docs/benchmarks.md (not with ``--compositions``: a part
-of the table does not replace the whole).
+Prints a table and writes the ``compose`` section of docs/benchmarks.md (with ``--compositions``, only under a
+``--label``, in a section of its own: a part of the table does not replace the whole).
 """
 
 from __future__ import annotations
@@ -88,7 +90,12 @@ TOKENS = ["sks", "zwx", "qpv"]  # the first, second and third subject's identifi
 SUBJECTS = {"star": ("sks", "blue"), "heart": ("zwx", "red"), "cross": ("qpv", "green")}  # --subjects replaces it
 DEFAULT_SUBJECTS = dict(SUBJECTS)
 
-STYLE, STYLE_TOKEN = "ringed", "zxy"  # --style replaces the style (a world style name)
+STYLE, STYLE_TOKEN = "shadowed", "zxy"  # --style replaces the style (a world style name)
+DEFAULT_STYLE = STYLE
+# the style adapter's learning rate (--style-lr), 10x the DreamBooth default, as bench/style_probe.py's style adapters:
+# at 1e-4 the shadowed adapter drew its shadow on no subject (naive 0.00 on "a large sks shape in the center on a
+# white background, zxy"), at 1e-3 on all 10 seeds
+STYLE_LR = DEFAULT_STYLE_LR = 1e-3
 STYLE_SHAPES = [("circle", "orange"), ("square", "cyan"), ("triangle", "pink"), ("diamond", "yellow")]
 # regions are boxes around where each object goes (the layout a user draws), leaving background to the
 # global prompt: the judge's left / center / right cells are the middle row's thirds
@@ -158,11 +165,17 @@ def subject_dir(work: Path, shape: str) -> Path:
 
 def prompt_of(items, style: bool, noun: bool = False, described: bool = False) -> str:
     """The composition's prompt (with tokens), or with class nouns only for the fidelity check; ``described``
-    puts each subject's training colour before it."""
-    parts = [f"a {COLOURS[c] + ' ' if described else ''}{'' if noun else SUBJECTS[c][0] + ' '}shape {PHRASE[p]}"
+    puts each subject's training colour before it; a composition with the style draws its subject large, as the
+    style's captions do."""
+    parts = [f"a {'large ' if style else ''}{COLOURS[c] + ' ' if described else ''}{'' if noun else SUBJECTS[c][0] + ' '}shape {PHRASE[p]}"
              for c, p in items]
     text = " and ".join(parts)  # the grammar's form for several objects
     return text + (f", {STYLE_TOKEN}" if style and not noun else "")
+
+
+def style_dir(work: Path) -> Path:
+    """The style concept's folder (images and adapter), by style and learning rate."""
+    return work / (STYLE if STYLE_LR == 1e-4 else f"{STYLE}-lr{STYLE_LR:g}")  # 1e-4: the folder of runs before --style-lr
 
 
 def train_concepts(work: Path, extra: dict | None = None, subject_extra: dict | None = None) -> dict[str, Path]:
@@ -184,7 +197,7 @@ def train_concepts(work: Path, extra: dict | None = None, subject_extra: dict | 
                                                                     "token": token, "class_data": str(work / "class"),
                                                                     **(extra or {}), **(subject_extra or {})}))
         files[shape] = run / "run" / "adapter.safetensors"
-    run = work / STYLE
+    run = style_dir(work)
     if not (run / "run" / "adapter.safetensors").is_file():
         from PIL import Image
 
@@ -195,7 +208,7 @@ def train_concepts(work: Path, extra: dict | None = None, subject_extra: dict | 
                 run / "data" / f"{i}.png")
             (run / "data" / f"{i}.txt").write_text(f"a large {c} {s} in the center on a white background, {STYLE_TOKEN}")
         train(DreamBooth(), build_config(DreamBoothConfig, {}, {"data": str(run / "data"), "output": str(run / "run"),
-                                                                "token": STYLE_TOKEN, "class_noun": "style",
+                                                                "token": STYLE_TOKEN, "class_noun": "style", "lr": STYLE_LR,
                                                                 "class_data": str(work / "class-style"), **(extra or {})}))
     files[STYLE] = run / "run" / "adapter.safetensors"
     return files
@@ -323,20 +336,23 @@ def main() -> None:
     parser.add_argument("--placed-references", action="store_true",
                         help="render the subjects' training images at the compositions' places (left, center, right,"
                              " center) instead of all in the center, in their own --work folder")
-    parser.add_argument("--style", default="ringed", metavar="NAME",
-                        help="the style concept's world style (default ringed, held out; a base style such as dotted,"
+    parser.add_argument("--style", default=DEFAULT_STYLE, metavar="NAME",
+                        help=f"the style concept's world style (default {DEFAULT_STYLE}, held out; a base style such as dotted,"
                              " which the base model draws, tests the composers apart from how well a style is learnt)")
+    parser.add_argument("--style-lr", type=float, default=DEFAULT_STYLE_LR,
+                        help=f"the style adapter's learning rate (default {DEFAULT_STYLE_LR:g}; 1e-4, the DreamBooth default,"
+                             " was the bench's before 2026-12-07)")
     parser.add_argument("--clora-step", type=float, default=None, help="CLoRA's latent step size (default: the composer's)")
     parser.add_argument("--label", default="", help="a suffix for the section's name and title (e.g. regions), so"
                                                      " that a run of some methods writes a section of its own")
     parser.add_argument("--compositions", nargs="*", default=None, metavar="NAME",
                         help="run only these compositions (by name, e.g. 'star + heart + cross, described'); the"
-                             " table is then printed, not written to docs/benchmarks.md")
+                             " table is then printed, and written to docs/benchmarks.md only under a --label")
     parser.add_argument("--subjects", nargs=3, default=list(SUBJECTS), metavar="SHAPE",
                         help=f"the three held-out shapes (tokens {', '.join(TOKENS)} in this order; default:"
                              f" {' '.join(SUBJECTS)}); other subjects than the default train in their own folders")
     args = parser.parse_args()
-    global COMPOSITIONS, STYLE
+    global COMPOSITIONS, STYLE, STYLE_LR
     if len(set(args.subjects)) != 3 or any(s not in COLOURS for s in args.subjects):
         raise SystemExit(f"--subjects: three different shapes from {sorted(COLOURS)}; got {args.subjects}")
     SUBJECTS.clear()
@@ -345,7 +361,7 @@ def main() -> None:
 
     if args.style not in STYLES:
         raise SystemExit(f"--style: one of {', '.join(STYLES)}; got {args.style!r}")
-    STYLE = args.style
+    STYLE, STYLE_LR = args.style, args.style_lr
     COMPOSITIONS = compositions_of(args.subjects)
     names = [c[0] for c in COMPOSITIONS]
     unknown = [n for n in args.compositions or [] if n not in names]
@@ -431,7 +447,7 @@ def main() -> None:
 
             if method == "gated-fit":  # gates trained for 100 steps on the concepts' own images (time not counted)
                 composer = get_composer("gated")
-                folders = [(subject_dir(work, c.name) if c.name in SUBJECTS else work / c.name) / "data" for c in concepts]
+                folders = [(subject_dir(work, c.name) if c.name in SUBJECTS else style_dir(work)) / "data" for c in concepts]
                 composer.fit(pipe, concepts, folders, steps=100)
             elif method in VARIANTS:
                 composer = get_composer(VARIANTS[method][0], **VARIANTS[method][1])
@@ -488,7 +504,8 @@ def main() -> None:
     flags += f" --subject-steps {args.subject_steps}" if args.subject_steps else ""
     flags += " --pivotal" if args.pivotal else ""
     flags += " --placed-references" if args.placed_references else ""
-    flags += f" --style {STYLE}" if STYLE != "ringed" else ""
+    flags += f" --style {STYLE}" if STYLE != DEFAULT_STYLE else ""
+    flags += f" --style-lr {STYLE_LR:g}" if STYLE_LR != parser.get_default("style_lr") else ""
     flags += f" --work {args.work}" if args.work != "runs/bench-compose" else ""
     flags += f" --methods {' '.join(args.methods)}" if args.methods != METHODS else ""
     custom = list(SUBJECTS) != list(DEFAULT_SUBJECTS)
@@ -510,7 +527,8 @@ def main() -> None:
              + (f", subjects' adapters trained {args.subject_steps} steps" if args.subject_steps else "")
              + (", subjects' adapters with pivotal tuning" if args.pivotal else "")
              + (", subjects trained at the compositions' places" if args.placed_references else "")
-             + (f", {STYLE} style" if STYLE != "ringed" else "")
+             + (f", {STYLE} style" if STYLE != DEFAULT_STYLE else "")
+             + (f", style lr {STYLE_LR:g}" if STYLE_LR != parser.get_default("style_lr") else "")
              + (f" ({args.label})" if args.label else ""))
     text = (f"## {title}\n\nCommand: `python bench/compose.py{flags}` (revision "
             f"{git_revision()}; {machine()}). {args.seeds} seeds per composition and method, {args.steps} steps, guidance 5. "
@@ -532,12 +550,13 @@ def main() -> None:
             "The style is read by the judge's style head in both. Grids of the first 10 seeds: "
             f"`{args.work}/grids/`.\n")
     print(text)
-    if args.compositions is None:
+    if args.compositions is None or args.label:  # a part of the table writes only a section of its own
         write_section("compose" + ("-" + "-".join(SUBJECTS) if custom else "")
                       + ("-attention-loss" if args.attention_loss else "")
                       + (f"-steps{args.subject_steps}" if args.subject_steps else "")
                       + ("-pivotal" if args.pivotal else "") + ("-placed" if args.placed_references else "")
-                      + (f"-{STYLE}" if STYLE != "ringed" else "")
+                      + (f"-{STYLE}" if STYLE != DEFAULT_STYLE else "")
+                      + (f"-style-lr{STYLE_LR:g}" if STYLE_LR != parser.get_default("style_lr") else "")
                       + (f"-{args.label}" if args.label else ""), text)
 
 

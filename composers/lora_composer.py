@@ -69,7 +69,6 @@ class LoRAComposer(Composer):
         prompts = [self.region_prompt(run.prompt, c, run.styles) for c in run.concepts]
         run.state["region_prompts"] = prompts
         run.state["region_cond"] = [run.encode([p], only=k)["embeds"] for k, p in enumerate(prompts)]
-        run.state["region_uncond"] = [run.encode([""], only=k)["embeds"] for k in range(len(run.concepts))]
         run.state["region_tokens"] = [token_positions(run.pipe.tokenizer, p, [c.words])[0] for p, c in zip(prompts, run.concepts)]
 
     def region_prompt(self, prompt: str, concept, styles=()) -> str:
@@ -146,8 +145,11 @@ class LoRAComposer(Composer):
         for k in range(len(run.concepts)):
             cond = run.state["region_cond"][k].to(encoder_hidden_states)
             if rows == 2 * n and not run.extra_unet_call:  # guidance batch: [negative; prompt]
-                uncond = run.state["region_uncond"][k].to(encoder_hidden_states)
-                emb = torch.cat([uncond.expand(n, -1, -1), cond.expand(n, -1, -1)])
+                # the negative half keeps the pipeline's own negative conditioning (its negative prompt; for SDXL with
+                # none, zeros: force_zeros_for_empty_prompt), which the model was trained to guide from. Encoding ""
+                # instead (the studio's form until 2026-12-07) gave an unconditional the embedded model never saw
+                # inside every box: darker, striped objects unlike the adapter's own
+                emb = torch.cat([encoder_hidden_states[:n], cond.expand(n, -1, -1)])
             else:
                 emb = cond.expand(rows, -1, -1)
             parts.append(emb)

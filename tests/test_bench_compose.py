@@ -61,3 +61,20 @@ def test_other_subjects_take_the_roles_and_train_apart_from_the_default_adapters
     finally:
         bench_compose.SUBJECTS.clear()
         bench_compose.SUBJECTS.update(saved)
+
+
+def test_the_style_composition_draws_its_subject_large_and_its_adapter_trains_apart_by_learning_rate(tmp_path):
+    star, heart = ("star", "center"), ("heart", "right")
+    assert bench_compose.prompt_of([star], style=True) == "a large sks shape in the center, zxy"
+    assert bench_compose.prompt_of([star], style=True, noun=True) == "a large shape in the center"
+    assert bench_compose.prompt_of([star, heart], style=False) == "a sks shape in the center and a zwx shape on the right"
+    saved = bench_compose.STYLE_LR
+    try:
+        folders = set()
+        for lr in (1e-4, 1e-3, 3e-3):
+            bench_compose.STYLE_LR = lr
+            folders.add(bench_compose.style_dir(tmp_path))
+        bench_compose.STYLE_LR = 1e-4  # the folder of the runs before --style-lr
+        assert bench_compose.style_dir(tmp_path) == tmp_path / bench_compose.STYLE and len(folders) == 3
+    finally:
+        bench_compose.STYLE_LR = saved

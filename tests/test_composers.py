@@ -442,6 +442,18 @@ def test_lora_composer_needs_regions_and_reinitialises_inside_them(pipe, concept
     assert best == pytest.approx(1.0, abs=1e-4)
 
 
+@pytest.mark.parametrize("negative", [None, "a red shape"])
+def test_lora_composer_with_one_concept_boxed_over_the_whole_image_is_the_naive_sum(pipe, concepts, negative):
+    """Its box the whole image and its region prompt the global prompt, a concept's region attention is the
+    pipeline's own: the negative half of the guidance batch too (the pipeline's negative conditioning, zeros for
+    none on SDXL; an encoded "" there gave other images)."""
+    whole = [Concept(concepts[0].adapter, "sks", "a sks shape", "sks shape", (0.0, 0.0, 1.0, 1.0))]
+    prompt = "a sks shape on the left"
+    naive = compose(pipe, "naive", prompt, whole, seed=0, num=1, steps=3, negative_prompt=negative)[0]
+    boxed = compose(pipe, get_composer("lora-composer", reinit=False), prompt, whole, seed=0, num=1, steps=3, negative_prompt=negative)[0]
+    assert np.abs(np.asarray(boxed, dtype=int) - np.asarray(naive, dtype=int)).max() <= 1
+
+
 def test_reinitialise_copies_the_window_where_the_map_peaks_into_the_box():
     from studio.composers.lora_composer import reinitialise
 
