@@ -50,7 +50,8 @@ iterative refinement: 10 updates at steps 0, 20% and 40% of the schedule, step s
 (replace_ratio 1, each region prompt is the global prompt's clause naming the concept: "a sks shape on the left";
 the studio's default; not run by default, its parts turned off one at a time: ``lora-composer-cross``, adapters on
 cross-attention only, ``lora-composer-no-isolation``, ``lora-composer-no-reinit``, and ``lora-composer-pos-r0.5``, half
-the global prompt's cross-attention output kept inside the boxes), ``gated`` (training-free token gates), ``gated-fit`` (gates trained 100 steps on the
+the global prompt's cross-attention output kept inside the boxes), ``lora-composer-pos-pipeline-negative`` (the boxes'
+negative half the pipeline's own, zeros on the embedded model, instead of the encoded ""), ``gated`` (training-free token gates), ``gated-fit`` (gates trained 100 steps on the
 concepts' own images first; that time is not counted), ``orthogonal``. Not run by default: ``clora-colour``
 (CLoRA whose concepts, in a described composition, watch their colour word too: ``words`` "sks blue shape"
 instead of "sks shape"), ``clora-exclusive`` (CLoRA with each pixel of overlapping masks given to the concept
@@ -104,7 +105,8 @@ COLUMNS = {"left": {"top left", "left", "bottom left"}, "center": {"top", "cente
            "right": {"top right", "right", "bottom right"}}
 PHRASE = {"left": "on the left", "center": "in the center", "right": "on the right"}
 REFERENCE_PLACES: list[str] = []  # where the subjects' training images draw them; none given: in the center
-METHODS = ["naive", "clora", "clora-no-regions", "clora-layout", "clora-gates", "lora-composer", "lora-composer-r0.5", "lora-composer-pos", "gated",
+METHODS = ["naive", "clora", "clora-no-regions", "clora-layout", "clora-gates", "lora-composer", "lora-composer-r0.5", "lora-composer-pos",
+           "lora-composer-pos-pipeline-negative", "gated",
            "gated-fit", "orthogonal"]
 VARIANTS = {  # method name in the table -> (composer, options)
     "clora-no-regions": ("clora", {"regions": False}),  # the paper's form: masks from the maps over the whole image
@@ -133,6 +135,8 @@ VARIANTS = {  # method name in the table -> (composer, options)
     "lora-composer-no-isolation": ("lora-composer", {"isolate": False}),  # self-attention not isolated between boxes
     "lora-composer-no-reinit": ("lora-composer", {"reinit": False}),  # no latent re-initialisation
     "lora-composer-pos-r0.5": ("lora-composer", {"replace_ratio": 0.5}),  # half the global prompt's output kept in the boxes
+    # the boxes' negative half the pipeline's own (zeros on the embedded model) instead of the encoded ""
+    "lora-composer-pos-pipeline-negative": ("lora-composer", {"negative": "pipeline"}),
 }
 
 # (name, [(concept, place)], style?, described?) ; place picks the region and the judge's column. A described

@@ -443,15 +443,26 @@ def test_lora_composer_needs_regions_and_reinitialises_inside_them(pipe, concept
 
 
 @pytest.mark.parametrize("negative", [None, "a red shape"])
-def test_lora_composer_with_one_concept_boxed_over_the_whole_image_is_the_naive_sum(pipe, concepts, negative):
-    """Its box the whole image and its region prompt the global prompt, a concept's region attention is the
-    pipeline's own: the negative half of the guidance batch too (the pipeline's negative conditioning, zeros for
-    none on SDXL; an encoded "" there gave other images)."""
+def test_lora_composer_boxes_take_the_negative_prompt_and_for_none_the_encoded_empty_prompt(pipe, concepts, negative):
+    """One concept boxed over the whole image, its region prompt the global prompt: with a negative prompt, or with
+    ``negative="pipeline"``, the box's attention is the pipeline's own and the images the naive sum's. With none, the
+    embedded pipeline feeds zeros as its negative half, and the official form gives the boxes the encoded "" instead."""
     whole = [Concept(concepts[0].adapter, "sks", "a sks shape", "sks shape", (0.0, 0.0, 1.0, 1.0))]
     prompt = "a sks shape on the left"
-    naive = compose(pipe, "naive", prompt, whole, seed=0, num=1, steps=3, negative_prompt=negative)[0]
-    boxed = compose(pipe, get_composer("lora-composer", reinit=False), prompt, whole, seed=0, num=1, steps=3, negative_prompt=negative)[0]
-    assert np.abs(np.asarray(boxed, dtype=int) - np.asarray(naive, dtype=int)).max() <= 1
+
+    def image(method):
+        return np.asarray(compose(pipe, method, prompt, whole, seed=0, num=1, steps=3, negative_prompt=negative)[0], dtype=int)
+
+    naive = image("naive")
+    pipeline = image(get_composer("lora-composer", reinit=False, negative="pipeline"))
+    official = image(get_composer("lora-composer", reinit=False))
+    assert np.abs(pipeline - naive).max() <= 1
+    if negative:
+        assert np.abs(official - naive).max() <= 1
+    else:
+        assert np.abs(official - naive).max() > 10
+    with pytest.raises(ValueError, match="negative 'zeros': choose prompt or pipeline"):
+        get_composer("lora-composer", negative="zeros")
 
 
 def test_reinitialise_copies_the_window_where_the_map_peaks_into_the_box():
