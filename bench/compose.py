@@ -51,7 +51,9 @@ iterative refinement: 10 updates at steps 0, 20% and 40% of the schedule, step s
 the studio's default; not run by default, its parts turned off one at a time: ``lora-composer-cross``, adapters on
 cross-attention only, ``lora-composer-no-isolation``, ``lora-composer-no-reinit``, and ``lora-composer-pos-r0.5``, half
 the global prompt's cross-attention output kept inside the boxes), ``lora-composer-pos-pipeline-negative`` (the boxes'
-negative half the pipeline's own, zeros on the embedded model, instead of the encoded ""), ``gated`` (training-free token gates), ``gated-fit`` (gates trained 100 steps on the
+negative half the pipeline's own, zeros on the embedded model, instead of the encoded ""), ``naive-empty-negative``
+(its control: the naive sum with the encoded "" as the negative prompt of the whole image; not run by default),
+``gated`` (training-free token gates), ``gated-fit`` (gates trained 100 steps on the
 concepts' own images first; that time is not counted), ``orthogonal``. Not run by default: ``clora-colour``
 (CLoRA whose concepts, in a described composition, watch their colour word too: ``words`` "sks blue shape"
 instead of "sks shape"), ``clora-exclusive`` (CLoRA with each pixel of overlapping masks given to the concept
@@ -137,7 +139,11 @@ VARIANTS = {  # method name in the table -> (composer, options)
     "lora-composer-pos-r0.5": ("lora-composer", {"replace_ratio": 0.5}),  # half the global prompt's output kept in the boxes
     # the boxes' negative half the pipeline's own (zeros on the embedded model) instead of the encoded ""
     "lora-composer-pos-pipeline-negative": ("lora-composer", {"negative": "pipeline"}),
+    # the control for lora-composer's boxes: the naive sum with the encoded "" as the whole image's negative prompt
+    # (the pipeline feeds zeros for none)
+    "naive-empty-negative": ("naive", {}),
 }
+NEGATIVE_PROMPTS = {"naive-empty-negative": ""}  # method -> the negative prompt it samples with (default: none)
 
 # (name, [(concept, place)], style?, described?) ; place picks the region and the judge's column. A described
 # composition names each subject with the colour of its training images ("a blue sks shape on the left"), as a
@@ -467,6 +473,7 @@ def main() -> None:
                 used = [Concept.load(files[c], name=c, region=BOXES[p], words=SUBJECTS[c][0]) for c, p in items] + concepts[len(items):]
             for start in range(0, args.seeds, 10):
                 images += compose(pipe, composer, prompt, used, seed=start, num=min(10, args.seeds - start),
+                                  negative_prompt=NEGATIVE_PROMPTS.get(method),
                                   steps=args.steps, batch_size=10)
             seconds = (time.time() - t0) / len(images)
             r = score(judge, images, items, style, refs, thresholds_described if described else thresholds, described)
@@ -537,7 +544,7 @@ def main() -> None:
     text = (f"## {title}\n\nCommand: `python bench/compose.py{flags}` (revision "
             f"{git_revision()}; {machine()}). {args.seeds} seeds per composition and method, {args.steps} steps, guidance 5. "
             f"Adapters: DreamBooth-LoRA, default settings ({defaults()}{'; plus LoRA on the text encoders' if args.train_text_encoder else ''}{f'; the subjects with --attention-loss {args.attention_loss:g}' if args.attention_loss else ''}{f'; the subjects {args.subject_steps} steps' if args.subject_steps else ''}{'; the subjects with --pivotal' if args.pivotal else ''}), one per concept ({', '.join(f'{c} `{t}`' for c, (t, _) in SUBJECTS.items())}, {STYLE} "
-            f"style `zxy`), trained on {', '.join(f'{COLOURS[c]} {c}' + ('es' if c.endswith('s') else 's') for c in SUBJECTS)}"
+            f"style `zxy` at lr {STYLE_LR:g}, on 4 base shapes drawn {STYLE}), trained on {', '.join(f'{COLOURS[c]} {c}' + ('es' if c.endswith('s') else 's') for c in SUBJECTS)}"
             f"{(' (large, ' + ', '.join(REFERENCE_PLACES) + ', one place an image)') if REFERENCE_PLACES else ' (large, in the center)'}. "
             f"Regions (for lora-composer, and confining clora's masks): boxes around each object's place, {BOXES}; the"
             " style is a style concept (`Concept.style`): clora, lora-composer and gated do not place it, it acts"

@@ -668,13 +668,14 @@ def composing(pipe, method: str | Composer, prompt: str, concepts: list[Concept]
 def compose(pipe, method: str | Composer, prompt: str, concepts: list[Concept], seed: int = 0, num: int = 1,
             steps: int = 25, guidance: float = 5.0, height: int | None = None, width: int | None = None,
             negative_prompt: str | None = None, batch_size: int = 8):
-    """Images of ``prompt`` with ``concepts`` combined by ``method``; image ``i`` uses seed ``seed + i``."""
+    """Images of ``prompt`` with ``concepts`` combined by ``method``; image ``i`` uses seed ``seed + i``.
+    ``negative_prompt`` None leaves the pipeline's default (for SDXL, zeros); "" is the encoded empty prompt."""
     images = []
     with composing(pipe, method, prompt, concepts, height, width) as run:
         for start in range(0, num, batch_size):
             n = min(batch_size, num - start)
             kwargs = run.pipe_kwargs(seed + start, n, steps)
-            out = pipe(prompt=[prompt] * n, negative_prompt=[negative_prompt] * n if negative_prompt else None,
+            out = pipe(prompt=[prompt] * n, negative_prompt=[negative_prompt] * n if negative_prompt is not None else None,
                        guidance_scale=guidance, output_type="pil", **kwargs)
             images.extend(out.images)
     return images
