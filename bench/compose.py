@@ -185,7 +185,7 @@ def prompt_of(items, style: bool, noun: bool = False, described: bool = False) -
 
 def style_dir(work: Path) -> Path:
     """The style concept's folder (images and adapter), by style and learning rate."""
-    return work / (STYLE if STYLE_LR == 1e-4 else f"{STYLE}-lr{STYLE_LR:g}")  # 1e-4: the folder of runs before --style-lr
+    return work / f"{STYLE}-lr{STYLE_LR:g}"
 
 
 def train_concepts(work: Path, extra: dict | None = None, subject_extra: dict | None = None) -> dict[str, Path]:
